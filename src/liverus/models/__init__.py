@@ -1,0 +1,39 @@
+"""Models: attention blocks, the parallel-attention ``CustomModel``, the baseline and the registry."""
+
+from liverus.models.backbones import BACKBONES, WeightsInfo, adapt_input_conv, build_backbone
+from liverus.models.blocks import ChannelAttention, SEBlock, SpatialAttention
+from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier, LinearHead
+from liverus.models.heads import ParallelAttentionHead
+from liverus.models.registry import (
+    MODELS,
+    build_model,
+    count_flops,
+    count_parameters,
+    list_models,
+    load_model,
+    register_model,
+    save_model,
+)
+
+__all__ = [
+    "BACKBONES",
+    "MODELS",
+    "BaselineModel",
+    "ChannelAttention",
+    "CustomModel",
+    "LesionClassifier",
+    "LinearHead",
+    "ParallelAttentionHead",
+    "SEBlock",
+    "SpatialAttention",
+    "WeightsInfo",
+    "adapt_input_conv",
+    "build_backbone",
+    "build_model",
+    "count_flops",
+    "count_parameters",
+    "list_models",
+    "load_model",
+    "register_model",
+    "save_model",
+]

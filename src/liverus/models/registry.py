@@ -1,0 +1,198 @@
+"""Every model is built by name: ``build_model("custom_resnet50", num_classes=2, weights="imagenet")``.
+
+Names are ``{variant}_{backbone}``; ``custom`` and ``baseline`` are short for the ResNet-50 versions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from liverus.models.backbones import BACKBONES, build_backbone, load_state_dict_file
+from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier
+
+__all__ = [
+    "ModelEntry",
+    "MODELS",
+    "build_model",
+    "list_models",
+    "register_model",
+    "save_model",
+    "load_model",
+    "count_parameters",
+    "count_flops",
+]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    builder: Callable[..., LesionClassifier]
+
+
+MODELS: dict[str, ModelEntry] = {}
+ALIASES = {"custom": "custom_resnet50", "baseline": "baseline_resnet50"}
+
+# Ablations of the parallel-attention head, each a change of one ParallelAttentionHead argument.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "custom": ("parallel attention: compress -> (SE->CA) || (CA->SE) -> spatial attention", {}),
+    "branch_a": ("ablation: branch A only (SE -> CA)", {"branches": "a"}),
+    "branch_b": ("ablation: branch B only (CA -> SE)", {"branches": "b"}),
+    "no_spatial": ("ablation: both branches, no spatial attention", {"spatial": False}),
+    "no_compress": ("ablation: no 3x3 compression conv (branches on the backbone map)", {"compress": False}),
+}
+
+
+def register_model(name: str, description: str) -> Callable:
+    """Decorator adding a builder ``fn(*, num_classes, weights, in_chans, **kwargs)`` to the registry."""
+
+    def deco(fn: Callable[..., LesionClassifier]) -> Callable[..., LesionClassifier]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        MODELS[name] = ModelEntry(name, description, fn)
+        return fn
+
+    return deco
+
+
+def _make_custom_builder(backbone: str, fixed: dict) -> Callable[..., LesionClassifier]:
+    def build(*, num_classes: int = 2, weights=None, in_chans: int = 1, **kwargs) -> LesionClassifier:
+        clash = set(fixed) & set(kwargs)
+        if clash:
+            raise ValueError(f"arguments {sorted(clash)} are fixed by this ablation and cannot be overridden")
+        bb = build_backbone(backbone, weights=weights, in_chans=in_chans)
+        return CustomModel(bb, num_classes, **fixed, **kwargs)
+
+    return build
+
+
+def _make_baseline_builder(backbone: str) -> Callable[..., LesionClassifier]:
+    def build(*, num_classes: int = 2, weights=None, in_chans: int = 1, drop_rate: float = 0.0) -> LesionClassifier:
+        return BaselineModel(build_backbone(backbone, weights=weights, in_chans=in_chans), num_classes, drop_rate=drop_rate)
+
+    return build
+
+
+for _bb in BACKBONES:
+    for _variant, (_desc, _fixed) in VARIANTS.items():
+        register_model(f"{_variant}_{_bb}", f"{_bb}: {_desc}")(_make_custom_builder(_bb, _fixed))
+    register_model(f"baseline_{_bb}", f"{_bb}: baseline, plain backbone + new linear classifier")(
+        _make_baseline_builder(_bb)
+    )
+
+
+def list_models() -> list[str]:
+    """Returns: every registered model name, sorted."""
+    return sorted(MODELS)
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int = 2,
+    weights: str | os.PathLike | None = None,
+    in_chans: int = 1,
+    **kwargs,
+) -> LesionClassifier:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models` (or the aliases ``custom``, ``baseline``).
+        num_classes: 2 (benign / malignant) or 3 (normal / benign / malignant).
+        weights: ``None`` (random init), ``"imagenet"`` or a path to a backbone state dict.
+        in_chans: 1 for grayscale ultrasound, or 3.
+        **kwargs: head arguments, e.g. ``se_reduction``, ``ca_reduction``, ``spatial_kernel``, ``drop_rate``.
+
+    Returns:
+        The model, with ``model_name``, ``build_kwargs`` and ``weights_info`` set.
+
+    Raises:
+        ValueError: for an unknown name or bad arguments.
+    """
+    key = ALIASES.get(name, name)
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    try:
+        model = MODELS[key].builder(num_classes=num_classes, weights=weights, in_chans=in_chans, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments for model {key!r}: {exc}") from exc
+    model.model_name = key
+    model.build_kwargs = {"num_classes": num_classes, "in_chans": in_chans, **kwargs}
+    return model
+
+
+def save_model(model: LesionClassifier, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write a model (weights + how to rebuild it + ``extra`` metadata) atomically to ``path``.
+
+    Only tensors and plain Python values are stored, so :func:`load_model` can read it with ``weights_only=True``.
+    """
+    from liverus.utils import atomic_torch_save
+
+    payload = {
+        "model": model.state_dict(),
+        "model_name": model.model_name,
+        "build_kwargs": model.build_kwargs,
+        "weights_info": vars(model.weights_info).copy(),
+        "extra": extra or {},
+    }
+    atomic_torch_save(payload, Path(path))
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[LesionClassifier, dict]:
+    """Rebuild a model saved by :func:`save_model` or by the trainer.
+
+    Returns:
+        ``(model, extra)`` with the model in eval mode and ``extra`` the stored metadata (threshold, preprocessing).
+
+    Raises:
+        ValueError: if the file is not a liverus model file or its weights do not match.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"model file {p} does not exist")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"model file {p} could not be read: {exc}") from exc
+    if not isinstance(obj, dict) or "model_name" not in obj or "model" not in obj:
+        raise ValueError(f"{p} is not a liverus model file (no 'model_name'/'model' entries)")
+    model = build_model(obj["model_name"], weights=None, **obj.get("build_kwargs", {}))
+    try:
+        model.load_state_dict(obj["model"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {p} do not match model {obj['model_name']!r}: {exc}") from exc
+    from liverus.models.backbones import WeightsInfo
+
+    wi = obj.get("weights_info") or {}
+    model.backbone.weights_info = WeightsInfo(**wi) if wi else model.backbone.weights_info
+    model.eval()
+    return model, obj.get("extra", {})
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Returns: the number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_flops(model: torch.nn.Module, image_size: int = 224) -> float:
+    """Multiply-accumulate count of one forward pass at ``image_size`` px, in G (torchvision's "GFLOPS" convention).
+
+    Uses ``torch.utils.flop_counter`` (which counts 2 FLOPs per multiply-add) and halves it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, getattr(model, "in_chans", 3), image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+__all__ += ["load_state_dict_file"]
