@@ -1,0 +1,52 @@
+"""Data: reading, case tables, preprocessing, augmentation, caching, splits, audit and the synthetic phantom."""
+
+from liverus.data.audit import audit_cases, format_audit, shortcut_check
+from liverus.data.augment import build_train_transform
+from liverus.data.cases import (
+    CLASS_SETS,
+    Case,
+    cases_from_aul_release,
+    cases_from_folder,
+    cases_from_manifest,
+    load_cases,
+    select_task,
+    write_manifest,
+)
+from liverus.data.dataset import CaseCache, UltrasoundDataset, default_cache_dir, load_preprocessed, prepare_cases
+from liverus.data.io import DataError, read_image, read_mask
+from liverus.data.phantom import make_phantom_dataset, render_phantom
+from liverus.data.preprocess import PreprocessConfig, detect_scan_area, preprocess
+from liverus.data.splits import check_disjoint, kfold_splits, load_splits, save_splits, train_val_test_split
+
+__all__ = [
+    "CLASS_SETS",
+    "Case",
+    "CaseCache",
+    "DataError",
+    "PreprocessConfig",
+    "UltrasoundDataset",
+    "audit_cases",
+    "build_train_transform",
+    "cases_from_aul_release",
+    "cases_from_folder",
+    "cases_from_manifest",
+    "check_disjoint",
+    "default_cache_dir",
+    "detect_scan_area",
+    "format_audit",
+    "kfold_splits",
+    "load_cases",
+    "load_preprocessed",
+    "load_splits",
+    "make_phantom_dataset",
+    "prepare_cases",
+    "preprocess",
+    "read_image",
+    "read_mask",
+    "render_phantom",
+    "save_splits",
+    "select_task",
+    "shortcut_check",
+    "train_val_test_split",
+    "write_manifest",
+]

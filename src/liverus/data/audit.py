@@ -1,0 +1,182 @@
+"""``liverus data audit``: what is in a dataset, and whether something other than the lesion predicts the label."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from liverus.data.cases import Case
+from liverus.data.io import DataError, read_image
+
+__all__ = ["audit_cases", "shortcut_check", "format_audit", "SHORTCUT_WARN_AUC"]
+
+SHORTCUT_WARN_AUC = 0.70
+_NON_FEATURE_COLS = {"group", "patient_id", "near_dup_group", "source_sha256", "source_file", "mask", "mass_mask",
+                     "liver_mask", "outline_mask"}
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except Exception:
+        img = read_image(path)  # DICOM and anything Pillow does not know
+        return img.shape[1], img.shape[0]
+
+
+def _texture_signature(path: str) -> np.ndarray:
+    """A z-normalised band-pass thumbnail (64 x 48).
+
+    Perceptual hashes are dominated by the fan outline, which every scan of a scanner shares; the band-pass keeps
+    speckle-scale anatomy instead, so a high correlation means the same scan (consecutive frames).
+    """
+    small = cv2.resize(read_image(path), (64, 48), interpolation=cv2.INTER_AREA)
+    band = cv2.GaussianBlur(small, (0, 0), 0.8) - cv2.GaussianBlur(small, (0, 0), 4)
+    band = band.flatten() - band.mean()
+    return band / (np.linalg.norm(band) + 1e-8)
+
+
+def shortcut_check(cases: list[Case], sizes: list[tuple[int, int]], seed: int = 0) -> dict:
+    """How well image size, aspect ratio and numeric metadata alone predict benign vs malignant.
+
+    A random forest is cross-validated with stratified group folds on those features only; its out-of-fold AUC is
+    the shortcut's strength. 0.5 is no shortcut.
+
+    Returns:
+        ``{"auc": float | None, "features": [...], "per_feature_auc": {...}, "warning": str | None}``.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+
+    idx = [i for i, c in enumerate(cases) if c.label in ("benign", "malignant")]
+    y = np.array([cases[i].label == "malignant" for i in idx], dtype=int)
+    if len(idx) < 10 or y.min() == y.max():
+        return {"auc": None, "features": [], "per_feature_auc": {}, "warning": None,
+                "note": "needs benign and malignant cases (at least 10)"}
+    feats: dict[str, list[float]] = {
+        "width": [sizes[i][0] for i in idx],
+        "height": [sizes[i][1] for i in idx],
+        "aspect_ratio": [sizes[i][0] / sizes[i][1] for i in idx],
+    }
+    meta_cols = sorted({k for i in idx for k in cases[i].meta} - _NON_FEATURE_COLS)
+    for col in meta_cols:
+        vals = []
+        for i in idx:
+            try:
+                vals.append(float(cases[i].meta.get(col, "")))
+            except ValueError:
+                vals = []
+                break
+        if vals and len(set(vals)) > 1:
+            feats[col] = vals
+    X = np.array([feats[k] for k in feats], dtype=float).T
+    groups = np.array([cases[i].group_key for i in idx])
+    n_splits = min(5, int(np.bincount(y).min()))
+    if n_splits < 2:
+        return {"auc": None, "features": list(feats), "per_feature_auc": {}, "warning": None,
+                "note": "too few cases of one class"}
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rf = RandomForestClassifier(n_estimators=200, min_samples_leaf=3, random_state=seed, n_jobs=1)
+    proba = cross_val_predict(rf, X, y, groups=groups, cv=cv, method="predict_proba")[:, 1]
+    auc = float(roc_auc_score(y, proba))
+    per = {}
+    for k, col in zip(feats, X.T, strict=True):
+        a = roc_auc_score(y, col) if len(set(col)) > 1 else 0.5
+        per[k] = float(max(a, 1 - a))
+    warning = None
+    if auc >= SHORTCUT_WARN_AUC:
+        top = max(per, key=per.get)
+        warning = (f"SHORTCUT: image size / metadata alone predict malignancy with AUC {auc:.2f} "
+                   f"(strongest single feature: {top}, AUC {per[top]:.2f}). A model may learn the scanner instead of "
+                   "the lesion: crop to the scan area or lesion ROI, letterbox to a fixed canvas, and check metrics "
+                   "inside each image-size subgroup.")
+    return {"auc": auc, "features": list(feats), "per_feature_auc": per, "warning": warning}
+
+
+def audit_cases(cases: list[Case], *, near_dup_threshold: float = 0.85, seed: int = 0) -> dict:
+    """Audit a dataset.
+
+    Args:
+        cases: the cases.
+        near_dup_threshold: two images whose band-pass thumbnails correlate at least this much are near duplicates.
+        seed: seed of the shortcut check.
+
+    Returns:
+        A JSON-serialisable dict: counts per class and group, sizes per class, exact and near duplicates, missing
+        masks, unreadable files and the shortcut check.
+    """
+    counts = Counter(c.label for c in cases)
+    groups: dict[str, set[str]] = defaultdict(set)
+    for c in cases:
+        groups[c.label].add(c.group_key)
+    sizes, hashes, sigs, unreadable = [], [], [], []
+    ok = []
+    for c in cases:
+        try:
+            sizes.append(_image_size(c.path))
+            hashes.append(hashlib.sha256(Path(c.path).read_bytes()).hexdigest())
+            sigs.append(_texture_signature(c.path))
+            ok.append(c)
+        except (DataError, OSError) as exc:
+            unreadable.append({"path": c.path, "problem": getattr(exc, "problem", str(exc))})
+    size_by_class: dict[str, Counter] = defaultdict(Counter)
+    for c, (w, h) in zip(ok, sizes, strict=True):
+        size_by_class[c.label][f"{w}x{h}"] += 1
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    for c, h in zip(ok, hashes, strict=True):
+        by_hash[h].append(c.path)
+    exact = [paths for paths in by_hash.values() if len(paths) > 1]
+    near = []
+    if sigs:
+        corr = np.stack(sigs) @ np.stack(sigs).T
+        for i, j in zip(*np.nonzero(np.triu(corr, 1) >= near_dup_threshold), strict=True):
+            a, b = ok[i], ok[j]
+            if hashes[i] == hashes[j]:
+                continue
+            near.append({"a": a.path, "b": b.path, "correlation": round(float(corr[i, j]), 3),
+                         "same_group": a.group_key == b.group_key, "same_label": a.label == b.label})
+    missing_masks = [c.path for c in cases if c.label != "normal" and not c.mask and not c.polygon]
+    return {
+        "n_images": len(cases),
+        "counts": dict(sorted(counts.items())),
+        "groups_per_class": {k: len(v) for k, v in sorted(groups.items())},
+        "n_groups": len({c.group_key for c in cases}),
+        "sizes_per_class": {k: dict(v.most_common()) for k, v in sorted(size_by_class.items())},
+        "exact_duplicates": exact,
+        "near_duplicates": near,
+        "near_duplicates_across_groups": sum(1 for n in near if not n["same_group"]),
+        "missing_masks": missing_masks,
+        "unreadable": unreadable,
+        "shortcut": shortcut_check(ok, sizes, seed),
+    }
+
+
+def format_audit(report: dict) -> str:
+    """Human-readable summary of :func:`audit_cases`."""
+    lines = [f"images: {report['n_images']}  groups: {report['n_groups']}"]
+    for label, n in report["counts"].items():
+        sizes = report["sizes_per_class"].get(label, {})
+        top = ", ".join(f"{s}:{k}" for s, k in list(sizes.items())[:5])
+        lines.append(f"  {label:10s} {n:5d} images in {report['groups_per_class'][label]:5d} groups; sizes {top}")
+    lines.append(f"exact duplicates: {len(report['exact_duplicates'])} sets")
+    lines.append(f"near duplicates: {len(report['near_duplicates'])} pairs "
+                 f"({report['near_duplicates_across_groups']} across different groups: possible leakage)")
+    lines.append(f"lesion masks missing: {len(report['missing_masks'])}")
+    lines.append(f"unreadable files: {len(report['unreadable'])}")
+    for u in report["unreadable"]:
+        lines.append(f"  {u['path']}: {u['problem']}")
+    sc = report["shortcut"]
+    if sc.get("auc") is None:
+        lines.append(f"shortcut check: not run ({sc.get('note', '')})")
+    else:
+        per = ", ".join(f"{k} {v:.2f}" for k, v in sorted(sc["per_feature_auc"].items(), key=lambda kv: -kv[1])[:5])
+        lines.append(f"shortcut check: metadata-only AUC {sc['auc']:.3f} (features: {per})")
+        if sc["warning"]:
+            lines.append("WARNING " + sc["warning"])
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""Case tables: which images there are, their labels, groups (patient / scan) and masks.
+
+Three sources, one result (a list of :class:`Case`):
+
+* a folder per class (``benign/``, ``malignant/``, optionally ``normal/``) with optional masks in a parallel
+  ``masks/`` tree or beside the image with a ``_mask`` suffix;
+* a CSV manifest ``path,label[,group][,mask][,...]``; extra columns are kept as metadata for subgroup analysis;
+* the AUL dataset, either its public release layout (``Benign/image/*.jpg`` + ``segmentation/mass/*.json``) or the
+  compact copy with ``manifest.csv`` (``../shared/data/aul``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from liverus.data.io import DataError, is_image_file
+
+__all__ = [
+    "Case",
+    "CLASS_SETS",
+    "load_cases",
+    "cases_from_folder",
+    "cases_from_manifest",
+    "cases_from_aul_release",
+    "select_task",
+    "write_manifest",
+]
+
+CLASS_SETS = {
+    "binary": ("benign", "malignant"),
+    "three_class": ("normal", "benign", "malignant"),
+}
+KNOWN_LABELS = {"benign", "malignant", "normal"}
+
+
+@dataclass
+class Case:
+    """One image.
+
+    Attributes:
+        path: absolute image path.
+        label: ``benign``, ``malignant`` or ``normal``.
+        group: patient or scan id; cases sharing it always land on the same side of a split.
+        mask: lesion mask path, if any.
+        polygon: lesion polygon in image pixels (AUL release import), used when there is no mask file.
+        meta: any other manifest columns (kept as strings).
+    """
+
+    path: str
+    label: str
+    group: str = ""
+    mask: str | None = None
+    polygon: list[list[float]] | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def group_key(self) -> str:
+        """The split group: ``group``, or the image path when it has none (its own group)."""
+        return self.group or f"__own__:{self.path}"
+
+
+def _check_cases(cases: list[Case], source: Path) -> list[Case]:
+    if not cases:
+        raise DataError(source, "no images found")
+    counts = Counter(c.path for c in cases)
+    dups = sorted(p for p, n in counts.items() if n > 1)
+    if dups:
+        raise DataError(source, f"duplicate image paths ({len(dups)}), first: {dups[0]}")
+    return cases
+
+
+def _find_mask_for(img: Path, root: Path, cls_dir: Path) -> str | None:
+    rel = img.relative_to(root)
+    for cand in (
+        root / "masks" / rel,
+        root / "masks" / rel.with_suffix(".png"),
+        img.with_name(f"{img.stem}_mask{img.suffix}"),
+        img.with_name(f"{img.stem}_mask.png"),
+    ):
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
+def cases_from_folder(root: str | os.PathLike) -> list[Case]:
+    """Read a folder with one sub-folder per class.
+
+    Raises:
+        DataError: if the folder has no class sub-folders or no images, or holds an unknown class folder.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise DataError(root, "folder does not exist")
+    cases: list[Case] = []
+    class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name != "masks" and not d.name.startswith(".")]
+    if not class_dirs:
+        raise DataError(root, "empty folder: expected sub-folders benign/, malignant/ (and optionally normal/)")
+    for d in class_dirs:
+        label = d.name.lower()
+        if label not in KNOWN_LABELS:
+            raise DataError(d, f"unknown class folder {d.name!r}; expected one of {sorted(KNOWN_LABELS)}")
+        for img in sorted(d.rglob("*")):
+            if not img.is_file() or not is_image_file(img) or img.stem.endswith("_mask"):
+                continue
+            cases.append(Case(str(img), label, mask=_find_mask_for(img, root, d)))
+    return _check_cases(cases, root)
+
+
+def cases_from_manifest(manifest: str | os.PathLike) -> list[Case]:
+    """Read a CSV manifest with columns ``path,label`` and optional ``group``, ``mask`` and metadata columns.
+
+    Relative paths are resolved against the manifest's folder. For the AUL compact copy the ``near_dup_group``
+    column is the group and ``mass_mask`` the lesion mask.
+
+    Raises:
+        DataError: for a missing column, an unknown label, an empty table or duplicate paths.
+    """
+    manifest = Path(manifest).resolve()
+    if not manifest.is_file():
+        raise DataError(manifest, "manifest does not exist")
+    base = manifest.parent
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        missing = {"path", "label"} - set(cols)
+        if missing:
+            raise DataError(manifest, f"missing column(s) {sorted(missing)}; found {cols}")
+        group_col = "group" if "group" in cols else ("near_dup_group" if "near_dup_group" in cols else None)
+        if group_col is None and "patient_id" in cols:
+            group_col = "patient_id"
+        mask_col = "mask" if "mask" in cols else ("mass_mask" if "mass_mask" in cols else None)
+        cases = []
+        for lineno, row in enumerate(reader, start=2):
+            label = (row.get("label") or "").strip().lower()
+            if label not in KNOWN_LABELS:
+                raise DataError(manifest, f"line {lineno}: unknown label {row.get('label')!r}; expected {sorted(KNOWN_LABELS)}")
+            raw = (row.get("path") or "").strip()
+            if not raw:
+                raise DataError(manifest, f"line {lineno}: empty path")
+            path = (base / raw).resolve()
+            group = (row.get(group_col) or "").strip() if group_col else ""
+            if group_col == "near_dup_group" and not group and row.get("patient_id"):
+                group = row["patient_id"].strip()
+            mask_raw = (row.get(mask_col) or "").strip() if mask_col else ""
+            meta = {k: v for k, v in row.items() if k not in ("path", "label") and k is not None}
+            cases.append(Case(str(path), label, group, str((base / mask_raw).resolve()) if mask_raw else None, meta=meta))
+    return _check_cases(cases, manifest)
+
+
+def cases_from_aul_release(root: str | os.PathLike) -> list[Case]:
+    """Import the public AUL release layout: ``{Benign,Malignant,Normal}/image/N.jpg`` with
+    ``{Class}/segmentation/mass/N.json`` lesion polygons (a JSON list of ``[x, y]`` points in image pixels).
+
+    AUL has no patient ids, so every image is its own group unless a ``near_dup_group`` is supplied by a manifest.
+
+    Raises:
+        DataError: if no class folder with an ``image/`` sub-folder exists, or a polygon file is not valid JSON.
+    """
+    root = Path(root).resolve()
+    cases: list[Case] = []
+    for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        label = cls_dir.name.lower()
+        if label not in KNOWN_LABELS or not (cls_dir / "image").is_dir():
+            continue
+        for img in sorted((cls_dir / "image").iterdir(), key=lambda p: (len(p.stem), p.stem)):
+            if not is_image_file(img):
+                continue
+            poly = None
+            pj = cls_dir / "segmentation" / "mass" / f"{img.stem}.json"
+            if pj.is_file():
+                try:
+                    pts = json.loads(pj.read_text())
+                except json.JSONDecodeError as exc:
+                    raise DataError(pj, f"polygon file is not valid JSON ({exc})") from exc
+                # Some exports wrap the single polygon in one more list.
+                if pts and isinstance(pts[0], list) and pts[0] and isinstance(pts[0][0], list):
+                    pts = pts[0]
+                poly = [[float(x), float(y)] for x, y in pts]
+            cases.append(Case(str(img), label, polygon=poly, meta={"source_file": f"{cls_dir.name}/image/{img.name}"}))
+    if not cases:
+        raise DataError(root, "no AUL release layout found (expected Benign/image/*.jpg, Malignant/image/*.jpg)")
+    return _check_cases(cases, root)
+
+
+def load_cases(source: str | os.PathLike) -> list[Case]:
+    """Load cases from a manifest CSV, an AUL release folder, a folder with ``manifest.csv``, or a class-folder tree."""
+    p = Path(source)
+    if p.is_file():
+        return cases_from_manifest(p)
+    if not p.exists():
+        raise DataError(p, "data path does not exist")
+    if (p / "manifest.csv").is_file():
+        return cases_from_manifest(p / "manifest.csv")
+    subdirs = {d.name.lower() for d in p.iterdir() if d.is_dir()}
+    if any((p / d / "image").is_dir() for d in os.listdir(p) if (p / d).is_dir() and d.lower() in KNOWN_LABELS):
+        return cases_from_aul_release(p)
+    if not subdirs:
+        raise DataError(p, "empty folder: no class sub-folders and no manifest.csv")
+    return cases_from_folder(p)
+
+
+def select_task(cases: list[Case], task: str = "binary") -> tuple[list[Case], tuple[str, ...]]:
+    """Keep the cases of a task's classes.
+
+    Args:
+        task: ``binary`` (benign vs malignant; normal images are excluded) or ``three_class``.
+
+    Returns:
+        ``(cases, classes)``; class index ``i`` is ``classes[i]`` (malignant is the last, the positive class).
+    """
+    if task not in CLASS_SETS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(CLASS_SETS)}")
+    classes = CLASS_SETS[task]
+    return [c for c in cases if c.label in classes], classes
+
+
+def write_manifest(cases: list[Case], path: str | os.PathLike) -> None:
+    """Write cases as a manifest CSV (paths relative to the manifest's folder where possible)."""
+    from liverus.utils import atomic_write_text
+
+    path = Path(path)
+    meta_cols = sorted({k for c in cases for k in c.meta if k not in ("group", "mask")})
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "group", "mask", *meta_cols])
+    for c in cases:
+        rel = os.path.relpath(c.path, path.parent.resolve())
+        mrel = os.path.relpath(c.mask, path.parent.resolve()) if c.mask else ""
+        w.writerow([rel, c.label, c.group, mrel, *[c.meta.get(k, "") for k in meta_cols]])
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,201 @@
+"""Decoded-image cache and the torch ``Dataset``.
+
+Decoding JPEG/DICOM and finding the fan costs far more than a training step's share of the loader, so every case is
+decoded and preprocessed once and kept, keyed by the file contents (image, mask) and the preprocessing settings, in
+memory and optionally on disk (``.npy``). Epochs after the first only augment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from liverus.data.augment import apply_transform
+from liverus.data.cases import Case
+from liverus.data.io import DataError, read_image, read_mask
+from liverus.data.preprocess import PreprocessConfig, Preprocessed, preprocess
+
+__all__ = ["CaseCache", "UltrasoundDataset", "load_preprocessed", "prepare_cases", "default_cache_dir"]
+
+CACHE_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    """``$LIVERUS_CACHE`` or ``~/.cache/liverus``."""
+    return Path(os.environ.get("LIVERUS_CACHE", Path.home() / ".cache" / "liverus"))
+
+
+def _polygon_mask(poly: list[list[float]], shape: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    cv2.fillPoly(mask, [np.round(np.asarray(poly)).astype(np.int32)], 1)
+    return mask
+
+
+def load_preprocessed(case: Case, cfg: PreprocessConfig) -> Preprocessed:
+    """Decode and preprocess one case (no cache).
+
+    Raises:
+        DataError: for an unreadable image or mask, a mask of another size, or a ROI crop without a lesion.
+    """
+    img = read_image(case.path, frame=cfg.frame)
+    lesion = None
+    if case.mask:
+        lesion = read_mask(case.mask, img.shape)
+    elif case.polygon:
+        lesion = _polygon_mask(case.polygon, img.shape)
+    try:
+        return preprocess(img, cfg, lesion=lesion)
+    except ValueError as exc:
+        raise DataError(case.path, str(exc)) from exc
+
+
+class CaseCache:
+    """Memory (and optional disk) cache of preprocessed cases.
+
+    Args:
+        cfg: preprocessing settings (part of the key).
+        directory: where ``.npy`` files go; ``None`` keeps the cache in memory only.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, directory: str | os.PathLike | None = None) -> None:
+        self.cfg = cfg
+        self.directory = Path(directory) if directory else None
+        self._memory: dict[tuple, np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _content_key(self, case: Case) -> str:
+        h = hashlib.sha256()
+        h.update(f"v{CACHE_VERSION}|{self.cfg.key()}|".encode())
+        for p in (case.path, case.mask):
+            if p:
+                h.update(Path(p).read_bytes())
+            h.update(b"|")
+        if case.polygon:
+            h.update(json.dumps(case.polygon).encode())
+        return h.hexdigest()
+
+    def get(self, case: Case) -> np.ndarray:
+        """Returns: ``uint8`` array (3, S, S): image, scan-area mask, lesion mask.
+
+        Raises:
+            DataError: as :func:`load_preprocessed`.
+        """
+        try:
+            st = os.stat(case.path)
+        except OSError as exc:
+            raise DataError(case.path, "file does not exist") from exc
+        mkey = (case.path, st.st_mtime_ns, st.st_size, case.mask)
+        arr = self._memory.get(mkey)
+        if arr is not None:
+            self.hits += 1
+            return arr
+        disk = None
+        if self.directory is not None:
+            key = self._content_key(case)
+            disk = self.directory / key[:2] / f"{key}.npy"
+            if disk.is_file():
+                try:
+                    arr = np.load(disk, allow_pickle=False)
+                except (OSError, ValueError):
+                    arr = None  # a damaged cache entry is rebuilt below
+        if arr is None:
+            self.misses += 1
+            arr = load_preprocessed(case, self.cfg).stacked()
+            if disk is not None:
+                disk.parent.mkdir(parents=True, exist_ok=True)
+                tmp = disk.with_suffix(f".{os.getpid()}.tmp.npy")
+                np.save(tmp, arr, allow_pickle=False)
+                os.replace(tmp, disk)
+        else:
+            self.hits += 1
+        self._memory[mkey] = arr
+        return arr
+
+
+def prepare_cases(
+    cases: Sequence[Case], cache: CaseCache, *, skip_bad: bool = False, workers: int = 2
+) -> tuple[list[Case], list[tuple[str, str]]]:
+    """Decode and cache every case once, checking each file.
+
+    Args:
+        cases: the cases.
+        cache: the cache to fill.
+        skip_bad: skip unreadable cases (and list them) instead of raising.
+        workers: decoding threads (OpenCV releases the GIL).
+
+    Returns:
+        ``(usable cases, skipped)`` where ``skipped`` lists ``(path, problem)``.
+
+    Raises:
+        DataError: for the first bad case when ``skip_bad`` is false.
+    """
+
+    def one(case: Case):
+        try:
+            cache.get(case)
+            return None
+        except DataError as exc:
+            return (exc.path or case.path, exc.problem)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, cases))
+    bad = [(c, r) for c, r in zip(cases, results, strict=True) if r is not None]
+    if bad and not skip_bad:
+        path, problem = bad[0][1]
+        more = f" (and {len(bad) - 1} more bad file(s); --skip-bad skips and lists them)" if len(bad) > 1 else \
+            " (--skip-bad skips and lists such files)"
+        raise DataError(path, problem + more)
+    good = [c for c, r in zip(cases, results, strict=True) if r is None]
+    return good, [r for _, r in bad]
+
+
+class UltrasoundDataset(Dataset):
+    """Preprocessed ultrasound images as ``uint8`` tensors (1, S, S) with integer labels.
+
+    Normalisation to the backbone's statistics happens on the device in the training step (cheaper than in the
+    loader, and the loader ships a quarter of the bytes).
+
+    Args:
+        cases: the cases.
+        classes: class names; a case's target is ``classes.index(case.label)``.
+        cache: the preprocessed-image cache.
+        transform: albumentations pipeline for training, or ``None``.
+        seed: run seed; with the epoch and index it seeds each sample's augmentation.
+    """
+
+    def __init__(self, cases: Sequence[Case], classes: Sequence[str], cache: CaseCache, transform=None,
+                 seed: int = 0) -> None:
+        unknown = sorted({c.label for c in cases} - set(classes))
+        if unknown:
+            raise DataError(None, f"labels {unknown} are not among the classes {list(classes)}")
+        self.cases = list(cases)
+        self.classes = tuple(classes)
+        self.targets = [self.classes.index(c.label) for c in self.cases]
+        self.cache = cache
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        arr = self.cache.get(self.cases[index])
+        image = arr[0]
+        if self.transform is not None:
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            image = apply_transform(self.transform, image, arr[1], seed)
+        return torch.from_numpy(np.ascontiguousarray(image))[None], self.targets[index]
