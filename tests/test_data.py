@@ -57,7 +57,7 @@ def test_read_8bit_formats(tmp_path, suffix):
     p = _write(tmp_path / f"a{suffix}", img)
     out = read_image(p)
     assert out.shape == img.shape and out.dtype == np.float32
-    assert 0 <= out.min() and out.max() <= 1
+    assert out.min() >= 0 and out.max() <= 1
     if suffix != ".jpg":
         np.testing.assert_allclose(out, img / 255.0, atol=1e-6)
 

@@ -128,8 +128,13 @@ def test_onnx_export_matches_eager(tmp_path, custom):
     x = torch.randn(2, 1, FAST, FAST)
     path = tmp_path / "m.onnx"
     torch.onnx.export(
-        custom, (x,), str(path), input_names=["image"], output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        custom,
+        (x,),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
     )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"image": x.numpy()})[0]

@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "provenance", "seed_everything"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "provenance",
+    "seed_everything",
+]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -59,7 +66,11 @@ def _git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except Exception:
@@ -69,8 +80,19 @@ def _git_commit() -> str:
 def provenance() -> dict[str, Any]:
     """Returns: package versions, platform and git commit, for a run folder's ``provenance.json``."""
     pkgs = {}
-    for name in ("liverus", "torch", "torchvision", "numpy", "opencv-python-headless", "scikit-learn", "albumentations",
-                 "pydicom", "onnxruntime", "grad-cam", "efficientnet-lite-pytorch"):
+    for name in (
+        "liverus",
+        "torch",
+        "torchvision",
+        "numpy",
+        "opencv-python-headless",
+        "scikit-learn",
+        "albumentations",
+        "pydicom",
+        "onnxruntime",
+        "grad-cam",
+        "efficientnet-lite-pytorch",
+    ):
         try:
             pkgs[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -12,7 +12,13 @@ from liverus.data.cases import (
     select_task,
     write_manifest,
 )
-from liverus.data.dataset import CaseCache, UltrasoundDataset, default_cache_dir, load_preprocessed, prepare_cases
+from liverus.data.dataset import (
+    CaseCache,
+    UltrasoundDataset,
+    default_cache_dir,
+    load_preprocessed,
+    prepare_cases,
+)
 from liverus.data.io import DataError, read_image, read_mask
 from liverus.data.phantom import make_phantom_dataset, render_phantom
 from liverus.data.preprocess import PreprocessConfig, detect_scan_area, preprocess

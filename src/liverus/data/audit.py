@@ -16,8 +16,17 @@ from liverus.data.io import DataError, read_image
 __all__ = ["audit_cases", "shortcut_check", "format_audit", "SHORTCUT_WARN_AUC"]
 
 SHORTCUT_WARN_AUC = 0.70
-_NON_FEATURE_COLS = {"group", "patient_id", "near_dup_group", "source_sha256", "source_file", "mask", "mass_mask",
-                     "liver_mask", "outline_mask"}
+_NON_FEATURE_COLS = {
+    "group",
+    "patient_id",
+    "near_dup_group",
+    "source_sha256",
+    "source_file",
+    "mask",
+    "mass_mask",
+    "liver_mask",
+    "outline_mask",
+}
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -57,8 +66,13 @@ def shortcut_check(cases: list[Case], sizes: list[tuple[int, int]], seed: int = 
     idx = [i for i, c in enumerate(cases) if c.label in ("benign", "malignant")]
     y = np.array([cases[i].label == "malignant" for i in idx], dtype=int)
     if len(idx) < 10 or y.min() == y.max():
-        return {"auc": None, "features": [], "per_feature_auc": {}, "warning": None,
-                "note": "needs benign and malignant cases (at least 10)"}
+        return {
+            "auc": None,
+            "features": [],
+            "per_feature_auc": {},
+            "warning": None,
+            "note": "needs benign and malignant cases (at least 10)",
+        }
     feats: dict[str, list[float]] = {
         "width": [sizes[i][0] for i in idx],
         "height": [sizes[i][1] for i in idx],
@@ -79,8 +93,13 @@ def shortcut_check(cases: list[Case], sizes: list[tuple[int, int]], seed: int = 
     groups = np.array([cases[i].group_key for i in idx])
     n_splits = min(5, int(np.bincount(y).min()))
     if n_splits < 2:
-        return {"auc": None, "features": list(feats), "per_feature_auc": {}, "warning": None,
-                "note": "too few cases of one class"}
+        return {
+            "auc": None,
+            "features": list(feats),
+            "per_feature_auc": {},
+            "warning": None,
+            "note": "too few cases of one class",
+        }
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rf = RandomForestClassifier(n_estimators=200, min_samples_leaf=3, random_state=seed, n_jobs=1)
     proba = cross_val_predict(rf, X, y, groups=groups, cv=cv, method="predict_proba")[:, 1]
@@ -92,10 +111,12 @@ def shortcut_check(cases: list[Case], sizes: list[tuple[int, int]], seed: int = 
     warning = None
     if auc >= SHORTCUT_WARN_AUC:
         top = max(per, key=per.get)
-        warning = (f"SHORTCUT: image size / metadata alone predict malignancy with AUC {auc:.2f} "
-                   f"(strongest single feature: {top}, AUC {per[top]:.2f}). A model may learn the scanner instead of "
-                   "the lesion: crop to the scan area or lesion ROI, letterbox to a fixed canvas, and check metrics "
-                   "inside each image-size subgroup.")
+        warning = (
+            f"SHORTCUT: image size / metadata alone predict malignancy with AUC {auc:.2f} "
+            f"(strongest single feature: {top}, AUC {per[top]:.2f}). A model may learn the scanner instead of "
+            "the lesion: crop to the scan area or lesion ROI, letterbox to a fixed canvas, and check metrics "
+            "inside each image-size subgroup."
+        )
     return {"auc": auc, "features": list(feats), "per_feature_auc": per, "warning": warning}
 
 
@@ -139,8 +160,15 @@ def audit_cases(cases: list[Case], *, near_dup_threshold: float = 0.85, seed: in
             a, b = ok[i], ok[j]
             if hashes[i] == hashes[j]:
                 continue
-            near.append({"a": a.path, "b": b.path, "correlation": round(float(corr[i, j]), 3),
-                         "same_group": a.group_key == b.group_key, "same_label": a.label == b.label})
+            near.append(
+                {
+                    "a": a.path,
+                    "b": b.path,
+                    "correlation": round(float(corr[i, j]), 3),
+                    "same_group": a.group_key == b.group_key,
+                    "same_label": a.label == b.label,
+                }
+            )
     missing_masks = [c.path for c in cases if c.label != "normal" and not c.mask and not c.polygon]
     return {
         "n_images": len(cases),
@@ -165,8 +193,10 @@ def format_audit(report: dict) -> str:
         top = ", ".join(f"{s}:{k}" for s, k in list(sizes.items())[:5])
         lines.append(f"  {label:10s} {n:5d} images in {report['groups_per_class'][label]:5d} groups; sizes {top}")
     lines.append(f"exact duplicates: {len(report['exact_duplicates'])} sets")
-    lines.append(f"near duplicates: {len(report['near_duplicates'])} pairs "
-                 f"({report['near_duplicates_across_groups']} across different groups: possible leakage)")
+    lines.append(
+        f"near duplicates: {len(report['near_duplicates'])} pairs "
+        f"({report['near_duplicates_across_groups']} across different groups: possible leakage)"
+    )
     lines.append(f"lesion masks missing: {len(report['missing_masks'])}")
     lines.append(f"unreadable files: {len(report['unreadable'])}")
     for u in report["unreadable"]:

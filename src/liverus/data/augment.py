@@ -41,7 +41,10 @@ def build_train_transform(level: str = "strong") -> A.Compose | None:
         A.HorizontalFlip(p=0.5),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10), border_mode=0, p=0.7),
     ]
-    intensity = [A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5), A.RandomGamma(p=0.3)]
+    intensity = [
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+        A.RandomGamma(p=0.3),
+    ]
     if level == "light":
         return A.Compose(geometric + intensity)
     from usaugment.albumentations import DepthAttenuation, GaussianShadow, HazeArtifact

@@ -138,7 +138,10 @@ def cases_from_manifest(manifest: str | os.PathLike) -> list[Case]:
         for lineno, row in enumerate(reader, start=2):
             label = (row.get("label") or "").strip().lower()
             if label not in KNOWN_LABELS:
-                raise DataError(manifest, f"line {lineno}: unknown label {row.get('label')!r}; expected {sorted(KNOWN_LABELS)}")
+                raise DataError(
+                    manifest,
+                    f"line {lineno}: unknown label {row.get('label')!r}; expected {sorted(KNOWN_LABELS)}",
+                )
             raw = (row.get("path") or "").strip()
             if not raw:
                 raise DataError(manifest, f"line {lineno}: empty path")
@@ -148,7 +151,9 @@ def cases_from_manifest(manifest: str | os.PathLike) -> list[Case]:
                 group = row["patient_id"].strip()
             mask_raw = (row.get(mask_col) or "").strip() if mask_col else ""
             meta = {k: v for k, v in row.items() if k not in ("path", "label") and k is not None}
-            cases.append(Case(str(path), label, group, str((base / mask_raw).resolve()) if mask_raw else None, meta=meta))
+            cases.append(
+                Case(str(path), label, group, str((base / mask_raw).resolve()) if mask_raw else None, meta=meta)
+            )
     return _check_cases(cases, manifest)
 
 

@@ -152,8 +152,11 @@ def prepare_cases(
     bad = [(c, r) for c, r in zip(cases, results, strict=True) if r is not None]
     if bad and not skip_bad:
         path, problem = bad[0][1]
-        more = f" (and {len(bad) - 1} more bad file(s); --skip-bad skips and lists them)" if len(bad) > 1 else \
-            " (--skip-bad skips and lists such files)"
+        more = (
+            f" (and {len(bad) - 1} more bad file(s); --skip-bad skips and lists them)"
+            if len(bad) > 1
+            else " (--skip-bad skips and lists such files)"
+        )
         raise DataError(path, problem + more)
     good = [c for c, r in zip(cases, results, strict=True) if r is None]
     return good, [r for _, r in bad]
@@ -173,8 +176,9 @@ class UltrasoundDataset(Dataset):
         seed: run seed; with the epoch and index it seeds each sample's augmentation.
     """
 
-    def __init__(self, cases: Sequence[Case], classes: Sequence[str], cache: CaseCache, transform=None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, cases: Sequence[Case], classes: Sequence[str], cache: CaseCache, transform=None, seed: int = 0
+    ) -> None:
         unknown = sorted({c.label for c in cases} - set(classes))
         if unknown:
             raise DataError(None, f"labels {unknown} are not among the classes {list(classes)}")
@@ -192,10 +196,12 @@ class UltrasoundDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """Args: ``index`` or ``(index, epoch)`` (as the training sampler yields, so workers need no epoch state)."""
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         arr = self.cache.get(self.cases[index])
         image = arr[0]
         if self.transform is not None:
-            seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
             image = apply_transform(self.transform, image, arr[1], seed)
         return torch.from_numpy(np.ascontiguousarray(image))[None], self.targets[index]

@@ -73,6 +73,13 @@ def _read_dicom(path: Path, frame: int | None) -> np.ndarray:
         raise DataError(path, f"not a valid DICOM file ({exc})") from exc
     except Exception as exc:  # pydicom raises many types for truncated or unsupported pixel data
         raise DataError(path, f"DICOM pixel data could not be decoded ({type(exc).__name__}: {exc})") from exc
+    return _dicom_to_gray(ds, arr, frame, path)
+
+
+def _dicom_to_gray(ds, arr: np.ndarray, frame: int | None, path) -> np.ndarray:
+    """Pixel array of a DICOM dataset -> gray float in [0, 1] (frame choice, colour spaces, MONOCHROME1)."""
+    import pydicom
+
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(getattr(ds, "SamplesPerPixel", 1))
@@ -131,7 +138,9 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarr
         img = _read_dicom(p, frame)
     else:
         if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(p, f"unknown image format {p.suffix!r}; supported: {sorted(IMAGE_SUFFIXES | DICOM_SUFFIXES)}")
+            raise DataError(
+                p, f"unknown image format {p.suffix!r}; supported: {sorted(IMAGE_SUFFIXES | DICOM_SUFFIXES)}"
+            )
         data = np.fromfile(p, dtype=np.uint8)
         arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
         if arr is None:

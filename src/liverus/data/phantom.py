@@ -40,8 +40,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
     return n / (n.std() + 1e-6)
 
 
-def _lesion_mask(rng: np.random.Generator, size: int, cx: float, cy: float, radius: float,
-                 irregularity: float, spikes: int) -> np.ndarray:
+def _lesion_mask(
+    rng: np.random.Generator, size: int, cx: float, cy: float, radius: float, irregularity: float, spikes: int
+) -> np.ndarray:
     angles = np.linspace(0, 2 * np.pi, 180, endpoint=False)
     rad = np.ones_like(angles)
     for k in range(2, 7):
@@ -56,8 +57,9 @@ def _lesion_mask(rng: np.random.Generator, size: int, cx: float, cy: float, radi
     return mask
 
 
-def render_phantom(rng: np.random.Generator, label: str, size: int = 256, lesion: dict | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def render_phantom(
+    rng: np.random.Generator, label: str, size: int = 256, lesion: dict | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Render one phantom image.
 
     Args:
@@ -86,7 +88,9 @@ def render_phantom(rng: np.random.Generator, label: str, size: int = 256, lesion
                 "cx": float(size * rng.uniform(0.35, 0.65)),
                 "cy": float(size * rng.uniform(0.38, 0.62)),
                 "radius": float(size * rng.uniform(0.06, 0.13)),
-                "kind": str(rng.choice(["irregular", "spiculated"]) if malignant else rng.choice(["cyst", "hemangioma"])),
+                "kind": str(
+                    rng.choice(["irregular", "spiculated"]) if malignant else rng.choice(["cyst", "hemangioma"])
+                ),
                 "irregularity": float(rng.uniform(0.35, 0.8) if malignant else rng.uniform(0.0, 0.3)),
                 "halo": bool(malignant and rng.random() < 0.75),
                 "shadow": bool(malignant and rng.random() < 0.7),
@@ -179,7 +183,14 @@ def make_phantom_dataset(
                 mpath = out / "masks" / label / name
                 mpath.parent.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(mpath), mask * 255)
-            cases.append(Case(str(ipath.resolve()), label, group, str(mpath.resolve()) if mpath else None,
-                              meta={"kind": params.get("kind", "normal") if params else "normal"}))
+            cases.append(
+                Case(
+                    str(ipath.resolve()),
+                    label,
+                    group,
+                    str(mpath.resolve()) if mpath else None,
+                    meta={"kind": params.get("kind", "normal") if params else "normal"},
+                )
+            )
     write_manifest(cases, out / "manifest.csv")
     return cases_from_manifest(out / "manifest.csv")

@@ -100,8 +100,12 @@ def detect_scan_area(img: np.ndarray, threshold: float = 0.04) -> np.ndarray:
     return mask
 
 
-def roi_box(lesion: np.ndarray | None, box: tuple[float, float, float, float] | None, margin: float,
-            shape: tuple[int, int]) -> tuple[int, int, int, int]:
+def roi_box(
+    lesion: np.ndarray | None,
+    box: tuple[float, float, float, float] | None,
+    margin: float,
+    shape: tuple[int, int],
+) -> tuple[int, int, int, int]:
     """A square crop box around the lesion (mask or ``(x0, y0, x1, y1)`` box) with ``margin`` context.
 
     Raises:
@@ -118,7 +122,12 @@ def roi_box(lesion: np.ndarray | None, box: tuple[float, float, float, float] | 
     side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
     side = max(side, 32.0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return (int(round(cx - side / 2)), int(round(cy - side / 2)), int(round(cx + side / 2)), int(round(cy + side / 2)))
+    return (
+        int(round(cx - side / 2)),
+        int(round(cy - side / 2)),
+        int(round(cx + side / 2)),
+        int(round(cy + side / 2)),
+    )
 
 
 def _crop(arr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -165,10 +174,7 @@ def preprocess(
     """
     u8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     les = lesion.astype(np.uint8) if lesion is not None else np.zeros_like(u8)
-    if cfg.crop == "fan" or cfg.crop == "roi":
-        scan = detect_scan_area(u8)
-    else:
-        scan = np.ones_like(u8)
+    scan = detect_scan_area(u8) if cfg.crop in ("fan", "roi") else np.ones_like(u8)
     if cfg.crop == "fan":
         u8 = u8 * scan
         ys, xs = np.nonzero(scan)

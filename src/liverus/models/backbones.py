@@ -217,12 +217,16 @@ class EfficientNetLite0Features(Backbone):
         return self.net.extract_features(x)
 
 
-def _efficientnet_lite0(weights: str | os.PathLike | None, in_chans: int) -> EfficientNetLite0Features:
+def _efficientnet_lite0(
+    weights: str | os.PathLike | None, in_chans: int, drop_path_rate: float | None
+) -> EfficientNetLite0Features:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise RuntimeError("efficientnet-lite-pytorch is not installed: pip install efficientnet-lite-pytorch") from exc
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name(
+        "efficientnet-lite0", **({} if drop_path_rate is None else {"drop_connect_rate": drop_path_rate})
+    )
     info = WeightsInfo("random")
     if weights is not None:
         if weights == "imagenet":
@@ -256,13 +260,16 @@ def _efficientnet_lite0(weights: str | os.PathLike | None, in_chans: int) -> Eff
     return feats
 
 
-def build_backbone(name: str, *, weights: str | os.PathLike | None = None, in_chans: int = 1) -> Backbone:
+def build_backbone(
+    name: str, *, weights: str | os.PathLike | None = None, in_chans: int = 1, drop_path_rate: float | None = None
+) -> Backbone:
     """Build a feature extractor by name.
 
     Args:
         name: ``"resnet50"`` or ``"efficientnet_lite0"``.
         weights: ``None`` (random init), ``"imagenet"`` or a path to a state dict in the backbone's native format.
         in_chans: 1 for grayscale ultrasound (stem summed over RGB) or 3.
+        drop_path_rate: stochastic depth of EfficientNet-Lite0 (``None``: its default 0.2); ResNet-50 has none.
 
     Returns:
         The backbone, with ``spec`` and ``weights_info`` set.
@@ -273,8 +280,12 @@ def build_backbone(name: str, *, weights: str | os.PathLike | None = None, in_ch
     """
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if drop_path_rate is not None and not 0 <= drop_path_rate < 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     if name == "resnet50":
+        if drop_path_rate:
+            raise ValueError("resnet50 has no stochastic depth; drop_path_rate must be 0 or None")
         return _resnet50(weights, in_chans)
     if name == "efficientnet_lite0":
-        return _efficientnet_lite0(weights, in_chans)
+        return _efficientnet_lite0(weights, in_chans, drop_path_rate)
     raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")

@@ -67,7 +67,9 @@ class ParallelAttentionHead(nn.Module):
         width = in_channels // 2 if compress else in_channels
         if compress:
             self.compress = nn.Sequential(
-                nn.Conv2d(in_channels, width, 3, padding=1, bias=False), norm_layer(width), act_layer(inplace=True)
+                nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                norm_layer(width),
+                act_layer(inplace=True),
             )
         else:
             self.compress = nn.Identity()

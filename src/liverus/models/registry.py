@@ -61,11 +61,13 @@ def register_model(name: str, description: str) -> Callable:
 
 
 def _make_custom_builder(backbone: str, fixed: dict) -> Callable[..., LesionClassifier]:
-    def build(*, num_classes: int = 2, weights=None, in_chans: int = 1, **kwargs) -> LesionClassifier:
+    def build(
+        *, num_classes: int = 2, weights=None, in_chans: int = 1, drop_path_rate: float | None = None, **kwargs
+    ) -> LesionClassifier:
         clash = set(fixed) & set(kwargs)
         if clash:
             raise ValueError(f"arguments {sorted(clash)} are fixed by this ablation and cannot be overridden")
-        bb = build_backbone(backbone, weights=weights, in_chans=in_chans)
+        bb = build_backbone(backbone, weights=weights, in_chans=in_chans, drop_path_rate=drop_path_rate)
         return CustomModel(bb, num_classes, **fixed, **kwargs)
 
     return build
@@ -73,7 +75,9 @@ def _make_custom_builder(backbone: str, fixed: dict) -> Callable[..., LesionClas
 
 def _make_baseline_builder(backbone: str) -> Callable[..., LesionClassifier]:
     def build(*, num_classes: int = 2, weights=None, in_chans: int = 1, drop_rate: float = 0.0) -> LesionClassifier:
-        return BaselineModel(build_backbone(backbone, weights=weights, in_chans=in_chans), num_classes, drop_rate=drop_rate)
+        return BaselineModel(
+            build_backbone(backbone, weights=weights, in_chans=in_chans), num_classes, drop_rate=drop_rate
+        )
 
     return build
 

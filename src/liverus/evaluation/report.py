@@ -1,0 +1,392 @@
+"""Self-contained HTML reports (figures embedded) plus ``metrics.json`` and per-case predictions.
+
+* :func:`report_for_run`: after ``liverus train`` (validation, and test when the run had one);
+* :func:`evaluate_checkpoint`: ``liverus evaluate`` on any labelled data with a model's stored threshold;
+* :func:`study_report`: ``liverus cv`` / ``compare`` (pooled out-of-fold results, paired tests, per-fold spread).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from liverus.evaluation.analysis import Predictions, evaluate_binary, read_predictions
+from liverus.utils import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "report_for_run",
+    "evaluate_checkpoint",
+    "render_report",
+    "data_summary",
+    "fmt",
+    "metrics_table_html",
+]
+
+DISCLAIMER = (
+    "Research software. Not a medical device and not a diagnosis: results must be interpreted by a "
+    "qualified radiologist together with all clinical information."
+)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+line-height:1.4;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;
+text-align:right}th{background:#f3f5f7}td:first-child,th:first-child{text-align:left}
+.warn{background:#fff4e5;border-left:4px solid #f0a030;padding:.6em 1em;margin:1em 0}
+.note{color:#555;font-size:.9em}.figs img{max-width:48%;margin:.3em;border:1px solid #eee}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}
+"""
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A number for a table; NaN/None become 'n/a'."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and math.isnan(x):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ci(v, ci) -> str:
+    if ci is None or any(c is None or (isinstance(c, float) and math.isnan(c)) for c in ci):
+        return fmt(v)
+    return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+METRIC_NAMES = [
+    ("auc", "ROC AUC"),
+    ("pr_auc", "PR AUC (average precision)"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("ppv", "PPV"),
+    ("npv", "NPV"),
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("f1", "F1"),
+    ("mcc", "MCC"),
+]
+
+
+def metrics_table_html(evals: dict[str, dict]) -> str:
+    """One column per model: every metric with its 95% bootstrap interval (AUC also with DeLong's)."""
+    names = list(evals)
+    rows = []
+    for key, label in METRIC_NAMES:
+        rows.append([label] + [_ci(evals[n]["metrics"][key], evals[n]["ci95_bootstrap"].get(key)) for n in names])
+    rows.append(
+        ["AUC, DeLong 95% CI"] + [_ci(evals[n]["auc_delong"]["auc"], evals[n]["auc_delong"]["ci95"]) for n in names]
+    )
+    rows.append(["ECE (10 bins)"] + [fmt(evals[n]["calibration"].get("ece")) for n in names])
+    rows.append(["Brier score"] + [fmt(evals[n]["calibration"].get("brier")) for n in names])
+    rows.append(
+        ["Threshold"] + [fmt(evals[n]["threshold"]) if evals[n]["threshold"] is not None else "per fold" for n in names]
+    )
+    rows.append(
+        ["Cases (malignant / benign)"]
+        + [f"{evals[n]['n']} ({evals[n]['n_malignant']} / {evals[n]['n_benign']})" for n in names]
+    )
+    return _table(["metric (95% CI)", *names], rows)
+
+
+def subgroup_html(evals: dict[str, dict]) -> str:
+    parts = []
+    for name, ev in evals.items():
+        for col, table in ev.get("subgroups", {}).items():
+            rows = [
+                [
+                    val,
+                    t["n"],
+                    t["n_malignant"],
+                    _ci(t["auc"], t["auc_ci95"]),
+                    fmt(t["sensitivity"]),
+                    fmt(t["specificity"]),
+                    t["note"],
+                ]
+                for val, t in table.items()
+            ]
+            parts.append(
+                f"<h3>{html.escape(name)}: by {html.escape(col)}</h3>"
+                + _table([col, "n", "malignant", "AUC [DeLong 95% CI]", "sensitivity", "specificity", ""], rows)
+            )
+    return "".join(parts)
+
+
+def faithfulness_html(faith: dict[str, dict]) -> str:
+    """Table of heatmap faithfulness per model (pointing game, energy inside the lesion, chance level)."""
+    rows = []
+    for name, f in faith.items():
+        for method in ("gradcam", "attention"):
+            r = f.get(method)
+            if r:
+                rows.append(
+                    [name, method, r["n"], fmt(r["pointing_game"]), fmt(r["energy_inside"]), fmt(r["lesion_area"])]
+                )
+    if not rows:
+        return ""
+    return (
+        "<p>Against the experts' lesion masks: <i>pointing game</i> = share of heatmaps whose peak lies inside the "
+        "lesion; <i>energy inside</i> = mean share of heatmap mass inside the lesion; <i>lesion area</i> = mean lesion "
+        "share of the image, the chance level of energy inside.</p>"
+        + _table(["model", "heatmap", "cases", "pointing game", "energy inside", "lesion area"], rows)
+    )
+
+
+def _pooled_faithfulness(parts: list[dict]) -> dict:
+    out = {}
+    for method in ("gradcam", "attention"):
+        rs = [p[method] for p in parts if p.get(method) and p[method]["n"]]
+        if rs:
+            n = sum(r["n"] for r in rs)
+            out[method] = {
+                k: float(sum(r[k] * r["n"] for r in rs) / n) for k in ("pointing_game", "energy_inside", "lesion_area")
+            } | {"n": n}
+    return out
+
+
+def data_summary(cases) -> dict:
+    """Counts per class and the image-size shortcut check, for the report's data section."""
+    from collections import Counter
+
+    from liverus.data.audit import _image_size, shortcut_check
+
+    sizes = []
+    for c in cases:
+        try:
+            sizes.append(_image_size(c.path))
+        except Exception:
+            sizes.append((0, 0))
+    return {
+        "counts": dict(Counter(c.label for c in cases)),
+        "n_groups": len({c.group_key for c in cases}),
+        "shortcut": shortcut_check(cases, sizes),
+    }
+
+
+def _data_html(summary: dict | None) -> str:
+    if not summary:
+        return ""
+    rows = [[k, v] for k, v in sorted(summary["counts"].items())]
+    out = _table(["class", "images"], rows) + f"<p>{summary['n_groups']} groups (patients / scans).</p>"
+    sc = summary.get("shortcut") or {}
+    if sc.get("auc") is not None:
+        out += (
+            f"<p>Shortcut check: image size, aspect ratio and numeric metadata alone predict malignancy with "
+            f"cross-validated AUC <b>{sc['auc']:.3f}</b> (0.5 = no shortcut).</p>"
+        )
+        if sc.get("warning"):
+            out += f'<div class="warn">{html.escape(sc["warning"])}</div>'
+    return out
+
+
+def render_report(path: Path, title: str, sections: list[tuple[str, str]], subtitle: str = "") -> Path:
+    """Write a self-contained HTML page from ``(heading, html)`` sections."""
+    body = "".join(f"<h2>{html.escape(h)}</h2>{c}" for h, c in sections if c)
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='note'>{html.escape(subtitle)}"
+        f"</p><div class='warn'>{html.escape(DISCLAIMER)}</div>{body}</body></html>"
+    )
+    atomic_write_text(path, page)
+    return path
+
+
+def _figures(
+    preds: dict[str, Predictions],
+    evals: dict[str, dict],
+    fig_dir: Path,
+    metrics_csvs: dict[str, Path] | None = None,
+) -> str:
+    from liverus.evaluation import plots
+
+    aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
+    usable = {n: p for n, p in preds.items() if len(np.unique(p.y)) == 2}
+    figs = []
+    if usable:
+        figs.append(plots.roc_plot(usable, fig_dir / "roc.png", aucs=aucs))
+        figs.append(plots.pr_plot(usable, fig_dir / "pr.png"))
+        figs.append(plots.reliability_plot(usable, fig_dir / "reliability.png"))
+    for n, e in evals.items():
+        figs.append(
+            plots.confusion_plot(
+                e["confusion_matrix"],
+                ("benign", "malignant"),
+                fig_dir / f"confusion_{n}.png",
+                title=f"Confusion: {n}",
+            )
+        )
+    if metrics_csvs:
+        existing = {k: v for k, v in metrics_csvs.items() if Path(v).is_file()}
+        if existing:
+            figs.append(plots.training_curves_plot(existing, fig_dir / "training_curves.png"))
+    return '<div class="figs">' + "".join(_img(f) for f in figs) + "</div>"
+
+
+def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequence[str] = ()) -> Path | None:
+    """Evaluate a finished training run (validation, and test when present) and write ``report.html`` and
+    ``metrics.json`` into it. Returns the report path (None for three-class runs, which keep ``result.json``)."""
+    run_dir = Path(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if cfg["data"]["task"] != "binary":
+        return None
+    result = json.loads((run_dir / "result.json").read_text())
+    threshold = result["threshold"]
+    preds, evals = {}, {}
+    for part in ("val", "test"):
+        f = run_dir / f"predictions_{part}.csv"
+        if f.is_file():
+            preds[part] = read_predictions([f])
+            cols = [c for c in subgroups if c] or _default_subgroups(preds[part])
+            evals[part] = evaluate_binary(preds[part], threshold, n_boot=n_boot, subgroups=cols)
+    from liverus.data import load_cases
+    from liverus.explain import faithfulness_for_model
+    from liverus.training.trainer import resolve_cases
+
+    faith = {}
+    try:
+        from liverus.training.config import _from_dict
+        from liverus.training.distributed import DistInfo
+
+        all_cases = {c.path: c for c in resolve_cases(_from_dict(cfg, "config.yaml"), run_dir, DistInfo())}
+        for part, pr in preds.items():
+            faith[part] = faithfulness_for_model(
+                run_dir / "model.pt", [all_cases[p] for p in pr.paths if p in all_cases]
+            )
+    except Exception as exc:  # a report without this section beats no report
+        faith = {"error": str(exc)}
+    atomic_write_json(run_dir / "metrics.json", {"threshold": threshold, **evals, "faithfulness": faith})
+
+    summary = None
+    if cfg["data"]["source"]:
+        try:
+            summary = data_summary(load_cases(cfg["data"]["source"]))
+        except Exception:
+            summary = None
+    sections = [
+        (
+            "Metrics",
+            "<p>Threshold chosen on the validation split (Youden's J) and applied unchanged.</p>"
+            + metrics_table_html(evals),
+        ),
+        ("Figures", _figures(preds, evals, run_dir / "figures", {"run": run_dir / "metrics.csv"})),
+        ("Subgroups", subgroup_html(evals)),
+        ("Heatmap faithfulness", faithfulness_html({k: v for k, v in faith.items() if k != "error"})),
+        ("Data", _data_html(summary)),
+        ("Configuration", f"<pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>"),
+    ]
+    return render_report(
+        run_dir / "report.html", f"liverus run: {cfg['model']['name']}", sections, subtitle=str(run_dir)
+    )
+
+
+def _default_subgroups(pr: Predictions) -> list[str]:
+    from liverus.evaluation.analysis import derived_columns
+
+    keys = derived_columns(pr.meta[0]) if pr.meta else {}
+    return ["size_group"] if "size_group" in keys else []
+
+
+def evaluate_checkpoint(
+    model_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    subgroup: Sequence[str] = (),
+    skip_bad: bool = False,
+    n_boot: int = 2000,
+) -> dict:
+    """``liverus evaluate``: score labelled data with a trained model at its stored threshold and write
+    ``predictions.csv``, ``metrics.json`` and ``report.html`` to ``out``.
+
+    Raises:
+        ValueError: if the output folder holds an earlier evaluation (never overwritten silently).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from liverus.data import (
+        CaseCache,
+        PreprocessConfig,
+        UltrasoundDataset,
+        load_cases,
+        prepare_cases,
+        select_task,
+    )
+    from liverus.models import load_model
+    from liverus.training.trainer import _write_predictions, predict_probs
+
+    out = Path(out)
+    if (out / "metrics.json").exists():
+        raise ValueError(f"{out} already holds an evaluation (metrics.json); choose another --out")
+    model, extra = load_model(model_path)
+    classes = tuple(extra.get("classes", ("benign", "malignant")))
+    if len(classes) != 2:
+        raise ValueError("liverus evaluate supports binary models (benign vs malignant)")
+    cases, _ = select_task(load_cases(data), "binary")
+    cfg = PreprocessConfig(**extra["preprocess"])
+    cache = CaseCache(cfg)
+    cases, skipped = prepare_cases(cases, cache, skip_bad=skip_bad)
+    out.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        atomic_write_json(out / "skipped.json", [{"path": p, "problem": q} for p, q in skipped])
+    loader = DataLoader(UltrasoundDataset(cases, classes, cache), batch_size=32)
+    mean, std = extra.get("normalization", model.normalization)
+    probs, tg = predict_probs(model, loader, torch.device("cpu"), None, mean, std, False, model.in_chans)
+    threshold = float(extra.get("threshold", 0.5))
+    _write_predictions(out / "predictions.csv", cases, probs, tg, classes, threshold)
+    pr = read_predictions([out / "predictions.csv"])
+    cols = list(subgroup) or _default_subgroups(pr)
+    ev = evaluate_binary(pr, threshold, n_boot=n_boot, subgroups=cols)
+    from liverus.explain import faithfulness_for_model
+
+    faith = faithfulness_for_model(model_path, cases)
+    atomic_write_json(
+        out / "metrics.json",
+        {
+            "faithfulness": faith,
+            "model": str(model_path),
+            "data": str(data),
+            "threshold": threshold,
+            "skipped": skipped,
+            "evaluation": ev,
+        },
+    )
+    name = model.model_name
+    sections = [
+        (
+            "Metrics",
+            f"<p>Stored threshold {threshold:.4f} applied unchanged.</p>" + metrics_table_html({name: ev}),
+        ),
+        ("Figures", _figures({name: pr}, {name: ev}, out / "figures")),
+        ("Subgroups", subgroup_html({name: ev})),
+        ("Heatmap faithfulness", faithfulness_html({name: faith})),
+        ("Data", _data_html(data_summary(cases))),
+    ]
+    render_report(out / "report.html", f"liverus evaluation: {name}", sections, subtitle=f"{model_path} on {data}")
+    m = ev["metrics"]
+    text = (
+        f"{name} on {len(cases)} cases: AUC {_ci(m['auc'], ev['auc_delong']['ci95'])}, sensitivity "
+        f"{_ci(m['sensitivity'], ev['ci95_bootstrap']['sensitivity'])}, specificity "
+        f"{_ci(m['specificity'], ev['ci95_bootstrap']['specificity'])}\nreport: {out / 'report.html'}"
+    )
+    return {"evaluation": ev, "text": text}

@@ -1,0 +1,296 @@
+"""Training configuration: YAML file + ``section.key=value`` overrides, validated into dataclasses.
+
+Unknown keys and values of the wrong type are errors that name the key (and suggest the closest valid one), so a
+typo in a config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "LossConfig",
+    "RuntimeConfig",
+    "TrainConfig",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the problem."""
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # folder, manifest CSV or AUL folder; empty: the built-in phantom
+    task: str = "binary"  # binary | three_class
+    image_size: int = 224
+    crop: str = "fan"  # fan | roi | none
+    roi_margin: float = 0.3
+    letterbox: bool = True
+    augment: str = "strong"  # none | light | strong
+    splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
+    fold: int = 0  # which fold of the splits file is used
+    val_fraction: float = 0.2
+    skip_bad: bool = False
+    cache_dir: str = ""  # empty: $LIVERUS_CACHE or ~/.cache/liverus
+    num_workers: int = 0
+    phantom_patients: int = 120  # size of the phantom when source is empty
+    phantom_size: int = 256
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom_resnet50"
+    weights: str | None = None  # None | imagenet | path to a backbone state dict
+    in_chans: int = 1
+    drop_rate: float = 0.5
+    drop_path_rate: float | None = None  # stochastic depth (EfficientNet-Lite0 only; None: its default 0.2)
+    se_reduction: int = 16
+    ca_reduction: int = 16
+    spatial_kernel: int = 7
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 3e-4  # head learning rate
+    backbone_lr_mult: float = 0.1  # backbone lr = lr * this
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    epochs: int = 20
+    warmup_epochs: float = 1.0
+    batch_size: int = 32  # global batch (split across DDP ranks)
+    accum_steps: int = 1
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    freeze_backbone_epochs: int = 0
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed (small batches, exact DDP equivalence)
+    early_stopping_patience: int = 0  # epochs without val AUC gain; 0 disables
+
+
+@dataclass
+class LossConfig:
+    name: str = "weighted_ce"  # ce | weighted_ce | focal
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    balanced_sampler: bool = False
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: str = "auto"  # auto | true | false (auto: on where it is faster, i.e. CUDA or CPU with bf16)
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> TrainConfig:
+        """Check value ranges and choices. Raises: ConfigError."""
+        choices = {
+            ("data", "task"): ("binary", "three_class"),
+            ("data", "crop"): ("fan", "roi", "none"),
+            ("data", "augment"): ("none", "light", "strong"),
+            ("optim", "optimizer"): ("adamw", "sgd"),
+            ("loss", "name"): ("ce", "weighted_ce", "focal"),
+            ("runtime", "precision"): ("auto", "fp32", "bf16", "fp16"),
+            ("runtime", "channels_last"): ("auto", "true", "false"),
+        }
+        self.runtime.channels_last = str(self.runtime.channels_last).lower()
+        for (sec, key), allowed in choices.items():
+            val = getattr(getattr(self, sec), key)
+            if val not in allowed:
+                raise ConfigError(f"{sec}.{key}: {val!r} is not one of {list(allowed)}")
+        positive = [
+            ("data", "image_size"),
+            ("optim", "lr"),
+            ("optim", "epochs"),
+            ("optim", "batch_size"),
+            ("optim", "accum_steps"),
+        ]
+        for sec, key in positive:
+            if getattr(getattr(self, sec), key) <= 0:
+                raise ConfigError(f"{sec}.{key}: must be positive, got {getattr(getattr(self, sec), key)}")
+        non_negative = [
+            ("optim", "weight_decay"),
+            ("optim", "warmup_epochs"),
+            ("optim", "grad_clip"),
+            ("optim", "freeze_backbone_epochs"),
+            ("optim", "early_stopping_patience"),
+            ("optim", "backbone_lr_mult"),
+            ("loss", "focal_gamma"),
+            ("data", "num_workers"),
+            ("data", "fold"),
+        ]
+        for sec, key in non_negative:
+            if getattr(getattr(self, sec), key) < 0:
+                raise ConfigError(f"{sec}.{key}: must not be negative, got {getattr(getattr(self, sec), key)}")
+        if not 0 <= self.loss.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing: must be in [0, 1), got {self.loss.label_smoothing}")
+        if not 0 < self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.data.val_fraction}")
+        if not 0 <= self.model.drop_rate < 1:
+            raise ConfigError(f"model.drop_rate: must be in [0, 1), got {self.model.drop_rate}")
+        if self.model.in_chans not in (1, 3):
+            raise ConfigError(f"model.in_chans: must be 1 or 3, got {self.model.in_chans}")
+        from liverus.models import list_models
+        from liverus.models.registry import ALIASES
+
+        if self.model.name not in list_models() and self.model.name not in ALIASES:
+            close = difflib.get_close_matches(self.model.name, list_models(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}")
+        return self
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check/convert ``value`` to the dataclass field type ``typ``."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _section_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _from_dict(data: dict, source: str) -> TrainConfig:
+    cfg = TrainConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(data).__name__}")
+    sections = {f.name for f in dataclasses.fields(TrainConfig)}
+    for sec, values in data.items():
+        if sec not in sections:
+            close = difflib.get_close_matches(str(sec), sections, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown section {sec!r}{hint} (sections: {sorted(sections)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {sec!r} must be a mapping")
+        section = getattr(cfg, sec)
+        types_ = _section_types(type(section))
+        for key, val in values.items():
+            if key not in types_:
+                close = difflib.get_close_matches(str(key), types_, n=1)
+                hint = f"; did you mean {sec}.{close[0]}?" if close else ""
+                raise ConfigError(f"{source}: unknown key {sec}.{key}{hint}")
+            setattr(section, key, _coerce(val, types_[key], f"{sec}.{key}"))
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars).
+
+    Raises:
+        ConfigError: for a malformed override or an unknown key.
+    """
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-3")
+        dotted, raw = item.split("=", 1)
+        sec, key = dotted.split(".", 1)
+        try:
+            val = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            val = raw
+        data.setdefault(sec, {})
+        if not isinstance(data[sec], dict):
+            raise ConfigError(f"override {item!r}: {sec!r} is not a section")
+        data[sec][key] = val
+    return _from_dict(data, "override").validate()
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: for an unreadable file, an unknown section/key, a wrong type or an out-of-range value.
+    """
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read config ({exc})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    cfg = _from_dict(data, source)
+    if overrides:
+        return apply_overrides(cfg, overrides)
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc

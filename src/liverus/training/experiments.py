@@ -1,0 +1,326 @@
+"""``liverus cv`` and ``liverus compare``: stratified group k-fold studies, resumable, same folds and seeds for every
+model.
+
+Design (nested, so nothing is tuned on the cases it is scored on): for fold ``i`` the held-out part is the test set;
+the remaining cases are split again (group-aware) into training and validation. Validation picks the best epoch and
+the operating threshold; the held-out fold is scored once with both. Pooling the held-out predictions of all folds
+gives one out-of-fold prediction per case.
+
+A study folder holds ``study.json``, ``splits.json``, one run folder per model and fold (``MODEL/foldI``, each a
+normal resumable run), then ``summary.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from liverus.data import kfold_splits, load_splits, save_splits, train_val_test_split
+from liverus.evaluation.analysis import (
+    Predictions,
+    compare_models,
+    cv_summary,
+    evaluate_binary,
+    read_predictions,
+)
+from liverus.training.config import TrainConfig, config_to_dict
+from liverus.training.distributed import DistInfo
+from liverus.training.trainer import RunExistsError, resolve_cases, train
+from liverus.utils import atomic_write_json
+
+__all__ = ["run_study", "run_holdout_comparison", "parse_model_spec", "summarize_study"]
+
+
+def parse_model_spec(spec: str) -> tuple[str, str | None, str]:
+    """``name`` or ``name@weights`` (weights: ``imagenet``, ``random`` or a file). Returns (name, weights, label)."""
+    name, _, weights = spec.partition("@")
+    if not weights:
+        return name, None, name
+    w = None if weights == "random" else weights
+    label = f"{name}@{Path(weights).stem if w not in (None, 'imagenet') else weights}"
+    return name, w, label
+
+
+def run_holdout_comparison(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    models: list[str],
+    test_fraction: float = 0.2,
+    resume: bool = False,
+    n_boot: int = 1000,
+) -> dict:
+    """Train several models on one group-aware train / validation / test split and compare them on the test part
+    (the quick version of :func:`run_study`, used by ``liverus demo``). Same folder layout, with ``fold0`` only."""
+    out = Path(out)
+    if (out / "study.json").is_file() and not resume:
+        raise RunExistsError(f"folder {out} already holds a comparison; pass --resume to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", {"models": models, "k": 1, "config": config_to_dict(cfg)})
+    cases = resolve_cases(cfg, out, DistInfo())
+    split_file = out / "splits.json"
+    if split_file.is_file():
+        split = load_splits(split_file, cases)["folds"][0]
+    else:
+        split = train_val_test_split(cases, cfg.data.val_fraction, test_fraction, seed=cfg.runtime.seed)
+        save_splits(split_file, {"folds": [split], "seed": cfg.runtime.seed})
+    labels = []
+    for spec in models:
+        name, weights, label = parse_model_spec(spec)
+        labels.append(label)
+        run_dir = out / label / "fold0"
+        if (run_dir / "result.json").is_file():
+            continue
+        mcfg = copy.deepcopy(cfg)
+        mcfg.model.name = name
+        if "@" in spec:
+            mcfg.model.weights = weights
+        print(f"== training {label}", flush=True)
+        train(mcfg, run_dir, resume=run_dir.exists(), cases=cases, split=split)
+    return summarize_study(out, labels, baseline=labels[0], subgroup=[], n_boot=n_boot)
+
+
+def run_study(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    models: list[str],
+    k: int = 5,
+    resume: bool = False,
+    baseline: str | None = None,
+    subgroup: list[str] | None = None,
+    n_boot: int = 2000,
+) -> dict:
+    """Train every model on every fold and summarise.
+
+    Args:
+        cfg: base config (each model overrides ``model.name`` and, with ``name@weights``, ``model.weights``).
+        out: study folder.
+        models: model specs, ``name`` or ``name@weights``.
+        k: number of folds (ignored when ``cfg.data.splits`` names an existing splits file, which is reused).
+        resume: continue an interrupted study; finished runs are kept as they are.
+        baseline: the reference for paired tests (default: the first model).
+        subgroup: metadata columns for subgroup tables (AUL: ``size_group`` is added automatically).
+        n_boot: bootstrap resamples.
+
+    Returns:
+        The summary (also ``summary.json``), with a ``text`` table.
+
+    Raises:
+        RunExistsError: if ``out`` holds a study and ``resume`` is false.
+    """
+    out = Path(out)
+    specs = [parse_model_spec(m) for m in models]
+    labels = [s[2] for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model list has duplicates: {models}")
+    if cfg.data.task != "binary":
+        raise ValueError("cv/compare summarise benign vs malignant; set data.task=binary")
+    study_file = out / "study.json"
+    meta = {"models": models, "k": k, "config": config_to_dict(cfg)}
+    if study_file.is_file():
+        if not resume:
+            raise RunExistsError(f"study folder {out} already exists; pass --resume to continue it")
+        saved = json.loads(study_file.read_text())
+        if saved["config"] != meta["config"]:
+            raise ValueError(f"cannot resume {out}: its config differs from the requested one")
+        meta["models"] = list(dict.fromkeys(saved["models"] + models))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(study_file, meta)
+
+    cases = resolve_cases(cfg, out, DistInfo())
+    split_file = out / "splits.json"
+    if split_file.is_file():
+        folds = load_splits(split_file, cases)["folds"]
+    elif cfg.data.splits:
+        folds = load_splits(cfg.data.splits, cases)["folds"]
+        save_splits(split_file, {"folds": folds, "source": cfg.data.splits})
+    else:
+        folds = kfold_splits(cases, k, seed=cfg.runtime.seed)
+        save_splits(split_file, {"folds": folds, "seed": cfg.runtime.seed, "k": k})
+
+    by_path = {c.path: c for c in cases}
+    for name, weights, label in specs:
+        for i, fold in enumerate(folds):
+            run_dir = out / label / f"fold{i}"
+            if (run_dir / "result.json").is_file():
+                continue
+            fold_cases = [by_path[p] for p in fold["train"]]
+            inner = train_val_test_split(fold_cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed + i)
+            split = {"train": inner["train"], "val": inner["val"], "test": fold["val"]}
+            mcfg = copy.deepcopy(cfg)
+            mcfg.model.name = name
+            if "@" in (models[labels.index(label)]):
+                mcfg.model.weights = weights
+            mcfg.data.splits = ""
+            print(f"== {label} fold {i + 1}/{len(folds)}", flush=True)
+            train(mcfg, run_dir, resume=run_dir.exists(), cases=cases, split=split)
+    return summarize_study(out, labels, baseline=baseline or labels[0], subgroup=subgroup or [], n_boot=n_boot)
+
+
+def _study_faithfulness(out: Path, labels: list[str], cases: list, max_cases: int) -> dict:
+    """Heatmap faithfulness of each fold's model on its own held-out cases, pooled per model."""
+    from liverus.evaluation.report import _pooled_faithfulness
+    from liverus.explain import faithfulness_for_model
+
+    by_path = {c.path: c for c in cases}
+    if not any(c.mask or c.polygon for c in cases) or max_cases <= 0:
+        return {}
+    result = {}
+    for label in labels:
+        runs = sorted((out / label).glob("fold*"), key=lambda p: int(p.name[4:]))
+        parts = []
+        for r in runs:
+            with open(r / "predictions_test.csv") as fh:
+                import csv
+
+                held = [by_path[row["path"]] for row in csv.DictReader(fh) if row["path"] in by_path]
+            parts.append(faithfulness_for_model(r / "model.pt", held, max_cases=max(1, max_cases // len(runs))))
+        result[label] = _pooled_faithfulness(parts)
+    return result
+
+
+def summarize_study(
+    out: Path, labels: list[str], *, baseline: str, subgroup: list[str], n_boot: int = 2000, max_cases: int = 100
+) -> dict:
+    """Pool each model's out-of-fold predictions and write ``summary.json`` and ``report.html``."""
+    from liverus.evaluation import plots
+    from liverus.evaluation.report import (
+        _default_subgroups,
+        _img,
+        _table,
+        fmt,
+        metrics_table_html,
+        render_report,
+        subgroup_html,
+    )
+
+    out = Path(out)
+    preds: dict[str, Predictions] = {}
+    evals, per_fold, wall = {}, {}, {}
+    for label in labels:
+        runs = sorted((out / label).glob("fold*"), key=lambda p: int(p.name[4:]))
+        files = [r / "predictions_test.csv" for r in runs]
+        preds[label] = read_predictions(files)
+        cols = subgroup or _default_subgroups(preds[label])
+        evals[label] = evaluate_binary(preds[label], None, n_boot=n_boot, subgroups=cols)
+        results = [json.loads((r / "result.json").read_text()) for r in runs]
+        per_fold[label] = cv_summary(
+            [{k: v for k, v in (r["test_metrics"] or {}).items() if isinstance(v, int | float)} for r in results]
+        )
+        wall[label] = sum(r["wall_time_s"] for r in results)
+    comparisons = compare_models(preds, baseline) if baseline in preds and len(preds) > 1 else {}
+    study = json.loads((out / "study.json").read_text())
+    cases = resolve_cases(_cfg_from_dict(study["config"]), out, DistInfo())
+    faith = _study_faithfulness(out, labels, cases, max_cases)
+    summary = {
+        "faithfulness": faith,
+        "models": labels,
+        "baseline": baseline,
+        "pooled": evals,
+        "per_fold": per_fold,
+        "comparisons": comparisons,
+        "wall_time_s": wall,
+    }
+    atomic_write_json(out / "summary.json", summary)
+
+    # ---- text table
+    lines = [
+        f"{'model':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'fold AUC mean±sd':>17s} "
+        f"{'DeLong p':>9s} {'ECE':>6s}"
+    ]
+    for label in labels:
+        e = evals[label]
+        a = e["auc_delong"]
+        pf = per_fold[label].get("auc", {"mean": math.nan, "sd": math.nan})
+        p = comparisons.get(label, {}).get("delong_p")
+        lines.append(
+            f"{label:34s} {fmt(a['auc'])} [{fmt(a['ci95'][0])}, {fmt(a['ci95'][1])}]    "
+            f"{fmt(e['metrics']['sensitivity']):>6s} {fmt(e['metrics']['specificity']):>6s} "
+            f"{fmt(pf['mean']):>8s}±{fmt(pf['sd']):<8s} {fmt(p) if p is not None else 'ref':>9s} "
+            f"{fmt(e['calibration']['ece']):>6s}"
+        )
+    text = "\n".join(lines)
+    summary["text"] = text
+
+    # ---- report
+    fig_dir = out / "figures"
+    aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
+    figs = [
+        plots.roc_plot(preds, fig_dir / "roc.png", aucs=aucs),
+        plots.reliability_plot(preds, fig_dir / "reliability.png"),
+        plots.pr_plot(preds, fig_dir / "pr.png"),
+        plots.fold_plot({n: per_fold[n].get("auc", {}).get("per_fold", []) for n in labels}, fig_dir / "folds.png"),
+    ]
+    curves = {f"{n} f{r.name[4:]}": r / "metrics.csv" for n in labels for r in sorted((out / n).glob("fold*"))}
+    figs.append(plots.training_curves_plot(curves, fig_dir / "training_curves.png"))
+    comp_rows = [
+        [
+            n,
+            fmt(c["auc_diff"]),
+            f"[{fmt(c['auc_diff_ci95'][0])}, {fmt(c['auc_diff_ci95'][1])}]",
+            fmt(c["delong_p"], 4),
+            f"{c['mcnemar']['a_right_b_wrong']} / {c['mcnemar']['a_wrong_b_right']}",
+            fmt(c["mcnemar"]["p_value"], 4),
+        ]
+        for n, c in comparisons.items()
+    ]
+    fold_rows = [
+        [
+            n,
+            *[fmt(v) for v in per_fold[n].get("auc", {}).get("per_fold", [])],
+            f"{fmt(per_fold[n]['auc']['mean'])} ± {fmt(per_fold[n]['auc']['sd'])}",
+        ]
+        for n in labels
+        if "auc" in per_fold[n]
+    ]
+    k = max((len(r) - 2 for r in fold_rows), default=0)
+    from liverus.evaluation.report import _data_html, data_summary, faithfulness_html
+
+    sections = [
+        (
+            "Pooled out-of-fold results",
+            "<p>Each case is scored once, by the model of the fold that held it out; sensitivity and specificity "
+            "use the threshold chosen on that fold's own validation split.</p>" + metrics_table_html(evals),
+        ),
+        (
+            f"Paired comparison against {baseline}",
+            _table(
+                [
+                    "model",
+                    "AUC difference",
+                    "95% CI",
+                    "DeLong p",
+                    "McNemar: model right / baseline right",
+                    "McNemar p",
+                ],
+                comp_rows,
+            )
+            if comp_rows
+            else "",
+        ),
+        ("Per-fold AUC", _table(["model", *[f"fold {i}" for i in range(k)], "mean ± sd"], fold_rows)),
+        ("Figures", '<div class="figs">' + "".join(_img(f) for f in figs) + "</div>"),
+        ("Subgroups", subgroup_html(evals)),
+        ("Heatmap faithfulness (held-out cases)", faithfulness_html(faith)),
+        ("Data", _data_html(data_summary(cases))),
+        (
+            "Wall time",
+            _table(["model", "training + evaluation, all folds (s)"], [[n, fmt(w, 0)] for n, w in wall.items()]),
+        ),
+        ("Configuration", f"<pre>{html.escape(yaml.safe_dump(study['config'], sort_keys=False))}</pre>"),
+    ]
+    render_report(out / "report.html", "liverus study: " + ", ".join(labels), sections, subtitle=str(out))
+    summary["report"] = str(out / "report.html")
+    return summary
+
+
+def _cfg_from_dict(d: dict) -> TrainConfig:
+    from liverus.training.config import _from_dict
+
+    return _from_dict(d, "study.json")

@@ -1,0 +1,79 @@
+"""Losses for imbalanced lesion classes: class-weighted cross-entropy and softmax focal loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["class_weights", "FocalLoss", "build_loss"]
+
+
+def class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``n / (k * n_c)`` (scikit-learn's "balanced"), so a balanced set gets all ones.
+
+    Raises:
+        ValueError: if a class has no examples.
+    """
+    counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=num_classes).double()
+    if (counts == 0).any():
+        missing = [i for i, c in enumerate(counts.tolist()) if c == 0]
+        raise ValueError(f"class index(es) {missing} have no training examples")
+    return (counts.sum() / (num_classes * counts)).float()
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss (Lin et al., 2017): ``-alpha_y (1 - p_y)^gamma log p_y``, averaged over the batch.
+
+    Written here because torchvision only ships the sigmoid (binary, one-logit) form, while liverus models emit
+    one logit per class. With ``gamma=0`` and no ``alpha`` it equals cross-entropy.
+
+    Args:
+        gamma: focusing parameter (>= 0).
+        alpha: optional per-class weights.
+        label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.register_buffer("alpha", alpha if alpha is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=1)
+        ce = F.nll_loss(logp, target, reduction="none")
+        if self.label_smoothing > 0:
+            ce = (1 - self.label_smoothing) * ce - self.label_smoothing * logp.mean(dim=1)
+        p_t = logp.gather(1, target[:, None]).squeeze(1).exp()
+        loss = (1 - p_t).pow(self.gamma) * ce
+        if self.alpha is not None:
+            loss = loss * self.alpha[target]
+        return loss.mean()
+
+
+def build_loss(
+    name: str,
+    targets: Sequence[int],
+    num_classes: int,
+    *,
+    focal_gamma: float = 2.0,
+    label_smoothing: float = 0.0,
+) -> nn.Module:
+    """Build ``ce``, ``weighted_ce`` (inverse-frequency weights) or ``focal`` (with the same weights as alpha).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name == "ce":
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    weights = class_weights(targets, num_classes)
+    if name == "weighted_ce":
+        return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+    if name == "focal":
+        return FocalLoss(focal_gamma, weights, label_smoothing)
+    raise ValueError(f"unknown loss {name!r}; choose ce, weighted_ce or focal")

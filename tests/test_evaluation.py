@@ -1,0 +1,225 @@
+"""Metrics against scikit-learn, DeLong against an independent O(n*m) implementation, calibration, bad input,
+reports."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from liverus.evaluation import EvaluationError, binary_metrics, bootstrap_ci, choose_threshold, multiclass_metrics
+from liverus.evaluation.analysis import Predictions, compare_models, evaluate_binary, subgroup_table
+from liverus.evaluation.stats import (
+    apply_temperature,
+    calibration_summary,
+    delong_ci,
+    delong_test,
+    expected_calibration_error,
+    fit_temperature,
+    mcnemar_test,
+)
+
+
+@pytest.fixture
+def scored():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(0.35 * y + rng.normal(0.35, 0.2, 300), 0, 1)
+    return y, p
+
+
+def test_binary_metrics_match_sklearn(scored):
+    y, p = scored
+    m = binary_metrics(y, p, 0.45)
+    pred = (p >= 0.45).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
+    assert m["confusion_matrix"] == [[tn, fp], [fn, tp]]
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y, p))
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(skm.recall_score(y, pred, pos_label=0))
+    assert m["ppv"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["npv"] == pytest.approx(skm.precision_score(y, pred, pos_label=0))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred))
+
+
+def test_multiclass_metrics_match_sklearn():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 200)
+    P = rng.dirichlet([1, 1, 1], 200)
+    P[np.arange(200), y] += 0.5
+    P /= P.sum(1, keepdims=True)
+    m = multiclass_metrics(y, P, ("normal", "benign", "malignant"))
+    assert m["macro"]["auc"] == pytest.approx(skm.roc_auc_score(y, P, multi_class="ovr", average="macro"))
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, P.argmax(1)))
+    assert m["per_class"]["benign"]["sensitivity"] == pytest.approx(skm.recall_score(y, P.argmax(1), average=None)[1])
+
+
+def test_thresholds_youden_and_target_sensitivity(scored):
+    y, p = scored
+    t = choose_threshold(y, p, "youden")
+    fpr, tpr, thr = skm.roc_curve(y, p)
+    j = tpr - fpr
+    m = binary_metrics(y, p, t)
+    assert m["sensitivity"] + m["specificity"] - 1 == pytest.approx(j.max())
+    t95 = choose_threshold(y, p, "sensitivity", 0.95)
+    assert binary_metrics(y, p, t95)["sensitivity"] >= 0.95
+    assert binary_metrics(y, p, t95 + 1e-6)["sensitivity"] < 0.95 or t95 == p.max()
+    with pytest.raises(ValueError):
+        choose_threshold(y, p, "magic")
+
+
+def _delong_naive(y, p):
+    """Straight from DeLong et al. (1988): placement values by explicit pairwise comparison, O(n*m)."""
+    pos, neg = p[y == 1], p[y == 0]
+    psi = (pos[:, None] > neg[None, :]).astype(float) + 0.5 * (pos[:, None] == neg[None, :])
+    auc = psi.mean()
+    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+    var = v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg)
+    return auc, var, v10, v01
+
+
+def test_delong_matches_naive_implementation_with_ties():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 120)
+    p = np.round(np.clip(0.3 * y + rng.normal(0.4, 0.25, 120), 0, 1), 1)  # heavy ties
+    auc, lo, hi = delong_ci(y, p)
+    auc_n, var_n, _, _ = _delong_naive(y, p)
+    assert auc == pytest.approx(auc_n) and auc == pytest.approx(skm.roc_auc_score(y, p))
+    z = 1.959963984540054
+    assert lo == pytest.approx(max(0, auc_n - z * math.sqrt(var_n)))
+    assert hi == pytest.approx(min(1, auc_n + z * math.sqrt(var_n)))
+
+
+def test_delong_paired_test_matches_naive_covariance():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 150)
+    a = np.clip(0.4 * y + rng.normal(0.3, 0.2, 150), 0, 1)
+    b = np.clip(0.2 * y + 0.5 * a + rng.normal(0.1, 0.2, 150), 0, 1)
+    res = delong_test(y, a, b)
+    auc_a, _, v10a, v01a = _delong_naive(y, a)
+    auc_b, _, v10b, v01b = _delong_naive(y, b)
+    m, n = len(v10a), len(v01a)
+    cov10 = np.cov(np.vstack([v10a, v10b]))
+    cov01 = np.cov(np.vstack([v01a, v01b]))
+    S = cov10 / m + cov01 / n
+    var = S[0, 0] + S[1, 1] - 2 * S[0, 1]
+    z = (auc_a - auc_b) / math.sqrt(var)
+    from scipy.stats import norm
+
+    assert res["diff"] == pytest.approx(auc_a - auc_b)
+    assert res["z"] == pytest.approx(z)
+    assert res["p_value"] == pytest.approx(2 * norm.sf(abs(z)))
+    assert delong_test(y, a, a)["p_value"] == 1.0
+
+
+def test_mcnemar_exact():
+    y = np.array([1] * 20)
+    a = np.array([1] * 15 + [0] * 5)
+    b = np.array([1] * 5 + [0] * 15)
+    r = mcnemar_test(y, a, b)
+    assert r["a_right_b_wrong"] == 10 and r["a_wrong_b_right"] == 0
+    assert r["p_value"] == pytest.approx(2 * 0.5**10)
+
+
+def test_bootstrap_ci_contains_point_estimate_and_is_seeded(scored):
+    y, p = scored
+    ci = bootstrap_ci(y, p, 0.5, n_resamples=300, seed=1)
+    m = binary_metrics(y, p, 0.5)
+    for k in ("auc", "sensitivity", "specificity", "ppv", "mcc"):
+        assert ci[k][0] <= m[k] <= ci[k][1], k
+    assert ci == bootstrap_ci(y, p, 0.5, n_resamples=300, seed=1)
+    # Stratified: with 20 positives of 300 every resample still has positives, so sensitivity is always defined.
+    y2 = np.r_[np.ones(20, int), np.zeros(280, int)]
+    ci2 = bootstrap_ci(y2, np.linspace(0, 1, 300), 0.5, n_resamples=200)
+    assert not math.isnan(ci2["sensitivity"][0])
+
+
+def test_calibration_ece_brier_and_temperature():
+    rng = np.random.default_rng(5)
+    p_true = rng.uniform(0, 1, 4000)
+    y = (rng.uniform(0, 1, 4000) < p_true).astype(int)
+    assert expected_calibration_error(y, p_true) < 0.03
+    over = apply_temperature(p_true, 0.4)  # over-confident version
+    assert expected_calibration_error(y, over) > 0.08
+    t = fit_temperature(y, over)
+    assert t == pytest.approx(1 / 0.4, rel=0.15)
+    assert expected_calibration_error(y, apply_temperature(over, t)) < 0.03
+    s = calibration_summary(y, p_true)
+    assert s["brier"] == pytest.approx(skm.brier_score_loss(y, p_true))
+    assert len(s["reliability"]["mean_predicted"]) == 10
+
+
+@pytest.mark.parametrize(
+    "y, p, match",
+    [
+        ([0, 1, 1], [0.1, 0.9], "mismatched lengths"),
+        ([0, 1], [0.1, float("nan")], "NaN"),
+        ([], [], "no cases"),
+        ([0, 2], [0.1, 0.2], "labels must be in"),
+    ],
+)
+def test_bad_input_is_a_clear_error(y, p, match):
+    with pytest.raises(EvaluationError, match=match):
+        binary_metrics(y, p)
+
+
+def test_one_class_only_is_marked_undefined_not_a_crash():
+    m = binary_metrics([1, 1, 1], [0.2, 0.7, 0.9], 0.5)
+    assert math.isnan(m["auc"]) and "no benign" in m["undefined"]["auc"]
+    assert math.isnan(m["specificity"]) and m["sensitivity"] == pytest.approx(2 / 3)
+    assert math.isnan(delong_ci([1, 1], [0.1, 0.2])[0])
+    with pytest.raises(EvaluationError, match="both classes"):
+        delong_test([1, 1], [0.1, 0.2], [0.3, 0.4])
+    # predictions of one class only: PPV undefined, marked
+    m = binary_metrics([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], 0.9)
+    assert math.isnan(m["ppv"]) and "ppv" in m["undefined"]
+
+
+def _preds(y, p, meta=None):
+    return Predictions(
+        [f"/c{i}" for i in range(len(y))],
+        np.asarray(y),
+        np.asarray(p),
+        (np.asarray(p) >= 0.5) * 1,
+        meta or [{} for _ in y],
+    )
+
+
+def test_subgroups_and_paired_comparison(scored):
+    y, p = scored
+    meta = [
+        {"orig_width": "1024", "orig_height": "768"} if i % 3 else {"orig_width": "720", "orig_height": "576"}
+        for i in range(len(y))
+    ]
+    pr = _preds(y, p, meta)
+    table = subgroup_table(pr, "size_group", 0.5)
+    assert set(table) == {"1024x768", "other"}
+    assert table["1024x768"]["n"] + table["other"]["n"] == len(y)
+    sel = np.array([i % 3 != 0 for i in range(len(y))])
+    assert table["1024x768"]["auc"] == pytest.approx(skm.roc_auc_score(y[sel], p[sel]))
+    with pytest.raises(ValueError, match="not in the predictions"):
+        subgroup_table(pr, "scanner", 0.5)
+    worse = _preds(y, np.clip(p + np.random.default_rng(0).normal(0, 0.3, len(p)), 0, 1))
+    comp = compare_models({"base": worse, "better": pr}, "base")
+    assert comp["better"]["auc_diff"] > 0 and comp["better"]["delong_p"] < 0.05
+    ev = evaluate_binary(pr, 0.5, n_boot=200, subgroups=["size_group"])
+    assert ev["auc_delong"]["ci95"][0] < ev["metrics"]["auc"] < ev["auc_delong"]["ci95"][1]
+
+
+def test_report_renders_self_contained_html(tmp_path, scored):
+    from liverus.evaluation.report import _figures, metrics_table_html, render_report
+
+    y, p = scored
+    pr = _preds(y, p)
+    ev = evaluate_binary(pr, 0.5, n_boot=100)
+    html = metrics_table_html({"m": ev}) + _figures({"m": pr}, {"m": ev}, tmp_path / "figs")
+    path = render_report(tmp_path / "r.html", "test report", [("Metrics", html)])
+    text = path.read_text()
+    assert "data:image/png;base64," in text and "ROC AUC" in text and "not a diagnosis" in text
+    assert "<script src" not in text and "http" not in text.split("<body>")[1]

@@ -1,0 +1,333 @@
+"""Trainer: optimisation, losses, config validation, resume after SIGKILL, DDP equivalence, early stopping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liverus.models import build_model, load_model
+from liverus.training import (
+    ConfigError,
+    FocalLoss,
+    RunExistsError,
+    apply_overrides,
+    class_weights,
+    load_config,
+    train,
+)
+from liverus.training.distributed import ShardedBatchSampler
+
+# A small, fast configuration: EfficientNet-Lite0 head at 64 px on a 16-patient phantom.
+TINY = [
+    "data.image_size=64",
+    "data.phantom_patients=16",
+    "data.phantom_size=96",
+    "data.augment=light",
+    "model.name=custom_efficientnet_lite0",
+    "optim.batch_size=8",
+    "optim.epochs=3",
+    "optim.warmup_epochs=0",
+    "runtime.progress=false",
+    "runtime.tensorboard=false",
+    "runtime.precision=fp32",
+]
+
+
+def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "liverus.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model.pt", weights_only=True)["model"]
+
+
+# ---------------------------------------------------------------- optimisation and losses
+
+
+def test_a_few_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = build_model("custom_resnet50", drop_rate=0.0).train()
+    x = torch.randn(8, 1, 64, 64)
+    y = torch.tensor([0, 1] * 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_class_weights_hand_computed():
+    w = class_weights([0, 0, 0, 1], 2)
+    torch.testing.assert_close(w, torch.tensor([4 / (2 * 3), 4 / (2 * 1)]))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1, 1])
+    lp = torch.log_softmax(logits, 1)
+    nll = -lp[torch.arange(3), y]
+    expected = (w[y] * nll).sum() / w[y].sum()  # PyTorch's weighted mean
+    got = torch.nn.CrossEntropyLoss(weight=w)(logits, y)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="no training examples"):
+        class_weights([0, 0], 2)
+
+
+def test_focal_loss_hand_computed():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1])
+    p = torch.softmax(logits, 1)[torch.arange(2), y]
+    alpha = torch.tensor([0.25, 0.75])
+    expected = (alpha[y] * (1 - p) ** 2 * -torch.log(p)).mean()
+    torch.testing.assert_close(FocalLoss(2.0, alpha)(logits, y), expected)
+    # gamma 0 without alpha is cross-entropy
+    torch.testing.assert_close(FocalLoss(0.0)(logits, y), F.cross_entropy(logits, y))
+    with pytest.raises(ValueError):
+        FocalLoss(-1)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_file_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 0.01\n  epochs: 3\nmodel:\n  name: baseline\n")
+    cfg = load_config(p, ["optim.batch_size=4", "data.letterbox=false", "model.weights=null"])
+    assert cfg.optim.lr == 0.01 and cfg.optim.batch_size == 4 and cfg.data.letterbox is False
+    assert cfg.model.weights is None and cfg.model.name == "baseline"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("optim:\n  lrr: 0.1\n", [], r"unknown key optim\.lrr; did you mean optim\.lr"),
+        ("optimizer:\n  lr: 0.1\n", [], "unknown section 'optimizer'"),
+        ("optim:\n  epochs: many\n", [], r"optim\.epochs: expected an integer"),
+        ("optim:\n  lr: -1\n", [], r"optim\.lr: must be positive"),
+        ("loss:\n  name: dice\n", [], r"loss\.name: 'dice' is not one of"),
+        ("model:\n  name: custom_resnet5\n", [], "did you mean 'custom_resnet50'"),
+        ("", ["optim.lr"], "must look like section.key=value"),
+        ("", ["data.letterbox=maybe"], "expected true/false"),
+        ("- a\n- b\n", [], "must be a mapping"),
+    ],
+)
+def test_config_errors(tmp_path, text, overrides, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(p, overrides)
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def test_sharded_sampler_global_batches_do_not_depend_on_world_size():
+    one = list(ShardedBatchSampler(20, 8, seed=3, rank=0, world_size=1))
+    r0 = list(ShardedBatchSampler(20, 8, seed=3, rank=0, world_size=2))
+    r1 = list(ShardedBatchSampler(20, 8, seed=3, rank=1, world_size=2))
+    assert len(one) == len(r0) == len(r1) == 2
+    for full, a, b in zip(one, r0, r1, strict=True):
+        assert sorted(full) == sorted(a + b)
+    with pytest.raises(ValueError, match="divisible"):
+        ShardedBatchSampler(20, 7, world_size=2)
+
+
+# ---------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = apply_overrides(load_config(), TINY)
+    return run, train(cfg, run)
+
+
+def test_run_folder_records_everything(tiny_run):
+    run, result = tiny_run
+    for name in (
+        "config.yaml",
+        "provenance.json",
+        "splits.json",
+        "metrics.csv",
+        "model.pt",
+        "result.json",
+        "predictions_val.csv",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (run / name).is_file(), name
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["seed"] == 0 and prov["packages"]["torch"] and "git_commit" in prov
+    assert result.epochs_run == 3 and len(result.history) == 3
+    model, extra = load_model(run / "model.pt")
+    assert 0 <= extra["threshold"] <= 1 and extra["preprocess"]["image_size"] == 64
+    assert extra["classes"] == ["benign", "malignant"]
+    assert model.model_name == "custom_efficientnet_lite0"
+
+
+def test_existing_run_is_never_overwritten_silently(tiny_run, tmp_path):
+    run, result = tiny_run
+    before = (run / "model.pt").read_bytes()
+    cfg = apply_overrides(load_config(), TINY)
+    with pytest.raises(RunExistsError, match="--resume.*--overwrite"):
+        train(cfg, run)
+    assert (run / "model.pt").read_bytes() == before
+    # Resuming a finished run returns its result without training.
+    again = train(cfg, run, resume=True)
+    assert again.val_auc == result.val_auc
+    # Resuming with another config is refused.
+    with pytest.raises(ValueError, match="differs"):
+        train(apply_overrides(cfg, ["optim.lr=0.1"]), run, resume=True)
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    cfg = apply_overrides(load_config(), [*TINY, "optim.epochs=1"])
+    train(cfg, run, overwrite=True)
+    backups = list(tmp_path.glob("r.replaced-*"))
+    assert len(backups) == 1 and (backups[0] / "precious.txt").read_text() == "keep me"
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path):
+    # A learning rate of ~0 keeps the validation AUC flat, so epoch 1 stays the best and patience 2 stops at 3.
+    cfg = apply_overrides(
+        load_config(),
+        [
+            *TINY,
+            "optim.epochs=6",
+            "optim.lr=1e-12",
+            "optim.freeze_bn=true",
+            "model.drop_rate=0",
+            "optim.early_stopping_patience=2",
+        ],
+    )
+    result = train(cfg, tmp_path / "es")
+    assert result.epochs_run == 3 and result.best_epoch == 1
+    best = torch.load(tmp_path / "es" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == 1
+
+
+def test_skip_bad_lists_skipped_files(tmp_path, phantom_dir):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    (data / "manifest.csv").unlink()
+    (data / "benign" / "broken.png").write_bytes(b"\x89PNG broken")
+    cfg = apply_overrides(load_config(), [*TINY, f"data.source={data}", "optim.epochs=1"])
+    from liverus.data import DataError
+
+    with pytest.raises(DataError, match=r"broken\.png"):
+        train(cfg, tmp_path / "a")
+    cfg = apply_overrides(cfg, ["data.skip_bad=true"])
+    train(cfg, tmp_path / "b")
+    skipped = json.loads((tmp_path / "b" / "skipped.json").read_text())
+    assert [Path(s["path"]).name for s in skipped] == ["broken.png"]
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+    args = [a for o in TINY for a in ("--set", o)] + ["--set", "optim.epochs=4"]
+    full = tmp_path / "full"
+    p = _cli("train", "--out", str(full), *args)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+
+    killed = tmp_path / "killed"
+    p = _cli("train", "--out", str(killed), *args)
+    ckpt = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if ckpt.is_file():
+            state = torch.load(ckpt, weights_only=True)
+            if state["epoch"] >= 2:
+                break
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)  # mid-way through epoch 3 (or later), no chance to clean up
+    p.wait()
+    assert not (killed / "result.json").exists()
+    p = _cli("train", "--out", str(killed), "--resume", *args)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    assert "resuming" in out
+    a, b = _weights(full), _weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (full / "metrics.csv").read_text().count("\n") == (killed / "metrics.csv").read_text().count("\n")
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    common = [
+        *TINY,
+        "optim.epochs=1",
+        "optim.freeze_bn=true",
+        "model.drop_rate=0",
+        "model.drop_path_rate=0",
+        "loss.name=ce",
+        "data.augment=none",
+        "optim.grad_clip=0",
+        # SGD is linear in the gradient; Adam's g / sqrt(v) turns float-rounding noise on near-zero gradients into
+        # full-size steps, which would hide what this test checks (identical averaged gradients).
+        "optim.optimizer=sgd",
+        "optim.lr=0.05",
+    ]
+    args = [a for o in common for a in ("--set", o)]
+    single = tmp_path / "single"
+    p = _cli("train", "--out", str(single), *args)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    ddp = tmp_path / "ddp"
+    # The phantom is written by rank 0 of each run; point both runs at the same data.
+    data = single / "phantom"
+    args_ddp = [*args, "--set", f"data.source={data}", "--set", f"data.splits={single / 'splits.json'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "liverus.cli",
+        "train",
+        "--out",
+        str(ddp),
+        *args_ddp,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = _weights(single), _weights(ddp)
+    diffs = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point()}
+    torch.manual_seed(0)  # the trainer seeds torch with runtime.seed before building the model
+    init = build_model("custom_efficientnet_lite0", drop_rate=0.0, drop_path_rate=0.0)
+    moved = max(
+        (a[k].float() - v.float()).abs().max().item()
+        for k, v in init.state_dict().items()
+        if k in a and v.is_floating_point() and "running" not in k
+    )
+    # Gradients summed in another order (2 x 4 vs 8 images) differ by float rounding, which BatchNorm-bias
+    # gradients (sums over N*H*W terms that largely cancel) amplify; agreement is judged against how far training
+    # moved the weights.
+    worst = max(diffs.values())
+    assert moved > 0.01, moved
+    assert worst < 1e-3 * moved, (worst, moved, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
+    # Rank 0 alone wrote the run folder's files.
+    assert (ddp / "result.json").is_file() and not list(ddp.glob("*.tmp"))
