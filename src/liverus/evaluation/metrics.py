@@ -183,7 +183,8 @@ def choose_threshold(y_true: Sequence, p_pos: Sequence, method: str = "youden", 
     if len(np.unique(y)) < 2:
         return 0.5
     fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
-    thr = np.clip(thr, 0.0, 1.0)  # roc_curve's first threshold is +inf
+    # roc_curve's first point (threshold +inf: call nothing malignant) is not an operating point anyone would use.
+    fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]
     if method == "youden":
         return float(thr[int(np.argmax(tpr - fpr))])
     ok = np.nonzero(tpr >= target)[0]

@@ -568,6 +568,7 @@ def train(
                 leave=False,
                 dynamic_ncols=True,
                 file=sys.stderr,
+                disable=None,  # no bar when stderr is not a terminal (logs, CI)
             )
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(train_loader):
