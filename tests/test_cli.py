@@ -1,0 +1,163 @@
+"""The command line end to end: models, data audit/phantom/split, train + report, evaluate, cv and compare."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAST = [
+    "data.image_size=64",
+    "data.augment=none",
+    "optim.batch_size=8",
+    "optim.epochs=1",
+    "optim.warmup_epochs=0",
+    "runtime.tensorboard=false",
+]
+
+
+def liverus(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "liverus.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _sets(items):
+    return [a for o in items for a in ("--set", o)]
+
+
+def test_models_lists_every_model_with_params_and_macs():
+    from liverus.models import list_models
+
+    p = liverus("models", "--size", "64")
+    assert p.returncode == 0, p.stderr
+    for name in list_models():
+        assert name in p.stdout
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("custom_resnet50 "))
+    assert "42,908,836" in line
+
+
+def test_data_tools(tmp_path, aul_root):
+    p = liverus("data", "audit", str(aul_root), "--json", str(tmp_path / "audit.json"))
+    assert p.returncode == 0, p.stderr
+    assert "WARNING SHORTCUT" in p.stdout
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["counts"]["malignant"] == 342
+    ph = tmp_path / "ph"
+    assert liverus("data", "phantom", "--out", str(ph), "--patients", "12", "--size", "96").returncode == 0
+    again = liverus("data", "phantom", "--out", str(ph), "--patients", "12")
+    assert again.returncode == 2 and "exists" in again.stderr
+    p = liverus("data", "split", str(ph), "--out", str(tmp_path / "s.json"), "--folds", "2")
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads((tmp_path / "s.json").read_text())["folds"]) == 2
+
+
+def test_bad_config_and_missing_data_are_clear_errors(tmp_path):
+    p = liverus("train", "--out", str(tmp_path / "r"), "--set", "optim.lrr=1")
+    assert p.returncode == 2 and "unknown key optim.lrr" in p.stderr
+    p = liverus("train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "nope"))
+    assert p.returncode == 2 and "nope" in p.stderr and "does not exist" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    p = liverus(
+        "train",
+        "--out",
+        str(out),
+        "--model",
+        "custom_efficientnet_lite0",
+        *_sets([*FAST, "data.phantom_patients=20", "data.phantom_size=96"]),
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    return out, p.stdout
+
+
+def test_train_writes_report_and_metrics(trained):
+    out, stdout = trained
+    assert "report:" in stdout
+    html = (out / "report.html").read_text()
+    for needle in ("ROC AUC", "Sensitivity", "Specificity", "DeLong", "data:image/png;base64", "Configuration"):
+        assert needle in html, needle
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "val" in metrics and "ci95_bootstrap" in metrics["val"] and "faithfulness" in metrics
+
+
+def test_evaluate_uses_stored_threshold_and_never_overwrites(trained, tmp_path):
+    out, _ = trained
+    threshold = json.loads((out / "result.json").read_text())["threshold"]
+    dest = tmp_path / "ev"
+    p = liverus(
+        "evaluate", str(out / "model.pt"), "--data", str(out / "phantom"), "--out", str(dest), "--bootstrap", "200"
+    )
+    assert p.returncode == 0, p.stderr
+    m = json.loads((dest / "metrics.json").read_text())
+    assert m["threshold"] == pytest.approx(threshold)
+    assert (dest / "report.html").is_file() and (dest / "predictions.csv").is_file()
+    p = liverus("evaluate", str(out / "model.pt"), "--data", str(out / "phantom"), "--out", str(dest))
+    assert p.returncode == 2 and "already holds" in p.stderr
+
+
+def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
+    study = tmp_path / "study"
+    args = [
+        "compare",
+        "--out",
+        str(study),
+        "--folds",
+        "2",
+        "--models",
+        "baseline_efficientnet_lite0",
+        "custom_efficientnet_lite0",
+        *_sets([*FAST, "data.phantom_patients=40", "data.phantom_size=96"]),
+    ]
+    p = liverus(*args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = json.loads((study / "summary.json").read_text())
+    assert set(summary["pooled"]) == {"baseline_efficientnet_lite0", "custom_efficientnet_lite0"}
+    assert "delong_p" in summary["comparisons"]["custom_efficientnet_lite0"]
+    n = {m: summary["pooled"][m]["n"] for m in summary["pooled"]}
+    assert len(set(n.values())) == 1  # every model scored every case once
+    splits = json.loads((study / "splits.json").read_text())["folds"]
+    for model in summary["pooled"]:
+        for i, fold in enumerate(splits):
+            run_split = json.loads((study / model / f"fold{i}" / "splits.json").read_text())["folds"][0]
+            assert sorted(run_split["test"]) == sorted(fold["val"])
+            assert not set(run_split["train"]) & set(fold["val"])
+    assert (study / "report.html").is_file()
+    # Without --resume an existing study is refused; with it, finished runs are reused (nothing retrained).
+    assert liverus(*args).returncode == 2
+    before = (study / "custom_efficientnet_lite0" / "fold0" / "model.pt").stat().st_mtime_ns
+    p = liverus(*args, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert (study / "custom_efficientnet_lite0" / "fold0" / "model.pt").stat().st_mtime_ns == before
+
+
+def test_cv_single_model(tmp_path):
+    p = liverus(
+        "cv",
+        "--out",
+        str(tmp_path / "cv"),
+        "--folds",
+        "2",
+        "--model",
+        "baseline_efficientnet_lite0",
+        *_sets([*FAST, "data.phantom_patients=36", "data.phantom_size=96"]),
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "baseline_efficientnet_lite0" in p.stdout
+    summary = json.loads((tmp_path / "cv" / "summary.json").read_text())
+    assert len(summary["per_fold"]["baseline_efficientnet_lite0"]["auc"]["per_fold"]) == 2
+
+
+def test_demo_command_is_wired(tmp_path):
+    # The full demo takes minutes; here its pipeline runs with one epoch on a small phantom.
+    from liverus.demo import DEMO_OVERRIDES
+
+    assert any(o.startswith("optim.epochs=") for o in DEMO_OVERRIDES)
+    p = liverus("demo", "--out", str(tmp_path / "d"), "--epochs", "1", timeout=1200)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "baseline_resnet50" in p.stdout and "custom_resnet50" in p.stdout and "report:" in p.stdout
+    assert Path(tmp_path / "d" / "report.html").is_file()
