@@ -83,6 +83,8 @@ def test_train_writes_report_and_metrics(trained):
         assert needle in html, needle
     metrics = json.loads((out / "metrics.json").read_text())
     assert "val" in metrics and "ci95_bootstrap" in metrics["val"] and "faithfulness" in metrics
+    t = metrics["temperature_scaling"]
+    assert t["temperature"] > 0 and t["val"]["ece_after"] <= t["val"]["ece_before"] + 1e-9
 
 
 def test_evaluate_uses_stored_threshold_and_never_overwrites(trained, tmp_path):

@@ -378,3 +378,18 @@ def test_browser_upload_shows_probability_label_and_heatmap(server, images, tmp_
         assert "could not read" in page.inner_text("#error")
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_serve_runs_on_the_onnx_export(onnx_file, run, images):
+    from fastapi.testclient import TestClient
+
+    from liverus.serve.app import create_app
+
+    pt = Predictor.from_path(run / "model.pt")
+    with TestClient(create_app(Predictor.from_path(onnx_file))) as c:
+        assert c.get("/api/health").json()["backend"] == "onnxruntime"
+        r = c.post("/api/predict", files={"file": ("x.png", Path(images[1]).read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["backend"] == "onnxruntime" and "heatmap" not in body
+    assert body["probability_malignant"] == pytest.approx(pt.predict([read_image(images[1])])[0].probability, abs=1e-4)
