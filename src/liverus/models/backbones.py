@@ -126,6 +126,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _load_strict(net: nn.Module, path: Path, arch: str, kind: str) -> WeightsInfo:
+    """Load a native-format state dict into ``net`` strictly. Raises: ValueError naming the file on a mismatch."""
+    state = load_state_dict_file(path)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"weights file {path} is not {arch} state dict (strict load failed): {str(exc).splitlines()[0]} ..."
+        ) from exc
+    return WeightsInfo(kind, str(path), _sha256(path))
+
+
 class Backbone(nn.Module):
     """Base class: ``forward`` returns the last feature map; ``spec`` and ``weights_info`` describe it."""
 
@@ -173,17 +185,8 @@ def _resnet50(weights: str | os.PathLike | None, in_chans: int) -> ResNet50Featu
             ) from exc
         info = WeightsInfo("imagenet", wenum.url)
     else:
-        path = Path(weights)
-        state = load_state_dict_file(path)
         net = resnet50(weights=None)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"weights file {path} is not a torchvision ResNet-50 state dict (strict load failed): "
-                f"{str(exc).splitlines()[0]} ..."
-            ) from exc
-        info = WeightsInfo("file", str(path), _sha256(path))
+        info = _load_strict(net, Path(weights), "a torchvision ResNet-50", "file")
     feats = ResNet50Features(net)
     if in_chans != 3:
         conv = feats.conv1
@@ -241,15 +244,7 @@ def _efficientnet_lite0(
         else:
             path = Path(weights)
             kind = "file"
-        state = load_state_dict_file(path)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"weights file {path} is not an EfficientNet-Lite0 state dict (strict load failed): "
-                f"{str(exc).splitlines()[0]} ..."
-            ) from exc
-        info = WeightsInfo(kind, str(path), _sha256(path))
+        info = _load_strict(net, path, "an EfficientNet-Lite0", kind)
     feats = EfficientNetLite0Features(net)
     if in_chans != 3:
         # The stem is the package's "same"-padding Conv2d subclass; swapping its weight keeps that padding logic.

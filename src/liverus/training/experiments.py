@@ -69,20 +69,24 @@ def run_holdout_comparison(
     else:
         split = train_val_test_split(cases, cfg.data.val_fraction, test_fraction, seed=cfg.runtime.seed)
         save_splits(split_file, {"folds": [split], "seed": cfg.runtime.seed})
-    labels = []
+    labels = [parse_model_spec(spec)[2] for spec in models]
     for spec in models:
-        name, weights, label = parse_model_spec(spec)
-        labels.append(label)
-        run_dir = out / label / "fold0"
-        if (run_dir / "result.json").is_file():
-            continue
-        mcfg = copy.deepcopy(cfg)
-        mcfg.model.name = name
-        if "@" in spec:
-            mcfg.model.weights = weights
-        print(f"== training {label}", flush=True)
-        train(mcfg, run_dir, resume=run_dir.exists(), cases=cases, split=split)
+        _train_model(cfg, spec, out / parse_model_spec(spec)[2] / "fold0", cases, split)
     return summarize_study(out, labels, baseline=labels[0], subgroup=[], n_boot=n_boot)
+
+
+def _train_model(cfg: TrainConfig, spec: str, run_dir: Path, cases: list, split: dict) -> None:
+    """Train one model spec into ``run_dir`` (skipped when finished, resumed when interrupted)."""
+    if (run_dir / "result.json").is_file():
+        return
+    name, weights, label = parse_model_spec(spec)
+    mcfg = copy.deepcopy(cfg)
+    mcfg.model.name = name
+    if "@" in spec:
+        mcfg.model.weights = weights
+    mcfg.data.splits = ""
+    print(f"== {label}: {run_dir.name}", flush=True)
+    train(mcfg, run_dir, resume=run_dir.exists(), cases=cases, split=split)
 
 
 def run_study(
@@ -145,21 +149,12 @@ def run_study(
         save_splits(split_file, {"folds": folds, "seed": cfg.runtime.seed, "k": k})
 
     by_path = {c.path: c for c in cases}
-    for name, weights, label in specs:
+    for spec, (_, _, label) in zip(models, specs, strict=True):
         for i, fold in enumerate(folds):
-            run_dir = out / label / f"fold{i}"
-            if (run_dir / "result.json").is_file():
-                continue
             fold_cases = [by_path[p] for p in fold["train"]]
             inner = train_val_test_split(fold_cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed + i)
             split = {"train": inner["train"], "val": inner["val"], "test": fold["val"]}
-            mcfg = copy.deepcopy(cfg)
-            mcfg.model.name = name
-            if "@" in (models[labels.index(label)]):
-                mcfg.model.weights = weights
-            mcfg.data.splits = ""
-            print(f"== {label} fold {i + 1}/{len(folds)}", flush=True)
-            train(mcfg, run_dir, resume=run_dir.exists(), cases=cases, split=split)
+            _train_model(cfg, spec, out / label / f"fold{i}", cases, split)
     return summarize_study(out, labels, baseline=baseline or labels[0], subgroup=subgroup or [], n_boot=n_boot)
 
 
