@@ -331,3 +331,15 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     assert worst < 1e-3 * moved, (worst, moved, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
     # Rank 0 alone wrote the run folder's files.
     assert (ddp / "result.json").is_file() and not list(ddp.glob("*.tmp"))
+
+
+def test_final_model_without_validation_uses_the_given_threshold(tmp_path):
+    with pytest.raises(ConfigError, match="model.threshold"):
+        apply_overrides(load_config(), [*TINY, "data.val_fraction=0"])
+    cfg = apply_overrides(load_config(), [*TINY, "optim.epochs=2", "data.val_fraction=0", "model.threshold=0.42"])
+    result = train(cfg, tmp_path / "final")
+    split = json.loads((tmp_path / "final" / "splits.json").read_text())["folds"][0]
+    assert split["val"] == [] and len(split["train"]) > 20  # every case trains
+    assert result.best_epoch == 2 and result.threshold == pytest.approx(0.42)
+    _, extra = load_model(tmp_path / "final" / "model.pt")
+    assert extra["threshold"] == pytest.approx(0.42) and extra["threshold_method"].startswith("model.threshold")

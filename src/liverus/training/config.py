@@ -61,6 +61,7 @@ class ModelConfig:
     in_chans: int = 1
     drop_rate: float = 0.5
     drop_path_rate: float | None = None  # stochastic depth (EfficientNet-Lite0 only; None: its default 0.2)
+    threshold: float | None = None  # operating threshold when training without validation (data.val_fraction: 0)
     se_reduction: int = 16
     ca_reduction: int = 16
     spatial_kernel: int = 7
@@ -153,8 +154,15 @@ class TrainConfig:
                 raise ConfigError(f"{sec}.{key}: must not be negative, got {getattr(getattr(self, sec), key)}")
         if not 0 <= self.loss.label_smoothing < 1:
             raise ConfigError(f"loss.label_smoothing: must be in [0, 1), got {self.loss.label_smoothing}")
-        if not 0 < self.data.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.data.val_fraction}")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.data.val_fraction}")
+        if self.model.threshold is not None and not 0 < self.model.threshold < 1:
+            raise ConfigError(f"model.threshold: must be in (0, 1), got {self.model.threshold}")
+        if self.data.val_fraction == 0 and self.model.threshold is None and not self.data.splits:
+            raise ConfigError(
+                "data.val_fraction: 0 trains on every case with no validation split, so the operating threshold "
+                "cannot be chosen; set model.threshold (e.g. the pooled out-of-fold threshold of a cv study)"
+            )
         if not 0 <= self.model.drop_rate < 1:
             raise ConfigError(f"model.drop_rate: must be in [0, 1), got {self.model.drop_rate}")
         if self.model.in_chans not in (1, 3):

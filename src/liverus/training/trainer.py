@@ -420,6 +420,8 @@ def train(
             if cfg.data.fold >= len(folds):
                 raise DataError(cfg.data.splits, f"has {len(folds)} folds; data.fold={cfg.data.fold} does not exist")
             split = folds[cfg.data.fold]
+        elif cfg.data.val_fraction == 0:
+            split = {"train": [c.path for c in cases], "val": []}  # final model: every case, fixed epochs
         else:
             split = train_val_test_split(cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)
     by_path = {c.path: c for c in cases}
@@ -429,7 +431,9 @@ def train(
         save_splits(run_dir / "splits.json", {"folds": [{k: [c.path for c in v] for k, v in parts.items()}]})
     train_cases, val_cases = parts["train"], parts["val"]
     test_cases = parts.get("test", [])
-    if not train_cases or not val_cases:
+    if not val_cases and cfg.model.threshold is None:
+        raise DataError(None, "no validation cases: set model.threshold to train without validation")
+    if not train_cases:
         raise DataError(None, f"empty split: {len(train_cases)} training and {len(val_cases)} validation cases")
 
     train_ds = UltrasoundDataset(
@@ -474,7 +478,7 @@ def train(
             ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=loader_kw["pin_memory"]
         )
 
-    val_loader = eval_loader(val_cases)
+    val_loader = eval_loader(val_cases) if val_cases else None
 
     # ---- model, loss, optimiser
     head_kwargs = {"drop_rate": cfg.model.drop_rate}
@@ -608,13 +612,17 @@ def train(
         train_loss = sum(gather_objects(loss_sum / max(1, n_batches), info)) / info.world_size
 
         # ---- validation (each rank scores a shard; rank 0 gathers)
-        probs, tg = predict_probs(model, val_loader, device, amp, mean, std, channels_last, in_chans)
-        shards = gather_objects((probs, tg), info)
+        if val_cases:
+            probs, tg = predict_probs(model, val_loader, device, amp, mean, std, channels_last, in_chans)
+            shards = gather_objects((probs, tg), info)
         row = None
         if info.is_main:
-            probs, tg = _merge_shards(shards, len(val_cases), info.world_size)
-            val = _score(probs, tg, classes)
-            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(tg)))
+            if val_cases:
+                probs, tg = _merge_shards(shards, len(val_cases), info.world_size)
+                val = _score(probs, tg, classes)
+                val_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(tg)))
+            else:  # no validation split: the last epoch is the model
+                val, val_loss = {"auc": math.nan, "accuracy": math.nan}, math.nan
             lr_head = optimizer.param_groups[-1]["lr"]
             row = {
                 "epoch": epoch + 1,
@@ -628,8 +636,8 @@ def train(
             }
         row = broadcast_object(row, info)
         history.append(row)
-        auc = row["val_auc"] if not math.isnan(row["val_auc"]) else -row["val_loss"]
-        improved = auc > best_auc
+        improved = _selection_score(row, bool(val_cases), epoch) > best_auc
+        auc = _selection_score(row, bool(val_cases), epoch)
         if improved:
             best_auc, best_epoch, bad_epochs = auc, epoch + 1, 0
         else:
@@ -678,8 +686,10 @@ def train(
     best = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     core.load_state_dict(best["model"])
     eval_model = core
-    probs, tg = predict_probs(eval_model, val_loader, device, amp, mean, std, channels_last, in_chans)
-    shards = gather_objects((probs, tg), info)
+    shards = None
+    if val_cases:
+        probs, tg = predict_probs(eval_model, val_loader, device, amp, mean, std, channels_last, in_chans)
+        shards = gather_objects((probs, tg), info)
     test_payload = None
     if test_cases:
         tprobs, ttg = predict_probs(
@@ -688,10 +698,14 @@ def train(
         test_payload = gather_objects((tprobs, ttg), info)
     result = None
     if info.is_main:
-        probs, tg = _merge_shards(shards, len(val_cases), info.world_size)
-        threshold = choose_threshold(tg, probs[:, 1]) if len(classes) == 2 else 0.5
-        val_metrics = _score(probs, tg, classes, threshold)
-        _write_predictions(run_dir / "predictions_val.csv", val_cases, probs, tg, classes, threshold)
+        if shards is not None:
+            probs, tg = _merge_shards(shards, len(val_cases), info.world_size)
+            threshold = choose_threshold(tg, probs[:, 1]) if len(classes) == 2 else 0.5
+            val_metrics = _score(probs, tg, classes, threshold)
+            _write_predictions(run_dir / "predictions_val.csv", val_cases, probs, tg, classes, threshold)
+            method = "youden (validation)"
+        else:
+            threshold, val_metrics, method = float(cfg.model.threshold), {"auc": math.nan}, "model.threshold (config)"
         test_metrics = None
         if test_payload is not None:
             tprobs, ttg = _merge_shards(test_payload, len(test_cases), info.world_size)
@@ -699,7 +713,7 @@ def train(
             _write_predictions(run_dir / "predictions_test.csv", test_cases, tprobs, ttg, classes, threshold)
         extra = {
             "threshold": threshold,
-            "threshold_method": "youden (validation)",
+            "threshold_method": method,
             "classes": list(classes),
             "preprocess": asdict(preprocess_config(cfg)),
             "normalization": [mean, std],
@@ -727,6 +741,14 @@ def train(
             print(f"stopped early after epoch {len(history)}", file=sys.stderr)
     result = broadcast_object(result, info)
     return result
+
+
+def _selection_score(row: dict, has_val: bool, epoch: int) -> float:
+    """What model selection maximises: validation AUC (minus the loss when AUC is undefined); the epoch itself
+    without validation, so that the last epoch is kept."""
+    if not has_val:
+        return float(epoch)
+    return row["val_auc"] if not math.isnan(row["val_auc"]) else -row["val_loss"]
 
 
 def _eval_batch(world: int) -> int:
