@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/liverus demo --out $(OUT) $(if $(DATA),--data $(DATA),)
+	$(BIN)/liverus demo --resume --out $(OUT) $(if $(DATA),--data $(DATA),)
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
