@@ -129,6 +129,10 @@ def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
             assert sorted(run_split["test"]) == sorted(fold["val"])
             assert not set(run_split["train"]) & set(fold["val"])
     assert (study / "report.html").is_file()
+    from liverus.training.experiments import summary_markdown
+
+    md = summary_markdown(summary)
+    assert md.count("| custom_efficientnet_lite0 |") >= 2 and "DeLong p" in md
     # Without --resume an existing study is refused; with it, finished runs are reused (nothing retrained).
     assert liverus(*args).returncode == 2
     before = (study / "custom_efficientnet_lite0" / "fold0" / "model.pt").stat().st_mtime_ns

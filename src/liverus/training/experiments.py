@@ -33,7 +33,7 @@ from liverus.training.distributed import DistInfo
 from liverus.training.trainer import RunExistsError, resolve_cases, train
 from liverus.utils import atomic_write_json
 
-__all__ = ["run_study", "run_holdout_comparison", "parse_model_spec", "summarize_study"]
+__all__ = ["run_study", "run_holdout_comparison", "parse_model_spec", "summarize_study", "summary_markdown"]
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None, str]:
@@ -319,3 +319,60 @@ def _cfg_from_dict(d: dict) -> TrainConfig:
     from liverus.training.config import _from_dict
 
     return _from_dict(d, "study.json")
+
+
+def summary_markdown(summary: dict) -> str:
+    """Markdown tables of a study summary (pooled metrics, paired tests, image-size subgroups) for docs."""
+    from liverus.evaluation.report import fmt
+
+    def ci(v, c):
+        return f"{fmt(v)} [{fmt(c[0])}, {fmt(c[1])}]"
+
+    lines = [
+        "| model | pooled AUC [DeLong 95% CI] | sensitivity [95% CI] | specificity [95% CI] | fold AUC mean ± SD "
+        "| ΔAUC vs baseline [95% CI] | DeLong p | ECE | Brier |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in summary["models"]:
+        e = summary["pooled"][name]
+        m, b = e["metrics"], e["ci95_bootstrap"]
+        pf = summary["per_fold"][name].get("auc", {"mean": float("nan"), "sd": float("nan")})
+        comp = summary["comparisons"].get(name)
+        d = ci(comp["auc_diff"], comp["auc_diff_ci95"]) if comp else "reference"
+        p = fmt(comp["delong_p"], 4) if comp else ""
+        lines.append(
+            f"| {name} | {ci(e['auc_delong']['auc'], e['auc_delong']['ci95'])} "
+            f"| {ci(m['sensitivity'], b['sensitivity'])} | {ci(m['specificity'], b['specificity'])} "
+            f"| {fmt(pf['mean'])} ± {fmt(pf['sd'])} | {d} | {p} "
+            f"| {fmt(e['calibration']['ece'])} | {fmt(e['calibration']['brier'])} |"
+        )
+    sub_rows = []
+    for name in summary["models"]:
+        for col, table in summary["pooled"][name].get("subgroups", {}).items():
+            for val, t in table.items():
+                sub_rows.append(
+                    f"| {name} | {col} = {val} | {t['n']} ({t['n_malignant']}) | {ci(t['auc'], t['auc_ci95'])} "
+                    f"| {fmt(t['sensitivity'])} | {fmt(t['specificity'])} |"
+                )
+    if sub_rows:
+        lines += [
+            "",
+            "| model | subgroup | n (malignant) | AUC [DeLong 95% CI] | sensitivity | specificity |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *sub_rows,
+        ]
+    faith = summary.get("faithfulness") or {}
+    frows = [
+        f"| {name} | {method} | {r['n']} | {fmt(r['pointing_game'])} | {fmt(r['energy_inside'])} "
+        f"| {fmt(r['lesion_area'])} |"
+        for name, f in faith.items()
+        for method, r in f.items()
+    ]
+    if frows:
+        lines += [
+            "",
+            "| model | heatmap | cases | pointing game | energy inside lesion | lesion area (chance) |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *frows,
+        ]
+    return "\n".join(lines)
