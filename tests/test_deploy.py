@@ -48,6 +48,10 @@ def images(run):
     return [c.path for c in load_cases(run / "phantom")][:6]
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "liverus.cli", *args], capture_output=True, text=True, timeout=300)
+
+
 # ---------------------------------------------------------------- heatmaps
 
 
@@ -90,22 +94,7 @@ def test_faithfulness_pointing_game_and_energy():
 
 def test_explain_cli_writes_overlays(run, images, tmp_path):
     out = tmp_path / "heat"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverus.cli",
-            "explain",
-            images[0],
-            "--model",
-            str(run / "model.pt"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = _cli("explain", images[0], "--model", str(run / "model.pt"), "--out", str(out))
     assert p.returncode == 0, p.stderr
     names = sorted(f.name for f in out.iterdir())
     assert len(names) == 2 and names[0].endswith("_attention.png") and names[1].endswith("_gradcam.png")
@@ -121,23 +110,8 @@ def test_predict_cli_lists_bad_files_and_writes_csv(run, images, tmp_path):
         (folder / Path(f).name).write_bytes(Path(f).read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     out = tmp_path / "pred.csv"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverus.cli",
-            "predict",
-            str(folder),
-            "--model",
-            str(run / "model.pt"),
-            "--out",
-            str(out),
-            "--heatmaps",
-            str(tmp_path / "hm"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    p = _cli(
+        "predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out), "--heatmaps", str(tmp_path / "hm")
     )
     assert p.returncode == 1  # a bad file without --skip-bad
     assert "broken.png" in p.stderr
@@ -153,41 +127,10 @@ def test_predict_cli_lists_bad_files_and_writes_csv(run, images, tmp_path):
     assert [r["label"] for r in good] == ["malignant" if p >= pred.threshold else "benign" for p in direct]
     assert len(list((tmp_path / "hm").glob("*.png"))) == 3
     # never overwrites; --skip-bad acknowledges bad files (still listed) with exit 0
-    p2 = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverus.cli",
-            "predict",
-            str(folder),
-            "--model",
-            str(run / "model.pt"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p2 = _cli("predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out))
     assert p2.returncode == 2 and "already exists" in p2.stderr
     out_json = tmp_path / "pred.json"
-    p3 = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverus.cli",
-            "predict",
-            str(folder),
-            "--model",
-            str(run / "model.pt"),
-            "--out",
-            str(out_json),
-            "--skip-bad",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p3 = _cli("predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out_json), "--skip-bad")
     assert p3.returncode == 0
     assert len(json.loads(out_json.read_text())["predictions"]) == 4
 
