@@ -71,7 +71,6 @@ class Predictor:
         model, extra = load_model(path)
         if "preprocess" not in extra:
             raise ValueError(f"{path} holds no preprocessing settings; use the model.pt of a training run")
-        torch.set_grad_enabled(True)
         return cls(model=model, meta={**extra, "model_name": model.model_name})
 
     @property

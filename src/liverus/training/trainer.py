@@ -303,9 +303,8 @@ def _write_predictions(
     meta_cols = sorted({k for c in cases for k in c.meta})
     w.writerow(["path", "label", "target", *[f"p_{c}" for c in classes], "predicted", "group", *meta_cols])
     for c, p, t in zip(cases, probs, targets, strict=True):
-        pred = classes[1] if len(classes) == 2 and p[1] >= threshold else classes[int(p.argmax())]
-        if len(classes) == 2 and p[1] < threshold:
-            pred = classes[0]
+        # Binary: the stored threshold decides; more classes: the most probable one.
+        pred = classes[int(p[1] >= threshold)] if len(classes) == 2 else classes[int(p.argmax())]
         w.writerow(
             [
                 c.path,
@@ -636,8 +635,8 @@ def train(
             }
         row = broadcast_object(row, info)
         history.append(row)
-        improved = _selection_score(row, bool(val_cases), epoch) > best_auc
         auc = _selection_score(row, bool(val_cases), epoch)
+        improved = auc > best_auc
         if improved:
             best_auc, best_epoch, bad_epochs = auc, epoch + 1, 0
         else:
