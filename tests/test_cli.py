@@ -133,6 +133,18 @@ def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
 
     md = summary_markdown(summary)
     assert md.count("| custom_efficientnet_lite0 |") >= 2 and "DeLong p" in md
+    # The final-recipe threshold is the Youden point of the pooled out-of-fold probabilities, recomputed here.
+    from liverus.evaluation.analysis import read_predictions
+    from liverus.evaluation.metrics import choose_threshold
+
+    for model in summary["pooled"]:
+        pr = read_predictions([study / model / f"fold{i}" / "predictions_test.csv" for i in range(len(splits))])
+        recipe = summary["final_recipe"][model]
+        assert recipe["threshold"] == pytest.approx(choose_threshold(pr.y, pr.p))
+        results = [json.loads((study / model / f"fold{i}" / "result.json").read_text()) for i in range(len(splits))]
+        assert recipe["best_epochs"] == [r["best_epoch"] for r in results]
+        assert recipe["fold_thresholds"] == [r["threshold"] for r in results]
+        assert f"model.threshold={recipe['threshold']:.4f}" in p.stdout
     # Without --resume an existing study is refused; with it, finished runs are reused (nothing retrained).
     assert liverus(*args).returncode == 2
     before = (study / "custom_efficientnet_lite0" / "fold0" / "model.pt").stat().st_mtime_ns

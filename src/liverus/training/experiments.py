@@ -33,7 +33,14 @@ from liverus.training.distributed import DistInfo
 from liverus.training.trainer import RunExistsError, resolve_cases, train
 from liverus.utils import atomic_write_json
 
-__all__ = ["run_study", "run_holdout_comparison", "parse_model_spec", "summarize_study", "summary_markdown"]
+__all__ = [
+    "run_study",
+    "run_holdout_comparison",
+    "parse_model_spec",
+    "summarize_study",
+    "summary_markdown",
+    "final_recipe_inputs",
+]
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None, str]:
@@ -158,6 +165,44 @@ def run_study(
     return summarize_study(out, labels, baseline=baseline or labels[0], subgroup=subgroup or [], n_boot=n_boot)
 
 
+def final_recipe_inputs(pred: Predictions, results: list[dict]) -> dict:
+    """What a model trained on every case (``data.val_fraction: 0``) needs from the cross-validation.
+
+    Without a validation split the final model cannot choose its own threshold or epoch, so both come from the study:
+    the Youden threshold of the pooled out-of-fold probabilities (every case scored by a model that never saw it;
+    501 cases on AUL instead of one fold's ~80 validation cases) and each fold's best epoch, with how much validation
+    AUC the last epoch lost against the best one (if little, training the full schedule is safe).
+
+    Args:
+        pred: the model's pooled out-of-fold predictions.
+        results: each fold's ``result.json``.
+
+    Returns:
+        ``threshold`` (pooled out-of-fold Youden), ``sensitivity``/``specificity`` at it (in-sample for the
+        threshold, so slightly optimistic), ``fold_thresholds``, ``best_epochs``, ``epochs_run`` and
+        ``last_epoch_val_auc_drop`` (mean over folds of best minus last validation AUC).
+    """
+    from liverus.evaluation.metrics import binary_metrics, choose_threshold
+
+    thr = choose_threshold(pred.y, pred.p)
+    at = binary_metrics(pred.y, pred.p, thr)
+    drops = []
+    for r in results:
+        aucs = [h.get("val_auc") for h in r.get("history", [])]
+        aucs = [a for a in aucs if a is not None and math.isfinite(a)]
+        if aucs:
+            drops.append(max(aucs) - aucs[-1])
+    return {
+        "threshold": thr,
+        "sensitivity": at["sensitivity"],
+        "specificity": at["specificity"],
+        "fold_thresholds": [r.get("threshold") for r in results],
+        "best_epochs": [r.get("best_epoch") for r in results],
+        "epochs_run": [r.get("epochs_run") for r in results],
+        "last_epoch_val_auc_drop": float(sum(drops) / len(drops)) if drops else math.nan,
+    }
+
+
 def _study_faithfulness(out: Path, labels: list[str], cases: list, max_cases: int) -> dict:
     """Heatmap faithfulness of each fold's model on its own held-out cases, pooled per model."""
     from liverus.evaluation.report import _pooled_faithfulness
@@ -197,7 +242,7 @@ def summarize_study(
 
     out = Path(out)
     preds: dict[str, Predictions] = {}
-    evals, per_fold, wall = {}, {}, {}
+    evals, per_fold, wall, recipe = {}, {}, {}, {}
     for label in labels:
         runs = sorted((out / label).glob("fold*"), key=lambda p: int(p.name[4:]))
         files = [r / "predictions_test.csv" for r in runs]
@@ -209,6 +254,7 @@ def summarize_study(
             [{k: v for k, v in (r["test_metrics"] or {}).items() if isinstance(v, int | float)} for r in results]
         )
         wall[label] = sum(r["wall_time_s"] for r in results)
+        recipe[label] = final_recipe_inputs(preds[label], results)
     comparisons = compare_models(preds, baseline) if baseline in preds and len(preds) > 1 else {}
     study = json.loads((out / "study.json").read_text())
     cases = resolve_cases(_cfg_from_dict(study["config"]), out, DistInfo())
@@ -221,6 +267,7 @@ def summarize_study(
         "per_fold": per_fold,
         "comparisons": comparisons,
         "wall_time_s": wall,
+        "final_recipe": recipe,
     }
     atomic_write_json(out / "summary.json", summary)
 
@@ -240,6 +287,12 @@ def summarize_study(
             f"{fmt(pf['mean']):>8s}±{fmt(pf['sd']):<8s} {fmt(p) if p is not None else 'ref':>9s} "
             f"{fmt(e['calibration']['ece']):>6s}"
         )
+    lines.append("")
+    lines += [
+        f"{label}: final model on every case: --set data.val_fraction=0 --set model.threshold="
+        f"{recipe[label]['threshold']:.4f} (pooled out-of-fold Youden threshold)"
+        for label in labels
+    ]
     text = "\n".join(lines)
     summary["text"] = text
 
@@ -302,6 +355,26 @@ def summarize_study(
         ("Per-fold AUC", _table(["model", *[f"fold {i}" for i in range(k)], "mean ± sd"], fold_rows)),
         ("Figures", '<div class="figs">' + "".join(_img(f) for f in figs) + "</div>"),
         ("Subgroups", subgroup_html(evals)),
+        (
+            "Final model on every case",
+            "<p>A final model trained on all cases (<code>data.val_fraction: 0</code>) has no validation split, so "
+            "it takes its operating threshold from here: the Youden threshold of the pooled out-of-fold "
+            "probabilities (its sensitivity and specificity are in-sample for the threshold).</p>"
+            + _table(
+                ["model", "threshold", "sensitivity", "specificity", "fold thresholds", "best epochs"],
+                [
+                    [
+                        n,
+                        fmt(r["threshold"], 4),
+                        fmt(r["sensitivity"]),
+                        fmt(r["specificity"]),
+                        ", ".join(fmt(t) for t in r["fold_thresholds"]),
+                        ", ".join(str(e) for e in r["best_epochs"]),
+                    ]
+                    for n, r in recipe.items()
+                ],
+            ),
+        ),
         ("Heatmap faithfulness (held-out cases)", faithfulness_html(faith)),
         ("Data", _data_html(data_summary(cases))),
         (
@@ -360,6 +433,20 @@ def summary_markdown(summary: dict) -> str:
             "| model | subgroup | n (malignant) | AUC [DeLong 95% CI] | sensitivity | specificity |",
             "| --- | --- | --- | --- | --- | --- |",
             *sub_rows,
+        ]
+    recipe = summary.get("final_recipe") or {}
+    if recipe:
+        lines += [
+            "",
+            "| model | pooled out-of-fold threshold | sensitivity / specificity at it | fold thresholds | best epochs "
+            "| val AUC lost by the last epoch |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *[
+                f"| {name} | {fmt(r['threshold'], 4)} | {fmt(r['sensitivity'])} / {fmt(r['specificity'])} "
+                f"| {', '.join(fmt(t) for t in r['fold_thresholds'])} | {', '.join(str(e) for e in r['best_epochs'])} "
+                f"| {fmt(r['last_epoch_val_auc_drop'])} |"
+                for name, r in recipe.items()
+            ],
         ]
     faith = summary.get("faithfulness") or {}
     frows = [
