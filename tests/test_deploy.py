@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import csv
 import json
@@ -40,6 +41,14 @@ TINY = [
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy") / "run"
     train(apply_overrides(load_config(), TINY), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def roi_run(tmp_path_factory):
+    """A lesion-ROI model: it needs a lesion box or mask at inference."""
+    out = tmp_path_factory.mktemp("deploy_roi") / "run"
+    train(apply_overrides(load_config(), [*TINY, "data.crop=roi"]), out)
     return out
 
 
@@ -246,6 +255,65 @@ def test_api_concurrent_requests_get_their_own_answers(client, run, images):
         assert p == pytest.approx(expected[f], abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def roi_client(roi_run):
+    from fastapi.testclient import TestClient
+
+    from liverus.serve.app import create_app
+
+    with TestClient(create_app(Predictor.from_path(roi_run / "model.pt"))) as c:
+        yield c
+
+
+def test_api_image_returns_the_decoded_upload(client, images):
+    data = Path(images[0]).read_bytes()
+    body = client.post("/api/image", files={"file": ("a.png", data, "image/png")}).json()
+    img = cv2.imdecode(np.frombuffer(base64.b64decode(body["image"].split(",", 1)[1]), np.uint8), cv2.IMREAD_GRAYSCALE)
+    expected = np.rint(read_image(images[0]) * 255)
+    assert (body["height"], body["width"]) == img.shape == expected.shape
+    assert np.abs(img.astype(float) - expected).max() <= 1
+    assert client.post("/api/image", files={"file": ("x", b"GIF89a" + b"\0" * 99, "image/gif")}).status_code == 415
+
+
+def test_api_fan_model_needs_no_box(client):
+    assert client.get("/api/health").json()["needs_box"] is False
+
+
+def test_api_roi_model_uses_the_drawn_box(roi_client, roi_run, images):
+    assert roi_client.get("/api/health").json()["needs_box"] is True
+    data = Path(images[0]).read_bytes()
+    h, w = read_image(images[0]).shape
+    box = (w * 0.3, h * 0.35, w * 0.6, h * 0.7)
+    files = {"file": ("a.png", data, "image/png")}
+    r = roi_client.post("/api/predict", files=files, data={"box": ",".join(map(str, box))})
+    assert r.status_code == 200, r.text
+    expected = Predictor.from_path(roi_run / "model.pt").predict([read_image(images[0])], boxes=[box])[0]
+    assert r.json()["probability_malignant"] == pytest.approx(expected.probability, abs=1e-5)
+    assert r.json()["box"] == pytest.approx(list(box))
+    # Another box gives the prediction for that region, not a cached one.
+    other = (0.0, 0.0, w * 0.25, h * 0.25)
+    r2 = roi_client.post("/api/predict", files=files, data={"box": ",".join(map(str, other))})
+    expected2 = Predictor.from_path(roi_run / "model.pt").predict([read_image(images[0])], boxes=[other])[0]
+    assert r2.json()["probability_malignant"] == pytest.approx(expected2.probability, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "box, match",
+    [
+        (None, "draw a box around the lesion"),
+        ("1,2,3", "x0,y0,x1,y1"),
+        ("a,b,c,d", "x0,y0,x1,y1"),
+        ("0,0,nan,5", "x0,y0,x1,y1"),
+        ("40,40,20,60", "is empty"),
+        ("5000,5000,5100,5100", "outside"),
+    ],
+)
+def test_api_roi_model_rejects_missing_or_bad_boxes(roi_client, images, box, match):
+    data = {} if box is None else {"box": box}
+    r = roi_client.post("/api/predict", files={"file": ("a.png", Path(images[0]).read_bytes(), "image/png")}, data=data)
+    assert r.status_code == 400 and match in r.json()["detail"]
+
+
 # ---------------------------------------------------------------- serve in a real browser
 
 
@@ -255,11 +323,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(run):
+def _serve(model: Path):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "liverus.cli", "serve", "--model", str(run / "model.pt"), "--port", str(port)],
+        [sys.executable, "-m", "liverus.cli", "serve", "--model", str(model), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -281,26 +348,40 @@ def server(run):
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def server(run):
+    yield from _serve(run / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def roi_server(roi_run):
+    yield from _serve(roi_run / "model.pt")
+
+
 CHROMIUM = os.environ.get("LIVERUS_CHROMIUM", "/usr/bin/chromium")
+
+
+def _chromium(pw):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}; `make test` installs Debian's chromium")
+    return pw.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
 
 
 def test_browser_upload_shows_probability_label_and_heatmap(server, images, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}; `make test` installs Debian's chromium")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = _chromium(pw)
         page = browser.new_page()
         page.goto(server + "/")
         assert "not a diagnosis" in page.inner_text("#disclaimer")
@@ -322,6 +403,39 @@ def test_browser_upload_shows_probability_label_and_heatmap(server, images, tmp_
         assert "could not read" in page.inner_text("#error")
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_browser_roi_model_lets_the_user_draw_the_lesion_box(roi_server, roi_run, images, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    h, w = read_image(images[1]).shape
+    with sync_playwright() as pw:
+        browser = _chromium(pw)
+        page = browser.new_page()
+        page.goto(roi_server + "/")
+        page.wait_for_selector("#box-panel:not(.hidden)", timeout=30_000)
+        page.set_input_files("#file", images[1])
+        page.wait_for_function("document.getElementById('preview').naturalWidth > 0", timeout=30_000)
+        # Without a box the page asks for one instead of sending the image.
+        page.click("#submit")
+        assert "Draw a box around the lesion" in page.inner_text("#error")
+        # Drag from 20% to 60% of the displayed image: the box is sent in the image's own pixels.
+        js = "img => { const b = img.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; }"
+        r = page.eval_on_selector("#preview", js)
+        page.mouse.move(r[0] + 0.2 * r[2], r[1] + 0.2 * r[3])
+        page.mouse.down()
+        page.mouse.move(r[0] + 0.4 * r[2], r[1] + 0.4 * r[3], steps=4)
+        page.mouse.move(r[0] + 0.6 * r[2], r[1] + 0.6 * r[3], steps=4)
+        page.mouse.up()
+        box = [float(v) for v in page.inner_text("#box-text").split(",")]
+        assert box == pytest.approx([0.2 * w, 0.2 * h, 0.6 * w, 0.6 * h], abs=2.5)
+        page.click("#submit")
+        page.wait_for_selector("#result:not(.hidden)", timeout=60_000)
+        shown = float(page.inner_text("#probability").rstrip(" %")) / 100
+        page.screenshot(path=str(tmp_path / "roi_page.png"), full_page=True)
+        browser.close()
+    expected = Predictor.from_path(roi_run / "model.pt").predict([read_image(images[1])], boxes=[tuple(box)])[0]
+    assert shown == pytest.approx(expected.probability, abs=0.0015)  # the page rounds to 0.1 %
 
 
 def test_serve_runs_on_the_onnx_export(onnx_file, run, images):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from liverus.data.io import DataError, is_image_file, read_image, read_mask
 
-__all__ = ["expand_inputs", "predict_files", "run_predict"]
+__all__ = ["expand_inputs", "parse_box", "predict_files", "run_predict"]
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -40,15 +41,20 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
-def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    """``"x0,y0,x1,y1"`` (pixels of the input image) -> a box; empty -> ``None``.
+
+    Raises:
+        ValueError: if the text is not four finite numbers.
+    """
     if not text:
         return None
     try:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
         vals = ()
-    if len(vals) != 4:
-        raise ValueError(f"--box must be x0,y0,x1,y1 in pixels, got {text!r}")
+    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"the lesion box must be x0,y0,x1,y1 in pixels, got {text!r}")
     return vals  # type: ignore[return-value]
 
 
@@ -114,7 +120,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if out.exists():
         raise ValueError(f"{out} already exists; choose another --out (results are never overwritten)")
     files = expand_inputs(args.inputs)
-    box = _parse_box(args.box)
+    box = parse_box(args.box)
     if (args.mask or box) and len(files) != 1:
         raise ValueError("--mask and --box describe one image; give exactly one input with them")
     predictor = Predictor.from_path(args.model)

@@ -109,7 +109,7 @@ def roi_box(
     """A square crop box around the lesion (mask or ``(x0, y0, x1, y1)`` box) with ``margin`` context.
 
     Raises:
-        ValueError: if neither a non-empty mask nor a box is given.
+        ValueError: if neither a non-empty mask nor a box is given, or the box is empty or outside the image.
     """
     if box is None:
         if lesion is None or not lesion.any():
@@ -119,6 +119,10 @@ def roi_box(
     x0, y0, x1, y1 = (float(v) for v in box)
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"lesion box {box} is empty")
+    h, w = shape[:2]
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        # A box beside the image would crop pure padding and still get a confident-looking probability.
+        raise ValueError(f"lesion box {box} lies outside the {w}x{h} image")
     side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
     side = max(side, 32.0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2

@@ -1,9 +1,12 @@
 """``liverus serve``: a FastAPI service and web page for radiologists (research use only).
 
 * ``GET /``: the page: upload an image or DICOM, see the probability, the label and the heatmap beside the image.
-* ``POST /api/predict`` (multipart field ``file``; ``?heatmap=false`` to skip the heatmap): JSON with the probability
+* ``POST /api/predict`` (multipart field ``file``, optional field ``box`` = ``x0,y0,x1,y1`` around the lesion in the
+  image's pixels, required by lesion-ROI models; ``?heatmap=false`` to skip the heatmap): JSON with the probability
   of malignancy, label, threshold, model name and version.
-* ``GET /api/health``: liveness and which model is loaded.
+* ``POST /api/image`` (multipart ``file``): the decoded image as PNG with its size, so the page can show any upload,
+  DICOM included, and let the user draw the lesion box on it.
+* ``GET /api/health``: liveness, which model is loaded and whether it needs a lesion box (``needs_box``).
 
 Safety: uploads are read into memory up to a size limit (413 beyond it), their type is recognised from the bytes, not
 the name (415 otherwise), undecodable files get a 400 that says why, and nothing the user sends is ever used as a
@@ -19,11 +22,12 @@ from importlib import resources
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from liverus.data.io import DataError
 from liverus.inference import Predictor
+from liverus.predict import parse_box
 from liverus.reading import ALLOWED_KINDS, decode_upload, sniff_kind
 
 __all__ = ["create_app", "run_server"]
@@ -40,6 +44,10 @@ def _png_b64(rgb_or_gray: np.ndarray) -> str:
     if not ok:  # pragma: no cover
         raise RuntimeError("PNG encoding failed")
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
+
+
+def _problem(exc: Exception) -> str:
+    return exc.problem if isinstance(exc, DataError) else str(exc)
 
 
 def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> FastAPI:
@@ -66,12 +74,20 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> F
     def index() -> str:
         return page
 
+    needs_box = predictor.preprocess_cfg.crop == "roi"
+
     @app.get("/api/health")
     def health() -> dict:
-        return {"status": "ok", "model": predictor.name, "version": predictor.version, "backend": predictor.backend}
+        return {
+            "status": "ok",
+            "model": predictor.name,
+            "version": predictor.version,
+            "backend": predictor.backend,
+            "needs_box": needs_box,
+        }
 
-    @app.post("/api/predict")
-    def predict(file: UploadFile = File(...), heatmap: bool = Query(True)) -> dict:
+    def read_upload(file: UploadFile) -> tuple[np.ndarray, str]:
+        """The upload as a gray image, or the HTTP error that says what is wrong with it."""
         data = io.BytesIO()
         while chunk := file.file.read(1 << 20):
             data.write(chunk)
@@ -84,11 +100,31 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> F
         if kind not in ALLOWED_KINDS:
             raise HTTPException(415, f"unsupported file type; upload one of: {', '.join(sorted(ALLOWED_KINDS))}")
         try:
-            image = decode_upload(raw, kind)
-            pre = predictor.prepare(image)
+            return decode_upload(raw, kind), kind
         except (DataError, ValueError) as exc:
-            problem = exc.problem if isinstance(exc, DataError) else str(exc)
-            raise HTTPException(400, f"could not read the image: {problem}") from None
+            raise HTTPException(400, f"could not read the image: {_problem(exc)}") from None
+
+    @app.post("/api/image")
+    def image(file: UploadFile = File(...)) -> dict:
+        img, kind = read_upload(file)
+        u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)  # decode_upload gives [0, 1]
+        return {"image": _png_b64(u8), "width": int(img.shape[1]), "height": int(img.shape[0]), "file_type": kind}
+
+    @app.post("/api/predict")
+    def predict(file: UploadFile = File(...), box: str | None = Form(None), heatmap: bool = Query(True)) -> dict:
+        image, kind = read_upload(file)
+        try:
+            lesion_box = parse_box(box)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        if needs_box and lesion_box is None:
+            raise HTTPException(
+                400, "this model analyses the lesion region: draw a box around the lesion (box=x0,y0,x1,y1)"
+            )
+        try:
+            pre = predictor.prepare(image, box=lesion_box)
+        except (DataError, ValueError) as exc:
+            raise HTTPException(400, f"could not analyse the image: {_problem(exc)}") from None
         prob = float(predictor.probabilities([pre])[0])
         out = {
             "probability_malignant": round(prob, 6),
@@ -98,6 +134,7 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> F
             "version": predictor.version,
             "backend": predictor.backend,
             "file_type": kind,
+            "box": list(lesion_box) if lesion_box else None,
             "image": _png_b64(pre.image),
             "disclaimer": DISCLAIMER,
         }
