@@ -145,6 +145,35 @@ def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
         assert recipe["best_epochs"] == [r["best_epoch"] for r in results]
         assert recipe["fold_thresholds"] == [r["threshold"] for r in results]
         assert f"model.threshold={recipe['threshold']:.4f}" in p.stdout
+    # compare-studies reproduces the within-study paired test when both members come from this study.
+    out_json = study.parent / "cross.json"
+    p = liverus(
+        "compare-studies",
+        f"base={study}:baseline_efficientnet_lite0",
+        f"attn={study}:custom_efficientnet_lite0",
+        "--json",
+        str(out_json),
+        "--bootstrap",
+        "200",
+    )
+    assert p.returncode == 0, p.stderr
+    cross = json.loads(out_json.read_text())["comparisons"]["attn"]
+    within = summary["comparisons"]["custom_efficientnet_lite0"]
+    assert cross["auc_diff"] == pytest.approx(within["auc_diff"]) and cross["delong_p"] == pytest.approx(
+        within["delong_p"]
+    )
+    assert "attn" in p.stdout and "base" in p.stdout
+    for bad, msg in [
+        ([f"{study}:custom_efficientnet_lite0"], "at least two"),
+        ([f"a={study}:custom_efficientnet_lite0", f"a={study}:baseline_efficientnet_lite0"], "twice"),
+        ([f"a={study}:custom_efficientnet_lite0", "b=nowhere"], "STUDY_DIR:MODEL"),
+        ([f"a={study}:custom_efficientnet_lite0", f"b={study}:no_such_model"], "no finished cross-validation"),
+    ]:
+        p = liverus("compare-studies", *bad)
+        assert p.returncode == 2 and msg in p.stderr, p.stderr
+    members = [f"{study}:baseline_efficientnet_lite0", f"{study}:custom_efficientnet_lite0"]
+    p = liverus("compare-studies", *members, "--json", str(out_json))
+    assert p.returncode == 2 and "already exists" in p.stderr
     # Without --resume an existing study is refused; with it, finished runs are reused (nothing retrained).
     assert liverus(*args).returncode == 2
     before = (study / "custom_efficientnet_lite0" / "fold0" / "model.pt").stat().st_mtime_ns

@@ -170,6 +170,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_studies(args: argparse.Namespace) -> int:
+    from liverus.training.experiments import compare_studies
+    from liverus.utils import atomic_write_json
+
+    if args.json and Path(args.json).exists():
+        raise ValueError(f"{args.json} already exists; choose another file")
+    result = compare_studies(args.members, baseline=args.baseline, n_boot=args.bootstrap)
+    if args.json:
+        atomic_write_json(args.json, result)
+    print(result["text"])
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from liverus.evaluation.report import evaluate_checkpoint
 
@@ -270,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--models", nargs="+", default=["baseline_resnet50", "custom_resnet50"])
             p.add_argument("--baseline", default=None, help="reference model for DeLong tests (default: first)")
         p.set_defaults(func=cmd_cv if name == "cv" else cmd_compare)
+
+    p = sub.add_parser(
+        "compare-studies", help="paired DeLong/McNemar tests of models from different studies on the same cases"
+    )
+    p.add_argument("members", nargs="+", help="LABEL=STUDY_DIR:MODEL (e.g. fan=studies/aul_fan:custom_resnet50)")
+    p.add_argument("--baseline", help="reference label (default: the first member)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--json", help="also write the result to this (new) file")
+    p.set_defaults(func=cmd_compare_studies)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model on labelled data, with intervals and a report")
     p.add_argument("checkpoint", help="model.pt of a run")

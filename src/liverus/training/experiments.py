@@ -40,6 +40,7 @@ __all__ = [
     "summarize_study",
     "summary_markdown",
     "final_recipe_inputs",
+    "compare_studies",
 ]
 
 
@@ -386,6 +387,74 @@ def summarize_study(
     render_report(out / "report.html", "liverus study: " + ", ".join(labels), sections, subtitle=str(out))
     summary["report"] = str(out / "report.html")
     return summary
+
+
+def _study_predictions(study: Path, model: str) -> Predictions:
+    runs = sorted((study / model).glob("fold*"), key=lambda p: int(p.name[4:]))
+    files = [r / "predictions_test.csv" for r in runs]
+    if not runs or not all(f.is_file() for f in files):
+        raise ValueError(f"{study / model} holds no finished cross-validation (fold*/predictions_test.csv)")
+    return read_predictions(files)
+
+
+def compare_studies(members: list[str], *, baseline: str | None = None, n_boot: int = 2000) -> dict:
+    """Paired comparison of models from different studies on the same cases (e.g. whole scan vs lesion ROI).
+
+    Studies that share folds (the same data and seed, or ``data.splits``) score every case once each, so their pooled
+    out-of-fold predictions can be compared case by case: DeLong's test for correlated AUCs and McNemar's test at
+    each fold's own threshold, exactly as within one study.
+
+    Args:
+        members: ``LABEL=STUDY_DIR:MODEL`` (``STUDY_DIR:MODEL`` uses ``MODEL`` as the label).
+        baseline: the reference label (default: the first member).
+        n_boot: bootstrap resamples for the pooled metrics.
+
+    Returns:
+        ``pooled`` (per label), ``comparisons`` (against the baseline) and a ``text`` table.
+
+    Raises:
+        ValueError: for a malformed member, a study without predictions, duplicate labels or different case sets.
+    """
+    from liverus.evaluation.report import fmt
+
+    preds: dict[str, Predictions] = {}
+    for m in members:
+        label, sep, rest = m.rpartition("=")
+        study, colon, model = rest.rpartition(":")
+        if not colon or not study or not model:
+            raise ValueError(f"{m!r}: expected LABEL=STUDY_DIR:MODEL")
+        label = label if sep else model
+        if label in preds:
+            raise ValueError(f"label {label!r} is given twice; name members LABEL=STUDY_DIR:MODEL")
+        preds[label] = _study_predictions(Path(study), model)
+    if len(preds) < 2:
+        raise ValueError("compare at least two members")
+    labels = list(preds)
+    baseline = baseline or labels[0]
+    ref = set(preds[baseline].paths)
+    for label, pr in preds.items():
+        if set(pr.paths) != ref:
+            raise ValueError(
+                f"{label!r} and {baseline!r} were scored on different cases; use studies with the same data"
+            )
+    evals = {label: evaluate_binary(pr, None, n_boot=n_boot) for label, pr in preds.items()}
+    comparisons = compare_models(preds, baseline)
+    lines = [f"{'member':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'ΔAUC [95% CI]':>24s} {'p':>7s}"]
+    for label in labels:
+        a, m, c = evals[label]["auc_delong"], evals[label]["metrics"], comparisons.get(label)
+        diff = f"{fmt(c['auc_diff'])} [{fmt(c['auc_diff_ci95'][0])}, {fmt(c['auc_diff_ci95'][1])}]" if c else "ref"
+        lines.append(
+            f"{label:34s} {fmt(a['auc'])} [{fmt(a['ci95'][0])}, {fmt(a['ci95'][1])}]    "
+            f"{fmt(m['sensitivity']):>6s} {fmt(m['specificity']):>6s} {diff:>24s} "
+            f"{fmt(c['delong_p'], 4) if c else '':>7s}"
+        )
+    return {
+        "members": members,
+        "baseline": baseline,
+        "pooled": evals,
+        "comparisons": comparisons,
+        "text": "\n".join(lines),
+    }
 
 
 def _cfg_from_dict(d: dict) -> TrainConfig:
