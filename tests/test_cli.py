@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 
 FAST = [
@@ -155,8 +156,12 @@ def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
         str(out_json),
         "--bootstrap",
         "200",
+        "--figures",
+        str(study.parent / "cross_figs"),
     )
     assert p.returncode == 0, p.stderr
+    for fig in ("roc.png", "reliability.png"):
+        assert cv2.imread(str(study.parent / "cross_figs" / fig)) is not None
     cross = json.loads(out_json.read_text())["comparisons"]["attn"]
     within = summary["comparisons"]["custom_efficientnet_lite0"]
     assert cross["auc_diff"] == pytest.approx(within["auc_diff"]) and cross["delong_p"] == pytest.approx(

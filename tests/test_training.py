@@ -343,3 +343,13 @@ def test_final_model_without_validation_uses_the_given_threshold(tmp_path):
     assert result.best_epoch == 2 and result.threshold == pytest.approx(0.42)
     _, extra = load_model(tmp_path / "final" / "model.pt")
     assert extra["threshold"] == pytest.approx(0.42) and extra["threshold_method"].startswith("model.threshold")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=str)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    if path.stem.startswith("aul_"):
+        assert cfg.data.source == "../shared/data/aul" and cfg.data.task == "binary"
+    if path.stem == "aul_final":
+        # The final recipe trains on every development image and carries the cross-validated threshold.
+        assert cfg.data.val_fraction == 0 and cfg.model.threshold is not None and 0 < cfg.model.threshold < 1

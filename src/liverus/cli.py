@@ -176,7 +176,7 @@ def cmd_compare_studies(args: argparse.Namespace) -> int:
 
     if args.json and Path(args.json).exists():
         raise ValueError(f"{args.json} already exists; choose another file")
-    result = compare_studies(args.members, baseline=args.baseline, n_boot=args.bootstrap)
+    result = compare_studies(args.members, baseline=args.baseline, n_boot=args.bootstrap, figures=args.figures)
     if args.json:
         atomic_write_json(args.json, result)
     print(result["text"])
@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="reference label (default: the first member)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--json", help="also write the result to this (new) file")
+    p.add_argument("--figures", help="folder for roc.png and reliability.png")
     p.set_defaults(func=cmd_compare_studies)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model on labelled data, with intervals and a report")

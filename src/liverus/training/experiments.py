@@ -397,7 +397,9 @@ def _study_predictions(study: Path, model: str) -> Predictions:
     return read_predictions(files)
 
 
-def compare_studies(members: list[str], *, baseline: str | None = None, n_boot: int = 2000) -> dict:
+def compare_studies(
+    members: list[str], *, baseline: str | None = None, n_boot: int = 2000, figures: str | Path | None = None
+) -> dict:
     """Paired comparison of models from different studies on the same cases (e.g. whole scan vs lesion ROI).
 
     Studies that share folds (the same data and seed, or ``data.splits``) score every case once each, so their pooled
@@ -408,9 +410,10 @@ def compare_studies(members: list[str], *, baseline: str | None = None, n_boot: 
         members: ``LABEL=STUDY_DIR:MODEL`` (``STUDY_DIR:MODEL`` uses ``MODEL`` as the label).
         baseline: the reference label (default: the first member).
         n_boot: bootstrap resamples for the pooled metrics.
+        figures: optional folder for ``roc.png`` (overlay with bootstrap bands) and ``reliability.png``.
 
     Returns:
-        ``pooled`` (per label), ``comparisons`` (against the baseline) and a ``text`` table.
+        ``pooled`` (per label), ``comparisons`` (against the baseline), ``figures`` and a ``text`` table.
 
     Raises:
         ValueError: for a malformed member, a study without predictions, duplicate labels or different case sets.
@@ -448,11 +451,21 @@ def compare_studies(members: list[str], *, baseline: str | None = None, n_boot: 
             f"{fmt(m['sensitivity']):>6s} {fmt(m['specificity']):>6s} {diff:>24s} "
             f"{fmt(c['delong_p'], 4) if c else '':>7s}"
         )
+    figs = []
+    if figures is not None:
+        from liverus.evaluation import plots
+
+        aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
+        figs = [
+            str(plots.roc_plot(preds, Path(figures) / "roc.png", aucs=aucs)),
+            str(plots.reliability_plot(preds, Path(figures) / "reliability.png")),
+        ]
     return {
         "members": members,
         "baseline": baseline,
         "pooled": evals,
         "comparisons": comparisons,
+        "figures": figs,
         "text": "\n".join(lines),
     }
 
