@@ -351,5 +351,10 @@ def test_shipped_configs_are_valid(path):
     if path.stem.startswith("aul_"):
         assert cfg.data.source == "../shared/data/aul" and cfg.data.task == "binary"
     if path.stem == "aul_final":
-        # The final recipe trains on every development image and carries the cross-validated threshold.
-        assert cfg.data.val_fraction == 0 and cfg.model.threshold is not None and 0 < cfg.model.threshold < 1
+        # The final recipe is the cross-validated procedure itself: the study's config with the recommended model.
+        from liverus.training.config import config_to_dict
+
+        final, studied = config_to_dict(cfg), config_to_dict(load_config(path.with_name("aul_roi_effnet.yaml")))
+        assert final["model"].pop("name") == "custom_efficientnet_lite0"
+        studied["model"].pop("name")
+        assert final == studied
