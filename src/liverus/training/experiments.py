@@ -291,7 +291,8 @@ def summarize_study(
     lines.append("")
     lines += [
         f"{label}: final model on every case: --set data.val_fraction=0 --set model.threshold="
-        f"{recipe[label]['threshold']:.4f} (pooled out-of-fold Youden threshold)"
+        f"{recipe[label]['threshold']:.4f} (pooled out-of-fold Youden threshold; check that the final model's "
+        "probabilities are distributed like the out-of-fold ones before relying on it)"
         for label in labels
     ]
     text = "\n".join(lines)
