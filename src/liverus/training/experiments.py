@@ -214,7 +214,7 @@ def _study_faithfulness(out: Path, labels: list[str], cases: list, max_cases: in
         return {}
     result = {}
     for label in labels:
-        runs = sorted((out / label).glob("fold*"), key=lambda p: int(p.name[4:]))
+        runs = _fold_runs(out, label)
         parts = []
         for r in runs:
             with open(r / "predictions_test.csv") as fh:
@@ -245,9 +245,8 @@ def summarize_study(
     preds: dict[str, Predictions] = {}
     evals, per_fold, wall, recipe = {}, {}, {}, {}
     for label in labels:
-        runs = sorted((out / label).glob("fold*"), key=lambda p: int(p.name[4:]))
-        files = [r / "predictions_test.csv" for r in runs]
-        preds[label] = read_predictions(files)
+        runs = _fold_runs(out, label)
+        preds[label] = _study_predictions(out, label)
         cols = subgroup or _default_subgroups(preds[label])
         evals[label] = evaluate_binary(preds[label], None, n_boot=n_boot, subgroups=cols)
         results = [json.loads((r / "result.json").read_text()) for r in runs]
@@ -307,7 +306,7 @@ def summarize_study(
         plots.pr_plot(preds, fig_dir / "pr.png"),
         plots.fold_plot({n: per_fold[n].get("auc", {}).get("per_fold", []) for n in labels}, fig_dir / "folds.png"),
     ]
-    curves = {f"{n} f{r.name[4:]}": r / "metrics.csv" for n in labels for r in sorted((out / n).glob("fold*"))}
+    curves = {f"{n} f{r.name[4:]}": r / "metrics.csv" for n in labels for r in _fold_runs(out, n)}
     figs.append(plots.training_curves_plot(curves, fig_dir / "training_curves.png"))
     comp_rows = [
         [
@@ -390,8 +389,14 @@ def summarize_study(
     return summary
 
 
+def _fold_runs(study: Path, model: str) -> list[Path]:
+    """A study model's fold run folders in fold order (fold10 after fold9)."""
+    return sorted((study / model).glob("fold*"), key=lambda p: int(p.name[4:]))
+
+
 def _study_predictions(study: Path, model: str) -> Predictions:
-    runs = sorted((study / model).glob("fold*"), key=lambda p: int(p.name[4:]))
+    """The model's pooled out-of-fold predictions (one file per fold, in fold order)."""
+    runs = _fold_runs(study, model)
     files = [r / "predictions_test.csv" for r in runs]
     if not runs or not all(f.is_file() for f in files):
         raise ValueError(f"{study / model} holds no finished cross-validation (fold*/predictions_test.csv)")
