@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import untrained_model_file  # noqa: E402
+from liverus.engine.predictor import Predictor  # noqa: E402
 from liverus.export import export_onnx  # noqa: E402
-from liverus.inference import Predictor  # noqa: E402
 
 
 def main() -> None:

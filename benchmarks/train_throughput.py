@@ -19,8 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from liverus.models import build_model
-from liverus.training.trainer import normalize_batch, resolve_channels_last, resolve_precision
+from liverus.engine.forward import model_input
+from liverus.engine.runtime import resolve_channels_last, resolve_precision
+from liverus.models import build_model, default_card
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
@@ -61,8 +62,10 @@ def plain_step_fn(model, opt):
 def liverus_step_fn(model, opt, amp, channels_last):
     """The trainer's step: uint8 -> normalise on device, autocast, fp32 loss, gradient clipping, optimiser."""
 
+    card = default_card(model)
+
     def step(x_u8, y):
-        x = normalize_batch(x_u8, 0.449, 0.226, channels_last)
+        x = model_input(x_u8, card, channels_last=channels_last)
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)

@@ -28,6 +28,7 @@ def _sets(items):
     return [a for o in items for a in ("--set", o)]
 
 
+@pytest.mark.slow
 def test_models_lists_every_model_with_params_and_macs():
     from liverus.models import list_models
 
@@ -103,6 +104,7 @@ def test_evaluate_uses_stored_threshold_and_never_overwrites(trained, tmp_path):
     assert p.returncode == 2 and "already holds" in p.stderr
 
 
+@pytest.mark.slow
 def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
     study = tmp_path / "study"
     args = [
@@ -130,7 +132,7 @@ def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
             assert sorted(run_split["test"]) == sorted(fold["val"])
             assert not set(run_split["train"]) & set(fold["val"])
     assert (study / "report.html").is_file()
-    from liverus.training.experiments import summary_markdown
+    from liverus.evaluation.study import summary_markdown
 
     md = summary_markdown(summary)
     assert md.count("| custom_efficientnet_lite0 |") >= 2 and "DeLong p" in md
@@ -187,6 +189,7 @@ def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
     assert (study / "custom_efficientnet_lite0" / "fold0" / "model.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_cv_single_model(tmp_path):
     p = liverus(
         "cv",
@@ -204,6 +207,7 @@ def test_cv_single_model(tmp_path):
     assert len(summary["per_fold"]["baseline_efficientnet_lite0"]["auc"]["per_fold"]) == 2
 
 
+@pytest.mark.slow
 def test_demo_command_is_wired(tmp_path):
     # The full demo takes minutes; here its pipeline runs with one epoch on a small phantom.
     from liverus.demo import DEMO_OVERRIDES

@@ -213,12 +213,12 @@ def test_subgroups_and_paired_comparison(scored):
 
 
 def test_report_renders_self_contained_html(tmp_path, scored):
-    from liverus.evaluation.report import _figures, metrics_table_html, render_report
+    from liverus.evaluation.report import figures_html, metrics_table_html, render_report
 
     y, p = scored
     pr = _preds(y, p)
     ev = evaluate_binary(pr, 0.5, n_boot=100)
-    html = metrics_table_html({"m": ev}) + _figures({"m": pr}, {"m": ev}, tmp_path / "figs")
+    html = metrics_table_html({"m": ev}) + figures_html({"m": pr}, {"m": ev}, tmp_path / "figs")
     path = render_report(tmp_path / "r.html", "test report", [("Metrics", html)])
     text = path.read_text()
     assert "data:image/png;base64," in text and "ROC AUC" in text and "not a diagnosis" in text

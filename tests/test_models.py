@@ -8,11 +8,13 @@ from torch import nn
 
 from liverus.models import (
     ChannelAttention,
+    ModelCard,
     SEBlock,
     SpatialAttention,
     adapt_input_conv,
     build_model,
     count_parameters,
+    default_card,
     list_models,
     load_model,
     save_model,
@@ -94,7 +96,7 @@ def test_attention_map_shape_and_range(custom):
     amap = custom.spatial_attention_map(torch.randn(2, 1, 224, 224))
     assert amap.shape == (2, 1, 7, 7)
     assert amap.min() >= 0 and amap.max() <= 1
-    assert custom.head.spatial.last_map is None  # not kept after the call
+    assert not custom.head.spatial._forward_hooks  # nothing left behind after the call
     assert build_model("no_spatial_resnet50").spatial_attention_map(torch.randn(1, 1, FAST, FAST)) is None
 
 
@@ -116,11 +118,34 @@ def test_head_adapts_to_backbone_width():
 def test_save_load_round_trip(tmp_path, custom):
     x = torch.randn(2, 1, FAST, FAST)
     path = tmp_path / "m.pt"
-    save_model(custom, path, extra={"threshold": 0.3})
-    loaded, extra = load_model(path)
-    assert extra == {"threshold": 0.3}
+    save_model(custom, path, default_card(custom).replace(threshold=0.3))
+    loaded, card = load_model(path)
+    assert card == default_card(custom).replace(threshold=0.3)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), custom(x), rtol=0, atol=0)
+
+
+def test_model_card_round_trip_and_files_of_earlier_versions(tmp_path, custom):
+    from liverus.data import PreprocessConfig
+    from liverus.utils import atomic_torch_save
+
+    card = default_card(custom).replace(preprocess=PreprocessConfig(image_size=96, crop="roi"), threshold=0.4)
+    assert ModelCard.from_dict(card.to_dict()) == card
+    # liverus 0.1 stored an untyped "extra" dict; it still loads, with the weights' own defaults filled in.
+    old = {
+        "model": custom.state_dict(),
+        "model_name": custom.model_name,
+        "build_kwargs": custom.build_kwargs,
+        "extra": {"threshold": 0.3, "preprocess": {"image_size": 96, "crop": "fan"}, "task": "binary"},
+    }
+    atomic_torch_save(old, tmp_path / "old.pt")
+    _, loaded = load_model(tmp_path / "old.pt")
+    assert loaded.threshold == 0.3 and loaded.preprocess == PreprocessConfig(image_size=96, crop="fan")
+    assert loaded.normalization == custom.normalization and loaded.classes == ("benign", "malignant")
+    with pytest.raises(ValueError, match="threshold"):
+        card.replace(threshold=1.5)
+    with pytest.raises(ValueError, match="no 'classes' entry"):
+        ModelCard.from_dict({"model_name": "x", "in_chans": 1, "normalization": [0.5, 0.5]}, source="x.pt")
 
 
 def test_onnx_export_matches_eager(tmp_path, custom):

@@ -176,10 +176,13 @@ def test_run_folder_records_everything(tiny_run):
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["seed"] == 0 and prov["packages"]["torch"] and "git_commit" in prov
     assert result.epochs_run == 3 and len(result.history) == 3
-    model, extra = load_model(run / "model.pt")
-    assert 0 <= extra["threshold"] <= 1 and extra["preprocess"]["image_size"] == 64
-    assert extra["classes"] == ["benign", "malignant"]
+    model, card = load_model(run / "model.pt")
+    assert 0 <= card.threshold <= 1 and card.preprocess.image_size == 64
+    assert card.classes == ("benign", "malignant")
     assert model.model_name == "custom_efficientnet_lite0"
+    # The card carries what the run knows: provenance, the epoch of the weights and the scoring precision.
+    assert card.provenance["seed"] == 0 and card.provenance["git_commit"] == prov["git_commit"]
+    assert card.best_epoch == result.best_epoch and card.precision == "fp32" and card.version
 
 
 def test_existing_run_is_never_overwritten_silently(tiny_run, tmp_path):
@@ -197,6 +200,7 @@ def test_existing_run_is_never_overwritten_silently(tiny_run, tmp_path):
         train(apply_overrides(cfg, ["optim.lr=0.1"]), run, resume=True)
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_old_run_aside(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
@@ -207,6 +211,7 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
     assert len(backups) == 1 and (backups[0] / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_early_stopping_and_best_checkpoint(tmp_path):
     # A learning rate of ~0 keeps the validation AUC flat, so epoch 1 stays the best and patience 2 stops at 3.
     cfg = apply_overrides(
@@ -226,6 +231,7 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
     assert best["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_skip_bad_lists_skipped_files(tmp_path, phantom_dir):
     import shutil
 
@@ -244,6 +250,7 @@ def test_skip_bad_lists_skipped_files(tmp_path, phantom_dir):
     assert [Path(s["path"]).name for s in skipped] == ["broken.png"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     args = [a for o in TINY for a in ("--set", o)] + ["--set", "optim.epochs=4"]
     full = tmp_path / "full"
@@ -275,6 +282,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     assert (full / "metrics.csv").read_text().count("\n") == (killed / "metrics.csv").read_text().count("\n")
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     common = [
         *TINY,
@@ -329,10 +337,13 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     worst = max(diffs.values())
     assert moved > 0.01, moved
     assert worst < 1e-3 * moved, (worst, moved, sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
-    # Rank 0 alone wrote the run folder's files.
+    # Rank 0 alone wrote the run folder's files, and only rank 0 printed the summary and wrote the report.
     assert (ddp / "result.json").is_file() and not list(ddp.glob("*.tmp"))
+    assert proc.stdout.count('"best_epoch"') == 1 and proc.stdout.count("report: ") == 1, proc.stdout
+    assert (ddp / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_final_model_without_validation_uses_the_given_threshold(tmp_path):
     with pytest.raises(ConfigError, match="model.threshold"):
         apply_overrides(load_config(), [*TINY, "data.val_fraction=0"])
@@ -341,8 +352,8 @@ def test_final_model_without_validation_uses_the_given_threshold(tmp_path):
     split = json.loads((tmp_path / "final" / "splits.json").read_text())["folds"][0]
     assert split["val"] == [] and len(split["train"]) > 20  # every case trains
     assert result.best_epoch == 2 and result.threshold == pytest.approx(0.42)
-    _, extra = load_model(tmp_path / "final" / "model.pt")
-    assert extra["threshold"] == pytest.approx(0.42) and extra["threshold_method"].startswith("model.threshold")
+    _, card = load_model(tmp_path / "final" / "model.pt")
+    assert card.threshold == pytest.approx(0.42) and card.threshold_method.startswith("model.threshold")
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=str)

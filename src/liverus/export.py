@@ -11,6 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from liverus.engine.forward import normalize_images
+from liverus.engine.predictor import ONNX_METADATA_KEY
+from liverus.models import ModelCard, load_model
+from liverus.utils import atomic_write_bytes
+
 __all__ = ["DeployableModel", "export_onnx"]
 
 TOLERANCE = 1e-4
@@ -19,18 +24,16 @@ TOLERANCE = 1e-4
 class DeployableModel(nn.Module):
     """Input: preprocessed gray images in [0, 1], (N, 1, S, S). Output: class probabilities (N, k)."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, model: nn.Module, card: ModelCard) -> None:
         super().__init__()
         self.model = model
+        self.in_chans = card.in_chans
+        mean, std = card.normalization
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
-        self.expand_rgb = model.in_chans == 3
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image - self.mean) / self.std
-        if self.expand_rgb:
-            x = x.expand(-1, 3, -1, -1)
-        return torch.softmax(self.model(x), dim=1)
+        return torch.softmax(self.model(normalize_images(image, self.mean, self.std, self.in_chans)), dim=1)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, check_batch: int = 4) -> dict:
@@ -45,28 +48,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, che
     import onnx
     import onnxruntime as ort
 
-    from liverus.models import load_model
-    from liverus.utils import atomic_write_bytes
-
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose another --out (exports are never overwritten)")
-    model, extra = load_model(checkpoint)
-    if "preprocess" not in extra:
-        raise ValueError(f"{checkpoint} holds no preprocessing settings; export the model.pt of a training run")
-    mean, std = extra.get("normalization", model.normalization)
-    wrapper = DeployableModel(model, mean, std).eval()
-    size = int(extra["preprocess"]["image_size"])
+    model, card = load_model(checkpoint)
+    size = card.require_preprocess(checkpoint).image_size
+    wrapper = DeployableModel(model, card).eval()
     dummy = torch.rand(1, 1, size, size)
-    meta = {
-        "model_name": model.model_name,
-        "threshold": float(extra.get("threshold", 0.5)),
-        "classes": list(extra.get("classes", ["benign", "malignant"])),
-        "preprocess": extra["preprocess"],
-        "normalization": [float(mean), float(std)],
-        "version": extra.get("version", ""),
-        "input": "gray image in [0, 1] after liverus preprocessing, shape (N, 1, S, S)",
-    }
+    # The card travels in the graph's metadata; "input" tells non-liverus consumers what to feed.
+    meta = {**card.to_dict(), "input": "gray image in [0, 1] after liverus preprocessing, shape (N, 1, S, S)"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp) / "model.onnx"
         torch.onnx.export(
@@ -81,7 +71,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, che
         )
         proto = onnx.load(str(tmp_path))
         entry = proto.metadata_props.add()
-        entry.key, entry.value = "liverus", json.dumps(meta)
+        entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(meta)
         onnx.checker.check_model(proto)
         data = proto.SerializeToString()
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

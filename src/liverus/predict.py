@@ -9,57 +9,22 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from liverus.data.io import DataError, is_image_file, read_image, read_mask
+from liverus.data.inputs import expand_inputs, parse_box
+from liverus.data.io import DataError, read_image, read_mask
+from liverus.engine.heatmaps import overlay, save_overlay
+from liverus.engine.predictor import Predictor
+from liverus.utils import atomic_write_json, atomic_write_text
 
-__all__ = ["expand_inputs", "parse_box", "predict_files", "run_predict"]
-
-
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; folders expanded (recursively) to their image and DICOM files, sorted.
-
-    Raises:
-        DataError: for a path that does not exist or a folder without images.
-    """
-    out: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
-            if not found:
-                raise DataError(p, "folder holds no image or DICOM files")
-            out.extend(found)
-        elif p.exists():
-            out.append(str(p))
-        else:
-            raise DataError(p, "does not exist")
-    return out
-
-
-def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
-    """``"x0,y0,x1,y1"`` (pixels of the input image) -> a box; empty -> ``None``.
-
-    Raises:
-        ValueError: if the text is not four finite numbers.
-    """
-    if not text:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
-        raise ValueError(f"the lesion box must be x0,y0,x1,y1 in pixels, got {text!r}")
-    return vals  # type: ignore[return-value]
+__all__ = ["predict_files", "run_predict"]
 
 
 def predict_files(
-    predictor,
+    predictor: Predictor,
     files: list[str],
     *,
     batch_size: int = 16,
@@ -92,14 +57,12 @@ def predict_files(
                     "path": f,
                     "status": "ok",
                     "p_malignant": round(float(p), 6),
-                    "label": predictor.classes[int(p >= predictor.threshold)],
+                    "label": predictor.card.label(p),
                     "threshold": round(predictor.threshold, 6),
                     "model": predictor.name,
                     "error": "",
                 }
                 if heatmap_dir:
-                    from liverus.explain import overlay, save_overlay
-
                     dest = Path(heatmap_dir) / f"{Path(f).stem}_gradcam.png"
                     save_overlay(dest, overlay(pp.image, predictor.heatmap(pp)))
                     row["heatmap"] = str(dest)
@@ -111,9 +74,6 @@ def predict_files(
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from liverus.inference import Predictor
-    from liverus.utils import atomic_write_json, atomic_write_text
-
     out = Path(args.out)
     if out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {out.name}")

@@ -13,7 +13,7 @@ from PIL import Image
 from liverus.data.cases import Case
 from liverus.data.io import DataError, read_image
 
-__all__ = ["audit_cases", "shortcut_check", "format_audit", "SHORTCUT_WARN_AUC"]
+__all__ = ["audit_cases", "shortcut_check", "format_audit", "image_size", "SHORTCUT_WARN_AUC"]
 
 SHORTCUT_WARN_AUC = 0.70
 _NON_FEATURE_COLS = {
@@ -29,7 +29,7 @@ _NON_FEATURE_COLS = {
 }
 
 
-def _image_size(path: str) -> tuple[int, int]:
+def image_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:  # reads the header only
             return im.size
@@ -140,7 +140,7 @@ def audit_cases(cases: list[Case], *, near_dup_threshold: float = 0.85, seed: in
     ok = []
     for c in cases:
         try:
-            sizes.append(_image_size(c.path))
+            sizes.append(image_size(c.path))
             hashes.append(hashlib.sha256(Path(c.path).read_bytes()).hexdigest())
             sigs.append(_texture_signature(c.path))
             ok.append(c)

@@ -12,7 +12,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["DataError", "read_image", "read_mask", "IMAGE_SUFFIXES", "DICOM_SUFFIXES", "is_image_file"]
+__all__ = [
+    "DataError",
+    "read_image",
+    "read_mask",
+    "IMAGE_SUFFIXES",
+    "DICOM_SUFFIXES",
+    "is_image_file",
+    "to_gray_unit",
+    "dicom_to_gray",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -35,7 +44,7 @@ def _is_dicom(path: Path, head: bytes) -> bool:
     return path.suffix.lower() in DICOM_SUFFIXES or (len(head) >= 132 and head[128:132] == b"DICM")
 
 
-def _to_gray_unit(arr: np.ndarray, path: Path, max_value: float | None = None) -> np.ndarray:
+def to_gray_unit(arr: np.ndarray, path: Path, max_value: float | None = None) -> np.ndarray:
     """Convert a decoded array (H, W) or (H, W, C) to gray float32 in [0, 1]."""
     if arr.ndim == 3:
         if arr.shape[2] == 4:
@@ -73,10 +82,10 @@ def _read_dicom(path: Path, frame: int | None) -> np.ndarray:
         raise DataError(path, f"not a valid DICOM file ({exc})") from exc
     except Exception as exc:  # pydicom raises many types for truncated or unsupported pixel data
         raise DataError(path, f"DICOM pixel data could not be decoded ({type(exc).__name__}: {exc})") from exc
-    return _dicom_to_gray(ds, arr, frame, path)
+    return dicom_to_gray(ds, arr, frame, path)
 
 
-def _dicom_to_gray(ds, arr: np.ndarray, frame: int | None, path) -> np.ndarray:
+def dicom_to_gray(ds, arr: np.ndarray, frame: int | None, path) -> np.ndarray:
     """Pixel array of a DICOM dataset -> gray float in [0, 1] (frame choice, colour spaces, MONOCHROME1)."""
     import pydicom
 
@@ -148,7 +157,7 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarr
         if p.suffix.lower() in (".jpg", ".jpeg") and not data[-2:].tobytes() == b"\xff\xd9":
             # libjpeg pads a truncated stream with grey and only warns; refuse it instead of training on it.
             raise DataError(p, "JPEG stream is truncated (no end-of-image marker)")
-        img = _to_gray_unit(arr, p)
+        img = to_gray_unit(arr, p)
     if img.shape[0] < 16 or img.shape[1] < 16:
         raise DataError(p, f"image is too small ({img.shape[1]}x{img.shape[0]} px)")
     return img

@@ -3,13 +3,12 @@ subgroups, paired comparisons and cross-validation summaries."""
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from liverus.engine.predictions import Predictions, read_predictions
 from liverus.evaluation.metrics import THRESHOLD_METRICS, binary_metrics, bootstrap_ci
 from liverus.evaluation.stats import calibration_summary, delong_ci, delong_test, mcnemar_test
 
@@ -22,51 +21,6 @@ __all__ = [
     "cv_summary",
     "derived_columns",
 ]
-
-
-class Predictions:
-    """Per-case predictions of one model: labels, malignancy probabilities, decisions and case metadata."""
-
-    def __init__(
-        self,
-        paths: list[str],
-        y: np.ndarray,
-        p: np.ndarray,
-        pred: np.ndarray,
-        meta: list[dict],
-        fold: np.ndarray | None = None,
-    ) -> None:
-        self.paths, self.y, self.p, self.pred, self.meta = paths, y, p, pred, meta
-        self.fold = fold if fold is not None else np.zeros(len(y), dtype=int)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def align(self, paths: Sequence[str]) -> Predictions:
-        """Reorder to ``paths`` (for paired comparisons). Raises: ValueError if a path is missing."""
-        index = {p: i for i, p in enumerate(self.paths)}
-        missing = [p for p in paths if p not in index]
-        if missing:
-            raise ValueError(f"{len(missing)} case(s) have no prediction, first: {missing[0]}")
-        idx = np.array([index[p] for p in paths])
-        return Predictions(
-            list(paths), self.y[idx], self.p[idx], self.pred[idx], [self.meta[i] for i in idx], self.fold[idx]
-        )
-
-
-def read_predictions(files: Sequence[str | Path], positive: str = "malignant") -> Predictions:
-    """Read and concatenate ``predictions_*.csv`` files written by the trainer (one per fold)."""
-    paths, y, p, pred, meta, fold = [], [], [], [], [], []
-    for k, f in enumerate(files):
-        with open(f, newline="") as fh:
-            for row in csv.DictReader(fh):
-                paths.append(row["path"])
-                y.append(int(row["label"] == positive))
-                p.append(float(row[f"p_{positive}"]))
-                pred.append(int(row["predicted"] == positive))
-                meta.append({k2: v for k2, v in row.items() if not k2.startswith("p_")})
-                fold.append(k)
-    return Predictions(paths, np.array(y), np.array(p), np.array(pred), meta, np.array(fold))
 
 
 def derived_columns(meta: dict) -> dict:

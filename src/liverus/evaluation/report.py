@@ -17,11 +17,24 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from liverus.evaluation.analysis import Predictions, evaluate_binary, read_predictions
+from liverus.data import CaseCache, UltrasoundDataset, load_cases, prepare_cases, select_task
+from liverus.engine.forward import predict_probs
+from liverus.engine.predictions import Predictions, read_predictions, write_predictions
+from liverus.evaluation.analysis import evaluate_binary
+from liverus.evaluation.faithfulness import faithfulness_for_model
+from liverus.models import load_model
 from liverus.utils import atomic_write_json, atomic_write_text
 
 __all__ = [
     "report_for_run",
+    "cases_of_run",
+    "default_subgroups",
+    "data_html",
+    "img_html",
+    "table_html",
+    "subgroup_html",
+    "faithfulness_html",
+    "figures_html",
     "evaluate_checkpoint",
     "render_report",
     "data_summary",
@@ -63,12 +76,12 @@ def _ci(v, ci) -> str:
     return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
-def _img(path: Path) -> str:
+def img_html(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+def table_html(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -106,7 +119,7 @@ def metrics_table_html(evals: dict[str, dict]) -> str:
         ["Cases (malignant / benign)"]
         + [f"{evals[n]['n']} ({evals[n]['n_malignant']} / {evals[n]['n_benign']})" for n in names]
     )
-    return _table(["metric (95% CI)", *names], rows)
+    return table_html(["metric (95% CI)", *names], rows)
 
 
 def subgroup_html(evals: dict[str, dict]) -> str:
@@ -127,7 +140,7 @@ def subgroup_html(evals: dict[str, dict]) -> str:
             ]
             parts.append(
                 f"<h3>{html.escape(name)}: by {html.escape(col)}</h3>"
-                + _table([col, "n", "malignant", "AUC [DeLong 95% CI]", "sensitivity", "specificity", ""], rows)
+                + table_html([col, "n", "malignant", "AUC [DeLong 95% CI]", "sensitivity", "specificity", ""], rows)
             )
     return "".join(parts)
 
@@ -148,32 +161,20 @@ def faithfulness_html(faith: dict[str, dict]) -> str:
         "<p>Against the experts' lesion masks: <i>pointing game</i> = share of heatmaps whose peak lies inside the "
         "lesion; <i>energy inside</i> = mean share of heatmap mass inside the lesion; <i>lesion area</i> = mean lesion "
         "share of the image, the chance level of energy inside.</p>"
-        + _table(["model", "heatmap", "cases", "pointing game", "energy inside", "lesion area"], rows)
+        + table_html(["model", "heatmap", "cases", "pointing game", "energy inside", "lesion area"], rows)
     )
-
-
-def _pooled_faithfulness(parts: list[dict]) -> dict:
-    out = {}
-    for method in ("gradcam", "attention"):
-        rs = [p[method] for p in parts if p.get(method) and p[method]["n"]]
-        if rs:
-            n = sum(r["n"] for r in rs)
-            out[method] = {
-                k: float(sum(r[k] * r["n"] for r in rs) / n) for k in ("pointing_game", "energy_inside", "lesion_area")
-            } | {"n": n}
-    return out
 
 
 def data_summary(cases) -> dict:
     """Counts per class and the image-size shortcut check, for the report's data section."""
     from collections import Counter
 
-    from liverus.data.audit import _image_size, shortcut_check
+    from liverus.data.audit import image_size, shortcut_check
 
     sizes = []
     for c in cases:
         try:
-            sizes.append(_image_size(c.path))
+            sizes.append(image_size(c.path))
         except Exception:
             sizes.append((0, 0))
     return {
@@ -183,11 +184,11 @@ def data_summary(cases) -> dict:
     }
 
 
-def _data_html(summary: dict | None) -> str:
+def data_html(summary: dict | None) -> str:
     if not summary:
         return ""
     rows = [[k, v] for k, v in sorted(summary["counts"].items())]
-    out = _table(["class", "images"], rows) + f"<p>{summary['n_groups']} groups (patients / scans).</p>"
+    out = table_html(["class", "images"], rows) + f"<p>{summary['n_groups']} groups (patients / scans).</p>"
     sc = summary.get("shortcut") or {}
     if sc.get("auc") is not None:
         out += (
@@ -211,7 +212,7 @@ def render_report(path: Path, title: str, sections: list[tuple[str, str]], subti
     return path
 
 
-def _figures(
+def figures_html(
     preds: dict[str, Predictions],
     evals: dict[str, dict],
     fig_dir: Path,
@@ -239,7 +240,14 @@ def _figures(
         existing = {k: v for k, v in metrics_csvs.items() if Path(v).is_file()}
         if existing:
             figs.append(plots.training_curves_plot(existing, fig_dir / "training_curves.png"))
-    return '<div class="figs">' + "".join(_img(f) for f in figs) + "</div>"
+    return '<div class="figs">' + "".join(img_html(f) for f in figs) + "</div>"
+
+
+def cases_of_run(config: dict, folder: str | Path) -> list:
+    """The task's cases of a run or study folder, from its config dict (``data.source``, or the phantom the folder
+    holds when no source was given)."""
+    source = config["data"]["source"] or Path(folder) / "phantom"
+    return select_task(load_cases(source), config["data"]["task"])[0]
 
 
 def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequence[str] = ()) -> Path | None:
@@ -256,19 +264,12 @@ def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequen
         f = run_dir / f"predictions_{part}.csv"
         if f.is_file():
             preds[part] = read_predictions([f])
-            cols = [c for c in subgroups if c] or _default_subgroups(preds[part])
+            cols = [c for c in subgroups if c] or default_subgroups(preds[part])
             evals[part] = evaluate_binary(preds[part], threshold, n_boot=n_boot, subgroups=cols)
     temperature = _temperature_section(preds)
-    from liverus.data import load_cases
-    from liverus.explain import faithfulness_for_model
-    from liverus.training.trainer import resolve_cases
-
     faith = {}
     try:
-        from liverus.training.config import _from_dict
-        from liverus.training.distributed import DistInfo
-
-        all_cases = {c.path: c for c in resolve_cases(_from_dict(cfg, "config.yaml"), run_dir, DistInfo())}
+        all_cases = {c.path: c for c in cases_of_run(cfg, run_dir)}
         for part, pr in preds.items():
             faith[part] = faithfulness_for_model(
                 run_dir / "model.pt", [all_cases[p] for p in pr.paths if p in all_cases]
@@ -292,11 +293,11 @@ def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequen
             "<p>Threshold chosen on the validation split (Youden's J) and applied unchanged.</p>"
             + metrics_table_html(evals),
         ),
-        ("Figures", _figures(preds, evals, run_dir / "figures", {"run": run_dir / "metrics.csv"})),
+        ("Figures", figures_html(preds, evals, run_dir / "figures", {"run": run_dir / "metrics.csv"})),
         ("Subgroups", subgroup_html(evals)),
         ("Calibration: temperature scaling", _temperature_html(temperature)),
         ("Heatmap faithfulness", faithfulness_html({k: v for k, v in faith.items() if k != "error"})),
-        ("Data", _data_html(summary)),
+        ("Data", data_html(summary)),
         ("Configuration", f"<pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>"),
     ]
     return render_report(
@@ -336,11 +337,11 @@ def _temperature_html(t: dict) -> str:
         f"<p>Temperature T = {t['temperature']:.3f} fitted on the validation split (T &gt; 1: the model was "
         "over-confident). It rescales probabilities without changing the ranking (AUC). On the validation split "
         "itself the improvement is optimistic; the test row, where present, is the honest one.</p>"
-        + _table(["split", "ECE before", "ECE after", "Brier before", "Brier after"], rows)
+        + table_html(["split", "ECE before", "ECE after", "Brier before", "Brier after"], rows)
     )
 
 
-def _default_subgroups(pr: Predictions) -> list[str]:
+def default_subgroups(pr: Predictions) -> list[str]:
     from liverus.evaluation.analysis import derived_columns
 
     keys = derived_columns(pr.meta[0]) if pr.meta else {}
@@ -365,41 +366,25 @@ def evaluate_checkpoint(
     import torch
     from torch.utils.data import DataLoader
 
-    from liverus.data import (
-        CaseCache,
-        PreprocessConfig,
-        UltrasoundDataset,
-        load_cases,
-        prepare_cases,
-        select_task,
-    )
-    from liverus.models import load_model
-    from liverus.training.trainer import _write_predictions, predict_probs
-
     out = Path(out)
     if (out / "metrics.json").exists():
         raise ValueError(f"{out} already holds an evaluation (metrics.json); choose another --out")
-    model, extra = load_model(model_path)
-    classes = tuple(extra.get("classes", ("benign", "malignant")))
-    if len(classes) != 2:
+    model, card = load_model(model_path)
+    if not card.is_binary:
         raise ValueError("liverus evaluate supports binary models (benign vs malignant)")
     cases, _ = select_task(load_cases(data), "binary")
-    cfg = PreprocessConfig(**extra["preprocess"])
-    cache = CaseCache(cfg)
+    cache = CaseCache(card.require_preprocess(model_path))
     cases, skipped = prepare_cases(cases, cache, skip_bad=skip_bad)
     out.mkdir(parents=True, exist_ok=True)
     if skipped:
         atomic_write_json(out / "skipped.json", [{"path": p, "problem": q} for p, q in skipped])
-    loader = DataLoader(UltrasoundDataset(cases, classes, cache), batch_size=32)
-    mean, std = extra.get("normalization", model.normalization)
-    probs, tg = predict_probs(model, loader, torch.device("cpu"), None, mean, std, False, model.in_chans)
-    threshold = float(extra.get("threshold", 0.5))
-    _write_predictions(out / "predictions.csv", cases, probs, tg, classes, threshold)
+    loader = DataLoader(UltrasoundDataset(cases, card.classes, cache), batch_size=32)
+    probs, tg = predict_probs(model, loader, card, device=torch.device("cpu"))
+    threshold = card.threshold
+    write_predictions(out / "predictions.csv", cases, probs, tg, card.classes, threshold)
     pr = read_predictions([out / "predictions.csv"])
-    cols = list(subgroup) or _default_subgroups(pr)
+    cols = list(subgroup) or default_subgroups(pr)
     ev = evaluate_binary(pr, threshold, n_boot=n_boot, subgroups=cols)
-    from liverus.explain import faithfulness_for_model
-
     faith = faithfulness_for_model(model_path, cases)
     atomic_write_json(
         out / "metrics.json",
@@ -418,10 +403,10 @@ def evaluate_checkpoint(
             "Metrics",
             f"<p>Stored threshold {threshold:.4f} applied unchanged.</p>" + metrics_table_html({name: ev}),
         ),
-        ("Figures", _figures({name: pr}, {name: ev}, out / "figures")),
+        ("Figures", figures_html({name: pr}, {name: ev}, out / "figures")),
         ("Subgroups", subgroup_html({name: ev})),
         ("Heatmap faithfulness", faithfulness_html({name: faith})),
-        ("Data", _data_html(data_summary(cases))),
+        ("Data", data_html(data_summary(cases))),
     ]
     render_report(out / "report.html", f"liverus evaluation: {name}", sections, subtitle=f"{model_path} on {data}")
     m = ev["metrics"]

@@ -2,6 +2,7 @@
 
 from liverus.models.backbones import BACKBONES, WeightsInfo, adapt_input_conv, build_backbone
 from liverus.models.blocks import ChannelAttention, SEBlock, SpatialAttention
+from liverus.models.card import ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier, LinearHead
 from liverus.models.heads import ParallelAttentionHead
 from liverus.models.registry import (
@@ -9,6 +10,7 @@ from liverus.models.registry import (
     build_model,
     count_flops,
     count_parameters,
+    default_card,
     list_models,
     load_model,
     register_model,
@@ -23,6 +25,7 @@ __all__ = [
     "CustomModel",
     "LesionClassifier",
     "LinearHead",
+    "ModelCard",
     "ParallelAttentionHead",
     "SEBlock",
     "SpatialAttention",
@@ -32,6 +35,7 @@ __all__ = [
     "build_model",
     "count_flops",
     "count_parameters",
+    "default_card",
     "list_models",
     "load_model",
     "register_model",

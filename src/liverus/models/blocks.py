@@ -107,8 +107,8 @@ class SpatialAttention(nn.Module):
     """CBAM spatial attention (Woo et al., 2018).
 
     Channel-wise mean and max maps are stacked, convolved with a ``k x k`` kernel and gated; the resulting
-    ``(N, 1, H, W)`` map rescales every channel. The last map is kept in :attr:`last_map` when
-    :attr:`keep_map` is true, so that explanation code can display it.
+    ``(N, 1, H, W)`` map rescales every channel. Explanation code reads the map with a forward hook (see
+    :meth:`~liverus.models.LesionClassifier.spatial_attention_map`), so the module keeps no state between calls.
 
     Args:
         kernel_size: odd convolution kernel size (CBAM uses 7).
@@ -124,8 +124,6 @@ class SpatialAttention(nn.Module):
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.gate = gate_layer()
-        self.keep_map = False
-        self.last_map: torch.Tensor | None = None
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x of shape (N, C, H, W). Returns: the attention map, shape (N, 1, H, W), values in [0, 1]."""
@@ -134,7 +132,4 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x of shape (N, C, H, W). Returns: a tensor of the same shape."""
-        attn = self.attention_map(x)
-        if self.keep_map:
-            self.last_map = attn.detach()
-        return x * attn
+        return x * self.attention_map(x)

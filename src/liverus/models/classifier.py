@@ -92,13 +92,14 @@ class LesionClassifier(nn.Module):
         spatial = getattr(self.head, "spatial", None)
         if spatial is None:
             return None
-        spatial.keep_map = True
+        maps: list[torch.Tensor] = []
+        # The hook recomputes the (cheap) map from the block's input, so the block itself keeps no state.
+        handle = spatial.register_forward_hook(lambda mod, inputs, _out: maps.append(mod.attention_map(inputs[0])))
         try:
             self.forward(x)
-            return spatial.last_map
         finally:
-            spatial.keep_map = False
-            spatial.last_map = None
+            handle.remove()
+        return maps[0]
 
 
 class CustomModel(LesionClassifier):

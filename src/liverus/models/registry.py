@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from liverus.models.backbones import BACKBONES, build_backbone, load_state_dict_file
+from liverus.models.backbones import BACKBONES, WeightsInfo, build_backbone, load_state_dict_file
+from liverus.models.card import DEFAULT_CLASSES, ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier
 
 __all__ = [
@@ -23,8 +24,10 @@ __all__ = [
     "register_model",
     "save_model",
     "load_model",
+    "default_card",
     "count_parameters",
     "count_flops",
+    "load_state_dict_file",
 ]
 
 
@@ -130,31 +133,46 @@ def build_model(
     return model
 
 
-def save_model(model: LesionClassifier, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write a model (weights + how to rebuild it + ``extra`` metadata) atomically to ``path``.
+def default_card(model: LesionClassifier) -> ModelCard:
+    """The card of freshly built weights: default class names, the backbone's normalisation, no preprocessing."""
+    classes = DEFAULT_CLASSES.get(model.num_classes, tuple(f"class{i}" for i in range(model.num_classes)))
+    return ModelCard(
+        model_name=model.model_name,
+        classes=classes,
+        in_chans=model.in_chans,
+        normalization=model.normalization,
+        task="binary" if model.num_classes == 2 else "three_class",
+    )
+
+
+def save_model(model: LesionClassifier, path: str | os.PathLike, card: ModelCard | None = None) -> None:
+    """Write a model (weights, how to rebuild it and its :class:`ModelCard`) atomically to ``path``.
 
     Only tensors and plain Python values are stored, so :func:`load_model` can read it with ``weights_only=True``.
     """
     from liverus.utils import atomic_torch_save
 
+    card = card or default_card(model)
+    if card.model_name != model.model_name:
+        raise ValueError(f"the card describes {card.model_name!r} but the weights are {model.model_name!r}")
     payload = {
         "model": model.state_dict(),
         "model_name": model.model_name,
         "build_kwargs": model.build_kwargs,
         "weights_info": vars(model.weights_info).copy(),
-        "extra": extra or {},
+        "card": card.to_dict(),
     }
     atomic_torch_save(payload, Path(path))
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[LesionClassifier, dict]:
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[LesionClassifier, ModelCard]:
     """Rebuild a model saved by :func:`save_model` or by the trainer.
 
     Returns:
-        ``(model, extra)`` with the model in eval mode and ``extra`` the stored metadata (threshold, preprocessing).
+        ``(model, card)`` with the model in eval mode and its :class:`ModelCard`.
 
     Raises:
-        ValueError: if the file is not a liverus model file or its weights do not match.
+        ValueError: if the file is not a liverus model file, its weights do not match or its card is malformed.
     """
     p = Path(path)
     if not p.is_file():
@@ -170,12 +188,13 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         model.load_state_dict(obj["model"], strict=True)
     except RuntimeError as exc:
         raise ValueError(f"weights in {p} do not match model {obj['model_name']!r}: {exc}") from exc
-    from liverus.models.backbones import WeightsInfo
-
     wi = obj.get("weights_info") or {}
     model.backbone.weights_info = WeightsInfo(**wi) if wi else model.backbone.weights_info
     model.eval()
-    return model, obj.get("extra", {})
+    # Files of liverus 0.1 carry an untyped "extra" dict instead of a card; defaults come from the weights.
+    stored = obj.get("card") or obj.get("extra") or {}
+    card = ModelCard.from_dict({**default_card(model).to_dict(), **stored}, source=p)
+    return model, card
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -197,6 +216,3 @@ def count_flops(model: torch.nn.Module, image_size: int = 224) -> float:
         model(x)
     model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9
-
-
-__all__ += ["load_state_dict_file"]

@@ -10,7 +10,7 @@
 
 Safety: uploads are read into memory up to a size limit (413 beyond it), their type is recognised from the bytes, not
 the name (415 otherwise), undecodable files get a 400 that says why, and nothing the user sends is ever used as a
-path. The model is loaded once; a lock inside :class:`~liverus.inference.Predictor` serialises inference.
+path. The model is loaded once; a lock inside :class:`~liverus.engine.predictor.Predictor` serialises inference.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from liverus.data.inputs import parse_box
 from liverus.data.io import DataError
-from liverus.inference import Predictor
-from liverus.predict import parse_box
-from liverus.reading import ALLOWED_KINDS, decode_upload, sniff_kind
+from liverus.data.uploads import ALLOWED_KINDS, decode_upload, sniff_kind
+from liverus.engine.heatmaps import overlay
+from liverus.engine.predictor import Predictor
 
 __all__ = ["create_app", "run_server"]
 
@@ -128,7 +129,7 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> F
         prob = float(predictor.probabilities([pre])[0])
         out = {
             "probability_malignant": round(prob, 6),
-            "label": predictor.classes[int(prob >= predictor.threshold)],
+            "label": predictor.card.label(prob),
             "threshold": round(predictor.threshold, 6),
             "model": predictor.name,
             "version": predictor.version,
@@ -139,8 +140,6 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> F
             "disclaimer": DISCLAIMER,
         }
         if heatmap and predictor.model is not None:
-            from liverus.explain import overlay
-
             out["heatmap"] = _png_b64(overlay(pre.image, predictor.heatmap(pre)))
         return out
 

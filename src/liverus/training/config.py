@@ -17,6 +17,15 @@ from typing import Any
 
 import yaml
 
+from liverus.data.augment import AUGMENT_LEVELS
+from liverus.data.cases import CLASS_SETS
+from liverus.data.preprocess import CROP_MODES
+from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
+from liverus.models import list_models
+from liverus.models.registry import ALIASES
+from liverus.training.losses import LOSSES
+from liverus.training.optim import OPTIMIZERS
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -28,6 +37,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "config_to_dict",
+    "config_from_dict",
 ]
 
 
@@ -115,13 +125,13 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check value ranges and choices. Raises: ConfigError."""
         choices = {
-            ("data", "task"): ("binary", "three_class"),
-            ("data", "crop"): ("fan", "roi", "none"),
-            ("data", "augment"): ("none", "light", "strong"),
-            ("optim", "optimizer"): ("adamw", "sgd"),
-            ("loss", "name"): ("ce", "weighted_ce", "focal"),
-            ("runtime", "precision"): ("auto", "fp32", "bf16", "fp16"),
-            ("runtime", "channels_last"): ("auto", "true", "false"),
+            ("data", "task"): tuple(CLASS_SETS),
+            ("data", "crop"): CROP_MODES,
+            ("data", "augment"): AUGMENT_LEVELS,
+            ("optim", "optimizer"): OPTIMIZERS,
+            ("loss", "name"): LOSSES,
+            ("runtime", "precision"): PRECISIONS,
+            ("runtime", "channels_last"): CHANNELS_LAST_SETTINGS,
         }
         self.runtime.channels_last = str(self.runtime.channels_last).lower()
         for (sec, key), allowed in choices.items():
@@ -167,9 +177,6 @@ class TrainConfig:
             raise ConfigError(f"model.drop_rate: must be in [0, 1), got {self.model.drop_rate}")
         if self.model.in_chans not in (1, 3):
             raise ConfigError(f"model.in_chans: must be 1 or 3, got {self.model.in_chans}")
-        from liverus.models import list_models
-        from liverus.models.registry import ALIASES
-
         if self.model.name not in list_models() and self.model.name not in ALIASES:
             close = difflib.get_close_matches(self.model.name, list_models(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -226,7 +233,9 @@ def _section_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _from_dict(data: dict, source: str) -> TrainConfig:
+def config_from_dict(data: dict, source: str) -> TrainConfig:
+    """Build (without validating) a config from a dict such as a run's ``config.yaml``; ``source`` names it in
+    errors. Raises: ConfigError."""
     cfg = TrainConfig()
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(data).__name__}")
@@ -275,7 +284,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if not isinstance(data[sec], dict):
             raise ConfigError(f"override {item!r}: {sec!r} is not a section")
         data[sec][key] = val
-    return _from_dict(data, "override").validate()
+    return config_from_dict(data, "override").validate()
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -295,7 +304,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{p}: cannot read config ({exc})") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-    cfg = _from_dict(data, source)
+    cfg = config_from_dict(data, source)
     if overrides:
         return apply_overrides(cfg, overrides)
     try:

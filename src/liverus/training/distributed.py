@@ -21,6 +21,8 @@ __all__ = [
     "gather_objects",
     "broadcast_object",
     "barrier",
+    "is_main_process",
+    "unwrap_model",
 ]
 
 
@@ -148,3 +150,15 @@ class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
             return self.n // self.batch_size
         full, rest = divmod(self.n, self.batch_size)
         return full + (1 if rest > self.rank else 0)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP and ``torch.compile`` wrappers (whose state dict keys carry no wrapper prefix)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def is_main_process() -> bool:
+    """True outside DDP and on rank 0: the process that writes files and talks to the user."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["class_weights", "FocalLoss", "build_loss"]
+__all__ = ["LOSSES", "class_weights", "FocalLoss", "build_loss"]
 
 
 def class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -56,6 +56,9 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+LOSSES = ("ce", "weighted_ce", "focal")
+
+
 def build_loss(
     name: str,
     targets: Sequence[int],
@@ -76,4 +79,4 @@ def build_loss(
         return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
     if name == "focal":
         return FocalLoss(focal_gamma, weights, label_smoothing)
-    raise ValueError(f"unknown loss {name!r}; choose ce, weighted_ce or focal")
+    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")

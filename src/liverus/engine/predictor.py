@@ -1,5 +1,6 @@
-"""One predictor for ``predict``, ``serve`` and ``explain``: a trained model (``model.pt``) or its ONNX export, with the
-preprocessing and threshold stored beside the weights, so deployment applies exactly what training validated."""
+"""One predictor for ``predict``, ``serve`` and ``explain``: a trained model (``model.pt``) or its ONNX export, with
+the :class:`~liverus.models.ModelCard` stored beside the weights, so deployment applies exactly what training
+validated."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ import numpy as np
 import torch
 
 from liverus.data.preprocess import PreprocessConfig, Preprocessed, preprocess
+from liverus.engine.forward import model_input, probabilities
+from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap
+from liverus.models import ModelCard, load_model
 
-__all__ = ["Predictor", "Prediction"]
+__all__ = ["Predictor", "Prediction", "ONNX_METADATA_KEY"]
+
+ONNX_METADATA_KEY = "liverus"
 
 
 @dataclass
@@ -29,21 +35,25 @@ class Predictor:
 
     Use :meth:`from_path` with a ``model.pt`` written by the trainer or an ``.onnx`` file written by
     ``liverus export``. Calls are serialised with a lock, so one predictor can serve concurrent requests.
+
+    Raises:
+        ValueError: for a model that is not binary or carries no preprocessing settings.
     """
 
-    def __init__(self, *, model=None, session=None, meta: dict) -> None:
+    def __init__(self, *, card: ModelCard, model: torch.nn.Module | None = None, session=None) -> None:
         self.model = model
         self.session = session
-        self.meta = meta
-        self.preprocess_cfg = PreprocessConfig(**meta["preprocess"])
-        self.threshold = float(meta.get("threshold", 0.5))
-        self.classes = tuple(meta.get("classes", ("benign", "malignant")))
-        self.mean, self.std = meta.get("normalization", (0.449, 0.226))
-        self.name = meta.get("model_name", "model")
-        self.version = meta.get("version", "")
+        self.card = card
+        self.preprocess_cfg: PreprocessConfig = card.require_preprocess(card.model_name)
         self._lock = threading.Lock()
-        if len(self.classes) != 2:
+        if not card.is_binary:
             raise ValueError("prediction supports binary (benign / malignant) models")
+
+    # The card's fields under the names the applications print.
+    threshold = property(lambda self: self.card.threshold)
+    classes = property(lambda self: self.card.classes)
+    name = property(lambda self: self.card.model_name)
+    version = property(lambda self: self.card.version)
 
     @classmethod
     def from_path(cls, path: str | Path) -> Predictor:
@@ -63,15 +73,14 @@ class Predictor:
             except Exception as exc:
                 raise ValueError(f"{path} could not be loaded by ONNX Runtime: {exc}") from exc
             props = session.get_modelmeta().custom_metadata_map
-            if "liverus" not in props:
+            if ONNX_METADATA_KEY not in props:
                 raise ValueError(f"{path} has no liverus metadata; export it with `liverus export`")
-            return cls(session=session, meta=json.loads(props["liverus"]))
-        from liverus.models import load_model
-
-        model, extra = load_model(path)
-        if "preprocess" not in extra:
-            raise ValueError(f"{path} holds no preprocessing settings; use the model.pt of a training run")
-        return cls(model=model, meta={**extra, "model_name": model.model_name})
+            card = ModelCard.from_dict(json.loads(props[ONNX_METADATA_KEY]), source=path)
+            card.require_preprocess(path)
+            return cls(card=card, session=session)
+        model, card = load_model(path)
+        card.require_preprocess(path)
+        return cls(card=card, model=model)
 
     @property
     def backend(self) -> str:
@@ -83,20 +92,19 @@ class Predictor:
         """Preprocess a gray float image as the model was trained (raises ValueError for ROI models without a box)."""
         return preprocess(image, self.preprocess_cfg, lesion=lesion, box=box)
 
-    def _batch(self, pre: list[Preprocessed]) -> np.ndarray:
-        return np.stack([p.image for p in pre])[:, None].astype(np.float32) / 255.0
+    @staticmethod
+    def _pixels(pre: list[Preprocessed]) -> np.ndarray:
+        return np.stack([p.image for p in pre])[:, None]
 
     def probabilities(self, pre: list[Preprocessed]) -> np.ndarray:
         """Returns: malignancy probabilities for preprocessed images."""
-        x = self._batch(pre)
+        pixels = self._pixels(pre)
         with self._lock:
             if self.session is not None:
+                x = pixels.astype(np.float32) / 255.0
                 return self.session.run(["probabilities"], {"image": x})[0][:, 1]
-            t = (torch.from_numpy(x) - self.mean) / self.std
-            if self.model.in_chans == 3:
-                t = t.expand(-1, 3, -1, -1)
-            with torch.no_grad():
-                return torch.softmax(self.model(t).float(), 1)[:, 1].numpy()
+            with torch.inference_mode():
+                return probabilities(self.model, torch.from_numpy(pixels), self.card)[:, 1].numpy()
 
     def predict(self, images: list[np.ndarray], *, lesions=None, boxes=None) -> list[Prediction]:
         pre = [
@@ -104,10 +112,7 @@ class Predictor:
             for i, img in enumerate(images)
         ]
         probs = self.probabilities(pre)
-        return [
-            Prediction(float(p), self.classes[int(p >= self.threshold)], self.threshold, pp)
-            for p, pp in zip(probs, pre, strict=True)
-        ]
+        return [Prediction(float(p), self.card.label(p), self.threshold, pp) for p, pp in zip(probs, pre, strict=True)]
 
     def heatmap(self, pre: Preprocessed, method: str = "gradcam") -> np.ndarray:
         """A [0, 1] heatmap (S, S) on the preprocessed image: Grad-CAM for the malignant class, or the model's own
@@ -118,11 +123,8 @@ class Predictor:
         """
         if self.model is None:
             raise ValueError("heatmaps need the PyTorch model (model.pt), not the ONNX export")
-        from liverus.explain import attention_heatmap, gradcam_heatmap
-
-        x = self._batch([pre])
-        t = (torch.from_numpy(x) - self.mean) / self.std
+        x = model_input(torch.from_numpy(self._pixels([pre])), self.card)
         with self._lock:
             if method == "attention":
-                return attention_heatmap(self.model, t)[0]
-            return gradcam_heatmap(self.model, t)[0]
+                return attention_heatmap(self.model, x)[0]
+            return gradcam_heatmap(self.model, x)[0]

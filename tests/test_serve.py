@@ -1,11 +1,9 @@
-"""Explain, predict, export and serve: on a small trained model."""
+"""The web service (liverus.serve): API in-process, the page in a real browser, the ONNX backend."""
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import csv
-import json
 import os
 import socket
 import subprocess
@@ -16,182 +14,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
-from liverus.data import load_cases, read_image
-from liverus.explain import attention_heatmap, faithfulness, gradcam_heatmap, overlay, save_overlay
-from liverus.inference import Predictor
-from liverus.training import apply_overrides, load_config, train
-
-TINY = [
-    "data.image_size=64",
-    "data.phantom_patients=16",
-    "data.phantom_size=96",
-    "data.augment=none",
-    "model.name=custom_efficientnet_lite0",
-    "optim.batch_size=8",
-    "optim.epochs=1",
-    "optim.warmup_epochs=0",
-    "runtime.progress=false",
-    "runtime.tensorboard=false",
-]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deploy") / "run"
-    train(apply_overrides(load_config(), TINY), out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def roi_run(tmp_path_factory):
-    """A lesion-ROI model: it needs a lesion box or mask at inference."""
-    out = tmp_path_factory.mktemp("deploy_roi") / "run"
-    train(apply_overrides(load_config(), [*TINY, "data.crop=roi"]), out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def images(run):
-    return [c.path for c in load_cases(run / "phantom")][:6]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "liverus.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-# ---------------------------------------------------------------- heatmaps
-
-
-def test_gradcam_and_attention_maps(run, images):
-    pred = Predictor.from_path(run / "model.pt")
-    pre = pred.prepare(read_image(images[0]))
-    x = (torch.from_numpy(pre.image[None, None] / 255.0).float() - pred.mean) / pred.std
-    cam = gradcam_heatmap(pred.model, x)
-    att = attention_heatmap(pred.model, x)
-    for h in (cam, att):
-        assert h.shape == (1, 64, 64) and h.min() >= 0 and h.max() <= 1
-    assert att.max() == pytest.approx(1.0)
-
-
-def test_overlay_colour_order_is_rgb_on_disk(tmp_path):
-    gray = np.full((32, 32), 60, np.uint8)
-    heat = np.zeros((32, 32), np.float32)
-    heat[:8, :8] = 1.0  # hot corner -> red in the jet colormap
-    rgb = overlay(gray, heat)
-    assert rgb[2, 2, 0] > rgb[2, 2, 2]  # in memory: RGB, red first
-    path = save_overlay(tmp_path / "o.png", rgb)
-    from PIL import Image
-
-    disk = np.asarray(Image.open(path).convert("RGB"))
-    assert disk[2, 2, 0] > 150 and disk[2, 2, 2] < 100  # a viewer shows red, not blue
-    assert disk[20, 20, 2] > disk[20, 20, 0]  # cold region is blue
-
-
-def test_faithfulness_pointing_game_and_energy():
-    lesion = np.zeros((2, 20, 20), np.uint8)
-    lesion[:, 5:10, 5:10] = 1
-    inside = np.zeros((20, 20), np.float32)
-    inside[7, 7] = 1.0
-    outside = np.zeros((20, 20), np.float32)
-    outside[15, 15] = 1.0
-    f = faithfulness(np.stack([inside, outside]), lesion)
-    assert f["pointing_game"] == 0.5 and f["energy_inside"] == 0.5 and f["n"] == 2
-    assert f["lesion_area"] == pytest.approx(25 / 400)
-
-
-def test_explain_cli_writes_overlays(run, images, tmp_path):
-    out = tmp_path / "heat"
-    p = _cli("explain", images[0], "--model", str(run / "model.pt"), "--out", str(out))
-    assert p.returncode == 0, p.stderr
-    names = sorted(f.name for f in out.iterdir())
-    assert len(names) == 2 and names[0].endswith("_attention.png") and names[1].endswith("_gradcam.png")
-
-
-# ---------------------------------------------------------------- predict
-
-
-def test_predict_cli_lists_bad_files_and_writes_csv(run, images, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for f in images[:3]:
-        (folder / Path(f).name).write_bytes(Path(f).read_bytes())
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    out = tmp_path / "pred.csv"
-    p = _cli(
-        "predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out), "--heatmaps", str(tmp_path / "hm")
-    )
-    assert p.returncode == 1  # a bad file without --skip-bad
-    assert "broken.png" in p.stderr
-    rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 4
-    bad = [r for r in rows if r["status"] == "error"]
-    assert len(bad) == 1 and bad[0]["path"].endswith("broken.png") and bad[0]["error"]
-    good = [r for r in rows if r["status"] == "ok"]
-    pred = Predictor.from_path(run / "model.pt")
-    direct = pred.probabilities([pred.prepare(read_image(r["path"])) for r in good])
-    assert np.allclose([float(r["p_malignant"]) for r in good], direct, atol=1e-5)
-    # Labels follow the stored threshold (compared at full precision; the CSV rounds to 6 decimals).
-    assert [r["label"] for r in good] == ["malignant" if p >= pred.threshold else "benign" for p in direct]
-    assert len(list((tmp_path / "hm").glob("*.png"))) == 3
-    # never overwrites; --skip-bad acknowledges bad files (still listed) with exit 0
-    p2 = _cli("predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out))
-    assert p2.returncode == 2 and "already exists" in p2.stderr
-    out_json = tmp_path / "pred.json"
-    p3 = _cli("predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out_json), "--skip-bad")
-    assert p3.returncode == 0
-    assert len(json.loads(out_json.read_text())["predictions"]) == 4
-
-
-def test_predict_reads_dicom(run, images, tmp_path):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    img = cv2.imread(images[0], cv2.IMREAD_GRAYSCALE)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality, ds.Rows, ds.Columns = "US", *img.shape
-    ds.PhotometricInterpretation, ds.SamplesPerPixel = "MONOCHROME2", 1
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PixelData = img.tobytes()
-    dcm = tmp_path / "scan.dcm"
-    ds.save_as(dcm, enforce_file_format=True)
-    pred = Predictor.from_path(run / "model.pt")
-    a = pred.predict([read_image(dcm)])[0].probability
-    b = pred.predict([read_image(images[0])])[0].probability
-    assert a == pytest.approx(b, abs=1e-5)
-
-
-# ---------------------------------------------------------------- export
-
-
-@pytest.fixture(scope="module")
-def onnx_file(run, tmp_path_factory):
-    from liverus.export import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    info = export_onnx(run / "model.pt", out)
-    assert info["max_abs_diff_vs_pytorch"] < 1e-4
-    return out
-
-
-def test_onnx_matches_pytorch_and_carries_metadata(run, images, onnx_file):
-    pt = Predictor.from_path(run / "model.pt")
-    ox = Predictor.from_path(onnx_file)
-    assert ox.backend == "onnxruntime" and ox.threshold == pt.threshold and ox.preprocess_cfg == pt.preprocess_cfg
-    pre = [pt.prepare(read_image(f)) for f in images]
-    assert np.abs(pt.probabilities(pre) - ox.probabilities(pre)).max() < 1e-4
-    from liverus.export import export_onnx
-
-    with pytest.raises(ValueError, match="already exists"):
-        export_onnx(run / "model.pt", onnx_file)
-
+from liverus.data import read_image
+from liverus.engine.predictor import Predictor
 
 # ---------------------------------------------------------------- serve (in-process)
 

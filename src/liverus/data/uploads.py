@@ -7,7 +7,7 @@ import io
 import cv2
 import numpy as np
 
-from liverus.data.io import DataError
+from liverus.data.io import DataError, dicom_to_gray, to_gray_unit
 
 __all__ = ["ALLOWED_KINDS", "sniff_kind", "decode_upload"]
 
@@ -43,17 +43,13 @@ def decode_upload(data: bytes, kind: str) -> np.ndarray:
             arr = ds.pixel_array
         except Exception as exc:
             raise DataError(None, f"DICOM could not be decoded ({type(exc).__name__})") from exc
-        from liverus.data.io import _dicom_to_gray
-
-        return _dicom_to_gray(ds, arr, None, "upload")
+        return dicom_to_gray(ds, arr, None, "upload")
     if kind == "jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise DataError(None, "JPEG stream is truncated (no end-of-image marker)")
     arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise DataError(None, f"{kind.upper()} data could not be decoded (corrupt or truncated?)")
-    from liverus.data.io import _to_gray_unit
-
-    img = _to_gray_unit(arr, "upload")
+    img = to_gray_unit(arr, "upload")
     if img.shape[0] < 16 or img.shape[1] < 16:
         raise DataError(None, f"image is too small ({img.shape[1]}x{img.shape[0]} px)")
     return img

@@ -1,0 +1,54 @@
+"""The ``liverus`` command line.
+
+Each command group keeps its parser next to its handler: :mod:`~liverus.cli.data_commands` (``models``, ``data``),
+:mod:`~liverus.cli.train_commands` (``train``, ``cv``, ``compare``, ``compare-studies``),
+:mod:`~liverus.cli.eval_commands` (``evaluate``), :mod:`~liverus.cli.deploy_commands` (``predict``, ``explain``,
+``serve``, ``export``) and :mod:`~liverus.cli.demo_command` (``demo``). Heavy imports happen inside each handler so
+that ``liverus --help`` is instant. The library logs through :mod:`logging`; this module decides what reaches the
+terminal (INFO and above on stderr, ``--quiet`` for warnings only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from liverus.cli import data_commands, demo_command, deploy_commands, eval_commands, train_commands
+
+__all__ = ["main", "build_parser"]
+
+GROUPS = (data_commands, train_commands, eval_commands, deploy_commands, demo_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="liverus", description="Benign vs malignant liver lesions on B-mode ultrasound.")
+    ap.add_argument("--quiet", "-q", action="store_true", help="show warnings and errors only")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return ap
+
+
+def _configure_logging(quiet: bool) -> None:
+    logger = logging.getLogger("liverus")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    from liverus.training.run_folder import RunExistsError
+
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    # DataError, ConfigError and bad arguments are ValueErrors whose messages say how to fix them.
+    except (ValueError, RunExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,5 @@
+import sys
+
+from liverus.cli import main
+
+sys.exit(main())

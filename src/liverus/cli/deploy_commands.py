@@ -1,0 +1,66 @@
+"""``liverus predict``, ``explain``, ``serve`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["register"]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from liverus.predict import run_predict
+
+    return run_predict(args)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from liverus.explain import run_explain
+
+    return run_explain(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from liverus.serve.app import run_server
+
+    return run_server(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from liverus.export import export_onnx
+
+    print(json.dumps(export_onnx(args.checkpoint, args.out, opset=args.opset), indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="probability of malignancy for images, folders or DICOM")
+    p.add_argument("inputs", nargs="+", help="image files, folders or DICOM files")
+    p.add_argument("--model", required=True, help="model.pt of a run, or an exported .onnx file")
+    p.add_argument("--out", required=True, help="output .csv or .json")
+    p.add_argument("--heatmaps", help="folder for one Grad-CAM overlay PNG per image")
+    p.add_argument("--mask", help="lesion mask (single input) for crop=roi models")
+    p.add_argument("--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for crop=roi models")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on (they are always listed)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM and spatial-attention heatmaps overlaid on images")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--model", required=True, help="model.pt of a run")
+    p.add_argument("--out", required=True, help="folder for the PNG overlays")
+    p.add_argument("--method", choices=["gradcam", "attention", "both"], default="both")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("serve", help="web page and REST API for radiologists (research use only)")
+    p.add_argument("--model", required=True, help="model.pt of a run, or an exported .onnx file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX (with preprocessing and threshold metadata)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)

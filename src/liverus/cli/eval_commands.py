@@ -1,0 +1,33 @@
+"""``liverus evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from liverus.evaluation.report import evaluate_checkpoint
+
+    out = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.out,
+        subgroup=args.subgroup,
+        skip_bad=args.skip_bad,
+        n_boot=args.bootstrap,
+    )
+    print(out["text"])
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a trained model on labelled data, with intervals and a report")
+    p.add_argument("checkpoint", help="model.pt of a run")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and report.html")
+    p.add_argument("--subgroup", action="append", default=[])
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--skip-bad", action="store_true")
+    p.set_defaults(func=cmd_evaluate)

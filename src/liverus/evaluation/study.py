@@ -1,0 +1,401 @@
+"""Study summaries: pooled out-of-fold results, paired tests, subgroups, heatmap faithfulness, the final-recipe
+inputs and the HTML report of ``liverus cv`` / ``compare``, and ``compare-studies`` across study folders.
+
+A study folder holds ``study.json``, ``splits.json`` and one run folder per model and fold (``MODEL/foldI``); this
+module reads them and writes ``summary.json``, ``figures/`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from liverus.engine.predictions import Predictions, read_predictions
+from liverus.evaluation import plots
+from liverus.evaluation.analysis import compare_models, cv_summary, evaluate_binary
+from liverus.evaluation.faithfulness import faithfulness_for_model, pooled_faithfulness
+from liverus.evaluation.metrics import binary_metrics, choose_threshold
+from liverus.evaluation.report import (
+    cases_of_run,
+    data_html,
+    data_summary,
+    default_subgroups,
+    faithfulness_html,
+    fmt,
+    img_html,
+    metrics_table_html,
+    render_report,
+    subgroup_html,
+    table_html,
+)
+from liverus.utils import atomic_write_json
+
+__all__ = [
+    "fold_runs",
+    "study_predictions",
+    "summarize_study",
+    "summary_markdown",
+    "final_recipe_inputs",
+    "compare_studies",
+]
+
+
+def final_recipe_inputs(pred: Predictions, results: list[dict]) -> dict:
+    """What a model trained on every case (``data.val_fraction: 0``) needs from the cross-validation.
+
+    Without a validation split the final model cannot choose its own threshold or epoch, so both come from the study:
+    the Youden threshold of the pooled out-of-fold probabilities (every case scored by a model that never saw it;
+    501 cases on AUL instead of one fold's ~80 validation cases) and each fold's best epoch, with how much validation
+    AUC the last epoch lost against the best one (if little, training the full schedule is safe).
+
+    Args:
+        pred: the model's pooled out-of-fold predictions.
+        results: each fold's ``result.json``.
+
+    Returns:
+        ``threshold`` (pooled out-of-fold Youden), ``sensitivity``/``specificity`` at it (in-sample for the
+        threshold, so slightly optimistic), ``fold_thresholds``, ``best_epochs``, ``epochs_run`` and
+        ``last_epoch_val_auc_drop`` (mean over folds of best minus last validation AUC).
+    """
+    thr = choose_threshold(pred.y, pred.p)
+    at = binary_metrics(pred.y, pred.p, thr)
+    drops = []
+    for r in results:
+        aucs = [h.get("val_auc") for h in r.get("history", [])]
+        aucs = [a for a in aucs if a is not None and math.isfinite(a)]
+        if aucs:
+            drops.append(max(aucs) - aucs[-1])
+    return {
+        "threshold": thr,
+        "sensitivity": at["sensitivity"],
+        "specificity": at["specificity"],
+        "fold_thresholds": [r.get("threshold") for r in results],
+        "best_epochs": [r.get("best_epoch") for r in results],
+        "epochs_run": [r.get("epochs_run") for r in results],
+        "last_epoch_val_auc_drop": float(sum(drops) / len(drops)) if drops else math.nan,
+    }
+
+
+def _study_faithfulness(out: Path, labels: list[str], cases: list, max_cases: int) -> dict:
+    """Heatmap faithfulness of each fold's model on its own held-out cases, pooled per model."""
+    by_path = {c.path: c for c in cases}
+    if not any(c.mask or c.polygon for c in cases) or max_cases <= 0:
+        return {}
+    result = {}
+    for label in labels:
+        runs = fold_runs(out, label)
+        parts = []
+        for r in runs:
+            with open(r / "predictions_test.csv") as fh:
+                held = [by_path[row["path"]] for row in csv.DictReader(fh) if row["path"] in by_path]
+            parts.append(faithfulness_for_model(r / "model.pt", held, max_cases=max(1, max_cases // len(runs))))
+        result[label] = pooled_faithfulness(parts)
+    return result
+
+
+def summarize_study(
+    out: Path, labels: list[str], *, baseline: str, subgroup: list[str], n_boot: int = 2000, max_cases: int = 100
+) -> dict:
+    """Pool each model's out-of-fold predictions and write ``summary.json`` and ``report.html``."""
+    out = Path(out)
+    preds: dict[str, Predictions] = {}
+    evals, per_fold, wall, recipe = {}, {}, {}, {}
+    for label in labels:
+        runs = fold_runs(out, label)
+        preds[label] = study_predictions(out, label)
+        cols = subgroup or default_subgroups(preds[label])
+        evals[label] = evaluate_binary(preds[label], None, n_boot=n_boot, subgroups=cols)
+        results = [json.loads((r / "result.json").read_text()) for r in runs]
+        per_fold[label] = cv_summary(
+            [{k: v for k, v in (r["test_metrics"] or {}).items() if isinstance(v, int | float)} for r in results]
+        )
+        wall[label] = sum(r["wall_time_s"] for r in results)
+        recipe[label] = final_recipe_inputs(preds[label], results)
+    comparisons = compare_models(preds, baseline) if baseline in preds and len(preds) > 1 else {}
+    study = json.loads((out / "study.json").read_text())
+    cases = cases_of_run(study["config"], out)
+    faith = _study_faithfulness(out, labels, cases, max_cases)
+    summary = {
+        "faithfulness": faith,
+        "models": labels,
+        "baseline": baseline,
+        "pooled": evals,
+        "per_fold": per_fold,
+        "comparisons": comparisons,
+        "wall_time_s": wall,
+        "final_recipe": recipe,
+    }
+    atomic_write_json(out / "summary.json", summary)
+
+    # ---- text table
+    lines = [
+        f"{'model':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'fold AUC mean±sd':>17s} "
+        f"{'DeLong p':>9s} {'ECE':>6s}"
+    ]
+    for label in labels:
+        e = evals[label]
+        a = e["auc_delong"]
+        pf = per_fold[label].get("auc", {"mean": math.nan, "sd": math.nan})
+        p = comparisons.get(label, {}).get("delong_p")
+        lines.append(
+            f"{label:34s} {fmt(a['auc'])} [{fmt(a['ci95'][0])}, {fmt(a['ci95'][1])}]    "
+            f"{fmt(e['metrics']['sensitivity']):>6s} {fmt(e['metrics']['specificity']):>6s} "
+            f"{fmt(pf['mean']):>8s}±{fmt(pf['sd']):<8s} {fmt(p) if p is not None else 'ref':>9s} "
+            f"{fmt(e['calibration']['ece']):>6s}"
+        )
+    lines.append("")
+    lines += [
+        f"{label}: final model on every case: --set data.val_fraction=0 --set model.threshold="
+        f"{recipe[label]['threshold']:.4f} (pooled out-of-fold Youden threshold; check that the final model's "
+        "probabilities are distributed like the out-of-fold ones before relying on it)"
+        for label in labels
+    ]
+    text = "\n".join(lines)
+    summary["text"] = text
+
+    # ---- report
+    fig_dir = out / "figures"
+    aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
+    figs = [
+        plots.roc_plot(preds, fig_dir / "roc.png", aucs=aucs),
+        plots.reliability_plot(preds, fig_dir / "reliability.png"),
+        plots.pr_plot(preds, fig_dir / "pr.png"),
+        plots.fold_plot({n: per_fold[n].get("auc", {}).get("per_fold", []) for n in labels}, fig_dir / "folds.png"),
+    ]
+    curves = {f"{n} f{r.name[4:]}": r / "metrics.csv" for n in labels for r in fold_runs(out, n)}
+    figs.append(plots.training_curves_plot(curves, fig_dir / "training_curves.png"))
+    comp_rows = [
+        [
+            n,
+            fmt(c["auc_diff"]),
+            f"[{fmt(c['auc_diff_ci95'][0])}, {fmt(c['auc_diff_ci95'][1])}]",
+            fmt(c["delong_p"], 4),
+            f"{c['mcnemar']['a_right_b_wrong']} / {c['mcnemar']['a_wrong_b_right']}",
+            fmt(c["mcnemar"]["p_value"], 4),
+        ]
+        for n, c in comparisons.items()
+    ]
+    fold_rows = [
+        [
+            n,
+            *[fmt(v) for v in per_fold[n].get("auc", {}).get("per_fold", [])],
+            f"{fmt(per_fold[n]['auc']['mean'])} ± {fmt(per_fold[n]['auc']['sd'])}",
+        ]
+        for n in labels
+        if "auc" in per_fold[n]
+    ]
+    k = max((len(r) - 2 for r in fold_rows), default=0)
+    sections = [
+        (
+            "Pooled out-of-fold results",
+            "<p>Each case is scored once, by the model of the fold that held it out; sensitivity and specificity "
+            "use the threshold chosen on that fold's own validation split.</p>" + metrics_table_html(evals),
+        ),
+        (
+            f"Paired comparison against {baseline}",
+            table_html(
+                [
+                    "model",
+                    "AUC difference",
+                    "95% CI",
+                    "DeLong p",
+                    "McNemar: model right / baseline right",
+                    "McNemar p",
+                ],
+                comp_rows,
+            )
+            if comp_rows
+            else "",
+        ),
+        ("Per-fold AUC", table_html(["model", *[f"fold {i}" for i in range(k)], "mean ± sd"], fold_rows)),
+        ("Figures", '<div class="figs">' + "".join(img_html(f) for f in figs) + "</div>"),
+        ("Subgroups", subgroup_html(evals)),
+        (
+            "Final model on every case",
+            "<p>A final model trained on all cases (<code>data.val_fraction: 0</code>) has no validation split, so "
+            "it takes its operating threshold from here: the Youden threshold of the pooled out-of-fold "
+            "probabilities (its sensitivity and specificity are in-sample for the threshold).</p>"
+            + table_html(
+                ["model", "threshold", "sensitivity", "specificity", "fold thresholds", "best epochs"],
+                [
+                    [
+                        n,
+                        fmt(r["threshold"], 4),
+                        fmt(r["sensitivity"]),
+                        fmt(r["specificity"]),
+                        ", ".join(fmt(t) for t in r["fold_thresholds"]),
+                        ", ".join(str(e) for e in r["best_epochs"]),
+                    ]
+                    for n, r in recipe.items()
+                ],
+            ),
+        ),
+        ("Heatmap faithfulness (held-out cases)", faithfulness_html(faith)),
+        ("Data", data_html(data_summary(cases))),
+        (
+            "Wall time",
+            table_html(["model", "training + evaluation, all folds (s)"], [[n, fmt(w, 0)] for n, w in wall.items()]),
+        ),
+        ("Configuration", f"<pre>{html.escape(yaml.safe_dump(study['config'], sort_keys=False))}</pre>"),
+    ]
+    render_report(out / "report.html", "liverus study: " + ", ".join(labels), sections, subtitle=str(out))
+    summary["report"] = str(out / "report.html")
+    return summary
+
+
+def fold_runs(study: Path, model: str) -> list[Path]:
+    """A study model's fold run folders in fold order (fold10 after fold9)."""
+    return sorted((study / model).glob("fold*"), key=lambda p: int(p.name[4:]))
+
+
+def study_predictions(study: Path, model: str) -> Predictions:
+    """The model's pooled out-of-fold predictions (one file per fold, in fold order)."""
+    runs = fold_runs(study, model)
+    files = [r / "predictions_test.csv" for r in runs]
+    if not runs or not all(f.is_file() for f in files):
+        raise ValueError(f"{study / model} holds no finished cross-validation (fold*/predictions_test.csv)")
+    return read_predictions(files)
+
+
+def compare_studies(
+    members: list[str], *, baseline: str | None = None, n_boot: int = 2000, figures: str | Path | None = None
+) -> dict:
+    """Paired comparison of models from different studies on the same cases (e.g. whole scan vs lesion ROI).
+
+    Studies that share folds (the same data and seed, or ``data.splits``) score every case once each, so their pooled
+    out-of-fold predictions can be compared case by case: DeLong's test for correlated AUCs and McNemar's test at
+    each fold's own threshold, exactly as within one study.
+
+    Args:
+        members: ``LABEL=STUDY_DIR:MODEL`` (``STUDY_DIR:MODEL`` uses ``MODEL`` as the label).
+        baseline: the reference label (default: the first member).
+        n_boot: bootstrap resamples for the pooled metrics.
+        figures: optional folder for ``roc.png`` (overlay with bootstrap bands) and ``reliability.png``.
+
+    Returns:
+        ``pooled`` (per label), ``comparisons`` (against the baseline), ``figures`` and a ``text`` table.
+
+    Raises:
+        ValueError: for a malformed member, a study without predictions, duplicate labels or different case sets.
+    """
+    preds: dict[str, Predictions] = {}
+    for m in members:
+        label, sep, rest = m.rpartition("=")
+        study, colon, model = rest.rpartition(":")
+        if not colon or not study or not model:
+            raise ValueError(f"{m!r}: expected LABEL=STUDY_DIR:MODEL")
+        label = label if sep else model
+        if label in preds:
+            raise ValueError(f"label {label!r} is given twice; name members LABEL=STUDY_DIR:MODEL")
+        preds[label] = study_predictions(Path(study), model)
+    if len(preds) < 2:
+        raise ValueError("compare at least two members")
+    labels = list(preds)
+    baseline = baseline or labels[0]
+    ref = set(preds[baseline].paths)
+    for label, pr in preds.items():
+        if set(pr.paths) != ref:
+            raise ValueError(
+                f"{label!r} and {baseline!r} were scored on different cases; use studies with the same data"
+            )
+    evals = {label: evaluate_binary(pr, None, n_boot=n_boot) for label, pr in preds.items()}
+    comparisons = compare_models(preds, baseline)
+    lines = [f"{'member':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'ΔAUC [95% CI]':>24s} {'p':>7s}"]
+    for label in labels:
+        a, m, c = evals[label]["auc_delong"], evals[label]["metrics"], comparisons.get(label)
+        diff = f"{fmt(c['auc_diff'])} [{fmt(c['auc_diff_ci95'][0])}, {fmt(c['auc_diff_ci95'][1])}]" if c else "ref"
+        lines.append(
+            f"{label:34s} {fmt(a['auc'])} [{fmt(a['ci95'][0])}, {fmt(a['ci95'][1])}]    "
+            f"{fmt(m['sensitivity']):>6s} {fmt(m['specificity']):>6s} {diff:>24s} "
+            f"{fmt(c['delong_p'], 4) if c else '':>7s}"
+        )
+    figs = []
+    if figures is not None:
+        aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
+        figs = [
+            str(plots.roc_plot(preds, Path(figures) / "roc.png", aucs=aucs)),
+            str(plots.reliability_plot(preds, Path(figures) / "reliability.png")),
+        ]
+    return {
+        "members": members,
+        "baseline": baseline,
+        "pooled": evals,
+        "comparisons": comparisons,
+        "figures": figs,
+        "text": "\n".join(lines),
+    }
+
+
+def summary_markdown(summary: dict) -> str:
+    """Markdown tables of a study summary (pooled metrics, paired tests, image-size subgroups) for docs."""
+
+    def ci(v, c):
+        return f"{fmt(v)} [{fmt(c[0])}, {fmt(c[1])}]"
+
+    lines = [
+        "| model | pooled AUC [DeLong 95% CI] | sensitivity [95% CI] | specificity [95% CI] | fold AUC mean ± SD "
+        "| ΔAUC vs baseline [95% CI] | DeLong p | ECE | Brier |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in summary["models"]:
+        e = summary["pooled"][name]
+        m, b = e["metrics"], e["ci95_bootstrap"]
+        pf = summary["per_fold"][name].get("auc", {"mean": float("nan"), "sd": float("nan")})
+        comp = summary["comparisons"].get(name)
+        d = ci(comp["auc_diff"], comp["auc_diff_ci95"]) if comp else "reference"
+        p = fmt(comp["delong_p"], 4) if comp else ""
+        lines.append(
+            f"| {name} | {ci(e['auc_delong']['auc'], e['auc_delong']['ci95'])} "
+            f"| {ci(m['sensitivity'], b['sensitivity'])} | {ci(m['specificity'], b['specificity'])} "
+            f"| {fmt(pf['mean'])} ± {fmt(pf['sd'])} | {d} | {p} "
+            f"| {fmt(e['calibration']['ece'])} | {fmt(e['calibration']['brier'])} |"
+        )
+    sub_rows = []
+    for name in summary["models"]:
+        for col, table in summary["pooled"][name].get("subgroups", {}).items():
+            for val, t in table.items():
+                sub_rows.append(
+                    f"| {name} | {col} = {val} | {t['n']} ({t['n_malignant']}) | {ci(t['auc'], t['auc_ci95'])} "
+                    f"| {fmt(t['sensitivity'])} | {fmt(t['specificity'])} |"
+                )
+    if sub_rows:
+        lines += [
+            "",
+            "| model | subgroup | n (malignant) | AUC [DeLong 95% CI] | sensitivity | specificity |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *sub_rows,
+        ]
+    recipe = summary.get("final_recipe") or {}
+    if recipe:
+        lines += [
+            "",
+            "| model | pooled out-of-fold threshold | sensitivity / specificity at it | fold thresholds | best epochs "
+            "| val AUC lost by the last epoch |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *[
+                f"| {name} | {fmt(r['threshold'], 4)} | {fmt(r['sensitivity'])} / {fmt(r['specificity'])} "
+                f"| {', '.join(fmt(t) for t in r['fold_thresholds'])} | {', '.join(str(e) for e in r['best_epochs'])} "
+                f"| {fmt(r['last_epoch_val_auc_drop'])} |"
+                for name, r in recipe.items()
+            ],
+        ]
+    faith = summary.get("faithfulness") or {}
+    frows = [
+        f"| {name} | {method} | {r['n']} | {fmt(r['pointing_game'])} | {fmt(r['energy_inside'])} "
+        f"| {fmt(r['lesion_area'])} |"
+        for name, f in faith.items()
+        for method, r in f.items()
+    ]
+    if frows:
+        lines += [
+            "",
+            "| model | heatmap | cases | pointing game | energy inside lesion | lesion area (chance) |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *frows,
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""The model card: everything that travels with trained weights and that every consumer reads.
+
+Like torchvision's ``Weights`` entries carry their transforms and metadata, a liverus ``model.pt`` (and its ONNX
+export) carries a :class:`ModelCard`: the class names, the operating threshold and how it was chosen, the
+preprocessing and normalisation the model was trained with, its input channels, the numeric precision its
+probabilities were validated in, the package version and where the weights came from. ``predict``, ``evaluate``,
+``explain``, ``serve`` and ``export`` read the card and nothing else, so they apply exactly what training validated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from liverus.data.preprocess import PreprocessConfig
+
+__all__ = ["ModelCard", "DEFAULT_CLASSES"]
+
+DEFAULT_CLASSES = {2: ("benign", "malignant"), 3: ("normal", "benign", "malignant")}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Metadata of a trained model.
+
+    Attributes:
+        model_name: registry name the weights belong to.
+        classes: class names in logit order.
+        in_chans: input channels the network takes (gray images are repeated to 3 when this is 3).
+        normalization: ``(mean, std)`` applied to images scaled to [0, 1].
+        preprocess: the preprocessing the model was trained with; ``None`` for a model saved outside a training run.
+        threshold: operating threshold on p(malignant) (binary models).
+        threshold_method: how the threshold was chosen.
+        task: ``binary`` or ``three_class``.
+        precision: numeric precision the stored probabilities and the threshold were computed in.
+        version: liverus version that trained the model.
+        best_epoch: the epoch whose weights these are.
+        val_auc: validation AUC of those weights (NaN without validation).
+        provenance: seed, git commit and package versions of the training run.
+    """
+
+    model_name: str
+    classes: tuple[str, ...]
+    in_chans: int
+    normalization: tuple[float, float]
+    preprocess: PreprocessConfig | None = None
+    threshold: float = 0.5
+    threshold_method: str = "default (0.5)"
+    task: str = "binary"
+    precision: str = "fp32"
+    version: str = ""
+    best_epoch: int | None = None
+    val_auc: float | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ValueError(f"a model card needs at least two classes, got {self.classes}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    @property
+    def is_binary(self) -> bool:
+        return len(self.classes) == 2
+
+    def require_preprocess(self, source: object = "this model") -> PreprocessConfig:
+        """Returns: the preprocessing. Raises: ValueError when the weights were not saved by a training run."""
+        if self.preprocess is None:
+            raise ValueError(f"{source} holds no preprocessing settings; use the model.pt of a training run")
+        return self.preprocess
+
+    def label(self, p_malignant: float) -> str:
+        """The predicted class of a binary model at the stored threshold."""
+        return self.classes[int(p_malignant >= self.threshold)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (stored in ``model.pt`` and in the ONNX metadata)."""
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        d["normalization"] = [float(v) for v in self.normalization]
+        if self.val_auc is not None and not math.isfinite(self.val_auc):
+            d["val_auc"] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: object = "model card") -> ModelCard:
+        """Build a card from :meth:`to_dict` output (also reads the untyped ``extra`` dict of earlier versions).
+
+        Raises:
+            ValueError: naming ``source`` when a required entry is missing or malformed.
+        """
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for key in ("model_name", "classes", "in_chans", "normalization"):
+            if key not in kw:
+                raise ValueError(f"{source}: the model card has no {key!r} entry")
+        try:
+            kw["classes"] = tuple(kw["classes"])
+            kw["normalization"] = tuple(float(v) for v in kw["normalization"])
+            if kw.get("preprocess") is not None:
+                kw["preprocess"] = PreprocessConfig(**kw["preprocess"])
+            return cls(**kw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: malformed model card ({exc})") from exc
+
+    def replace(self, **changes: Any) -> ModelCard:
+        return replace(self, **changes)

@@ -1,0 +1,190 @@
+"""The data side of a run: its cases, its group-disjoint split and its loaders."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from liverus.data import (
+    Case,
+    CaseCache,
+    DataError,
+    PreprocessConfig,
+    UltrasoundDataset,
+    build_train_transform,
+    check_disjoint,
+    default_cache_dir,
+    load_cases,
+    load_splits,
+    make_phantom_dataset,
+    prepare_cases,
+    save_splits,
+    select_task,
+    train_val_test_split,
+)
+from liverus.engine.forward import eval_batch_size
+from liverus.training.config import TrainConfig
+from liverus.training.distributed import DistInfo, ShardedBatchSampler, barrier
+from liverus.training.run_folder import RunFolder
+
+__all__ = ["RunData", "resolve_cases", "preprocess_config", "prepare_run_data"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_cases(cfg: TrainConfig, run_dir: str | Path, info: DistInfo | None = None) -> list[Case]:
+    """The task's cases: from ``data.source``, or a phantom written once into ``run_dir/phantom``."""
+    info = info or DistInfo()
+    if cfg.data.source:
+        cases = load_cases(cfg.data.source)
+    else:
+        phantom_dir = Path(run_dir) / "phantom"
+        if info.is_main and not (phantom_dir / "manifest.csv").is_file():
+            make_phantom_dataset(
+                phantom_dir,
+                n_patients=cfg.data.phantom_patients,
+                size=cfg.data.phantom_size,
+                seed=cfg.runtime.seed,
+                include_normal=cfg.data.task == "three_class",
+            )
+        barrier(info)
+        cases = load_cases(phantom_dir / "manifest.csv")
+    cases, _ = select_task(cases, cfg.data.task)
+    return cases
+
+
+def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
+    """What the model sees, from the data section of the config."""
+    return PreprocessConfig(
+        image_size=cfg.data.image_size,
+        crop=cfg.data.crop,
+        roi_margin=cfg.data.roi_margin,
+        letterbox=cfg.data.letterbox,
+    )
+
+
+@dataclass
+class RunData:
+    """A run's classes, cache, parts (``train``, ``val``, optional ``test``) and their loaders."""
+
+    classes: tuple[str, ...]
+    cache: CaseCache
+    parts: dict[str, list[Case]]
+    train_loader: DataLoader
+    train_sampler: ShardedBatchSampler
+    train_targets: list[int]
+    dist: DistInfo
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    @property
+    def train(self) -> list[Case]:
+        return self.parts["train"]
+
+    @property
+    def val(self) -> list[Case]:
+        return self.parts["val"]
+
+    @property
+    def test(self) -> list[Case]:
+        return self.parts.get("test", [])
+
+    def eval_loader(self, cases: list[Case]) -> DataLoader:
+        """Unaugmented batches of :func:`~liverus.engine.forward.eval_batch_size`, this rank's share of them."""
+        ds = UltrasoundDataset(cases, self.classes, self.cache, None)
+        sampler = ShardedBatchSampler(
+            len(ds),
+            eval_batch_size(self.dist.world_size),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            shuffle=False,
+            drop_last=False,
+        )
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+
+def _choose_split(cfg: TrainConfig, folder: RunFolder, cases: list[Case]) -> dict[str, list[str]]:
+    if folder.splits_file.is_file():
+        return load_splits(folder.splits_file, cases)["folds"][0]
+    if cfg.data.splits:
+        folds = load_splits(cfg.data.splits, cases)["folds"]
+        if cfg.data.fold >= len(folds):
+            raise DataError(cfg.data.splits, f"has {len(folds)} folds; data.fold={cfg.data.fold} does not exist")
+        return folds[cfg.data.fold]
+    if cfg.data.val_fraction == 0:
+        return {"train": [c.path for c in cases], "val": []}  # final model: every case, fixed epochs
+    return train_val_test_split(cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)
+
+
+def prepare_run_data(
+    cfg: TrainConfig,
+    folder: RunFolder,
+    info: DistInfo,
+    *,
+    cases: list[Case] | None = None,
+    split: dict[str, list[str]] | None = None,
+    pin_memory: bool = False,
+) -> RunData:
+    """Load and check the cases (listing skipped files), fix the split (saved as ``splits.json``) and build loaders.
+
+    Raises:
+        DataError: for bad data, a leaking split or an empty part.
+    """
+    if cases is None:
+        cases = resolve_cases(cfg, folder.path, info)
+    _, classes = select_task([], cfg.data.task)
+    cache = CaseCache(preprocess_config(cfg), cfg.data.cache_dir or default_cache_dir())
+    if info.is_main:
+        cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
+        if skipped:
+            where = folder.write_skipped(skipped)
+            log.warning("skipped %d bad file(s) (listed in %s):", len(skipped), where)
+            for p, q in skipped:
+                log.warning("  %s: %s", p, q)
+    barrier(info)
+    if not info.is_main:
+        cases, _ = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
+    split = split or _choose_split(cfg, folder, cases)
+    by_path = {c.path: c for c in cases}
+    parts = {k: [by_path[p] for p in v if p in by_path] for k, v in split.items()}
+    check_disjoint(cases, {k: [c.path for c in v] for k, v in parts.items()})
+    if info.is_main and not folder.splits_file.is_file():
+        save_splits(folder.splits_file, {"folds": [{k: [c.path for c in v] for k, v in parts.items()}]})
+    if not parts["val"] and cfg.model.threshold is None:
+        raise DataError(None, "no validation cases: set model.threshold to train without validation")
+    if not parts["train"]:
+        raise DataError(None, f"empty split: {len(parts['train'])} training and {len(parts['val'])} validation cases")
+
+    train_ds = UltrasoundDataset(
+        parts["train"], classes, cache, build_train_transform(cfg.data.augment), seed=cfg.runtime.seed
+    )
+    targets = list(train_ds.targets)
+    weights = None
+    if cfg.loss.balanced_sampler:
+        counts = np.bincount(targets, minlength=len(classes))
+        weights = [1.0 / counts[t] for t in targets]
+    gbs = cfg.optim.batch_size
+    if len(train_ds) < gbs:
+        gbs = max(info.world_size, (len(train_ds) // info.world_size) * info.world_size)
+    sampler = ShardedBatchSampler(
+        len(train_ds),
+        gbs,
+        seed=cfg.runtime.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        shuffle=True,
+        drop_last=True,
+        weights=weights,
+    )
+    loader = DataLoader(
+        train_ds,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    return RunData(classes, cache, parts, loader, sampler, targets, info, cfg.data.num_workers, pin_memory)
