@@ -490,3 +490,23 @@ def test_phantom_labels_are_learnable_from_simple_features(phantom_dir):
         y.append(c.label == "malignant")
     score = cross_val_score(LogisticRegression(max_iter=1000), np.array(X), np.array(y), cv=4, scoring="roc_auc")
     assert score.mean() > 0.75
+
+
+def test_cache_lives_in_the_run_folder_and_can_be_cleared(phantom_dir, tmp_path, monkeypatch):
+    from liverus.data import clear_cache, default_cache_dir
+
+    monkeypatch.delenv("LIVERUS_CACHE", raising=False)
+    run = tmp_path / "run"
+    assert default_cache_dir(run) == run / "cache"
+    cache = CaseCache(PreprocessConfig(image_size=64), default_cache_dir(run))
+    cases = load_cases(phantom_dir)[:3]
+    for c in cases:
+        cache.get(c)
+    stored = list((run / "cache").rglob("*.npy"))
+    assert len(stored) == 3
+    keep = run / "predictions.csv"
+    keep.write_text("not a cache file")
+    files, n_bytes = clear_cache(run)
+    assert files == 3 and n_bytes > 0 and not (run / "cache").exists() and keep.is_file()
+    monkeypatch.setenv("LIVERUS_CACHE", str(tmp_path / "elsewhere"))
+    assert default_cache_dir(run) == tmp_path / "elsewhere"

@@ -1,7 +1,9 @@
 """``liverus predict``: probability of malignancy for files, folders and DICOM, to CSV or JSON.
 
-Every input appears in the output: unreadable files get ``status=error`` and the problem, and are printed; the exit
-code is 1 when any file failed (0 with ``--skip-bad``, which only acknowledges them — they are still listed).
+Every input appears in the output: unreadable files, missing paths and empty folders get ``status=error`` and the
+problem, and are printed; the exit code is 1 when any input failed (0 with ``--skip-bad``, which only acknowledges
+them: they are still listed). Where the results and heatmaps go is checked before any work starts, and nothing is
+overwritten.
 """
 
 from __future__ import annotations
@@ -15,12 +17,42 @@ from pathlib import Path
 import numpy as np
 
 from liverus.data.inputs import expand_inputs, parse_box
-from liverus.data.io import DataError, read_image, read_mask
+from liverus.data.io import DataError, printable, read_image, read_mask
 from liverus.engine.heatmaps import overlay, save_overlay
 from liverus.engine.predictor import Predictor
-from liverus.utils import atomic_write_json, atomic_write_text
+from liverus.utils import atomic_write_json, atomic_write_text, check_new_file
 
-__all__ = ["predict_files", "run_predict"]
+__all__ = ["predict_files", "heatmap_names", "run_predict", "COLUMNS"]
+
+COLUMNS = ["path", "status", "p_malignant", "label", "threshold", "model", "error"]
+
+
+def heatmap_names(files: list[str], folder: str | Path) -> dict[str, Path]:
+    """One heatmap file per input, never two for the same name: ``STEM_gradcam.png``, or, where stems collide
+    (``a/scan.png`` and ``b/scan.png``), the path below the inputs' common folder joined with ``__``."""
+    folder = Path(folder)
+    stems: dict[str, int] = {}
+    for f in files:
+        stems[Path(f).stem] = stems.get(Path(f).stem, 0) + 1
+    common = Path(_common_parent(files))
+    names = {}
+    for f in files:
+        p = Path(f)
+        if stems[p.stem] == 1:
+            names[f] = folder / f"{p.stem}_gradcam.png"
+        else:
+            rel = p.resolve().relative_to(common) if common != Path() else p
+            names[f] = folder / ("__".join(rel.with_suffix("").parts) + "_gradcam.png")
+    return names
+
+
+def _common_parent(files: list[str]) -> str:
+    import os
+
+    try:
+        return os.path.commonpath([str(Path(f).resolve().parent) for f in files]) if files else ""
+    except ValueError:  # different drives
+        return ""
 
 
 def predict_files(
@@ -28,33 +60,34 @@ def predict_files(
     files: list[str],
     *,
     batch_size: int = 16,
-    heatmap_dir: str | Path | None = None,
+    heatmaps: dict[str, Path] | None = None,
     mask: str | None = None,
     box: tuple[float, float, float, float] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Predict every file; returns one row per file (errors included)."""
+    """Predict every file; returns one row per file (errors included), in input order.
+
+    Args:
+        heatmaps: destination of each file's Grad-CAM overlay (see :func:`heatmap_names`), or None.
+    """
     from tqdm import tqdm
 
-    rows: list[dict] = []
+    rows: dict[int, dict] = {}
     bar = tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr)
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
         good, pre = [], []
-        for f in chunk:
+        for i in range(start, min(start + batch_size, len(files))):
             try:
-                img = read_image(f)
+                img = read_image(files[i])
                 lesion = read_mask(mask, img.shape) if mask else None
                 pre.append(predictor.prepare(img, lesion=lesion, box=box))
-                good.append(f)
+                good.append(i)
             except (DataError, ValueError) as exc:
-                problem = exc.problem if isinstance(exc, DataError) else str(exc)
-                rows.append({"path": f, "status": "error", "error": problem})
+                rows[i] = _error_row(files[i], exc.problem if isinstance(exc, DataError) else str(exc))
         if pre:
-            probs = predictor.probabilities(pre)
-            for f, p, pp in zip(good, probs, pre, strict=True):
+            for i, p, pp in zip(good, predictor.probabilities(pre), pre, strict=True):
                 row = {
-                    "path": f,
+                    "path": printable(files[i]),
                     "status": "ok",
                     "p_malignant": round(float(p), 6),
                     "label": predictor.card.label(p),
@@ -62,47 +95,56 @@ def predict_files(
                     "model": predictor.name,
                     "error": "",
                 }
-                if heatmap_dir:
-                    dest = Path(heatmap_dir) / f"{Path(f).stem}_gradcam.png"
-                    save_overlay(dest, overlay(pp.image, predictor.heatmap(pp)))
-                    row["heatmap"] = str(dest)
-                rows.append(row)
-        bar.update(len(chunk))
+                if heatmaps is not None:
+                    row["heatmap"] = str(save_overlay(heatmaps[files[i]], overlay(pp.image, predictor.heatmap(pp))))
+                rows[i] = row
+        bar.update(min(batch_size, len(files) - start))
     bar.close()
-    order = {f: i for i, f in enumerate(files)}
-    return sorted(rows, key=lambda r: order[r["path"]])
+    return [rows[i] for i in range(len(files))]
+
+
+def _error_row(path: str, problem: str) -> dict:
+    return {"path": printable(path), "status": "error", "error": problem}
 
 
 def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {out.name}")
-    if out.exists():
-        raise ValueError(f"{out} already exists; choose another --out (results are never overwritten)")
-    files = expand_inputs(args.inputs)
+    check_new_file(out, "--out")
     box = parse_box(args.box)
-    if (args.mask or box) and len(files) != 1:
+    input_errors: list[tuple[str, str]] = []
+    files = expand_inputs(args.inputs, errors=input_errors)
+    if (args.mask or box) and len(files) + len(input_errors) != 1:
         raise ValueError("--mask and --box describe one image; give exactly one input with them")
     predictor = Predictor.from_path(args.model)
-    if args.heatmaps and predictor.model is None:
-        raise ValueError("--heatmaps needs the PyTorch model.pt; ONNX exports carry no gradients")
-    rows = predict_files(
-        predictor, files, batch_size=args.batch_size, heatmap_dir=args.heatmaps, mask=args.mask, box=box
+    heatmaps = None
+    if args.heatmaps:
+        if predictor.model is None:
+            raise ValueError("--heatmaps needs the PyTorch model.pt; ONNX exports carry no gradients")
+        folder = Path(args.heatmaps)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--heatmaps {folder} is a file; give a folder")
+        heatmaps = heatmap_names(files, folder)
+        taken = [str(p) for p in heatmaps.values() if p.exists()]
+        if taken:
+            raise ValueError(f"{len(taken)} heatmap file(s) already exist, first: {taken[0]}; choose another folder")
+        folder.mkdir(parents=True, exist_ok=True)
+    rows = [_error_row(p, q) for p, q in input_errors] + predict_files(
+        predictor, files, batch_size=args.batch_size, heatmaps=heatmaps, mask=args.mask, box=box
     )
     if out.suffix.lower() == ".json":
         atomic_write_json(out, {"model": predictor.name, "backend": predictor.backend, "predictions": rows})
     else:
-        cols = ["path", "status", "p_malignant", "label", "threshold", "model", "error"]
-        if args.heatmaps:
-            cols.append("heatmap")
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w = csv.DictWriter(
+            buf, fieldnames=COLUMNS + (["heatmap"] if heatmaps is not None else []), extrasaction="ignore"
+        )
         w.writeheader()
         w.writerows(rows)
         atomic_write_text(out, buf.getvalue())
     bad = [r for r in rows if r["status"] == "error"]
-    ok = len(rows) - len(bad)
-    print(f"{ok} image(s) predicted, {len(bad)} failed -> {out}")
+    print(f"{len(rows) - len(bad)} image(s) predicted, {len(bad)} failed -> {printable(out)}")
     for r in bad:
         print(f"  failed: {r['path']}: {r['error']}", file=sys.stderr)
     probs = [r["p_malignant"] for r in rows if r["status"] == "ok"]

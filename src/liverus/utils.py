@@ -22,6 +22,7 @@ __all__ = [
     "atomic_torch_save",
     "provenance",
     "seed_everything",
+    "check_new_file",
 ]
 
 
@@ -114,3 +115,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def check_new_file(path: str | os.PathLike, what: str = "output") -> None:
+    """Check, before any work, that a result can be written to ``path`` without replacing anything.
+
+    Raises:
+        ValueError: if ``path`` exists, or one of its parent folders is a file.
+    """
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        raise ValueError(f"{what} {p} already exists; choose another (results are never overwritten)")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {p} cannot be written: {parent} is a file, not a folder")
+            break

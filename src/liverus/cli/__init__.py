@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from liverus.cli import data_commands, demo_command, deploy_commands, eval_commands, train_commands
@@ -24,6 +25,13 @@ GROUPS = (data_commands, train_commands, eval_commands, deploy_commands, demo_co
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="liverus", description="Benign vs malignant liver lesions on B-mode ultrasound.")
     ap.add_argument("--quiet", "-q", action="store_true", help="show warnings and errors only")
+    ap.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image (width x height) any command decodes (default 16777216 = 4096 x 4096; same as "
+        "$LIVERUS_MAX_PIXELS); larger files are refused before decoding",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)
@@ -46,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
+    if args.max_pixels is not None:
+        if args.max_pixels <= 0:
+            print("error: --max-pixels must be positive", file=sys.stderr)
+            return 2
+        os.environ["LIVERUS_MAX_PIXELS"] = str(args.max_pixels)
     try:
         return int(args.func(args) or 0)
     # DataError, ConfigError and bad arguments are ValueErrors whose messages say how to fix them.

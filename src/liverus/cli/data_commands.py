@@ -28,12 +28,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_data_audit(args: argparse.Namespace) -> int:
     from liverus.data import audit_cases, format_audit, load_cases
+    from liverus.utils import atomic_write_json
 
-    report = audit_cases(load_cases(args.path))
+    if args.json and Path(args.json).exists():
+        raise ValueError(f"{args.json} already exists; choose another --json file (reports are never overwritten)")
+    ignored: list[tuple[str, str]] = []
+    report = audit_cases(load_cases(args.path, ignored=ignored), ignored=ignored)
     print(format_audit(report))
     if args.json:
-        from liverus.utils import atomic_write_json
-
         atomic_write_json(args.json, report)
         print(f"full report: {args.json}")
     return 0
@@ -68,6 +70,17 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_clear_cache(args: argparse.Namespace) -> int:
+    from liverus.data import clear_cache
+
+    target = Path(args.path).expanduser()
+    if not target.is_dir():
+        raise ValueError(f"{target} is not a folder")
+    files, n_bytes = clear_cache(target)
+    print(f"removed {files} cached image file(s), {n_bytes / 2**20:.1f} MB, under {target}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list every registered model with parameters and compute")
     p.add_argument("--size", type=int, default=224, help="image size for the MAC count (default 224)")
@@ -86,6 +99,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normal", action="store_true", help="also write normal (lesion-free) images")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_phantom)
+    p = data.add_parser(
+        "clear-cache", help="remove decoded-image caches (a run's or study's cache/, or a cache folder itself)"
+    )
+    p.add_argument(
+        "path", help="run or study folder (its cache/ folders), $LIVERUS_CACHE, or ~/.cache/liverus (liverus 0.1)"
+    )
+    p.set_defaults(func=cmd_data_clear_cache)
     p = data.add_parser("split", help="write stratified group k-fold splits to reuse across runs")
     p.add_argument("path")
     p.add_argument("--out", required=True)

@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model.pt of a run, or an exported .onnx file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")
+    p.add_argument("--api-docs", action="store_true", help="also serve /docs and /openapi.json (off by default)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a trained model to ONNX (with preprocessing and threshold metadata)")

@@ -15,6 +15,7 @@ from liverus.data.cases import (
 from liverus.data.dataset import (
     CaseCache,
     UltrasoundDataset,
+    clear_cache,
     default_cache_dir,
     load_preprocessed,
     prepare_cases,
@@ -37,6 +38,7 @@ __all__ = [
     "cases_from_folder",
     "cases_from_manifest",
     "check_disjoint",
+    "clear_cache",
     "default_cache_dir",
     "detect_scan_area",
     "format_audit",

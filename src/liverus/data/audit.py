@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from liverus.data.cases import Case
-from liverus.data.io import DataError, read_image
+from liverus.data.io import DataError, printable, read_image
 
 __all__ = ["audit_cases", "shortcut_check", "format_audit", "image_size", "SHORTCUT_WARN_AUC"]
 
@@ -30,11 +30,12 @@ _NON_FEATURE_COLS = {
 
 
 def image_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` from the header where Pillow can read it, else by decoding (DICOM)."""
     try:
         with Image.open(path) as im:  # reads the header only
             return im.size
     except Exception:
-        img = read_image(path)  # DICOM and anything Pillow does not know
+        img = read_image(path)
         return img.shape[1], img.shape[0]
 
 
@@ -120,11 +121,18 @@ def shortcut_check(cases: list[Case], sizes: list[tuple[int, int]], seed: int = 
     return {"auc": auc, "features": list(feats), "per_feature_auc": per, "warning": warning}
 
 
-def audit_cases(cases: list[Case], *, near_dup_threshold: float = 0.85, seed: int = 0) -> dict:
-    """Audit a dataset.
+def audit_cases(
+    cases: list[Case],
+    *,
+    near_dup_threshold: float = 0.85,
+    seed: int = 0,
+    ignored: list[tuple[str, str]] | None = None,
+) -> dict:
+    """Audit a dataset. Files that cannot be read are listed and the audit goes on.
 
     Args:
         cases: the cases.
+        ignored: files the case table left out, with the reason (from ``load_cases(..., ignored=...)``), listed.
         near_dup_threshold: two images whose band-pass thumbnails correlate at least this much are near duplicates.
         seed: seed of the shortcut check.
 
@@ -140,12 +148,18 @@ def audit_cases(cases: list[Case], *, near_dup_threshold: float = 0.85, seed: in
     ok = []
     for c in cases:
         try:
-            sizes.append(image_size(c.path))
-            hashes.append(hashlib.sha256(Path(c.path).read_bytes()).hexdigest())
-            sigs.append(_texture_signature(c.path))
-            ok.append(c)
+            # The signature decodes the whole file, so a valid header over a bad body is caught here too; the three
+            # lists only grow together.
+            sig = _texture_signature(c.path)
+            size = image_size(c.path)
+            digest = hashlib.sha256(Path(c.path).read_bytes()).hexdigest()
         except (DataError, OSError) as exc:
-            unreadable.append({"path": c.path, "problem": getattr(exc, "problem", str(exc))})
+            unreadable.append({"path": printable(c.path), "problem": getattr(exc, "problem", None) or str(exc)})
+            continue
+        sizes.append(size)
+        hashes.append(digest)
+        sigs.append(sig)
+        ok.append(c)
     size_by_class: dict[str, Counter] = defaultdict(Counter)
     for c, (w, h) in zip(ok, sizes, strict=True):
         size_by_class[c.label][f"{w}x{h}"] += 1
@@ -181,6 +195,7 @@ def audit_cases(cases: list[Case], *, near_dup_threshold: float = 0.85, seed: in
         "near_duplicates_across_groups": sum(1 for n in near if not n["same_group"]),
         "missing_masks": missing_masks,
         "unreadable": unreadable,
+        "ignored": [{"path": printable(p), "problem": q} for p, q in (ignored or [])],
         "shortcut": shortcut_check(ok, sizes, seed),
     }
 
@@ -201,6 +216,10 @@ def format_audit(report: dict) -> str:
     lines.append(f"unreadable files: {len(report['unreadable'])}")
     for u in report["unreadable"]:
         lines.append(f"  {u['path']}: {u['problem']}")
+    ignored = report.get("ignored", [])
+    if ignored:
+        lines.append(f"files not used: {len(ignored)}")
+        lines += [f"  {u['path']}: {u['problem']}" for u in ignored]
     sc = report["shortcut"]
     if sc.get("auc") is None:
         lines.append(f"shortcut check: not run ({sc.get('note', '')})")

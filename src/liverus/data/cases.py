@@ -3,7 +3,8 @@
 Three sources, one result (a list of :class:`Case`):
 
 * a folder per class (``benign/``, ``malignant/``, optionally ``normal/``) with optional masks in a parallel
-  ``masks/`` tree or beside the image with a ``_mask`` suffix;
+  ``masks/`` tree or beside the image with a ``_mask`` suffix; further outlines of the same image as ``_mask_1``,
+  ``_mask_2``, ... (the layout of the common public breast-ultrasound release) are masks of that image too;
 * a CSV manifest ``path,label[,group][,mask][,...]``; extra columns are kept as metadata for subgroup analysis;
 * the AUL dataset, either its public release layout (``Benign/image/*.jpg`` + ``segmentation/mass/*.json``) or the
   compact copy with ``manifest.csv`` (``../shared/data/aul``).
@@ -14,6 +15,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,7 @@ class Case:
         label: ``benign``, ``malignant`` or ``normal``.
         group: patient or scan id; cases sharing it always land on the same side of a split.
         mask: lesion mask path, if any.
+        extra_masks: further outlines of lesions in the same image; the lesion mask is the union of all of them.
         polygon: lesion polygon in image pixels (AUL release import), used when there is no mask file.
         meta: any other manifest columns (kept as strings).
     """
@@ -55,6 +59,7 @@ class Case:
     label: str
     group: str = ""
     mask: str | None = None
+    extra_masks: tuple[str, ...] = ()
     polygon: list[list[float]] | None = None
     meta: dict[str, str] = field(default_factory=dict)
 
@@ -74,8 +79,14 @@ def _check_cases(cases: list[Case], source: Path) -> list[Case]:
     return cases
 
 
-def _find_mask_for(img: Path, root: Path, cls_dir: Path) -> str | None:
+MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<n>\d+))?$")
+
+
+def _find_masks_for(img: Path, root: Path, siblings: list[Path]) -> tuple[str | None, tuple[str, ...]]:
+    """The image's mask (parallel ``masks/`` tree or ``_mask`` sibling) and its further ``_mask_N`` siblings."""
     rel = img.relative_to(root)
+    numbered = tuple(str(p) for p in sorted(siblings, key=lambda q: q.name))
+    first = None
     for cand in (
         root / "masks" / rel,
         root / "masks" / rel.with_suffix(".png"),
@@ -83,12 +94,60 @@ def _find_mask_for(img: Path, root: Path, cls_dir: Path) -> str | None:
         img.with_name(f"{img.stem}_mask.png"),
     ):
         if cand.is_file():
-            return str(cand)
-    return None
+            first = str(cand)
+            break
+    extra = tuple(p for p in numbered if p != first)
+    if first is None and extra:
+        first, extra = extra[0], extra[1:]
+    return first, extra
 
 
-def cases_from_folder(root: str | os.PathLike) -> list[Case]:
+def _scan_class_folder(folder: Path, ignored: list[tuple[str, str]]) -> tuple[list[Path], dict[Path, list[Path]]]:
+    """Image files and masks (keyed by their image's folder / stem) under ``folder``; everything else goes to
+    ``ignored``.
+
+    ``os.walk`` does not follow links to folders, so link loops cannot trap the scan; links to files are checked.
+    """
+    images: list[Path] = []
+    masks: dict[Path, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for d in sorted(dirnames):
+            if (Path(dirpath) / d).is_symlink():
+                ignored.append((str(Path(dirpath) / d), "symbolic link to a folder (not followed)"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                ignored.append((str(p), "dangling symbolic link"))
+                continue
+            except OSError as exc:
+                ignored.append((str(p), f"cannot be opened ({exc.strerror or exc})"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                ignored.append((str(p), "not a regular file (a FIFO, socket or device)"))
+                continue
+            if not is_image_file(p):
+                ignored.append((str(p), f"not an image or DICOM file ({p.suffix or 'no extension'})"))
+                continue
+            m = MASK_NAME.match(p.stem)
+            if m:
+                masks.setdefault(p.parent / m.group("stem"), []).append(p)
+            else:
+                images.append(p)
+    return images, masks
+
+
+def cases_from_folder(root: str | os.PathLike, *, ignored: list[tuple[str, str]] | None = None) -> list[Case]:
     """Read a folder with one sub-folder per class.
+
+    Args:
+        root: the folder.
+        ignored: if given, receives ``(path, reason)`` for every file that is not used (other formats, dangling
+            links, link loops, FIFOs), so that callers can list them.
 
     Raises:
         DataError: if the folder has no class sub-folders or no images, or holds an unknown class folder.
@@ -96,6 +155,7 @@ def cases_from_folder(root: str | os.PathLike) -> list[Case]:
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(root, "folder does not exist")
+    ignored = [] if ignored is None else ignored
     cases: list[Case] = []
     class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name != "masks" and not d.name.startswith(".")]
     if not class_dirs:
@@ -104,10 +164,12 @@ def cases_from_folder(root: str | os.PathLike) -> list[Case]:
         label = d.name.lower()
         if label not in KNOWN_LABELS:
             raise DataError(d, f"unknown class folder {d.name!r}; expected one of {sorted(KNOWN_LABELS)}")
-        for img in sorted(d.rglob("*")):
-            if not img.is_file() or not is_image_file(img) or img.stem.endswith("_mask"):
-                continue
-            cases.append(Case(str(img), label, mask=_find_mask_for(img, root, d)))
+        images, masks = _scan_class_folder(d, ignored)
+        for img in images:
+            mask, extra = _find_masks_for(img, root, masks.get(img.parent / img.stem, []))
+            cases.append(Case(str(img), label, mask=mask, extra_masks=extra))
+        stems = {img.parent / img.stem for img in images}
+        ignored += [(str(p), "mask without its image") for key, ps in masks.items() if key not in stems for p in ps]
     return _check_cases(cases, root)
 
 
@@ -192,8 +254,13 @@ def cases_from_aul_release(root: str | os.PathLike) -> list[Case]:
     return _check_cases(cases, root)
 
 
-def load_cases(source: str | os.PathLike) -> list[Case]:
-    """Load cases from a manifest CSV, an AUL release folder, a folder with ``manifest.csv``, or a class-folder tree."""
+def load_cases(source: str | os.PathLike, *, ignored: list[tuple[str, str]] | None = None) -> list[Case]:
+    """Load cases from a manifest CSV, an AUL release folder, a folder with ``manifest.csv``, or a class-folder tree.
+
+    Args:
+        source: the data.
+        ignored: if given, receives ``(path, reason)`` for files of a class-folder tree that are not used.
+    """
     p = Path(source)
     if p.is_file():
         return cases_from_manifest(p)
@@ -206,7 +273,7 @@ def load_cases(source: str | os.PathLike) -> list[Case]:
         return cases_from_aul_release(p)
     if not subdirs:
         raise DataError(p, "empty folder: no class sub-folders and no manifest.csv")
-    return cases_from_folder(p)
+    return cases_from_folder(p, ignored=ignored)
 
 
 def select_task(cases: list[Case], task: str = "binary") -> tuple[list[Case], tuple[str, ...]]:

@@ -24,14 +24,48 @@ from liverus.data.cases import Case
 from liverus.data.io import DataError, read_image, read_mask
 from liverus.data.preprocess import PreprocessConfig, Preprocessed, preprocess
 
-__all__ = ["CaseCache", "UltrasoundDataset", "load_preprocessed", "prepare_cases", "default_cache_dir"]
+__all__ = [
+    "CaseCache",
+    "UltrasoundDataset",
+    "load_preprocessed",
+    "prepare_cases",
+    "default_cache_dir",
+    "clear_cache",
+]
 
 CACHE_VERSION = "1"
 
 
-def default_cache_dir() -> Path:
-    """``$LIVERUS_CACHE`` or ``~/.cache/liverus``."""
-    return Path(os.environ.get("LIVERUS_CACHE", Path.home() / ".cache" / "liverus"))
+def default_cache_dir(folder: str | os.PathLike) -> Path:
+    """Where decoded images are cached for a run or study ``folder``: ``$LIVERUS_CACHE`` when set, else
+    ``folder/cache``, so that decoded patient images stay inside the folder of the work that made them (and go
+    when it goes; ``liverus data clear-cache FOLDER`` removes them earlier)."""
+    env = os.environ.get("LIVERUS_CACHE")
+    return Path(env) if env else Path(folder) / "cache"
+
+
+def clear_cache(target: str | os.PathLike) -> tuple[int, int]:
+    """Remove cached decoded images: ``target`` itself when it is a cache folder, else every ``cache/`` folder of
+    runs and studies below it. Only ``.npy`` files in two-hex-digit shards are removed, so pointing it at the wrong
+    folder cannot delete anything else.
+
+    Returns:
+        ``(files removed, bytes freed)``.
+    """
+    target = Path(target)
+    roots = [target] if target.name == "cache" or (target / "00").is_dir() else list(target.rglob("cache"))
+    files = n_bytes = 0
+    for root in roots:
+        for shard in root.glob("[0-9a-f][0-9a-f]"):
+            for f in shard.glob("*.npy"):
+                n_bytes += f.stat().st_size
+                f.unlink()
+                files += 1
+            if shard.is_dir() and not any(shard.iterdir()):
+                shard.rmdir()
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+    return files, n_bytes
 
 
 def _polygon_mask(poly: list[list[float]], shape: tuple[int, int]) -> np.ndarray:
@@ -50,6 +84,8 @@ def load_preprocessed(case: Case, cfg: PreprocessConfig) -> Preprocessed:
     lesion = None
     if case.mask:
         lesion = read_mask(case.mask, img.shape)
+        for extra in case.extra_masks:  # several outlines of one image: the lesion is their union
+            lesion |= read_mask(extra, img.shape)
     elif case.polygon:
         lesion = _polygon_mask(case.polygon, img.shape)
     try:
@@ -76,7 +112,7 @@ class CaseCache:
     def _content_key(self, case: Case) -> str:
         h = hashlib.sha256()
         h.update(f"v{CACHE_VERSION}|{self.cfg.key()}|".encode())
-        for p in (case.path, case.mask):
+        for p in (case.path, case.mask, *case.extra_masks):
             if p:
                 h.update(Path(p).read_bytes())
             h.update(b"|")

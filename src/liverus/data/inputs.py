@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from liverus.data.io import DataError, is_image_file
@@ -10,24 +11,41 @@ from liverus.data.io import DataError, is_image_file
 __all__ = ["expand_inputs", "parse_box"]
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; folders expanded (recursively) to their image and DICOM files, sorted.
+def expand_inputs(inputs: list[str], *, errors: list[tuple[str, str]] | None = None) -> list[str]:
+    """Files as given; folders expanded (recursively, links to folders not followed) to their image and DICOM files.
+
+    Args:
+        inputs: files and folders.
+        errors: if given, receives ``(path, problem)`` for inputs that yield nothing (missing paths, dangling links,
+            empty folders) instead of raising, so that one bad path does not lose a whole batch. Files are returned
+            as given; whether they can be read is the reader's business.
 
     Raises:
-        DataError: for a path that does not exist or a folder without images.
+        DataError: for the first such input when ``errors`` is None.
     """
     out: list[str] = []
     for item in inputs:
         p = Path(item)
+        problem = None
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
-            if not found:
-                raise DataError(p, "folder holds no image or DICOM files")
-            out.extend(found)
-        elif p.exists():
-            out.append(str(p))
+            found = sorted(
+                str(Path(d) / f)
+                for d, _, names in os.walk(p)
+                for f in names
+                if is_image_file(Path(f)) and not f.startswith(".")
+            )
+            if found:
+                out.extend(found)
+            else:
+                problem = "folder holds no image or DICOM files"
+        elif p.exists() or p.is_symlink():
+            out.append(str(p))  # dangling links and link loops get their message from the reader
         else:
-            raise DataError(p, "does not exist")
+            problem = "does not exist"
+        if problem:
+            if errors is None:
+                raise DataError(p, problem)
+            errors.append((str(p), problem))
     return out
 
 

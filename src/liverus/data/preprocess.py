@@ -13,9 +13,20 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-__all__ = ["PreprocessConfig", "Preprocessed", "detect_scan_area", "preprocess", "roi_box", "CROP_MODES"]
+__all__ = [
+    "PreprocessConfig",
+    "Preprocessed",
+    "detect_scan_area",
+    "preprocess",
+    "roi_box",
+    "CROP_MODES",
+    "MAX_WORK_SIDE",
+]
 
 CROP_MODES = ("fan", "roi", "none")
+# Larger images (legal up to the reader's pixel limit) are shrunk to this side before the fan detection, whose
+# morphology kernel grows with the image: ultrasound frames are at most about 1-2 k pixels a side anyway.
+MAX_WORK_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -117,12 +128,17 @@ def roi_box(
         ys, xs = np.nonzero(lesion)
         box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(np.isfinite((x0, y0, x1, y1))):
+        raise ValueError(f"lesion box {box} has non-finite coordinates")
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"lesion box {box} is empty")
     h, w = shape[:2]
     if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
         # A box beside the image would crop pure padding and still get a confident-looking probability.
         raise ValueError(f"lesion box {box} lies outside the {w}x{h} image")
+    # A box reaching past the edge means a lesion at the edge: clip it, so the crop (and its memory) stays bounded
+    # by the image, whatever numbers were typed.
+    x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h))
     side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
     side = max(side, 32.0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -176,6 +192,14 @@ def preprocess(
     Returns:
         The preprocessed image and masks.
     """
+    shrink = min(1.0, MAX_WORK_SIDE / max(img.shape))
+    if shrink < 1.0:
+        size = (max(1, round(img.shape[1] * shrink)), max(1, round(img.shape[0] * shrink)))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        if lesion is not None:
+            lesion = cv2.resize(lesion.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        if box is not None:
+            box = tuple(float(v) * shrink for v in box)
     u8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     les = lesion.astype(np.uint8) if lesion is not None else np.zeros_like(u8)
     scan = detect_scan_area(u8) if cfg.crop in ("fan", "roi") else np.ones_like(u8)
@@ -191,4 +215,7 @@ def preprocess(
     image, scale = _fit(_crop(u8, crop_box), cfg.image_size, cfg.letterbox, area)
     scan_o, _ = _fit(_crop(scan, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
     les_o, _ = _fit(_crop(les, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
+    if shrink < 1.0:  # report the crop in the original image's pixels
+        crop_box = tuple(int(round(v / shrink)) for v in crop_box)
+        scale *= shrink
     return Preprocessed(image, scan_o, les_o, crop_box, scale)

@@ -2,36 +2,39 @@
 
 * ``GET /``: the page: upload an image or DICOM, see the probability, the label and the heatmap beside the image.
 * ``POST /api/predict`` (multipart field ``file``, optional field ``box`` = ``x0,y0,x1,y1`` around the lesion in the
-  image's pixels, required by lesion-ROI models; ``?heatmap=false`` to skip the heatmap): JSON with the probability
-  of malignancy, label, threshold, model name and version.
+  image's pixels, required by lesion-ROI models and refused by whole-image models; ``?heatmap=false`` to skip the
+  heatmap): JSON with the probability of malignancy, label, threshold, model name and version.
 * ``POST /api/image`` (multipart ``file``): the decoded image as PNG with its size, so the page can show any upload,
   DICOM included, and let the user draw the lesion box on it.
 * ``GET /api/health``: liveness, which model is loaded and whether it needs a lesion box (``needs_box``).
+* ``/docs`` and ``/openapi.json`` only with ``--api-docs``.
 
-Safety: uploads are read into memory up to a size limit (413 beyond it), their type is recognised from the bytes, not
-the name (415 otherwise), undecodable files get a 400 that says why, and nothing the user sends is ever used as a
-path. The model is loaded once; a lock inside :class:`~liverus.engine.predictor.Predictor` serialises inference.
+Safety: the request body is read into memory and cut off at the size limit as it arrives (413; nothing a user sends
+touches the disk); the file type is recognised from the bytes, not the name (415 otherwise); the image's dimensions
+are read from its header and images above the pixel limit are refused before decoding (400); undecodable files get a
+400 that says why; nothing the user sends is ever used as a path. The model is loaded once; a lock inside
+:class:`~liverus.engine.predictor.Predictor` serialises inference.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import io
-from importlib import resources
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from liverus.data.inputs import parse_box
 from liverus.data.io import DataError
 from liverus.data.uploads import ALLOWED_KINDS, decode_upload, sniff_kind
 from liverus.engine.heatmaps import overlay
 from liverus.engine.predictor import Predictor
+from liverus.serve.forms import Form, FormError, read_form
 
-__all__ = ["create_app", "run_server"]
+__all__ = ["create_app", "run_server", "DISCLAIMER"]
 
 DISCLAIMER = (
     "Research tool, not a diagnosis. liverus is not a medical device; its output must not be used on its own for "
@@ -51,31 +54,37 @@ def _problem(exc: Exception) -> str:
     return exc.problem if isinstance(exc, DataError) else str(exc)
 
 
-def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> FastAPI:
+def create_app(
+    predictor: Predictor,
+    *,
+    max_upload_bytes: int = 20 * 2**20,
+    max_pixels: int | None = None,
+    api_docs: bool = False,
+) -> FastAPI:
     """Build the app around a loaded predictor.
 
     Args:
         predictor: the model (loaded once, shared by all requests).
         max_upload_bytes: uploads larger than this are refused with 413.
+        max_pixels: images larger than this (width x height) are refused with 400 (default: the reader's limit).
+        api_docs: serve the OpenAPI schema and ``/docs`` (off by default: a deployment need not describe itself).
     """
-    app = FastAPI(title="liverus", version=predictor.version or "0", description=DISCLAIMER)
+    docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="liverus", version=predictor.version or "0", description=DISCLAIMER, **docs)
+    from importlib import resources
+
     page = resources.files("liverus.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     page = page.replace("{{DISCLAIMER}}", DISCLAIMER).replace("{{MODEL}}", predictor.name)
     page = page.replace("{{MAX_MB}}", f"{max_upload_bytes / 2**20:.0f}")
+    needs_box = predictor.preprocess_cfg.crop == "roi"
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        # Refuse declared oversize bodies before reading them; the streamed read below enforces the rest.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"upload too large (limit {max_upload_bytes // 2**20} MB)"}, status_code=413)
-        return await call_next(request)
+    @app.exception_handler(FormError)
+    async def form_error(_request: Request, exc: FormError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return page
-
-    needs_box = predictor.preprocess_cfg.crop == "roi"
 
     @app.get("/api/health")
     def health() -> dict:
@@ -87,41 +96,54 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> F
             "needs_box": needs_box,
         }
 
-    def read_upload(file: UploadFile) -> tuple[np.ndarray, str]:
+    def image_of(form: Form) -> tuple[np.ndarray, str]:
         """The upload as a gray image, or the HTTP error that says what is wrong with it."""
-        data = io.BytesIO()
-        while chunk := file.file.read(1 << 20):
-            data.write(chunk)
-            if data.tell() > max_upload_bytes:
-                raise HTTPException(413, f"upload too large (limit {max_upload_bytes // 2**20} MB)")
-        raw = data.getvalue()
+        raw = form.fields.get("file")
+        if raw is None:
+            raise HTTPException(400, "no file: send the image in the multipart field 'file'")
         if not raw:
             raise HTTPException(400, "the uploaded file is empty")
-        kind = sniff_kind(raw)
+        if len(raw) > max_upload_bytes:
+            raise HTTPException(413, f"upload too large (limit {max_upload_bytes // 2**20} MB)")
+        kind = sniff_kind(raw[:132])
         if kind not in ALLOWED_KINDS:
             raise HTTPException(415, f"unsupported file type; upload one of: {', '.join(sorted(ALLOWED_KINDS))}")
         try:
-            return decode_upload(raw, kind), kind
+            return decode_upload(raw, max_pixels), kind
         except (DataError, ValueError) as exc:
             raise HTTPException(400, f"could not read the image: {_problem(exc)}") from None
 
-    @app.post("/api/image")
-    def image(file: UploadFile = File(...)) -> dict:
-        img, kind = read_upload(file)
-        u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)  # decode_upload gives [0, 1]
-        return {"image": _png_b64(u8), "width": int(img.shape[1]), "height": int(img.shape[0]), "file_type": kind}
-
-    @app.post("/api/predict")
-    def predict(file: UploadFile = File(...), box: str | None = Form(None), heatmap: bool = Query(True)) -> dict:
-        image, kind = read_upload(file)
+    def box_of(form: Form, image: np.ndarray) -> tuple[float, float, float, float] | None:
+        text = form.fields.get("box", b"").decode("utf-8", "replace").strip()
         try:
-            lesion_box = parse_box(box)
+            box = parse_box(text)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        if needs_box and lesion_box is None:
+        if box is None and needs_box:
             raise HTTPException(
                 400, "this model analyses the lesion region: draw a box around the lesion (box=x0,y0,x1,y1)"
             )
+        if box is not None and not needs_box:
+            raise HTTPException(400, "this model analyses the whole image and takes no lesion box; leave box empty")
+        if box is not None:
+            h, w = image.shape
+            x0, y0, x1, y1 = box
+            if x1 <= x0 or y1 <= y0:
+                raise HTTPException(400, f"the lesion box {text!r} is empty or inverted (need x0 < x1 and y0 < y1)")
+            if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+                raise HTTPException(400, f"the lesion box {text!r} lies (partly) outside the {w}x{h} image")
+        return box
+
+    @app.post("/api/image")
+    async def image(request: Request) -> dict:
+        form = await read_form(request, max_upload_bytes)
+        img, kind = await run_in_threadpool(image_of, form)
+        u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)  # decode_upload gives [0, 1]
+        return {"image": _png_b64(u8), "width": int(img.shape[1]), "height": int(img.shape[0]), "file_type": kind}
+
+    def analyse(form: Form, heatmap: bool) -> dict:
+        image, kind = image_of(form)
+        lesion_box = box_of(form, image)
         try:
             pre = predictor.prepare(image, box=lesion_box)
         except (DataError, ValueError) as exc:
@@ -143,6 +165,14 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = 20 * 2**20) -> F
             out["heatmap"] = _png_b64(overlay(pre.image, predictor.heatmap(pre)))
         return out
 
+    @app.post("/api/predict")
+    async def predict(request: Request) -> dict:
+        flag = request.query_params.get("heatmap", "true").lower()
+        if flag not in ("true", "false", "1", "0", "yes", "no"):
+            raise HTTPException(400, f"heatmap must be true or false, got {flag!r}")
+        form = await read_form(request, max_upload_bytes)
+        return await run_in_threadpool(analyse, form, flag in ("true", "1", "yes"))
+
     return app
 
 
@@ -150,7 +180,7 @@ def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     predictor = Predictor.from_path(args.model)
-    app = create_app(predictor, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    app = create_app(predictor, max_upload_bytes=int(args.max_upload_mb * 2**20), api_docs=args.api_docs)
     print(f"liverus serve: {predictor.name} ({predictor.backend}) on http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -58,7 +58,7 @@ class DataConfig:
     fold: int = 0  # which fold of the splits file is used
     val_fraction: float = 0.2
     skip_bad: bool = False
-    cache_dir: str = ""  # empty: $LIVERUS_CACHE or ~/.cache/liverus
+    cache_dir: str = ""  # decoded-image cache; empty: $LIVERUS_CACHE or the run (study) folder's cache/; "memory"
     num_workers: int = 0
     phantom_patients: int = 120  # size of the phantom when source is empty
     phantom_size: int = 256

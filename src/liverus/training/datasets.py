@@ -31,7 +31,7 @@ from liverus.training.config import TrainConfig
 from liverus.training.distributed import DistInfo, ShardedBatchSampler, barrier
 from liverus.training.run_folder import RunFolder
 
-__all__ = ["RunData", "resolve_cases", "preprocess_config", "prepare_run_data"]
+__all__ = ["RunData", "resolve_cases", "preprocess_config", "prepare_run_data", "cache_dir", "log_skipped"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,13 @@ def resolve_cases(cfg: TrainConfig, run_dir: str | Path, info: DistInfo | None =
         cases = load_cases(phantom_dir / "manifest.csv")
     cases, _ = select_task(cases, cfg.data.task)
     return cases
+
+
+def cache_dir(cfg: TrainConfig, folder: str | Path) -> Path | None:
+    """``data.cache_dir``; ``memory`` for no disk cache; empty for the default inside ``folder`` (a run or study)."""
+    if cfg.data.cache_dir == "memory":
+        return None
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(folder)
 
 
 def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
@@ -120,6 +127,12 @@ def _choose_split(cfg: TrainConfig, folder: RunFolder, cases: list[Case]) -> dic
     return train_val_test_split(cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)
 
 
+def log_skipped(skipped: list[tuple[str, str]], where: Path) -> None:
+    log.warning("skipped %d bad file(s) (listed in %s):", len(skipped), where)
+    for p, q in skipped:
+        log.warning("  %s: %s", p, q)
+
+
 def prepare_run_data(
     cfg: TrainConfig,
     folder: RunFolder,
@@ -137,14 +150,11 @@ def prepare_run_data(
     if cases is None:
         cases = resolve_cases(cfg, folder.path, info)
     _, classes = select_task([], cfg.data.task)
-    cache = CaseCache(preprocess_config(cfg), cfg.data.cache_dir or default_cache_dir())
+    cache = CaseCache(preprocess_config(cfg), cache_dir(cfg, folder.path))
     if info.is_main:
         cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
         if skipped:
-            where = folder.write_skipped(skipped)
-            log.warning("skipped %d bad file(s) (listed in %s):", len(skipped), where)
-            for p, q in skipped:
-                log.warning("  %s: %s", p, q)
+            log_skipped(skipped, folder.write_skipped(skipped))
     barrier(info)
     if not info.is_main:
         cases, _ = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)

@@ -17,10 +17,18 @@ import json
 import logging
 from pathlib import Path
 
-from liverus.data import kfold_splits, load_splits, save_splits, train_val_test_split
+from liverus.data import (
+    CaseCache,
+    default_cache_dir,
+    kfold_splits,
+    load_splits,
+    prepare_cases,
+    save_splits,
+    train_val_test_split,
+)
 from liverus.evaluation.study import summarize_study
 from liverus.training.config import TrainConfig, config_to_dict
-from liverus.training.datasets import resolve_cases
+from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
 from liverus.training.run_folder import RunExistsError
 from liverus.training.trainer import train
 from liverus.utils import atomic_write_json
@@ -56,7 +64,7 @@ def run_holdout_comparison(
         raise RunExistsError(f"folder {out} already holds a comparison; pass --resume to continue it")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", {"models": models, "k": 1, "config": config_to_dict(cfg)})
-    cases = resolve_cases(cfg, out)
+    cases = _usable_cases(cfg, out)
     split_file = out / "splits.json"
     if split_file.is_file():
         split = load_splits(split_file, cases)["folds"][0]
@@ -69,6 +77,18 @@ def run_holdout_comparison(
     return summarize_study(out, labels, baseline=labels[0], subgroup=[], n_boot=n_boot)
 
 
+def _usable_cases(cfg: TrainConfig, out: Path) -> list:
+    """The study's cases, decoded once into the study's cache; with ``data.skip_bad`` the bad files are listed once
+    (``STUDY/skipped.json``) rather than by every fold of every model."""
+    cases = resolve_cases(cfg, out)
+    cache = CaseCache(preprocess_config(cfg), cache_dir(cfg, out))
+    cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
+    if skipped:
+        atomic_write_json(out / "skipped.json", [{"path": p, "problem": q} for p, q in skipped])
+        log_skipped(skipped, out / "skipped.json")
+    return cases
+
+
 def _train_model(cfg: TrainConfig, spec: str, run_dir: Path, cases: list, split: dict) -> None:
     """Train one model spec into ``run_dir`` (skipped when finished, resumed when interrupted)."""
     if (run_dir / "result.json").is_file():
@@ -79,6 +99,8 @@ def _train_model(cfg: TrainConfig, spec: str, run_dir: Path, cases: list, split:
     if "@" in spec:
         mcfg.model.weights = weights
     mcfg.data.splits = ""
+    if not mcfg.data.cache_dir:  # one cache for the whole study, inside it
+        mcfg.data.cache_dir = str(default_cache_dir(run_dir.parents[1]))
     log.info("== %s: %s", label, run_dir.name)
     train(mcfg, run_dir, resume=run_dir.exists(), cases=cases, split=split)
 
@@ -131,7 +153,7 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(study_file, meta)
 
-    cases = resolve_cases(cfg, out)
+    cases = _usable_cases(cfg, out)
     split_file = out / "splits.json"
     if split_file.is_file():
         folds = load_splits(split_file, cases)["folds"]
