@@ -20,3 +20,36 @@ def test_onnx_matches_pytorch_and_carries_metadata(run, images, onnx_file):
 
     with pytest.raises(ValueError, match="already exists"):
         export_onnx(run / "model.pt", onnx_file)
+
+
+def test_ensemble_survives_save_load_heatmaps_and_onnx(tmp_path):
+    import torch
+
+    from liverus.data import PreprocessConfig
+    from liverus.export import export_onnx
+    from liverus.models import EnsembleClassifier, build_model, default_card, load_model, save_model
+
+    torch.manual_seed(0)
+    members = [build_model("custom_efficientnet_lite0", drop_rate=0.0).eval() for _ in range(2)]
+    ens = EnsembleClassifier(members, [1.0, 2.0]).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        mean = torch.stack([torch.softmax(m(x) / t, 1) for m, t in zip(members, (1.0, 2.0), strict=True)]).mean(0)
+        torch.testing.assert_close(torch.softmax(ens(x), 1), mean, atol=1e-6, rtol=0)
+    card = default_card(ens).replace(
+        preprocess=PreprocessConfig(image_size=64, crop="none"), operating_points={"youden": 0.5}
+    )
+    save_model(ens, tmp_path / "ens.pt", card)
+    loaded, loaded_card = load_model(tmp_path / "ens.pt")
+    assert isinstance(loaded, EnsembleClassifier) and loaded_card.members == 2 and loaded_card == card
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(loaded(x), 1), mean, atol=1e-6, rtol=0)
+    info = export_onnx(tmp_path / "ens.pt", tmp_path / "ens.onnx")  # one graph; refused beyond 1e-4
+    assert info["max_abs_diff_vs_pytorch"] < 1e-4 and info["members"] == 2
+    pred = Predictor.from_path(tmp_path / "ens.pt")
+    pre = pred.prepare(np.random.default_rng(0).random((80, 80)).astype(np.float32))
+    for method in ("gradcam", "attention"):  # the members' average map
+        heat = pred.heatmap(pre, method)
+        assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() <= 1
+    onnx_pred = Predictor.from_path(tmp_path / "ens.onnx")
+    assert abs(onnx_pred.probabilities([pre])[0] - pred.probabilities([pre])[0]) < 1e-4

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,3 +370,66 @@ def test_shipped_configs_are_valid(path):
         assert final["model"].pop("name") == "custom_efficientnet_lite0"
         studied["model"].pop("name")
         assert final == studied
+
+
+@pytest.mark.slow
+def test_ensemble_of_fold_models_with_calibrated_operating_points(tmp_path):
+    from liverus.engine.predictions import read_predictions
+    from liverus.evaluation.stats import apply_temperature
+    from liverus.models import EnsembleClassifier
+
+    cfg = apply_overrides(load_config(), [*TINY, "optim.epochs=1", "model.ensemble=2", "data.phantom_patients=20"])
+    result = train(cfg, tmp_path / "ens")
+    ens, card = load_model(tmp_path / "ens" / "model.pt")
+    assert isinstance(ens, EnsembleClassifier) and len(ens.members) == 2 and card.members == 2
+    assert set(card.operating_points) == {"youden", "rule_out", "rule_in"} and card.threshold == result.threshold
+    assert card.operating_points["rule_out"] <= card.operating_points["youden"] <= card.operating_points["rule_in"]
+    # Every development case has one out-of-fold probability: its member's, calibrated by that member's temperature.
+    oof = read_predictions([tmp_path / "ens" / "predictions_val.csv"])
+    members = [read_predictions([tmp_path / "ens" / "members" / f"member{i}" / "predictions_val.csv"]) for i in (0, 1)]
+    assert len(oof) == sum(len(m) for m in members) and not set(members[0].paths) & set(members[1].paths)
+    t0 = float(ens.temperature[0])
+    np.testing.assert_allclose(oof.p[: len(members[0])], apply_temperature(members[0].p, t0), atol=2e-6)
+    # The ensemble's probability is the mean of its members' calibrated probabilities.
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        want = torch.stack([F.softmax(m(x) / ens.temperature[i], 1) for i, m in enumerate(ens.members)]).mean(0)
+        got = F.softmax(ens(x), 1)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    again = train(cfg, tmp_path / "ens", resume=True)  # a finished ensemble returns its stored result
+    assert again.threshold == result.threshold
+
+
+@pytest.mark.slow
+def test_study_predictions_equal_evaluate_and_predict(tmp_path):
+    # One numerical path: what a run stores for its held-out cases is what evaluate and predict compute later.
+    import csv
+
+    from liverus.engine.predictor import Predictor
+    from liverus.evaluation.report import evaluate_checkpoint
+    from liverus.training.experiments import run_study
+
+    cfg = apply_overrides(load_config(), [*TINY, "optim.epochs=1", "data.phantom_patients=40"])
+    run_study(cfg, tmp_path / "study", models=["custom_efficientnet_lite0"], k=2, n_boot=50)
+    fold = tmp_path / "study" / "custom_efficientnet_lite0" / "fold0"
+
+    def rows(path):
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    stored = {r["path"]: float(r["p_malignant"]) for r in rows(fold / "predictions_test.csv")}
+    manifest = tmp_path / "held_out.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows([r["path"], r["label"]] for r in rows(fold / "predictions_test.csv"))
+    evaluate_checkpoint(fold / "model.pt", manifest, tmp_path / "eval", n_boot=50)
+    again = {r["path"]: float(r["p_malignant"]) for r in rows(tmp_path / "eval" / "predictions.csv")}
+    assert again.keys() == stored.keys()
+    assert max(abs(again[p] - stored[p]) for p in stored) < 1e-5
+    from liverus.data import read_image
+
+    pred = Predictor.from_path(fold / "model.pt")
+    some = list(stored)[:4]
+    got = pred.predict([read_image(p) for p in some])
+    assert max(abs(g.probability - stored[p]) for g, p in zip(got, some, strict=True)) < 1e-5

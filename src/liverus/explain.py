@@ -24,7 +24,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if predictor.model is None:
         raise ValueError("liverus explain needs the PyTorch model.pt (ONNX exports carry no gradients)")
     methods = ["gradcam", "attention"] if args.method == "both" else [args.method]
-    if "attention" in methods and predictor.model.head.spatial is None:
+    if "attention" in methods and not predictor.model.has_spatial_attention:
         if args.method == "attention":
             raise ValueError(f"model {predictor.name} has no spatial attention; use --method gradcam")
         methods.remove("attention")

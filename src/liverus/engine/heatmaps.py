@@ -10,19 +10,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gradcam_target_layer", "gradcam_heatmap", "attention_heatmap", "overlay", "save_overlay"]
+__all__ = ["gradcam_target_layers", "gradcam_heatmap", "attention_heatmap", "overlay", "save_overlay"]
 
 
-def gradcam_target_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """The layer Grad-CAM looks at: whatever the backbone names (its last convolutional stage).
+def gradcam_target_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers Grad-CAM looks at: whatever the backbone names (its last convolutional stage); every member's for
+    an ensemble (pytorch-grad-cam averages their maps).
 
     Raises:
-        ValueError: for a backbone that names none.
+        ValueError: for a model whose backbone names none.
     """
     try:
-        return model.backbone.gradcam_layer()
+        return model.gradcam_layers()
     except (AttributeError, NotImplementedError):
-        raise ValueError(f"no Grad-CAM target layer known for backbone {type(model.backbone).__name__}") from None
+        raise ValueError(f"no Grad-CAM target layer known for {type(model).__name__}") from None
 
 
 def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int = 1) -> np.ndarray:
@@ -35,7 +36,7 @@ def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int =
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     was_training = model.training
-    with torch.enable_grad(), GradCAM(model=model, target_layers=[gradcam_target_layer(model)]) as cam:
+    with torch.enable_grad(), GradCAM(model=model, target_layers=gradcam_target_layers(model)) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)] * len(x))
     model.train(was_training)
     return np.clip(np.asarray(maps, dtype=np.float32), 0, 1)

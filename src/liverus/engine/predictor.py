@@ -15,6 +15,7 @@ import torch
 from liverus.data.preprocess import PreprocessConfig, Preprocessed, preprocess
 from liverus.engine.forward import model_input, probabilities
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap
+from liverus.engine.runtime import inference_amp
 from liverus.models import ModelCard, load_model
 
 __all__ = ["Predictor", "Prediction", "ONNX_METADATA_KEY"]
@@ -45,6 +46,8 @@ class Predictor:
         self.session = session
         self.card = card
         self.preprocess_cfg: PreprocessConfig = card.require_preprocess(card.model_name)
+        # The precision the card validated (bf16 only where it moved no validation probability by 0.005).
+        self.amp = inference_amp(card.precision, torch.device("cpu"))
         self._lock = threading.Lock()
         if not card.is_binary:
             raise ValueError("prediction supports binary (benign / malignant) models")
@@ -104,7 +107,7 @@ class Predictor:
                 x = pixels.astype(np.float32) / 255.0
                 return self.session.run(["probabilities"], {"image": x})[0][:, 1]
             with torch.inference_mode():
-                return probabilities(self.model, torch.from_numpy(pixels), self.card)[:, 1].numpy()
+                return probabilities(self.model, torch.from_numpy(pixels), self.card, amp=self.amp)[:, 1].numpy()
 
     def predict(self, images: list[np.ndarray], *, lesions=None, boxes=None) -> list[Prediction]:
         pre = [

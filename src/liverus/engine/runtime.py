@@ -12,6 +12,7 @@ __all__ = [
     "resolve_precision",
     "resolve_channels_last",
     "precision_name",
+    "inference_amp",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -69,6 +70,14 @@ def resolve_channels_last(setting: str, device: torch.device, amp: torch.dtype |
     if setting != "auto":
         return setting == "true"
     return device.type == "cuda" or amp is not None
+
+
+def inference_amp(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for serving a model whose card says ``precision``: bf16 where the card validated it and the
+    device runs it natively; fp32 otherwise (the card only says bf16 where it moved probabilities by < 0.005)."""
+    if precision == "bf16" and (device.type == "cuda" or cpu_bf16_supported()):
+        return torch.bfloat16
+    return None
 
 
 def precision_name(amp: torch.dtype | None) -> str:

@@ -74,7 +74,7 @@ def faithfulness_for_model(model_path: str | Path, cases: list, *, max_cases: in
         arrs = np.stack([cache.get(c) for c in usable[start : start + 16]])
         x = model_input(torch.from_numpy(np.ascontiguousarray(arrs[:, :1])), card)
         cams.append(gradcam_heatmap(model, x))
-        if model.head.spatial is not None:
+        if model.has_spatial_attention:
             atts.append(attention_heatmap(model, x))
         masks.append(arrs[:, 2])
     lesions = np.concatenate(masks)

@@ -13,6 +13,8 @@ import numpy as np
 from sklearn import metrics as skm
 
 __all__ = [
+    "OPERATING_POINTS",
+    "operating_points",
     "EvaluationError",
     "check_inputs",
     "threshold_metrics",
@@ -165,9 +167,10 @@ def choose_threshold(y_true: Sequence, p_pos: Sequence, method: str = "youden", 
     """Choose the operating threshold on validation data.
 
     Args:
-        method: ``youden`` (maximise sensitivity + specificity - 1) or ``sensitivity`` (the highest threshold whose
-            sensitivity is at least ``target``, for rule-out use).
-        target: target sensitivity for ``method="sensitivity"``.
+        method: ``youden`` (maximise sensitivity + specificity - 1), ``sensitivity`` (the highest threshold whose
+            sensitivity is at least ``target``, for rule-out use) or ``specificity`` (the lowest threshold whose
+            specificity is at least ``target``, for rule-in use).
+        target: target sensitivity or specificity.
 
     Returns:
         The threshold (predict malignant when ``p >= threshold``); 0.5 when only one class is present.
@@ -176,10 +179,10 @@ def choose_threshold(y_true: Sequence, p_pos: Sequence, method: str = "youden", 
         ValueError: for an unknown method or a target outside (0, 1].
     """
     y, p = check_inputs(y_true, p_pos)
-    if method not in ("youden", "sensitivity"):
-        raise ValueError(f"unknown threshold method {method!r}; use youden or sensitivity")
+    if method not in ("youden", "sensitivity", "specificity"):
+        raise ValueError(f"unknown threshold method {method!r}; use youden, sensitivity or specificity")
     if not 0 < target <= 1:
-        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+        raise ValueError(f"target {method} must be in (0, 1], got {target}")
     if len(np.unique(y)) < 2:
         return 0.5
     fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
@@ -187,8 +190,41 @@ def choose_threshold(y_true: Sequence, p_pos: Sequence, method: str = "youden", 
     fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]
     if method == "youden":
         return float(thr[int(np.argmax(tpr - fpr))])
+    if method == "specificity":
+        ok = np.nonzero(1 - fpr >= target)[0]
+        # Without any finite threshold that specific enough, the strictest one is the closest there is.
+        return float(thr[ok[-1]]) if ok.size else float(thr[0])
     ok = np.nonzero(tpr >= target)[0]
     return float(thr[ok[0]])
+
+
+OPERATING_POINTS = {
+    "youden": ("youden", 0.0, "maximises sensitivity + specificity"),
+    "rule_out": ("sensitivity", 0.95, "sensitivity >= 0.95: below it, malignancy is unlikely"),
+    "rule_in": ("specificity", 0.90, "specificity >= 0.90: above it, malignancy is likely"),
+}
+
+
+def operating_points(y_true: Sequence, p_pos: Sequence) -> dict[str, dict]:
+    """The named operating points of a binary model, chosen on (pooled, out-of-fold or validation) predictions.
+
+    Returns:
+        ``{name: {"threshold", "sensitivity", "specificity", "target"}}`` for ``youden``, ``rule_out`` (sensitivity
+        >= 0.95) and ``rule_in`` (specificity >= 0.90), with the sensitivity and specificity reached on these data.
+    """
+    y, p = check_inputs(y_true, p_pos)
+    out = {}
+    for name, (method, target, meaning) in OPERATING_POINTS.items():
+        t = choose_threshold(y, p, method, target or 0.95)
+        pred = p >= t
+        pos, neg = y == 1, y == 0
+        out[name] = {
+            "threshold": t,
+            "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
+            "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan"),
+            "target": meaning,
+        }
+    return out
 
 
 def bootstrap_ci(

@@ -18,8 +18,9 @@ import numpy as np
 import yaml
 
 from liverus.data import CaseCache, UltrasoundDataset, load_cases, prepare_cases, select_task
-from liverus.engine.forward import predict_probs
+from liverus.engine.forward import eval_batch_size, predict_probs
 from liverus.engine.predictions import Predictions, read_predictions, write_predictions
+from liverus.engine.runtime import inference_amp
 from liverus.evaluation.analysis import evaluate_binary
 from liverus.evaluation.faithfulness import faithfulness_for_model
 from liverus.models import load_model
@@ -378,8 +379,10 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     if skipped:
         atomic_write_json(out / "skipped.json", [{"path": p, "problem": q} for p, q in skipped])
-    loader = DataLoader(UltrasoundDataset(cases, card.classes, cache), batch_size=32)
-    probs, tg = predict_probs(model, loader, card, device=torch.device("cpu"))
+    # Batches and precision as the training run scored its validation and test cases: one numerical path.
+    loader = DataLoader(UltrasoundDataset(cases, card.classes, cache), batch_size=eval_batch_size(1))
+    cpu = torch.device("cpu")
+    probs, tg = predict_probs(model, loader, card, device=cpu, amp=inference_amp(card.precision, cpu))
     threshold = card.threshold
     write_predictions(out / "predictions.csv", cases, probs, tg, card.classes, threshold)
     pr = read_predictions([out / "predictions.csv"])

@@ -4,6 +4,7 @@ from liverus.models.backbones import BACKBONES, WeightsInfo, adapt_input_conv, b
 from liverus.models.blocks import ChannelAttention, SEBlock, SpatialAttention
 from liverus.models.card import ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier, LinearHead
+from liverus.models.ensemble import EnsembleClassifier
 from liverus.models.heads import ParallelAttentionHead
 from liverus.models.registry import (
     MODELS,
@@ -23,6 +24,7 @@ __all__ = [
     "BaselineModel",
     "ChannelAttention",
     "CustomModel",
+    "EnsembleClassifier",
     "LesionClassifier",
     "LinearHead",
     "ModelCard",

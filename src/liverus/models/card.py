@@ -33,7 +33,12 @@ class ModelCard:
         threshold: operating threshold on p(malignant) (binary models).
         threshold_method: how the threshold was chosen.
         task: ``binary`` or ``three_class``.
-        precision: numeric precision the stored probabilities and the threshold were computed in.
+        operating_points: named thresholds on p(malignant) (``youden``, ``rule_out``, ``rule_in``), chosen on the
+            validation or pooled out-of-fold predictions; ``threshold`` is the one the label uses.
+        precision: numeric precision the stored probabilities and the thresholds were computed in, and that
+            inference uses (bf16 only where it moved validation probabilities by less than 0.005).
+        precision_gap: the largest bf16-vs-fp32 probability difference measured on the validation cases.
+        members: number of models averaged (1: a single model; more: an ensemble of fold models).
         version: liverus version that trained the model.
         best_epoch: the epoch whose weights these are.
         val_auc: validation AUC of those weights (NaN without validation).
@@ -48,7 +53,10 @@ class ModelCard:
     threshold: float = 0.5
     threshold_method: str = "default (0.5)"
     task: str = "binary"
+    operating_points: dict = field(default_factory=dict)
     precision: str = "fp32"
+    precision_gap: float | None = None
+    members: int = 1
     version: str = ""
     best_epoch: int | None = None
     val_auc: float | None = None
@@ -73,6 +81,10 @@ class ModelCard:
     def label(self, p_malignant: float) -> str:
         """The predicted class of a binary model at the stored threshold."""
         return self.classes[int(p_malignant >= self.threshold)]
+
+    def crossed(self, p_malignant: float) -> list[str]:
+        """The named operating points that ``p_malignant`` reaches (is at or above)."""
+        return [name for name, t in self.operating_points.items() if p_malignant >= t]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (stored in ``model.pt`` and in the ONNX metadata)."""

@@ -70,6 +70,14 @@ class LesionClassifier(nn.Module):
         return self.backbone.stem().in_channels
 
     @property
+    def has_spatial_attention(self) -> bool:
+        return getattr(self.head, "spatial", None) is not None
+
+    def gradcam_layers(self) -> list[nn.Module]:
+        """The layers Grad-CAM looks at (the backbone's last convolutional stage)."""
+        return [self.backbone.gradcam_layer()]
+
+    @property
     def normalization(self) -> tuple[float, float]:
         """Mean and std for single-channel input: the average of the backbone's RGB statistics.
 

@@ -15,6 +15,7 @@ import torch
 from liverus.models.backbones import BACKBONES, WeightsInfo, build_backbone, load_state_dict_file
 from liverus.models.card import DEFAULT_CLASSES, ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier
+from liverus.models.ensemble import EnsembleClassifier
 
 __all__ = [
     "ModelEntry",
@@ -133,7 +134,7 @@ def build_model(
     return model
 
 
-def default_card(model: LesionClassifier) -> ModelCard:
+def default_card(model: LesionClassifier | EnsembleClassifier) -> ModelCard:
     """The card of freshly built weights: default class names, the backbone's normalisation, no preprocessing."""
     classes = DEFAULT_CLASSES.get(model.num_classes, tuple(f"class{i}" for i in range(model.num_classes)))
     return ModelCard(
@@ -142,11 +143,14 @@ def default_card(model: LesionClassifier) -> ModelCard:
         in_chans=model.in_chans,
         normalization=model.normalization,
         task="binary" if model.num_classes == 2 else "three_class",
+        members=len(model.members) if isinstance(model, EnsembleClassifier) else 1,
     )
 
 
-def save_model(model: LesionClassifier, path: str | os.PathLike, card: ModelCard | None = None) -> None:
-    """Write a model (weights, how to rebuild it and its :class:`ModelCard`) atomically to ``path``.
+def save_model(
+    model: LesionClassifier | EnsembleClassifier, path: str | os.PathLike, card: ModelCard | None = None
+) -> None:
+    """Write a model or ensemble (weights, how to rebuild it and its :class:`ModelCard`) atomically to ``path``.
 
     Only tensors and plain Python values are stored, so :func:`load_model` can read it with ``weights_only=True``.
     """
@@ -162,6 +166,8 @@ def save_model(model: LesionClassifier, path: str | os.PathLike, card: ModelCard
         "weights_info": vars(model.weights_info).copy(),
         "card": card.to_dict(),
     }
+    if isinstance(model, EnsembleClassifier):
+        payload["ensemble_members"] = len(model.members)
     atomic_torch_save(payload, Path(path))
 
 
@@ -183,13 +189,18 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ValueError(f"model file {p} could not be read: {exc}") from exc
     if not isinstance(obj, dict) or "model_name" not in obj or "model" not in obj:
         raise ValueError(f"{p} is not a liverus model file (no 'model_name'/'model' entries)")
-    model = build_model(obj["model_name"], weights=None, **obj.get("build_kwargs", {}))
+    n_members = int(obj.get("ensemble_members", 0) or 0)
+    members = [
+        build_model(obj["model_name"], weights=None, **obj.get("build_kwargs", {})) for _ in range(n_members or 1)
+    ]
+    model = EnsembleClassifier(members) if n_members else members[0]
     try:
         model.load_state_dict(obj["model"], strict=True)
     except RuntimeError as exc:
         raise ValueError(f"weights in {p} do not match model {obj['model_name']!r}: {exc}") from exc
     wi = obj.get("weights_info") or {}
-    model.backbone.weights_info = WeightsInfo(**wi) if wi else model.backbone.weights_info
+    for m in members:
+        m.backbone.weights_info = WeightsInfo(**wi) if wi else m.backbone.weights_info
     model.eval()
     # Files of liverus 0.1 carry an untyped "extra" dict instead of a card; defaults come from the weights.
     stored = obj.get("card") or obj.get("extra") or {}

@@ -72,6 +72,7 @@ class ModelConfig:
     drop_rate: float = 0.5
     drop_path_rate: float | None = None  # stochastic depth (EfficientNet-Lite0 only; None: its default 0.2)
     threshold: float | None = None  # operating threshold when training without validation (data.val_fraction: 0)
+    ensemble: int = 0  # K >= 2: the model is the ensemble of K fold models (see liverus.training.ensemble)
     se_reduction: int = 16
     ca_reduction: int = 16
     spatial_kernel: int = 7
@@ -168,13 +169,22 @@ class TrainConfig:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.data.val_fraction}")
         if self.model.threshold is not None and not 0 < self.model.threshold < 1:
             raise ConfigError(f"model.threshold: must be in (0, 1), got {self.model.threshold}")
-        if self.data.val_fraction == 0 and self.model.threshold is None and not self.data.splits:
+        if (
+            self.data.val_fraction == 0
+            and self.model.threshold is None
+            and not self.data.splits
+            and not self.model.ensemble
+        ):
             raise ConfigError(
                 "data.val_fraction: 0 trains on every case with no validation split, so the operating threshold "
                 "cannot be chosen; set model.threshold (e.g. the pooled out-of-fold threshold of a cv study)"
             )
         if not 0 <= self.model.drop_rate < 1:
             raise ConfigError(f"model.drop_rate: must be in [0, 1), got {self.model.drop_rate}")
+        if self.model.ensemble == 1 or self.model.ensemble < 0:
+            raise ConfigError(
+                f"model.ensemble: 0 (one model) or the number of fold members (>= 2), got {self.model.ensemble}"
+            )
         if self.model.in_chans not in (1, 3):
             raise ConfigError(f"model.in_chans: must be 1 or 3, got {self.model.in_chans}")
         if self.model.name not in list_models() and self.model.name not in ALIASES:

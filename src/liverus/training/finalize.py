@@ -1,7 +1,10 @@
-"""After the last epoch: the best weights, the operating threshold, the prediction files and ``model.pt``."""
+"""After the last epoch: the best weights, the inference precision, the operating points, the prediction files and
+``model.pt``."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 
@@ -9,15 +12,21 @@ import numpy as np
 import torch
 
 from liverus.engine.predictions import write_predictions
-from liverus.evaluation.metrics import choose_threshold
+from liverus.engine.runtime import precision_name
+from liverus.evaluation.metrics import operating_points
 from liverus.models import ModelCard, save_model
 from liverus.training.datasets import RunData
-from liverus.training.distributed import unwrap_model
+from liverus.training.distributed import broadcast_object, unwrap_model
 from liverus.training.loop import evaluate_loader, score
 from liverus.training.run_folder import RunFolder
 from liverus.training.runtime import Runtime
 
-__all__ = ["FinalModel", "finalize"]
+__all__ = ["FinalModel", "finalize", "PRECISION_TOLERANCE"]
+
+log = logging.getLogger("liverus.training")
+
+# Inference keeps the training run's reduced precision only where it moves no validation probability by this much.
+PRECISION_TOLERANCE = 0.005
 
 
 @dataclass
@@ -36,19 +45,42 @@ def finalize(
     *,
     fixed_threshold: float | None,
 ) -> FinalModel | None:
-    """Score the best weights (already loaded into ``model``) on validation and test, choose the threshold and write
-    ``predictions_*.csv`` and ``model.pt``.
+    """Score the best weights (already loaded into ``model``) on validation and test, choose the precision and the
+    operating points, and write ``predictions_*.csv`` and ``model.pt``.
 
-    The threshold is Youden's on the validation predictions (binary), or ``fixed_threshold`` when the run has no
-    validation split. Every rank scores its shard; rank 0 writes and returns the result (None elsewhere).
+    Precision: under bf16/fp16 autocast the validation cases are scored in fp32 too; the reduced precision is kept for
+    everything that follows (thresholds, stored predictions, and later ``predict``, ``evaluate`` and ``serve``) only
+    when the largest difference is below :data:`PRECISION_TOLERANCE`, so that the numbers a run validates are the
+    numbers deployment delivers. Operating points (binary): Youden, rule-out (sensitivity >= 0.95) and rule-in
+    (specificity >= 0.90) on the validation predictions; ``fixed_threshold`` without validation. Every rank scores its
+    shard; rank 0 writes and returns the result (None elsewhere).
     """
     val = evaluate_loader(model, data.eval_loader(data.val), len(data.val), card, rt) if data.val else None
+    gap = None
+    if val is not None and rt.amp is not None:
+        fp32 = dataclasses.replace(rt, amp=None)
+        val32 = evaluate_loader(model, data.eval_loader(data.val), len(data.val), card, fp32)
+        keep = None
+        if rt.is_main:
+            gap = float(np.abs(val[0] - val32[0]).max())
+            keep = gap < PRECISION_TOLERANCE
+            log.info(
+                "%s vs fp32 on the validation cases: largest probability difference %.4f -> inference in %s",
+                rt.precision,
+                gap,
+                rt.precision if keep else "fp32",
+            )
+        if not broadcast_object(keep, rt.dist):
+            rt, val = fp32, val32
     test = evaluate_loader(model, data.eval_loader(data.test), len(data.test), card, rt) if data.test else None
     if not rt.is_main:
         return None
     classes = data.classes
+    points = {}
     if val is not None:
-        threshold = choose_threshold(val[1], val[0][:, 1]) if len(classes) == 2 else 0.5
+        if len(classes) == 2:
+            points = {k: v["threshold"] for k, v in operating_points(val[1], val[0][:, 1]).items()}
+        threshold = points.get("youden", 0.5)
         val_metrics = score(*val, classes, threshold)
         write_predictions(folder / "predictions_val.csv", data.val, *val, classes, threshold)
         method = "youden (validation)"
@@ -58,7 +90,14 @@ def finalize(
     if test is not None:
         test_metrics = score(*test, classes, threshold)
         write_predictions(folder / "predictions_test.csv", data.test, *test, classes, threshold)
-    card = card.replace(threshold=float(threshold), threshold_method=method, val_auc=float(val_metrics["auc"]))
+    card = card.replace(
+        threshold=float(threshold),
+        threshold_method=method,
+        operating_points=points,
+        val_auc=float(val_metrics["auc"]),
+        precision=precision_name(rt.amp),
+        precision_gap=gap,
+    )
     core = unwrap_model(model).to("cpu").to(memory_format=torch.contiguous_format)
     save_model(core, folder.model_file, card)
     return FinalModel(card, _jsonable(val_metrics), _jsonable(test_metrics) if test_metrics else None)

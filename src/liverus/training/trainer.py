@@ -25,6 +25,7 @@ from liverus.models import LesionClassifier, ModelCard, build_model
 from liverus.training.config import TrainConfig, config_to_dict
 from liverus.training.datasets import RunData, prepare_run_data, preprocess_config
 from liverus.training.distributed import barrier, broadcast_object, gather_objects
+from liverus.training.ensemble import train_ensemble
 from liverus.training.finalize import finalize
 from liverus.training.handlers import EarlyStopping, MetricsLogger
 from liverus.training.loop import EpochStats, evaluate_loader, score, selection_score, train_one_epoch
@@ -85,6 +86,10 @@ def train(
     """
     t_start = time.time()
     cfg.validate()
+    if cfg.model.ensemble:
+        return train_ensemble(
+            cfg, run_dir, resume=resume, overwrite=overwrite, cases=cases, split=split, train_member=train
+        )
     rt = Runtime.from_config(cfg.runtime)
     folder = RunFolder(run_dir)
     resumed = rt.is_main and folder.prepare(config_to_dict(cfg), cfg.runtime.seed, resume=resume, overwrite=overwrite)

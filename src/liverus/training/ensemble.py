@@ -1,0 +1,164 @@
+"""``model.ensemble: K``: the final model is the ensemble of K fold models, with operating points chosen on
+hundreds of out-of-fold cases rather than one small validation split.
+
+The development cases (a run's training and validation parts; a study fold's non-test part) are split into K
+group-disjoint folds. Member ``i`` trains on the other folds, and its own fold, which it never saw, picks its best
+epoch and fits its temperature (Guo et al., 2017). Every development case thus gets one calibrated out-of-fold
+probability; the operating points (Youden, rule-out, rule-in) are chosen on all of them, and the saved model averages
+the members' calibrated probabilities. Each member is an ordinary, resumable run folder under ``RUN/members/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from liverus import __version__
+from liverus.data import Case, CaseCache, UltrasoundDataset, kfold_splits, prepare_cases
+from liverus.engine.forward import eval_batch_size, predict_probs
+from liverus.engine.predictions import read_predictions, write_predictions
+from liverus.engine.runtime import inference_amp
+from liverus.evaluation.metrics import operating_points
+from liverus.evaluation.stats import apply_temperature, fit_temperature
+from liverus.models import EnsembleClassifier, load_model, save_model
+from liverus.training.config import TrainConfig, config_to_dict
+from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
+from liverus.training.loop import score
+from liverus.training.run_folder import RunFolder
+
+__all__ = ["train_ensemble"]
+
+log = logging.getLogger("liverus.training")
+
+
+def train_ensemble(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    cases: list[Case] | None = None,
+    split: dict[str, list[str]] | None = None,
+    train_member=None,
+):
+    """Train ``cfg.model.ensemble`` fold members and write the ensemble's run folder (see the module docstring).
+
+    Args:
+        cfg: validated config with ``model.ensemble >= 2``.
+        run_dir, resume, overwrite, cases: as :func:`~liverus.training.train`.
+        split: optional ``{"train", "val"[, "test"]}``: train and val are the development cases, test is scored by the
+            finished ensemble (a cross-validation study's held-out fold).
+        train_member: the single-model trainer (``liverus.training.train``), passed in to keep imports one way.
+
+    Returns:
+        The :class:`~liverus.training.TrainResult`.
+    """
+    from liverus.training.trainer import TrainResult
+
+    t_start = time.time()
+    k = cfg.model.ensemble
+    folder = RunFolder(run_dir)
+    if folder.prepare(config_to_dict(cfg), cfg.runtime.seed, resume=resume, overwrite=overwrite):
+        stored = folder.finished_result()
+        if stored:
+            return TrainResult(**stored)
+    cases = cases if cases is not None else resolve_cases(cfg, folder.path)
+    cache = CaseCache(preprocess_config(cfg), cache_dir(cfg, folder.path))
+    cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
+    if skipped:
+        log_skipped(skipped, folder.write_skipped(skipped))
+    by_path = {c.path: c for c in cases}
+    if split is not None:
+        dev = [by_path[p] for p in [*split["train"], *split["val"]] if p in by_path]
+        test = [by_path[p] for p in split.get("test", []) if p in by_path]
+    else:
+        dev, test = cases, []
+    folds = kfold_splits(dev, k, seed=cfg.runtime.seed)
+
+    results, models, temps, oof_files = [], [], [], []
+    for i, fold in enumerate(folds):
+        mcfg = copy.deepcopy(cfg)
+        mcfg.model.ensemble = 0
+        mcfg.data.splits = ""
+        mcfg.runtime.seed = cfg.runtime.seed + i  # members differ in initialisation and augmentation as well
+        if not mcfg.data.cache_dir:
+            mcfg.data.cache_dir = str(cache_dir(cfg, folder.path))
+        member_dir = folder.path / "members" / f"member{i}"
+        log.info("== ensemble member %d/%d", i + 1, k)
+        res = train_member(mcfg, member_dir, resume=member_dir.exists(), cases=dev, split=fold)
+        model, card = load_model(member_dir / "model.pt")
+        val = read_predictions([member_dir / "predictions_val.csv"])
+        temps.append(fit_temperature(val.y, val.p))
+        results.append(res)
+        models.append(model)
+        oof_files.append(member_dir / "predictions_val.csv")
+
+    # Pooled, calibrated out-of-fold predictions: each development case scored by the member that never saw it.
+    oof = read_predictions(oof_files)
+    p_cal = np.concatenate(
+        [apply_temperature(read_predictions([f]).p, t) for f, t in zip(oof_files, temps, strict=True)]
+    )
+    points = {name: v["threshold"] for name, v in operating_points(oof.y, p_cal).items()}
+    threshold = points["youden"]
+    classes = card.classes
+    probs = np.stack([1 - p_cal, p_cal], axis=1)
+    dev_by_path = {c.path: c for c in dev}
+    oof_cases = [dev_by_path[p] for p in oof.paths]
+    write_predictions(folder / "predictions_val.csv", oof_cases, probs, oof.y, classes, threshold)
+    val_metrics = score(probs, oof.y, classes, threshold)
+
+    ensemble = EnsembleClassifier(models, temps).eval()
+    precisions = {load_model(f.parent / "model.pt")[1].precision for f in oof_files}
+    card = card.replace(
+        threshold=threshold,
+        threshold_method=f"youden (pooled calibrated out-of-fold predictions of {len(oof)} cases, {k} members)",
+        operating_points=points,
+        members=k,
+        precision=precisions.pop() if len(precisions) == 1 else "fp32",
+        precision_gap=None,
+        val_auc=float(val_metrics["auc"]),
+        best_epoch=None,
+        version=__version__,
+        provenance={**card.provenance, "seed": cfg.runtime.seed},
+    )
+    test_metrics = None
+    if test:
+        loader = DataLoader(UltrasoundDataset(test, classes, cache), batch_size=eval_batch_size(1))
+        cpu = torch.device("cpu")
+        tprobs, ttg = predict_probs(ensemble, loader, card, device=cpu, amp=inference_amp(card.precision, cpu))
+        write_predictions(folder / "predictions_test.csv", test, tprobs, ttg, classes, threshold)
+        test_metrics = score(tprobs, ttg, classes, threshold)
+    save_model(ensemble, folder.model_file, card)
+    history = [
+        {"member": i, "best_epoch": r.best_epoch, "val_auc": r.val_auc, "temperature": t, "epochs_run": r.epochs_run}
+        for i, (r, t) in enumerate(zip(results, temps, strict=True))
+    ]
+    result = TrainResult(
+        run_dir=str(folder.path),
+        model_path=str(folder.model_file),
+        best_epoch=-1,
+        val_auc=float(val_metrics["auc"]),
+        threshold=float(threshold),
+        epochs_run=sum(r.epochs_run for r in results),
+        history=history,
+        val_metrics=_plain(val_metrics),
+        test_metrics=_plain(test_metrics) if test_metrics else None,
+        wall_time_s=round(time.time() - t_start, 2),
+    )
+    folder.write_result(asdict(result))
+    return result
+
+
+def _plain(d):
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, list | tuple):
+        return [_plain(v) for v in d]
+    return d.item() if isinstance(d, np.generic) else d
