@@ -87,6 +87,32 @@ def test_train_writes_report_and_metrics(trained):
     assert "val" in metrics and "ci95_bootstrap" in metrics["val"] and "faithfulness" in metrics
     t = metrics["temperature_scaling"]
     assert t["temperature"] > 0 and t["val"]["ece_after"] <= t["val"]["ece_before"] + 1e-9
+    assert {"slope", "intercept"} <= set(metrics["val"]["calibration"])
+
+
+def test_train_writes_a_model_card_with_every_item_it_claims(trained):
+    import hashlib
+
+    from liverus.evaluation.model_card import PERSON
+
+    out, _ = trained
+    card = json.loads((out / "model_card.json").read_text())
+    md = (out / "MODEL_CARD.md").read_text()
+    for key, value in card.items():
+        assert value not in (None, "", {}, []), key  # every item is filled, or marked for a person
+        assert f"## {key.replace('_', ' ')}" in md, key
+    assert PERSON in card["ethics_and_consent (TRIPOD+AI 9)"] and PERSON in md
+    training = card["training (TRIPOD+AI 12d, 12e; CLAIM 22-25)"]
+    assert training["group_disjointness_check"].startswith("passed") and training["seed"] == 0
+    assert training["splits_sha256"] == hashlib.sha256((out / "splits.json").read_bytes()).hexdigest()
+    model = card["model (TRIPOD+AI 12c; CLAIM 17-19)"]
+    assert model["model_file_sha256"] == hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
+    assert model["parameters"] > 1_000_000 and model["weights"]["kind"] == "random"
+    perf = card["performance_with_95pct_intervals (TRIPOD+AI 23a; CLAIM 29-32)"]["val"]
+    assert "[" in perf["auc"] and perf["calibration_slope"] != "" and perf["n"] > 0
+    points = card["operating_points (TRIPOD+AI 12f)"]["named"]
+    assert set(points) == {"youden", "rule_out", "rule_in"}
+    assert "acquisition shortcut" in card["known_failure_modes (TRIPOD+AI 26; CLAIM 38)"][0]
 
 
 def test_evaluate_uses_stored_threshold_and_never_overwrites(trained, tmp_path):

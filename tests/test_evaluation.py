@@ -223,3 +223,37 @@ def test_report_renders_self_contained_html(tmp_path, scored):
     text = path.read_text()
     assert "data:image/png;base64," in text and "ROC AUC" in text and "not a diagnosis" in text
     assert "<script src" not in text and "http" not in text.split("<body>")[1]
+
+
+def test_temperature_scaling_reduces_nll_and_recalibration_slope():
+    from liverus.evaluation.stats import apply_temperature, calibration_slope_intercept, fit_temperature
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
+    over = 1 / (1 + np.exp(-3 * z))  # three times too confident
+    t = fit_temperature(y, over)
+    fixed = apply_temperature(over, t)
+
+    def nll(p):
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+    assert t == pytest.approx(3.0, rel=0.15) and nll(fixed) < nll(over)
+    cal = calibration_slope_intercept(y, over)
+    assert cal["slope"] == pytest.approx(1 / 3, rel=0.15)  # too extreme: slope below 1
+    well = calibration_slope_intercept(y, 1 / (1 + np.exp(-z)))
+    assert well["slope"] == pytest.approx(1.0, abs=0.12) and abs(well["intercept"]) < 0.1
+
+
+def test_operating_points_on_a_known_roc():
+    from liverus.evaluation.metrics import operating_points
+
+    # Ten benign scores 0.0..0.9 and ten malignant 0.5..1.4 (scaled into [0, 1]).
+    p = np.r_[np.arange(10) / 10, 0.5 + np.arange(10) / 10] / 1.4
+    y = np.r_[np.zeros(10), np.ones(10)].astype(int)
+    pts = operating_points(y, p)
+    assert pts["rule_out"]["sensitivity"] >= 0.95 and pts["rule_in"]["specificity"] >= 0.90
+    assert pts["rule_out"]["threshold"] == pytest.approx(0.5 / 1.4)  # the highest threshold keeping every malignant
+    assert pts["rule_in"]["threshold"] == pytest.approx(0.9 / 1.4)  # the lowest with at most one benign above
+    assert pts["youden"]["sensitivity"] + pts["youden"]["specificity"] - 1 == pytest.approx(0.5)

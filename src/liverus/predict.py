@@ -24,7 +24,7 @@ from liverus.utils import atomic_write_json, atomic_write_text, check_new_file
 
 __all__ = ["predict_files", "heatmap_names", "run_predict", "COLUMNS"]
 
-COLUMNS = ["path", "status", "p_malignant", "label", "threshold", "model", "error"]
+COLUMNS = ["path", "status", "p_malignant", "label", "threshold", "operating_points", "model", "error"]
 
 
 def heatmap_names(files: list[str], folder: str | Path) -> dict[str, Path]:
@@ -92,6 +92,8 @@ def predict_files(
                     "p_malignant": round(float(p), 6),
                     "label": predictor.card.label(p),
                     "threshold": round(predictor.threshold, 6),
+                    # The named operating points this probability reaches (rule_out, youden, rule_in).
+                    "operating_points": ";".join(predictor.card.crossed(p)),
                     "model": predictor.name,
                     "error": "",
                 }

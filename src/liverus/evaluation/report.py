@@ -23,6 +23,7 @@ from liverus.engine.predictions import Predictions, read_predictions, write_pred
 from liverus.engine.runtime import inference_amp
 from liverus.evaluation.analysis import evaluate_binary
 from liverus.evaluation.faithfulness import faithfulness_for_model
+from liverus.evaluation.model_card import write_model_card
 from liverus.models import load_model
 from liverus.utils import atomic_write_json, atomic_write_text
 
@@ -113,6 +114,8 @@ def metrics_table_html(evals: dict[str, dict]) -> str:
     )
     rows.append(["ECE (10 bins)"] + [fmt(evals[n]["calibration"].get("ece")) for n in names])
     rows.append(["Brier score"] + [fmt(evals[n]["calibration"].get("brier")) for n in names])
+    rows.append(["Calibration slope (1 = ideal)"] + [fmt(evals[n]["calibration"].get("slope")) for n in names])
+    rows.append(["Calibration intercept (0 = ideal)"] + [fmt(evals[n]["calibration"].get("intercept")) for n in names])
     rows.append(
         ["Threshold"] + [fmt(evals[n]["threshold"]) if evals[n]["threshold"] is not None else "per fold" for n in names]
     )
@@ -268,7 +271,7 @@ def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequen
             cols = [c for c in subgroups if c] or default_subgroups(preds[part])
             evals[part] = evaluate_binary(preds[part], threshold, n_boot=n_boot, subgroups=cols)
     temperature = _temperature_section(preds)
-    faith = {}
+    faith, all_cases = {}, {}
     try:
         all_cases = {c.path: c for c in cases_of_run(cfg, run_dir)}
         for part, pr in preds.items():
@@ -277,17 +280,10 @@ def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequen
             )
     except Exception as exc:  # a report without this section beats no report
         faith = {"error": str(exc)}
-    atomic_write_json(
-        run_dir / "metrics.json",
-        {"threshold": threshold, **evals, "faithfulness": faith, "temperature_scaling": temperature},
-    )
-
-    summary = None
-    if cfg["data"]["source"]:
-        try:
-            summary = data_summary(load_cases(cfg["data"]["source"]))
-        except Exception:
-            summary = None
+    metrics = {"threshold": threshold, **evals, "faithfulness": faith, "temperature_scaling": temperature}
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    summary = data_summary(list(all_cases.values())) if all_cases else None
+    write_model_card(run_dir, metrics, list(all_cases.values()), summary)
     sections = [
         (
             "Metrics",

@@ -25,6 +25,7 @@ __all__ = [
     "calibration_summary",
     "fit_temperature",
     "apply_temperature",
+    "calibration_slope_intercept",
 ]
 
 
@@ -155,6 +156,7 @@ def calibration_summary(y_true: Sequence, p: Sequence, n_bins: int = 10) -> dict
     return {
         "ece": expected_calibration_error(y, s, n_bins),
         "brier": float(brier_score_loss(y, s)),
+        **calibration_slope_intercept(y, s),
         "reliability": {"mean_predicted": mean_pred.tolist(), "fraction_positive": frac_pos.tolist()},
     }
 
@@ -190,3 +192,29 @@ def apply_temperature(p: Sequence, temperature: float) -> np.ndarray:
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return 1 / (1 + np.exp(-_logit(np.asarray(p, dtype=float)) / temperature))
+
+
+def calibration_slope_intercept(y_true: Sequence, p: Sequence) -> dict:
+    """Calibration slope and intercept as TRIPOD+AI asks for them (logistic recalibration).
+
+    The slope is ``b`` of ``logit P(y=1) = a + b * logit(p)`` (1 = ideal; below 1: predictions too extreme); the
+    intercept is calibration-in-the-large, ``a`` with the slope fixed at 1 (0 = ideal; negative: risks too high).
+    Both are maximum-likelihood fits (scipy), which scikit-learn's penalised logistic regression is not by default.
+
+    Returns:
+        ``{"slope", "intercept"}`` (NaN when only one class is present).
+    """
+    from scipy.optimize import minimize, minimize_scalar
+
+    y, s = check_inputs(y_true, p)
+    if len(np.unique(y)) < 2:
+        return {"slope": float("nan"), "intercept": float("nan")}
+    z = _logit(s)
+
+    def nll(a: float, b: float) -> float:
+        eta = a + b * z
+        return float(np.sum(np.logaddexp(0, eta) - y * eta))
+
+    slope = minimize(lambda ab: nll(ab[0], ab[1]), x0=np.array([0.0, 1.0]), method="Nelder-Mead").x[1]
+    intercept = minimize_scalar(lambda a: nll(a, 1.0), bounds=(-20, 20), method="bounded").x
+    return {"slope": float(slope), "intercept": float(intercept)}

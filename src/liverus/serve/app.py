@@ -153,6 +153,8 @@ def create_app(
             "probability_malignant": round(prob, 6),
             "label": predictor.card.label(prob),
             "threshold": round(predictor.threshold, 6),
+            "operating_points": {k: round(v, 6) for k, v in predictor.card.operating_points.items()},
+            "crossed": predictor.card.crossed(prob),
             "model": predictor.name,
             "version": predictor.version,
             "backend": predictor.backend,

@@ -1,0 +1,156 @@
+"""``MODEL_CARD.md`` and ``model_card.json`` of a trained model, filled from what the run knows and mapped to the
+reporting items of TRIPOD+AI (Collins et al., BMJ 2024) and CLAIM 2024 (Tejani et al., Radiology: AI 2024).
+
+Nothing is invented: items that only a person can state (the clinical setting, the reference standard, ethics
+approval, the intended population) are marked ``TO BE COMPLETED BY A PERSON``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from liverus.data import check_disjoint, load_splits
+from liverus.models import count_parameters, load_model
+from liverus.utils import atomic_write_json, atomic_write_text
+
+__all__ = ["write_model_card", "PERSON"]
+
+PERSON = "TO BE COMPLETED BY A PERSON"
+KNOWN_SOURCES = {
+    "aul": (
+        "AUL (Annotated Ultrasound Liver images), Xu et al., https://doi.org/10.5281/zenodo.7272660; "
+        "Briefings in Bioinformatics 24(1): bbac569, 2023, https://doi.org/10.1093/bib/bbac569",
+        "CC BY 4.0",
+    )
+}
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _ci(v, ci) -> str:
+    return f"{_fmt(v)} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(v)
+
+
+def write_model_card(run_dir: str | Path, metrics: dict, cases: list, data_summary: dict | None) -> Path:
+    """Write ``MODEL_CARD.md`` and ``model_card.json`` into a finished run folder.
+
+    Args:
+        run_dir: the run folder (``model.pt``, ``config.yaml``, ``splits.json``, ``provenance.json``).
+        metrics: what the run report computed (``metrics.json``: per part evaluation, faithfulness, calibration).
+        cases: the run's cases (for the group-disjointness check of its splits).
+        data_summary: counts per class and the shortcut check (:func:`~liverus.evaluation.report.data_summary`).
+
+    Returns:
+        The Markdown file's path.
+    """
+    run = Path(run_dir)
+    model, card = load_model(run / "model.pt")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    prov = json.loads((run / "provenance.json").read_text()) if (run / "provenance.json").is_file() else {}
+    split_bytes = (run / "splits.json").read_bytes() if (run / "splits.json").is_file() else b""
+    disjoint = "not checked (no splits.json)"
+    if split_bytes:
+        try:
+            for fold in load_splits(run / "splits.json", cases)["folds"]:
+                check_disjoint(cases, fold)
+            disjoint = "passed: no group (patient / scan / near-duplicate group) is on two sides"
+        except Exception as exc:  # a failed check is reported, not hidden
+            disjoint = f"FAILED: {exc}"
+    source = str(cfg["data"]["source"] or "built-in synthetic phantom (liverus.data.phantom)")
+    known = next((v for k, v in KNOWN_SOURCES.items() if k in source.lower()), None)
+    wi = model.weights_info
+    parts = {k: v for k, v in metrics.items() if k in ("val", "test")}
+    performance = {}
+    for part, ev in parts.items():
+        m, b = ev["metrics"], ev["ci95_bootstrap"]
+        performance[part] = {
+            "n": ev["n"],
+            "n_malignant": ev["n_malignant"],
+            "auc": _ci(ev["auc_delong"]["auc"], ev["auc_delong"]["ci95"]),
+            "sensitivity": _ci(m["sensitivity"], b.get("sensitivity")),
+            "specificity": _ci(m["specificity"], b.get("specificity")),
+            "ece": _fmt(ev["calibration"].get("ece")),
+            "brier": _fmt(ev["calibration"].get("brier")),
+            "calibration_slope": _fmt(ev["calibration"].get("slope")),
+            "calibration_intercept": _fmt(ev["calibration"].get("intercept")),
+            "subgroups": ev.get("subgroups", {}),
+        }
+    shortcut = (data_summary or {}).get("shortcut") or {}
+    items = {
+        "title_and_version (TRIPOD+AI 1; CLAIM 1)": f"{card.model_name}, liverus {card.version}",
+        "intended_use (TRIPOD+AI 3c, 27; CLAIM 3)": (
+            "Research software: estimate whether a focal liver lesion on a B-mode ultrasound image is malignant, as "
+            "decision support read by a radiologist. Not a medical device; not for diagnosis on its own. "
+            f"Clinical setting and intended population: {PERSON}."
+        ),
+        "data_source (TRIPOD+AI 5a; CLAIM 7)": source + (f" ({known[0]})" if known else ""),
+        "data_licence": known[1] if known else PERSON,
+        "eligibility (TRIPOD+AI 5b, 20a; CLAIM 8)": (
+            f"task {card.task}: classes {', '.join(card.classes)}; other labels excluded. Files that could not be "
+            f"read: {'listed in skipped.json' if (run / 'skipped.json').is_file() else 'none'}."
+        ),
+        "counts (TRIPOD+AI 20b; CLAIM 21)": (data_summary or {}).get("counts", {}),
+        "reference_standard (TRIPOD+AI 6a; CLAIM 14-16)": f"labels as given by the data source; {PERSON}",
+        "ethics_and_consent (TRIPOD+AI 9)": PERSON,
+        "preprocessing (CLAIM 9, 10)": {**vars(card.preprocess), "normalization": list(card.normalization)}
+        if card.preprocess
+        else "none recorded",
+        "model (TRIPOD+AI 12c; CLAIM 17-19)": {
+            "architecture": card.model_name,
+            "members": card.members,
+            "parameters": count_parameters(model),
+            "input_channels": card.in_chans,
+            "weights": {"kind": wi.kind, "source": wi.source, "sha256": wi.sha256 or "n/a"},
+            "model_file_sha256": hashlib.sha256((run / "model.pt").read_bytes()).hexdigest(),
+        },
+        "training (TRIPOD+AI 12d, 12e; CLAIM 22-25)": {
+            "config": cfg,
+            "seed": prov.get("seed", cfg.get("runtime", {}).get("seed")),
+            "splits_sha256": hashlib.sha256(split_bytes).hexdigest() if split_bytes else "n/a",
+            "group_disjointness_check": disjoint,
+            "packages": prov.get("packages", {}),
+            "git_commit": prov.get("git_commit", "unknown"),
+            "tree_was_dirty": str(prov.get("git_commit", "")).endswith("-dirty"),
+        },
+        "operating_points (TRIPOD+AI 12f)": {
+            "label_threshold": card.threshold,
+            "how": card.threshold_method,
+            "named": card.operating_points,
+            "precision": card.precision,
+        },
+        "performance_with_95pct_intervals (TRIPOD+AI 23a; CLAIM 29-32)": performance,
+        "heatmap_faithfulness (CLAIM 33)": metrics.get("faithfulness", {}),
+        "known_failure_modes (TRIPOD+AI 26; CLAIM 38)": [
+            (
+                f"acquisition shortcut: image size and metadata alone predict malignancy with AUC "
+                f"{_fmt(shortcut.get('auc'))}; check the subgroup table before trusting the overall AUC"
+                if shortcut.get("auc") is not None
+                else "acquisition shortcut: not checked"
+            ),
+            "lesion-ROI models need a lesion box or mask at inference; a box far from the lesion gives a meaningless "
+            "probability"
+            if card.preprocess is not None and card.preprocess.crop == "roi"
+            else "whole-image model: burned-in text and annotations inside the scan area are not removed",
+            f"external validation: {PERSON}",
+        ],
+    }
+    atomic_write_json(run / "model_card.json", items)
+    lines = [f"# Model card: {card.model_name}", "", "Generated by liverus from the run folder. " + PERSON + " marks"
+             " items that only a person can fill.", ""]  # fmt: skip
+    for key, value in items.items():
+        lines += [f"## {key.replace('_', ' ')}", ""]
+        if isinstance(value, dict | list):
+            lines += ["```yaml", yaml.safe_dump(value, sort_keys=False).rstrip(), "```", ""]
+        else:
+            lines += [str(value), ""]
+    path = run / "MODEL_CARD.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
