@@ -243,3 +243,31 @@ def test_demo_command_is_wired(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "baseline_resnet50" in p.stdout and "custom_resnet50" in p.stdout and "report:" in p.stdout
     assert Path(tmp_path / "d" / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_repeated_cv_draws_new_group_disjoint_folds_and_compares_validly(tmp_path):
+    from liverus.data import check_disjoint, load_cases, load_splits
+    from liverus.training import apply_overrides, load_config
+    from liverus.training.experiments import run_study
+
+    cfg = apply_overrides(load_config(), [*FAST, "data.phantom_patients=36", "data.phantom_size=96"])
+    models = ["baseline_efficientnet_lite0", "custom_efficientnet_lite0"]
+    study = tmp_path / "rep"
+    summary = run_study(cfg, study, models=models, k=2, repeats=2, n_boot=50)
+    cases = load_cases(study / "phantom")
+    a = load_splits(study / "splits.json", cases)["folds"]
+    b = load_splits(study / "splits_repeat1.json", cases)["folds"]
+    assert [sorted(f["val"]) for f in a] != [sorted(f["val"]) for f in b]  # new fold assignment
+    for fold in a + b:
+        check_disjoint(cases, fold)
+    assert (study / models[1] / "repeat1" / "fold1" / "model.pt").is_file()
+    rep = summary["repeated"]
+    assert rep["repeats"] == 2 and len(rep["models"][models[1]]["auc_per_repeat"]) == 2
+    c = rep["comparisons"][models[1]]
+    assert c["folds"] == 4 and 0 <= c["corrected_t"]["p_value"] <= 1 and len(c["delong_p_per_repeat"]) == 2
+    assert "repeated cross-validation: 2 repeats x 2 folds" in summary["text"]
+    with pytest.raises(ValueError, match=r"optim\.lr \(0\.0003 -> 0\.002\)"):
+        run_study(apply_overrides(cfg, ["optim.lr=0.002"]), study, models=models, k=2, resume=True)
+    again = run_study(cfg, study, models=models, k=2, repeats=2, resume=True, n_boot=50)  # nothing retrained
+    assert again["repeated"]["models"] == rep["models"]

@@ -257,3 +257,20 @@ def test_operating_points_on_a_known_roc():
     assert pts["rule_out"]["threshold"] == pytest.approx(0.5 / 1.4)  # the highest threshold keeping every malignant
     assert pts["rule_in"]["threshold"] == pytest.approx(0.9 / 1.4)  # the lowest with at most one benign above
     assert pts["youden"]["sensitivity"] + pts["youden"]["specificity"] - 1 == pytest.approx(0.5)
+
+
+def test_corrected_resampled_ttest_against_a_hand_computation():
+    from scipy.stats import t as t_dist
+
+    from liverus.evaluation.stats import corrected_resampled_ttest
+
+    d = [0.02, 0.05, -0.01, 0.03, 0.04, 0.00, 0.02, 0.06, 0.01, 0.03]  # 2 repeats x 5 folds
+    mean = sum(d) / 10
+    var = sum((x - mean) ** 2 for x in d) / 9
+    se = ((1 / 10 + 100 / 400) * var) ** 0.5  # n_test / n_train = 1 / 4 for 5 folds
+    want_t = mean / se
+    got = corrected_resampled_ttest(d, n_train=400, n_test=100)
+    assert got["t"] == pytest.approx(want_t) and got["df"] == 9 and got["n"] == 10
+    assert got["p_value"] == pytest.approx(2 * t_dist.sf(abs(want_t), 9))
+    naive = mean / (var / 10) ** 0.5
+    assert abs(got["t"]) < abs(naive)  # the correction widens the interval

@@ -77,8 +77,11 @@ def cmd_study(args: argparse.Namespace) -> int:
         resume=args.resume,
         baseline=getattr(args, "baseline", None),
         subgroup=args.subgroup,
+        repeats=args.repeats,
+        overwrite=args.overwrite,
     )
     print(summary["text"])
+    print(f"report: {summary['report']}")
     return 0
 
 
@@ -112,6 +115,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--out", required=True, help="study folder (resumable)")
         p.add_argument("--folds", type=int, default=5)
         p.add_argument("--resume", action="store_true", help="continue an interrupted study (finished runs are kept)")
+        p.add_argument("--overwrite", action="store_true", help="move an existing --out aside and start again")
+        p.add_argument(
+            "--repeats", type=int, default=1, help="repeated CV: new folds and training seed per repeat (default 1)"
+        )
         p.add_argument("--subgroup", action="append", default=[], help="manifest column for subgroup metrics")
         if name == "compare":
             p.add_argument("--models", nargs="+", default=["baseline_resnet50", "custom_resnet50"])

@@ -26,6 +26,7 @@ __all__ = [
     "fit_temperature",
     "apply_temperature",
     "calibration_slope_intercept",
+    "corrected_resampled_ttest",
 ]
 
 
@@ -218,3 +219,35 @@ def calibration_slope_intercept(y_true: Sequence, p: Sequence) -> dict:
     slope = minimize(lambda ab: nll(ab[0], ab[1]), x0=np.array([0.0, 1.0]), method="Nelder-Mead").x[1]
     intercept = minimize_scalar(lambda a: nll(a, 1.0), bounds=(-20, 20), method="bounded").x
     return {"slope": float(slope), "intercept": float(intercept)}
+
+
+def corrected_resampled_ttest(diffs: Sequence[float], n_train: float, n_test: float) -> dict:
+    """The corrected resampled t-test (Nadeau & Bengio 2003; Bouckaert & Frank 2004) for repeated cross-validation.
+
+    The ``R x k`` per-fold differences of two models (same folds) are not independent, since the training sets
+    overlap; the naive t-test's variance ``s^2 / n`` is replaced by ``(1 / n + n_test / n_train) * s^2``.
+
+    Args:
+        diffs: one difference (e.g. AUC of model minus AUC of baseline) per fold of every repeat.
+        n_train: cases used for training in a fold (its training and validation parts).
+        n_test: cases scored in a fold.
+
+    Returns:
+        ``mean_diff``, ``sd``, ``t``, ``df`` (n - 1), two-sided ``p_value`` and ``n`` (folds x repeats).
+    """
+    from scipy.stats import t as t_dist
+
+    d = np.asarray(diffs, dtype=float)
+    d = d[np.isfinite(d)]
+    n = len(d)
+    if n < 2 or n_train <= 0 or n_test <= 0:
+        return {"mean_diff": float(d.mean()) if n else math.nan, "sd": math.nan, "t": math.nan, "df": n - 1,
+                "p_value": math.nan, "n": n}  # fmt: skip
+    mean, var = float(d.mean()), float(d.var(ddof=1))
+    se = math.sqrt((1 / n + n_test / n_train) * var)
+    if se == 0:
+        t, p = (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    else:
+        t = mean / se
+        p = float(2 * t_dist.sf(abs(t), n - 1))
+    return {"mean_diff": mean, "sd": math.sqrt(var), "t": t, "df": n - 1, "p_value": p, "n": n}

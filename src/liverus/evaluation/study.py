@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from liverus.engine.predictions import Predictions, read_predictions
@@ -37,6 +38,9 @@ from liverus.utils import atomic_write_json
 
 __all__ = [
     "fold_runs",
+    "repeat_dir",
+    "n_repeats",
+    "repeated_cv_summary",
     "study_predictions",
     "summarize_study",
     "summary_markdown",
@@ -120,10 +124,12 @@ def summarize_study(
     study = json.loads((out / "study.json").read_text())
     cases = cases_of_run(study["config"], out)
     faith = _study_faithfulness(out, labels, cases, max_cases)
+    repeated = repeated_cv_summary(out, labels, baseline) if n_repeats(out) > 1 else None
     summary = {
         "faithfulness": faith,
         "models": labels,
         "baseline": baseline,
+        "repeated": repeated,
         "pooled": evals,
         "per_fold": per_fold,
         "comparisons": comparisons,
@@ -145,16 +151,22 @@ def summarize_study(
         lines.append(
             f"{label:34s} {fmt(a['auc'])} [{fmt(a['ci95'][0])}, {fmt(a['ci95'][1])}]    "
             f"{fmt(e['metrics']['sensitivity']):>6s} {fmt(e['metrics']['specificity']):>6s} "
-            f"{fmt(pf['mean']):>8s}±{fmt(pf['sd']):<8s} {fmt(p) if p is not None else 'ref':>9s} "
+            f"{fold_spread(pf):>17s} {fmt(p) if p is not None else 'ref':>9s} "
             f"{fmt(e['calibration']['ece']):>6s}"
         )
-    lines.append("")
-    lines += [
-        f"{label}: final model on every case: --set data.val_fraction=0 --set model.threshold="
-        f"{recipe[label]['threshold']:.4f} (pooled out-of-fold Youden threshold; check that the final model's "
-        "probabilities are distributed like the out-of-fold ones before relying on it)"
-        for label in labels
-    ]
+    if repeated:
+        lines += [
+            "",
+            f"repeated cross-validation: {repeated['repeats']} repeats x {len(fold_runs(out, labels[0]))} folds",
+        ]
+        lines.append(f"{'model':34s} {'pooled AUC per repeat':32s} {'mean ± SD':>14s} {'corrected t p':>14s}")
+        for label in labels:
+            m, c = repeated["models"][label], repeated["comparisons"].get(label)
+            per = ", ".join(fmt(a) for a in m["auc_per_repeat"])
+            lines.append(
+                f"{label:34s} {per:32s} {fmt(m['mean']):>6s} ± {fmt(m['sd']):<5s} "
+                f"{fmt(c['corrected_t']['p_value'], 4) if c else 'ref':>14s}"
+            )
     text = "\n".join(lines)
     summary["text"] = text
 
@@ -214,6 +226,7 @@ def summarize_study(
         ),
         ("Per-fold AUC", table_html(["model", *[f"fold {i}" for i in range(k)], "mean ± sd"], fold_rows)),
         ("Figures", '<div class="figs">' + "".join(img_html(f) for f in figs) + "</div>"),
+        ("Repeated cross-validation", _repeated_html(repeated)),
         ("Subgroups", subgroup_html(evals)),
         (
             "Final model on every case",
@@ -248,18 +261,116 @@ def summarize_study(
     return summary
 
 
-def fold_runs(study: Path, model: str) -> list[Path]:
-    """A study model's fold run folders in fold order (fold10 after fold9)."""
-    return sorted((study / model).glob("fold*"), key=lambda p: int(p.name[4:]))
+def _repeated_html(repeated: dict | None) -> str:
+    if not repeated:
+        return ""
+    rows = []
+    for name, m in repeated["models"].items():
+        c = repeated["comparisons"].get(name)
+        rows.append(
+            [
+                name,
+                ", ".join(fmt(a) for a in m["auc_per_repeat"]),
+                f"{fmt(m['mean'])} ± {fmt(m['sd'])}",
+                fmt(c["corrected_t"]["mean_diff"]) if c else "reference",
+                fmt(c["corrected_t"]["p_value"], 4) if c else "",
+                ", ".join(fmt(p, 4) for p in c["delong_p_per_repeat"]) if c else "",
+            ]
+        )
+    return (
+        f"<p>{repeated['repeats']} repeats, each with its own fold assignment and training seed; every model saw the "
+        "same fold sets. The corrected resampled t-test (Nadeau &amp; Bengio 2003) compares per-fold AUCs over all "
+        "repeats and folds, allowing for their overlapping training sets; DeLong's test is per repeat.</p>"
+        + table_html(
+            [
+                "model",
+                "pooled AUC per repeat",
+                "mean ± SD",
+                "mean fold ΔAUC",
+                "corrected t-test p",
+                "DeLong p per repeat",
+            ],
+            rows,
+        )
+    )
 
 
-def study_predictions(study: Path, model: str) -> Predictions:
-    """The model's pooled out-of-fold predictions (one file per fold, in fold order)."""
-    runs = fold_runs(study, model)
+def fold_spread(pf: dict) -> str:
+    """``mean±sd`` of per-fold values, or the one value of a single split (no spread to show)."""
+    if len(pf.get("per_fold", [])) <= 1:
+        return fmt(pf["mean"])
+    return f"{fmt(pf['mean'])}±{fmt(pf['sd'])}"
+
+
+def repeat_dir(study: Path, model: str, repeat: int = 0) -> Path:
+    """Where a model's runs of one repeat live: ``MODEL/`` for the first, ``MODEL/repeatR/`` for the others."""
+    return Path(study) / model if repeat == 0 else Path(study) / model / f"repeat{repeat}"
+
+
+def n_repeats(study: Path) -> int:
+    """How many repeats a study folder holds (``study.json``)."""
+    return int(json.loads((Path(study) / "study.json").read_text()).get("repeats", 1))
+
+
+def fold_runs(study: Path, model: str, repeat: int = 0) -> list[Path]:
+    """A study model's fold run folders of one repeat, in fold order (fold10 after fold9)."""
+    return sorted(repeat_dir(study, model, repeat).glob("fold*"), key=lambda p: int(p.name[4:]))
+
+
+def study_predictions(study: Path, model: str, repeat: int = 0) -> Predictions:
+    """The model's pooled out-of-fold predictions of one repeat (one file per fold, in fold order)."""
+    runs = fold_runs(study, model, repeat)
     files = [r / "predictions_test.csv" for r in runs]
     if not runs or not all(f.is_file() for f in files):
-        raise ValueError(f"{study / model} holds no finished cross-validation (fold*/predictions_test.csv)")
+        where = repeat_dir(study, model, repeat)
+        raise ValueError(f"{where} holds no finished cross-validation (fold*/predictions_test.csv)")
     return read_predictions(files)
+
+
+def repeated_cv_summary(study: Path, labels: list[str], baseline: str) -> dict:
+    """Per model: pooled AUC of each repeat, their mean and SD; against the baseline: DeLong's test per repeat and the
+    corrected resampled t-test over the per-fold AUC differences of all repeats (valid for repeated CV)."""
+    from liverus.evaluation.stats import corrected_resampled_ttest, delong_ci, delong_test
+
+    repeats = n_repeats(study)
+    per_model, fold_auc, sizes = {}, {}, []
+    for label in labels:
+        aucs, folds = [], []
+        for r in range(repeats):
+            pr = study_predictions(study, label, r)
+            aucs.append(delong_ci(pr.y, pr.p)[0])
+            for run in fold_runs(study, label, r):
+                res = json.loads((run / "result.json").read_text())
+                folds.append((res.get("test_metrics") or {}).get("auc", math.nan))
+                if label == baseline:
+                    n_test = len(read_predictions([run / "predictions_test.csv"]))
+                    sizes.append((len(pr) - n_test, n_test))
+        arr = np.asarray(aucs, dtype=float)
+        per_model[label] = {
+            "auc_per_repeat": arr.tolist(),
+            "mean": float(np.nanmean(arr)),
+            "sd": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else math.nan,
+        }
+        fold_auc[label] = folds
+    comparisons = {}
+    if sizes:
+        n_train, n_test = float(np.mean([a for a, _ in sizes])), float(np.mean([b for _, b in sizes]))
+        for label in labels:
+            if label == baseline:
+                continue
+            diffs = np.asarray(fold_auc[label]) - np.asarray(fold_auc[baseline])
+            per_repeat = []
+            for r in range(repeats):
+                ref = study_predictions(study, baseline, r)
+                other = study_predictions(study, label, r).align(ref.paths)
+                per_repeat.append(delong_test(ref.y, other.p, ref.p)["p_value"])
+            comparisons[label] = {
+                "corrected_t": corrected_resampled_ttest(diffs, n_train, n_test),
+                "delong_p_per_repeat": per_repeat,
+                "folds": len(diffs),
+                "train_test_sizes": [n_train, n_test],
+            }
+    return {"repeats": repeats, "models": per_model, "comparisons": comparisons}
 
 
 def compare_studies(

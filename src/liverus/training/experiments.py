@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 
 from liverus.data import (
@@ -26,10 +27,10 @@ from liverus.data import (
     save_splits,
     train_val_test_split,
 )
-from liverus.evaluation.study import summarize_study
+from liverus.evaluation.study import repeat_dir, summarize_study
 from liverus.training.config import TrainConfig, config_to_dict
 from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
-from liverus.training.run_folder import RunExistsError
+from liverus.training.run_folder import RunExistsError, changed_keys
 from liverus.training.trainer import train
 from liverus.utils import atomic_write_json
 
@@ -115,8 +116,10 @@ def run_study(
     baseline: str | None = None,
     subgroup: list[str] | None = None,
     n_boot: int = 2000,
+    repeats: int = 1,
+    overwrite: bool = False,
 ) -> dict:
-    """Train every model on every fold and summarise.
+    """Train every model on every fold (of every repeat) and summarise.
 
     Args:
         cfg: base config (each model overrides ``model.name`` and, with ``name@weights``, ``model.weights``).
@@ -127,12 +130,17 @@ def run_study(
         baseline: the reference for paired tests (default: the first model).
         subgroup: metadata columns for subgroup tables (AUL: ``size_group`` is added automatically).
         n_boot: bootstrap resamples.
+        repeats: repeated cross-validation: repeat ``r`` draws new folds and trains with seed ``runtime.seed + r``
+            (every model sees the same fold sets); runs of repeat ``r >= 1`` live in ``MODEL/repeatR/foldI``.
+            A resumed study may raise the number of repeats.
+        overwrite: move an existing study folder aside (to ``STUDY.replaced-<time>``) and start again.
 
     Returns:
         The summary (also ``summary.json``), with a ``text`` table.
 
     Raises:
-        RunExistsError: if ``out`` holds a study and ``resume`` is false.
+        RunExistsError: if ``out`` holds a study and neither ``resume`` nor ``overwrite`` is set.
+        ValueError: if a resumed study's config differs (the message names the keys).
     """
     out = Path(out)
     specs = [parse_model_spec(m) for m in models]
@@ -141,34 +149,53 @@ def run_study(
         raise ValueError(f"model list has duplicates: {models}")
     if cfg.data.task != "binary":
         raise ValueError("cv/compare summarise benign vs malignant; set data.task=binary")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     study_file = out / "study.json"
-    meta = {"models": models, "k": k, "config": config_to_dict(cfg)}
+    if overwrite and out.exists():
+        backup = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(backup)
+        log.warning("moved the existing study folder to %s", backup)
+    meta = {"models": models, "k": k, "repeats": repeats, "config": config_to_dict(cfg)}
     if study_file.is_file():
         if not resume:
-            raise RunExistsError(f"study folder {out} already exists; pass --resume to continue it")
+            raise RunExistsError(
+                f"study folder {out} already exists; pass --resume to continue it or --overwrite to start again"
+            )
         saved = json.loads(study_file.read_text())
-        if saved["config"] != meta["config"]:
-            raise ValueError(f"cannot resume {out}: its config differs from the requested one")
+        changed = changed_keys(saved["config"], meta["config"])
+        if changed:
+            raise ValueError(f"cannot resume {out}: its config differs from the requested one in {', '.join(changed)}")
         meta["models"] = list(dict.fromkeys(saved["models"] + models))
+        meta["repeats"] = max(repeats, saved.get("repeats", 1))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(study_file, meta)
 
     cases = _usable_cases(cfg, out)
-    split_file = out / "splits.json"
+    by_path = {c.path: c for c in cases}
+    for r in range(meta["repeats"]):
+        folds = _repeat_folds(cfg, out, cases, k, r)
+        rcfg = copy.deepcopy(cfg)
+        rcfg.runtime.seed = cfg.runtime.seed + r
+        for spec, (_, _, label) in zip(models, specs, strict=True):
+            for i, fold in enumerate(folds):
+                fold_cases = [by_path[p] for p in fold["train"]]
+                inner = train_val_test_split(fold_cases, cfg.data.val_fraction, 0.0, seed=rcfg.runtime.seed + i)
+                split = {"train": inner["train"], "val": inner["val"], "test": fold["val"]}
+                _train_model(rcfg, spec, repeat_dir(out, label, r) / f"fold{i}", cases, split)
+    return summarize_study(out, labels, baseline=baseline or labels[0], subgroup=subgroup or [], n_boot=n_boot)
+
+
+def _repeat_folds(cfg: TrainConfig, out: Path, cases: list, k: int, r: int) -> list[dict]:
+    """Repeat ``r``'s folds: ``splits.json`` (repeat 0, or ``data.splits``) and ``splits_repeatR.json``, drawn with
+    seed ``runtime.seed + r`` and reused on resume."""
+    split_file = out / ("splits.json" if r == 0 else f"splits_repeat{r}.json")
     if split_file.is_file():
-        folds = load_splits(split_file, cases)["folds"]
-    elif cfg.data.splits:
+        return load_splits(split_file, cases)["folds"]
+    if cfg.data.splits and r == 0:
         folds = load_splits(cfg.data.splits, cases)["folds"]
         save_splits(split_file, {"folds": folds, "source": cfg.data.splits})
-    else:
-        folds = kfold_splits(cases, k, seed=cfg.runtime.seed)
-        save_splits(split_file, {"folds": folds, "seed": cfg.runtime.seed, "k": k})
-
-    by_path = {c.path: c for c in cases}
-    for spec, (_, _, label) in zip(models, specs, strict=True):
-        for i, fold in enumerate(folds):
-            fold_cases = [by_path[p] for p in fold["train"]]
-            inner = train_val_test_split(fold_cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed + i)
-            split = {"train": inner["train"], "val": inner["val"], "test": fold["val"]}
-            _train_model(cfg, spec, out / label / f"fold{i}", cases, split)
-    return summarize_study(out, labels, baseline=baseline or labels[0], subgroup=subgroup or [], n_boot=n_boot)
+        return folds
+    folds = kfold_splits(cases, k, seed=cfg.runtime.seed + r)
+    save_splits(split_file, {"folds": folds, "seed": cfg.runtime.seed + r, "k": k, "repeat": r})
+    return folds

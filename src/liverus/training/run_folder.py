@@ -20,7 +20,7 @@ import yaml
 
 from liverus.utils import atomic_write_json, atomic_write_text, provenance
 
-__all__ = ["RunFolder", "RunExistsError"]
+__all__ = ["RunFolder", "RunExistsError", "changed_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RunFolder:
         if existing:
             if self.config_file.is_file():
                 saved = yaml.safe_load(self.config_file.read_text())
-                changed = _changed_keys(saved, yaml.safe_load(cfg_text))
+                changed = changed_keys(saved, yaml.safe_load(cfg_text))
                 if changed:
                     raise ValueError(
                         f"cannot resume {self.path}: its config.yaml differs from the requested config in "
@@ -114,12 +114,13 @@ class RunFolder:
             self.append_metrics(row)
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``section.key (old -> new)`` for every value that differs between two nested config dicts."""
     keys = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{k}.")
+            keys += changed_keys(a, b, f"{prefix}{k}.")
         elif a != b:
             keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
     return keys
