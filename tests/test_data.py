@@ -510,3 +510,32 @@ def test_cache_lives_in_the_run_folder_and_can_be_cleared(phantom_dir, tmp_path,
     assert files == 3 and n_bytes > 0 and not (run / "cache").exists() and keep.is_file()
     monkeypatch.setenv("LIVERUS_CACHE", str(tmp_path / "elsewhere"))
     assert default_cache_dir(run) == tmp_path / "elsewhere"
+
+
+def test_groups_from_near_duplicates_keep_pairs_together_and_name_conflicts(tmp_path):
+    from liverus.data import apply_grouping, kfold_splits, write_manifest
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(12):
+        base = cv2.GaussianBlur(rng.random((96, 128)).astype(np.float32), (0, 0), 1.5)
+        for j in range(2):  # two frames of one scan under different names, no patient IDs
+            frame = np.clip(base + rng.normal(0, 0.002, base.shape), 0, 1)
+            p = tmp_path / f"img_{i}_{j}.png"
+            cv2.imwrite(str(p), (frame * 255).astype(np.uint8))
+            label = "malignant" if i % 2 else "benign"
+            if i == 0 and j == 1:
+                label = "malignant"  # one pair with conflicting labels
+            cases.append(Case(str(p), label))
+    write_manifest(cases, tmp_path / "m.csv")
+    grouped, conflicts = apply_grouping(cases, "near_duplicates")
+    assert len({c.group_key for c in grouped}) == 12
+    assert [(Path(c["a"]).name, Path(c["b"]).name) for c in conflicts] == [("img_0_0.png", "img_0_1.png")]
+    same, _ = apply_grouping(cases, "source")
+    assert len({c.group_key for c in same}) == 24  # one group per image: pairs could be split
+    for fold in kfold_splits([c for c in grouped if c.label == "benign" or not c.path.endswith("_0_1.png")], 2):
+        train = {Path(p).name.rsplit("_", 1)[0] for p in fold["train"]}
+        val = {Path(p).name.rsplit("_", 1)[0] for p in fold["val"]}
+        assert not train & val
+    with pytest.raises(ValueError, match="unknown grouping"):
+        apply_grouping(cases, "patients")

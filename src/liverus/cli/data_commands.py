@@ -56,9 +56,14 @@ def cmd_data_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
-    from liverus.data import kfold_splits, load_cases, save_splits, select_task
+    from liverus.data import apply_grouping, kfold_splits, load_cases, save_splits, select_task
 
     cases, _ = select_task(load_cases(args.path), args.task)
+    cases, conflicts = apply_grouping(cases, args.group_by)
+    for c in conflicts:
+        print(
+            f"warning: near duplicates with different labels: {c['a']} ({c['label_a']}) and {c['b']} ({c['label_b']})"
+        )
     folds = kfold_splits(cases, args.folds, seed=args.seed)
     save_splits(
         args.out,
@@ -113,4 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     # Checked by liverus.data.select_task (its error lists the tasks), so the list lives in one place.
     p.add_argument("--task", default="binary", help="binary (default) or three_class")
+    p.add_argument(
+        "--group-by",
+        default="source",
+        help="source (the data's own groups, default) or near_duplicates (also merge exact and near-duplicate images)",
+    )
     p.set_defaults(func=cmd_data_split)

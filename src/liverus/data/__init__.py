@@ -1,6 +1,6 @@
 """Data: reading, case tables, preprocessing, augmentation, caching, splits, audit and the synthetic phantom."""
 
-from liverus.data.audit import audit_cases, format_audit, shortcut_check
+from liverus.data.audit import apply_grouping, audit_cases, format_audit, near_duplicate_groups, shortcut_check
 from liverus.data.augment import build_train_transform
 from liverus.data.cases import (
     CLASS_SETS,
@@ -32,6 +32,7 @@ __all__ = [
     "DataError",
     "PreprocessConfig",
     "UltrasoundDataset",
+    "apply_grouping",
     "audit_cases",
     "build_train_transform",
     "cases_from_aul_release",
@@ -47,6 +48,7 @@ __all__ = [
     "load_preprocessed",
     "load_splits",
     "make_phantom_dataset",
+    "near_duplicate_groups",
     "prepare_cases",
     "preprocess",
     "read_image",

@@ -13,9 +13,21 @@ from PIL import Image
 from liverus.data.cases import Case
 from liverus.data.io import DataError, printable, read_image
 
-__all__ = ["audit_cases", "shortcut_check", "format_audit", "image_size", "SHORTCUT_WARN_AUC"]
+__all__ = [
+    "audit_cases",
+    "shortcut_check",
+    "format_audit",
+    "image_size",
+    "near_duplicate_groups",
+    "apply_grouping",
+    "GROUPINGS",
+    "SHORTCUT_WARN_AUC",
+]
 
 SHORTCUT_WARN_AUC = 0.70
+# What a split groups by: the groups the data source gives (patient / scan ids, AUL's near_dup_group), or those
+# merged with groups found in the images themselves (exact and near duplicates).
+GROUPINGS = ("source", "near_duplicates")
 _NON_FEATURE_COLS = {
     "group",
     "patient_id",
@@ -119,6 +131,89 @@ def shortcut_check(cases: list[Case], sizes: list[tuple[int, int]], seed: int = 
             "inside each image-size subgroup."
         )
     return {"auc": auc, "features": list(feats), "per_feature_auc": per, "warning": warning}
+
+
+def near_duplicate_groups(
+    cases: list[Case], *, threshold: float = 0.85
+) -> tuple[list[Case], list[dict], list[tuple[str, str]]]:
+    """Groups from the data itself, for sets without patient IDs: exact duplicates (same bytes) and near duplicates
+    (band-pass thumbnails correlating at least ``threshold``, as in the audit) join one group, merged with any groups
+    the cases already have, so that no pair lands on both sides of a split.
+
+    Returns:
+        ``(cases with the merged groups, conflicts, unreadable)``: ``conflicts`` lists near-duplicate pairs with
+        different labels, by name (``{"a", "b", "label_a", "label_b", "correlation"}``); unreadable files keep their
+        group and are listed as ``(path, problem)``.
+    """
+    import dataclasses
+
+    parent = list(range(len(cases)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        parent[find(i)] = find(j)
+
+    by_group: dict[str, int] = {}
+    for i, c in enumerate(cases):
+        if c.group:
+            union(i, by_group.setdefault(c.group, i))
+    sigs, idx, unreadable, by_hash = [], [], [], {}
+    for i, c in enumerate(cases):
+        try:
+            sigs.append(_texture_signature(c.path))
+            digest = hashlib.sha256(Path(c.path).read_bytes()).hexdigest()
+        except (DataError, OSError) as exc:
+            if len(sigs) > len(idx):
+                sigs.pop()
+            unreadable.append((c.path, getattr(exc, "problem", None) or str(exc)))
+            continue
+        idx.append(i)
+        union(i, by_hash.setdefault(digest, i))
+    conflicts = []
+    if sigs:
+        corr = np.stack(sigs) @ np.stack(sigs).T
+        for a, b in zip(*np.nonzero(np.triu(corr, 1) >= threshold), strict=True):
+            i, j = idx[a], idx[b]
+            union(i, j)
+            if cases[i].label != cases[j].label:
+                conflicts.append(
+                    {
+                        "a": cases[i].path,
+                        "b": cases[j].path,
+                        "label_a": cases[i].label,
+                        "label_b": cases[j].label,
+                        "correlation": round(float(corr[a, b]), 3),
+                    }
+                )
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(cases)):
+        members[find(i)].append(i)
+    out = list(cases)
+    for root, ids in members.items():
+        if len(ids) > 1:
+            key = f"dup:{Path(cases[min(ids)].path).name}:{root}"
+            for i in ids:
+                out[i] = dataclasses.replace(cases[i], group=key)
+    return out, conflicts, unreadable
+
+
+def apply_grouping(cases: list[Case], grouping: str) -> tuple[list[Case], list[dict]]:
+    """The cases with the groups ``grouping`` asks for (see :data:`GROUPINGS`). Returns: ``(cases, conflicts)``.
+
+    Raises:
+        ValueError: for an unknown grouping.
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; choose one of {GROUPINGS}")
+    if grouping == "source":
+        return cases, []
+    grouped, conflicts, _ = near_duplicate_groups(cases)
+    return grouped, conflicts
 
 
 def audit_cases(

@@ -2,8 +2,8 @@
 
 from liverus.training.config import ConfigError, TrainConfig, apply_overrides, load_config
 from liverus.training.losses import FocalLoss, build_loss, class_weights
-from liverus.training.run_folder import RunExistsError
-from liverus.training.trainer import TrainResult, train
+from liverus.training.run_folder import RunExistsError, TrainResult
+from liverus.training.trainer import train
 
 __all__ = [
     "ConfigError",

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from liverus.data.audit import GROUPINGS
 from liverus.data.augment import AUGMENT_LEVELS
 from liverus.data.cases import CLASS_SETS
 from liverus.data.preprocess import CROP_MODES
@@ -55,6 +56,7 @@ class DataConfig:
     letterbox: bool = True
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
+    group_by: str = "source"  # source | near_duplicates (merge groups of exact and near-duplicate images)
     fold: int = 0  # which fold of the splits file is used
     val_fraction: float = 0.2
     skip_bad: bool = False
@@ -129,6 +131,7 @@ class TrainConfig:
             ("data", "task"): tuple(CLASS_SETS),
             ("data", "crop"): CROP_MODES,
             ("data", "augment"): AUGMENT_LEVELS,
+            ("data", "group_by"): GROUPINGS,
             ("optim", "optimizer"): OPTIMIZERS,
             ("loss", "name"): LOSSES,
             ("runtime", "precision"): PRECISIONS,

@@ -15,6 +15,7 @@ from liverus.data import (
     DataError,
     PreprocessConfig,
     UltrasoundDataset,
+    apply_grouping,
     build_train_transform,
     check_disjoint,
     default_cache_dir,
@@ -54,6 +55,14 @@ def resolve_cases(cfg: TrainConfig, run_dir: str | Path, info: DistInfo | None =
         barrier(info)
         cases = load_cases(phantom_dir / "manifest.csv")
     cases, _ = select_task(cases, cfg.data.task)
+    if cfg.data.group_by != "source":
+        cases, conflicts = apply_grouping(cases, cfg.data.group_by)
+        log.info("grouped by %s: %d groups", cfg.data.group_by, len({c.group_key for c in cases}))
+        for c in conflicts:
+            log.warning(
+                "near duplicates with different labels: %s (%s) and %s (%s), correlation %.3f",
+                c["a"], c["label_a"], c["b"], c["label_b"], c["correlation"],
+            )  # fmt: skip
     return cases
 
 

@@ -31,7 +31,7 @@ from liverus.models import EnsembleClassifier, load_model, save_model
 from liverus.training.config import TrainConfig, config_to_dict
 from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
 from liverus.training.loop import score
-from liverus.training.run_folder import RunFolder
+from liverus.training.run_folder import RunFolder, TrainResult
 
 __all__ = ["train_ensemble"]
 
@@ -60,8 +60,6 @@ def train_ensemble(
     Returns:
         The :class:`~liverus.training.TrainResult`.
     """
-    from liverus.training.trainer import TrainResult
-
     t_start = time.time()
     k = cfg.model.ensemble
     folder = RunFolder(run_dir)

@@ -14,19 +14,36 @@ import io
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from liverus.utils import atomic_write_json, atomic_write_text, provenance
 
-__all__ = ["RunFolder", "RunExistsError", "changed_keys"]
+__all__ = ["RunFolder", "RunExistsError", "TrainResult", "changed_keys"]
 
 log = logging.getLogger(__name__)
 
 
 class RunExistsError(FileExistsError):
     """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns and stores as ``result.json``."""
+
+    run_dir: str
+    model_path: str
+    best_epoch: int
+    val_auc: float
+    threshold: float
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+    val_metrics: dict = field(default_factory=dict)
+    test_metrics: dict | None = None
+    wall_time_s: float = 0.0
 
 
 class RunFolder:

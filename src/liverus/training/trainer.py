@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from liverus.training.handlers import EarlyStopping, MetricsLogger
 from liverus.training.loop import EpochStats, evaluate_loader, score, selection_score, train_one_epoch
 from liverus.training.losses import build_loss
 from liverus.training.optim import build_optimizer, build_scheduler, set_train_mode
-from liverus.training.run_folder import RunExistsError, RunFolder
+from liverus.training.run_folder import RunExistsError, RunFolder, TrainResult
 from liverus.training.runtime import Runtime
 from liverus.training.state import CheckpointSaver, TrainObjects, TrainState
 from liverus.utils import seed_everything
@@ -39,20 +39,6 @@ from liverus.utils import seed_everything
 __all__ = ["train", "TrainResult", "RunExistsError", "build_run_model"]
 
 log = logging.getLogger("liverus.training")
-
-
-@dataclass
-class TrainResult:
-    run_dir: str
-    model_path: str
-    best_epoch: int
-    val_auc: float
-    threshold: float
-    epochs_run: int
-    history: list[dict] = field(default_factory=list)
-    val_metrics: dict = field(default_factory=dict)
-    test_metrics: dict | None = None
-    wall_time_s: float = 0.0
 
 
 def train(
