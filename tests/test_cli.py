@@ -271,3 +271,22 @@ def test_repeated_cv_draws_new_group_disjoint_folds_and_compares_validly(tmp_pat
         run_study(apply_overrides(cfg, ["optim.lr=0.002"]), study, models=models, k=2, resume=True)
     again = run_study(cfg, study, models=models, k=2, repeats=2, resume=True, n_boot=50)  # nothing retrained
     assert again["repeated"]["models"] == rep["models"]
+
+
+@pytest.mark.slow
+def test_three_class_model_is_evaluated_end_to_end(tmp_path):
+    run = tmp_path / "three"
+    p = liverus(
+        "train", "--out", str(run), "--model", "custom_efficientnet_lite0",
+        *_sets([*FAST, "data.task=three_class", "data.phantom_patients=60", "data.phantom_size=96"]),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = liverus("evaluate", str(run / "model.pt"), "--data", str(run / "phantom"), "--out", str(tmp_path / "ev"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "macro AUC" in p.stdout and "macro average precision" in p.stdout
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())["evaluation"]
+    assert set(ev["per_class"]) == {"normal", "benign", "malignant"}
+    assert 0 <= ev["macro"]["auc"] <= 1 and 0 <= ev["macro"]["pr_auc"] <= 1
+    assert len(ev["confusion_matrix"]) == 3 and sum(map(sum, ev["confusion_matrix"])) == ev["n"]
+    assert set(ev["calibration"]) == {"normal", "benign", "malignant"}
+    assert "average precision" in (tmp_path / "ev" / "report.html").read_text()

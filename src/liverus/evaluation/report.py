@@ -367,9 +367,7 @@ def evaluate_checkpoint(
     if (out / "metrics.json").exists():
         raise ValueError(f"{out} already holds an evaluation (metrics.json); choose another --out")
     model, card = load_model(model_path)
-    if not card.is_binary:
-        raise ValueError("liverus evaluate supports binary models (benign vs malignant)")
-    cases, _ = select_task(load_cases(data), "binary")
+    cases, _ = select_task(load_cases(data), card.task)
     cache = CaseCache(card.require_preprocess(model_path))
     cases, skipped = prepare_cases(cases, cache, skip_bad=skip_bad)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,6 +379,8 @@ def evaluate_checkpoint(
     probs, tg = predict_probs(model, loader, card, device=cpu, amp=inference_amp(card.precision, cpu))
     threshold = card.threshold
     write_predictions(out / "predictions.csv", cases, probs, tg, card.classes, threshold)
+    if not card.is_binary:
+        return _evaluate_multiclass(model_path, data, out, card, probs, tg, skipped)
     pr = read_predictions([out / "predictions.csv"])
     cols = list(subgroup) or default_subgroups(pr)
     ev = evaluate_binary(pr, threshold, n_boot=n_boot, subgroups=cols)
@@ -413,5 +413,62 @@ def evaluate_checkpoint(
         f"{name} on {len(cases)} cases: AUC {_ci(m['auc'], ev['auc_delong']['ci95'])}, sensitivity "
         f"{_ci(m['sensitivity'], ev['ci95_bootstrap']['sensitivity'])}, specificity "
         f"{_ci(m['specificity'], ev['ci95_bootstrap']['specificity'])}\nreport: {out / 'report.html'}"
+    )
+    return {"evaluation": ev, "text": text}
+
+
+def multiclass_evaluation(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> dict:
+    """Three (or more) classes: one-vs-rest AUC and average precision per class, their macro means (macro average
+    precision is UltraBench's AUL metric), the confusion matrix at the arg-max, and calibration per class
+    (one-vs-rest ECE, Brier, slope and intercept)."""
+    from liverus.evaluation.metrics import multiclass_metrics
+    from liverus.evaluation.stats import calibration_summary
+
+    ev = multiclass_metrics(targets, probs, classes)
+    ev["calibration"] = {}
+    for i, name in enumerate(classes):
+        yi = (targets == i).astype(int)
+        if 0 < yi.sum() < len(yi):
+            cal = calibration_summary(yi, probs[:, i])
+            ev["calibration"][name] = {k: cal[k] for k in ("ece", "brier", "slope", "intercept")}
+    return ev
+
+
+def multiclass_html(ev: dict, classes: Sequence[str]) -> str:
+    rows = [
+        [c, fmt(m["auc"]), fmt(m["pr_auc"]), fmt(m["sensitivity"]), fmt(m["specificity"]),
+         fmt(ev["calibration"].get(c, {}).get("ece")), fmt(ev["calibration"].get(c, {}).get("slope"))]
+        for c, m in ev["per_class"].items()
+    ]  # fmt: skip
+    rows.append(["macro", *[fmt(ev["macro"][k]) for k in ("auc", "pr_auc", "sensitivity", "specificity")], "", ""])
+    matrix = [[c, *r] for c, r in zip(classes, ev["confusion_matrix"], strict=True)]
+    cm = table_html(["true \\ predicted", *classes], matrix)
+    return (
+        "<p>One-vs-rest per class; the predicted class is the most probable one.</p>"
+        + table_html(["class", "AUC", "average precision", "sensitivity", "specificity", "ECE", "cal. slope"], rows)
+        + f"<p>Accuracy {fmt(ev['accuracy'])}, balanced accuracy {fmt(ev['balanced_accuracy'])}.</p>"
+        + cm
+    )
+
+
+def _evaluate_multiclass(model_path, data, out: Path, card, probs, tg, skipped) -> dict:
+    from liverus.evaluation import plots
+
+    ev = multiclass_evaluation(probs, tg, card.classes)
+    atomic_write_json(
+        out / "metrics.json", {"model": str(model_path), "data": str(data), "skipped": skipped, "evaluation": ev}
+    )
+    fig = plots.confusion_plot(ev["confusion_matrix"], card.classes, out / "figures" / "confusion.png")
+    sections = [
+        ("Metrics", multiclass_html(ev, card.classes)),
+        ("Figures", '<div class="figs">' + img_html(fig) + "</div>"),
+    ]
+    render_report(
+        out / "report.html", f"liverus evaluation: {card.model_name}", sections, subtitle=f"{model_path} on {data}"
+    )
+    text = (
+        f"{card.model_name} on {ev['n']} cases ({', '.join(card.classes)}): macro AUC {fmt(ev['macro']['auc'])}, "
+        f"macro average precision {fmt(ev['macro']['pr_auc'])}, accuracy {fmt(ev['accuracy'])}\n"
+        f"report: {out / 'report.html'}"
     )
     return {"evaluation": ev, "text": text}
