@@ -157,7 +157,11 @@ def test_compare_runs_every_model_on_the_same_folds_and_resumes(tmp_path):
             run_split = json.loads((study / model / f"fold{i}" / "splits.json").read_text())["folds"][0]
             assert sorted(run_split["test"]) == sorted(fold["val"])
             assert not set(run_split["train"]) & set(fold["val"])
-    assert (study / "report.html").is_file()
+    assert (study / "report.html").is_file() and f"report: {study / 'report.html'}" in p.stdout
+    report = (study / "report.html").read_text()
+    # Each model's own config is shown (not the study's default model name), and the data counted are those scored.
+    assert "name: baseline_efficientnet_lite0" in report and "name: custom_efficientnet_lite0" in report
+    assert "name: custom_resnet50" not in report
     from liverus.evaluation.study import summary_markdown
 
     md = summary_markdown(summary)
@@ -243,6 +247,8 @@ def test_demo_command_is_wired(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "baseline_resnet50" in p.stdout and "custom_resnet50" in p.stdout and "report:" in p.stdout
     assert Path(tmp_path / "d" / "report.html").is_file()
+    # A first-time user sees what the demo showed and where the report is, not recipe hints or "±n/a" columns.
+    assert "final model on every case" not in p.stdout and "±n/a" not in p.stdout
 
 
 @pytest.mark.slow
@@ -267,6 +273,10 @@ def test_repeated_cv_draws_new_group_disjoint_folds_and_compares_validly(tmp_pat
     c = rep["comparisons"][models[1]]
     assert c["folds"] == 4 and 0 <= c["corrected_t"]["p_value"] <= 1 and len(c["delong_p_per_repeat"]) == 2
     assert "repeated cross-validation: 2 repeats x 2 folds" in summary["text"]
+    # Operating points chosen on each fold's validation part, checked on its held-out fold, per repeat.
+    transfer = summary["operating_point_transfer"][models[1]]
+    assert set(transfer) == {"youden", "rule_out", "rule_in"} and len(transfer["rule_out"]["per_repeat"]) == 2
+    assert all(0 <= x["sensitivity"] <= 1 for x in transfer["rule_out"]["per_repeat"])
     with pytest.raises(ValueError, match=r"optim\.lr \(0\.0003 -> 0\.002\)"):
         run_study(apply_overrides(cfg, ["optim.lr=0.002"]), study, models=models, k=2, resume=True)
     again = run_study(cfg, study, models=models, k=2, repeats=2, resume=True, n_boot=50)  # nothing retrained

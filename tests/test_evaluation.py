@@ -274,3 +274,16 @@ def test_corrected_resampled_ttest_against_a_hand_computation():
     assert got["p_value"] == pytest.approx(2 * t_dist.sf(abs(want_t), 9))
     naive = mean / (var / 10) ** 0.5
     assert abs(got["t"]) < abs(naive)  # the correction widens the interval
+
+
+def test_net_benefit_by_hand():
+    from liverus.evaluation.stats import net_benefit
+
+    y = [1, 1, 0, 0, 0, 1, 0, 0]
+    p = [0.9, 0.4, 0.35, 0.1, 0.6, 0.8, 0.2, 0.05]
+    nb = net_benefit(y, p, [0.3])
+    # At 0.3: called malignant 0.9, 0.4, 0.35, 0.6, 0.8 -> TP 3, FP 2; n = 8.
+    assert nb["model"][0] == pytest.approx(3 / 8 - 2 / 8 * 0.3 / 0.7)
+    assert nb["treat_all"][0] == pytest.approx(3 / 8 - 5 / 8 * 0.3 / 0.7)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        net_benefit(y, p, [1.0])

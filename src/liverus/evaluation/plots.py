@@ -140,6 +140,24 @@ def reliability_plot(preds: dict[str, Predictions], path: Path, n_bins: int = 10
     return _save(fig, path)
 
 
+def decision_curve_plot(preds: dict[str, Predictions], path: Path) -> Path:
+    """Decision curve: net benefit of each model against treating all and treating none, threshold 1-60%."""
+    from liverus.evaluation.stats import net_benefit
+
+    t = np.linspace(0.01, 0.6, 60)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    first = next(iter(preds.values()))
+    ax.plot(t, net_benefit(first.y, first.p, t)["treat_all"], "k--", lw=1, label="treat all")
+    ax.axhline(0, color="k", lw=1, label="treat none")
+    for name, pr in preds.items():
+        ax.plot(t, net_benefit(pr.y, pr.p, t)["model"], lw=1.5, label=name)
+    prev = float(np.mean(first.y))
+    ax.set(xlabel="threshold probability of malignancy", ylabel="net benefit", title="Decision curve",
+           ylim=(-0.05, max(prev, 0.05) * 1.1))  # fmt: skip
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def training_curves_plot(metrics_csvs: dict[str, Path], path: Path) -> Path:
     """Training and validation loss, and validation AUC, per epoch (one line per run)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))

@@ -231,6 +231,7 @@ def figures_html(
         figs.append(plots.roc_plot(usable, fig_dir / "roc.png", aucs=aucs))
         figs.append(plots.pr_plot(usable, fig_dir / "pr.png"))
         figs.append(plots.reliability_plot(usable, fig_dir / "reliability.png"))
+        figs.append(plots.decision_curve_plot(usable, fig_dir / "decision_curve.png"))
     for n, e in evals.items():
         figs.append(
             plots.confusion_plot(
@@ -338,11 +339,29 @@ def _temperature_html(t: dict) -> str:
     )
 
 
-def default_subgroups(pr: Predictions) -> list[str]:
+def default_subgroups(pr: Predictions, max_groups: int = 12) -> list[str]:
+    """The image-size subgroup column, for any dataset: AUL's ``size_group`` from its manifest, else an
+    ``image_size`` (WxH) column derived from the files' headers and added to ``pr.meta``, when there are between 2
+    and ``max_groups`` sizes (the audit's shortcut warning tells users to check metrics inside each size)."""
+    from liverus.data.audit import image_size
     from liverus.evaluation.analysis import derived_columns
 
-    keys = derived_columns(pr.meta[0]) if pr.meta else {}
-    return ["size_group"] if "size_group" in keys else []
+    if not pr.meta:
+        return []
+    if "size_group" in derived_columns(pr.meta[0]):
+        return ["size_group"]
+    sizes = []
+    for path in pr.paths:
+        try:
+            w, h = image_size(path)
+            sizes.append(f"{w}x{h}")
+        except Exception:  # an unreadable file was already reported where it was scored
+            sizes.append("unknown")
+    if not 2 <= len(set(sizes)) <= max_groups:
+        return []
+    for meta, size in zip(pr.meta, sizes, strict=True):
+        meta["image_size"] = size
+    return ["image_size"]
 
 
 def evaluate_checkpoint(

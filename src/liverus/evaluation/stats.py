@@ -27,6 +27,7 @@ __all__ = [
     "apply_temperature",
     "calibration_slope_intercept",
     "corrected_resampled_ttest",
+    "net_benefit",
 ]
 
 
@@ -251,3 +252,26 @@ def corrected_resampled_ttest(diffs: Sequence[float], n_train: float, n_test: fl
         t = mean / se
         p = float(2 * t_dist.sf(abs(t), n - 1))
     return {"mean_diff": mean, "sd": math.sqrt(var), "t": t, "df": n - 1, "p_value": p, "n": n}
+
+
+def net_benefit(y_true: Sequence, p: Sequence, thresholds: Sequence[float]) -> dict:
+    """Decision-curve analysis (Vickers & Elkin 2006): the net benefit of acting on the model at each threshold
+    probability ``pt``, ``TP/n - FP/n * pt / (1 - pt)``, beside treating all (``prev - (1 - prev) pt / (1 - pt)``) and
+    treating none (0).
+
+    Returns:
+        ``{"thresholds", "model", "treat_all"}`` as lists.
+    """
+    y, s = check_inputs(y_true, p)
+    t = np.asarray(thresholds, dtype=float)
+    if ((t <= 0) | (t >= 1)).any():
+        raise ValueError("threshold probabilities must lie in (0, 1)")
+    n, prev = len(y), float(y.mean())
+    odds = t / (1 - t)
+    tp = np.array([np.sum((s >= x) & (y == 1)) for x in t]) / n
+    fp = np.array([np.sum((s >= x) & (y == 0)) for x in t]) / n
+    return {
+        "thresholds": t.tolist(),
+        "model": (tp - fp * odds).tolist(),
+        "treat_all": (prev - (1 - prev) * odds).tolist(),
+    }

@@ -123,6 +123,10 @@ def summarize_study(
     comparisons = compare_models(preds, baseline) if baseline in preds and len(preds) > 1 else {}
     study = json.loads((out / "study.json").read_text())
     cases = cases_of_run(study["config"], out)
+    # The data section counts what was analysed: the cases that were scored, after task filtering and skips.
+    scored = set().union(*(set(p.paths) for p in preds.values()))
+    analysed = [c for c in cases if c.path in scored]
+    skipped = json.loads((out / "skipped.json").read_text()) if (out / "skipped.json").is_file() else []
     faith = _study_faithfulness(out, labels, cases, max_cases)
     repeated = repeated_cv_summary(out, labels, baseline) if n_repeats(out) > 1 else None
     summary = {
@@ -135,6 +139,7 @@ def summarize_study(
         "comparisons": comparisons,
         "wall_time_s": wall,
         "final_recipe": recipe,
+        "operating_point_transfer": {label: operating_point_transfer(out, label) for label in labels},
     }
     atomic_write_json(out / "summary.json", summary)
 
@@ -227,6 +232,7 @@ def summarize_study(
         ("Per-fold AUC", table_html(["model", *[f"fold {i}" for i in range(k)], "mean ± sd"], fold_rows)),
         ("Figures", '<div class="figs">' + "".join(img_html(f) for f in figs) + "</div>"),
         ("Repeated cross-validation", _repeated_html(repeated)),
+        ("Do the operating points transfer?", _transfer_html(summary["operating_point_transfer"])),
         ("Subgroups", subgroup_html(evals)),
         (
             "Final model on every case",
@@ -249,16 +255,34 @@ def summarize_study(
             ),
         ),
         ("Heatmap faithfulness (held-out cases)", faithfulness_html(faith)),
-        ("Data", data_html(data_summary(cases))),
+        ("Data", data_html(data_summary(analysed)) + _skipped_html(skipped)),
         (
             "Wall time",
             table_html(["model", "training + evaluation, all folds (s)"], [[n, fmt(w, 0)] for n, w in wall.items()]),
         ),
-        ("Configuration", f"<pre>{html.escape(yaml.safe_dump(study['config'], sort_keys=False))}</pre>"),
+        ("Configuration", _configs_html(out, labels, study["config"])),
     ]
     render_report(out / "report.html", "liverus study: " + ", ".join(labels), sections, subtitle=str(out))
     summary["report"] = str(out / "report.html")
     return summary
+
+
+def _configs_html(out: Path, labels: list[str], base: dict) -> str:
+    """Each model's own config (its first fold's ``config.yaml``), since models differ from the study's base."""
+    parts = []
+    for label in labels:
+        runs = fold_runs(out, label)
+        cfg = yaml.safe_load((runs[0] / "config.yaml").read_text()) if runs else base
+        parts.append(f"<h3>{html.escape(label)}</h3><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>")
+    return "".join(parts)
+
+
+def _skipped_html(skipped: list[dict]) -> str:
+    if not skipped:
+        return ""
+    return f"<p>{len(skipped)} file(s) skipped as unreadable (listed once, in skipped.json):</p>" + table_html(
+        ["file", "problem"], [[s["path"], s["problem"]] for s in skipped]
+    )
 
 
 def _repeated_html(repeated: dict | None) -> str:
@@ -292,6 +316,57 @@ def _repeated_html(repeated: dict | None) -> str:
             ],
             rows,
         )
+    )
+
+
+def operating_point_transfer(study: Path, model: str) -> dict:
+    """Whether operating points chosen on validation hold on unseen cases: each fold model's own rule-out, Youden and
+    rule-in thresholds (from its card, chosen on its validation part) applied to its held-out fold, pooled per repeat.
+
+    Returns:
+        ``{point: {"target": ..., "per_repeat": [{"sensitivity", "specificity"}, ...]}}``.
+    """
+    from liverus.evaluation.metrics import OPERATING_POINTS
+    from liverus.models import load_model
+
+    out: dict = {}
+    for r in range(n_repeats(study)):
+        hits: dict[str, list] = {}
+        for run in fold_runs(study, model, r):
+            _, card = load_model(run / "model.pt")
+            pr = read_predictions([run / "predictions_test.csv"])
+            for name, t in card.operating_points.items():
+                hits.setdefault(name, []).append((pr.y, pr.p >= t))
+        for name, parts in hits.items():
+            y = np.concatenate([a for a, _ in parts])
+            pred = np.concatenate([b for _, b in parts])
+            entry = out.setdefault(name, {"target": OPERATING_POINTS[name][2], "per_repeat": []})
+            entry["per_repeat"].append(
+                {
+                    "sensitivity": float(pred[y == 1].mean()) if (y == 1).any() else math.nan,
+                    "specificity": float((~pred[y == 0]).mean()) if (y == 0).any() else math.nan,
+                }
+            )
+    return out
+
+
+def _transfer_html(transfer: dict) -> str:
+    rows = [
+        [
+            model,
+            name,
+            v["target"],
+            ", ".join(f"{fmt(x['sensitivity'])} / {fmt(x['specificity'])}" for x in v["per_repeat"]),
+        ]
+        for model, points in transfer.items()
+        for name, v in points.items()
+    ]
+    if not rows:
+        return ""
+    return (
+        "<p>Each fold model's operating points, chosen on its own validation part, applied to its held-out fold: the "
+        "sensitivity / specificity they reach on cases no choice saw, per repeat, next to what they were chosen "
+        "for.</p>" + table_html(["model", "operating point", "chosen for", "held-out sensitivity / specificity"], rows)
     )
 
 
