@@ -159,6 +159,13 @@ def summarize_study(
             f"{fold_spread(pf):>17s} {fmt(p) if p is not None else 'ref':>9s} "
             f"{fmt(e['calibration']['ece']):>6s}"
         )
+    if len(fold_runs(out, labels[0])) > 1:  # a single split (the demo) has no pooled out-of-fold threshold to offer
+        lines.append("")
+        lines += [
+            f"{label}: final model on every case: --set data.val_fraction=0 --set model.threshold="
+            f"{recipe[label]['threshold']:.4f} (pooled out-of-fold Youden threshold; or model.ensemble: K)"
+            for label in labels
+        ]
     if repeated:
         lines += [
             "",
