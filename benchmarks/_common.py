@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 from liverus.data import PreprocessConfig
 from liverus.models import build_model, default_card, save_model
@@ -28,3 +35,31 @@ def cpu_name() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+@contextmanager
+def serving(model: Path):
+    """``liverus serve`` on a free loopback port for the length of a ``with`` block; yields its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "liverus.cli", "serve", "--model", str(model), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("liverus serve did not start within two minutes")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +21,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import untrained_model_file  # noqa: E402
+from _common import serving, untrained_model_file  # noqa: E402
 from liverus.data.phantom import render_phantom  # noqa: E402
 
 
@@ -37,25 +35,9 @@ def main() -> None:
     img, *_ = render_phantom(np.random.default_rng(0), "malignant", 512)
     ok, png = cv2.imencode(".png", img)
     payload = png.tobytes()
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+    with tempfile.TemporaryDirectory() as tmp:
         model = untrained_model_file(Path(tmp) / "model.pt", args.model, args.size)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "liverus.cli", "serve", "--model", str(model), "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if httpx.get(url + "/api/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.3)
+        with serving(model) as url:
             endpoint = f"{url}/api/predict?heatmap={'true' if args.heatmap else 'false'}"
 
             def one(_):
@@ -70,9 +52,6 @@ def main() -> None:
             with cf.ThreadPoolExecutor(8) as pool:
                 list(pool.map(one, range(args.requests)))
             wall = time.perf_counter() - t
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
     lat_ms = sorted(x * 1000 for x in lat)
     p95 = lat_ms[min(len(lat_ms) - 1, int(round(0.95 * (len(lat_ms) - 1))))]
     print(f"{args.model} at {args.size} px, heatmap {args.heatmap}, {args.requests} requests")

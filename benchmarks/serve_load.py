@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import csv
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, untrained_model_file  # noqa: E402
+from _common import cpu_name, serving, untrained_model_file  # noqa: E402
 
 AUL = Path(__file__).resolve().parents[2] / "shared" / "data" / "aul"
 
@@ -66,25 +64,10 @@ def main() -> None:
         sys.exit(f"the AUL data is expected at {AUL}")
     total = args.clients * args.per_client
     images = _requests(100, args.crop == "roi")
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+    with tempfile.TemporaryDirectory() as tmp:
         model = untrained_model_file(Path(tmp) / "model.pt", args.model, args.size, crop=args.crop)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "liverus.cli", "serve", "--model", str(model), "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}/api/predict?heatmap={'true' if args.heatmap else 'false'}"
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.3)
+        with serving(model) as base:
+            url = f"{base}/api/predict?heatmap={'true' if args.heatmap else 'false'}"
 
             def one(client: httpx.Client, i: int) -> tuple[float, float | None, int]:
                 name, data, box = images[i % len(images)]
@@ -108,9 +91,6 @@ def main() -> None:
             with cf.ThreadPoolExecutor(args.clients) as pool:
                 conc = [x for part in pool.map(client_run, range(args.clients)) for x in part]
             conc_wall = time.perf_counter() - t0
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
     errors = sum(1 for _, (_, p, st) in conc if st != 200) + sum(1 for _, p, st in seq if st != 200)
     mismatch = sum(1 for i, (_, p, _) in conc if p != reference[i % len(images)])
     print(f"CPU: {cpu_name()}; {args.model} at {args.size} px, crop {args.crop}, heatmap {args.heatmap}")

@@ -5,16 +5,13 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from helpers import start_server
 from liverus.data import read_image
 from liverus.engine.predictor import Predictor
 
@@ -142,33 +139,12 @@ def test_api_roi_model_rejects_missing_or_bad_boxes(roi_client, images, box, mat
 # ---------------------------------------------------------------- serve in a real browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(model: Path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liverus.cli", "serve", "--model", str(model), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    import httpx
-
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + (proc.stdout.read() if proc.stdout else ""))
-    yield f"http://127.0.0.1:{port}"
+    try:
+        proc, url = start_server(model)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield url
     proc.terminate()
     proc.wait(timeout=30)
 

@@ -8,7 +8,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,14 +15,9 @@ import httpx
 import pytest
 
 from bad_inputs import png_bomb, write_corpus
+from helpers import start_server
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -36,26 +30,12 @@ def _peak_rss_mb(pid: int) -> float:
 @pytest.fixture(scope="module")
 def fuzz_server(run, tmp_path_factory):
     spool = tmp_path_factory.mktemp("server_tmp")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liverus.cli", "serve", "--model", str(run / "model.pt"), "--port", str(port),
-         "--max-upload-mb", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TMPDIR": str(spool)},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/api/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stderr.read())
+    try:
+        proc, url = start_server(
+            run / "model.pt", "--max-upload-mb", "2", env={"TMPDIR": str(spool)}, stderr=subprocess.PIPE
+        )
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     yield url, proc, spool
     proc.terminate()
     proc.wait(timeout=30)
