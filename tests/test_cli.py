@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import yaml
 
 FAST = [
     "data.image_size=64",
@@ -113,6 +114,17 @@ def test_train_writes_a_model_card_with_every_item_it_claims(trained):
     points = card["operating_points (TRIPOD+AI 12f)"]["named"]
     assert set(points) == {"youden", "rule_out", "rule_in"}
     assert "acquisition shortcut" in card["known_failure_modes (TRIPOD+AI 26; CLAIM 38)"][0]
+    # Metrics straight from the evaluation carry NumPy scalars (subgroup tables): the card still writes.
+    import numpy as np
+
+    from liverus.evaluation.model_card import write_model_card
+    from liverus.evaluation.report import cases_of_run
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["val"]["subgroups"] = {"image_size": {"96x96": {"auc": np.float64(0.5), "n": np.int64(3)}}}
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    write_model_card(out, metrics, cases_of_run(cfg, out), None)
+    assert "96x96" in (out / "MODEL_CARD.md").read_text()
 
 
 def test_evaluate_uses_stored_threshold_and_never_overwrites(trained, tmp_path):
