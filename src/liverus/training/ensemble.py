@@ -80,7 +80,7 @@ def train_ensemble(
         dev, test = cases, []
     folds = kfold_splits(dev, k, seed=cfg.runtime.seed)
 
-    results, models, temps, oof_files = [], [], [], []
+    results, models, temps, oof_files, vals, precisions = [], [], [], [], [], set()
     for i, fold in enumerate(folds):
         mcfg = copy.deepcopy(cfg)
         mcfg.model.ensemble = 0
@@ -92,17 +92,17 @@ def train_ensemble(
         log.info("== ensemble member %d/%d", i + 1, k)
         res = train_member(mcfg, member_dir, resume=member_dir.exists(), cases=dev, split=fold)
         model, card = load_model(member_dir / "model.pt")
+        precisions.add(card.precision)
         val = read_predictions([member_dir / "predictions_val.csv"])
         temps.append(fit_temperature(val.y, val.p))
+        vals.append(val)
         results.append(res)
         models.append(model)
         oof_files.append(member_dir / "predictions_val.csv")
 
     # Pooled, calibrated out-of-fold predictions: each development case scored by the member that never saw it.
     oof = read_predictions(oof_files)
-    p_cal = np.concatenate(
-        [apply_temperature(read_predictions([f]).p, t) for f, t in zip(oof_files, temps, strict=True)]
-    )
+    p_cal = np.concatenate([apply_temperature(v.p, t) for v, t in zip(vals, temps, strict=True)])
     points = {name: v["threshold"] for name, v in operating_points(oof.y, p_cal).items()}
     threshold = points["youden"]
     classes = card.classes
@@ -113,7 +113,6 @@ def train_ensemble(
     val_metrics = score(probs, oof.y, classes, threshold)
 
     ensemble = EnsembleClassifier(models, temps).eval()
-    precisions = {load_model(f.parent / "model.pt")[1].precision for f in oof_files}
     card = card.replace(
         threshold=threshold,
         threshold_method=f"youden (pooled calibrated out-of-fold predictions of {len(oof)} cases, {k} members)",
