@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -47,8 +48,6 @@ def heatmap_names(files: list[str], folder: str | Path) -> dict[str, Path]:
 
 
 def _common_parent(files: list[str]) -> str:
-    import os
-
     try:
         return os.path.commonpath([str(Path(f).resolve().parent) for f in files]) if files else ""
     except ValueError:  # different drives

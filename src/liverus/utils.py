@@ -23,6 +23,7 @@ __all__ = [
     "provenance",
     "seed_everything",
     "check_new_file",
+    "to_plain",
 ]
 
 
@@ -131,3 +132,12 @@ def check_new_file(path: str | os.PathLike, what: str = "output") -> None:
             if not parent.is_dir():
                 raise ValueError(f"{what} {p} cannot be written: {parent} is a file, not a folder")
             break
+
+
+def to_plain(obj: Any) -> Any:
+    """Nested dicts, lists and tuples with NumPy scalars turned into Python ones (for JSON and YAML)."""
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    return obj.item() if isinstance(obj, np.generic) else obj

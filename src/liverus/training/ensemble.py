@@ -32,6 +32,7 @@ from liverus.training.config import TrainConfig, config_to_dict
 from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
 from liverus.training.loop import score
 from liverus.training.run_folder import RunFolder, TrainResult
+from liverus.utils import to_plain
 
 __all__ = ["train_ensemble"]
 
@@ -145,17 +146,9 @@ def train_ensemble(
         threshold=float(threshold),
         epochs_run=sum(r.epochs_run for r in results),
         history=history,
-        val_metrics=_plain(val_metrics),
-        test_metrics=_plain(test_metrics) if test_metrics else None,
+        val_metrics=to_plain(val_metrics),
+        test_metrics=to_plain(test_metrics) if test_metrics else None,
         wall_time_s=round(time.time() - t_start, 2),
     )
     folder.write_result(asdict(result))
     return result
-
-
-def _plain(d):
-    if isinstance(d, dict):
-        return {k: _plain(v) for k, v in d.items()}
-    if isinstance(d, list | tuple):
-        return [_plain(v) for v in d]
-    return d.item() if isinstance(d, np.generic) else d

@@ -20,6 +20,7 @@ from liverus.training.distributed import broadcast_object, unwrap_model
 from liverus.training.loop import evaluate_loader, score
 from liverus.training.run_folder import RunFolder
 from liverus.training.runtime import Runtime
+from liverus.utils import to_plain
 
 __all__ = ["FinalModel", "finalize", "PRECISION_TOLERANCE"]
 
@@ -100,14 +101,4 @@ def finalize(
     )
     core = unwrap_model(model).to("cpu").to(memory_format=torch.contiguous_format)
     save_model(core, folder.model_file, card)
-    return FinalModel(card, _jsonable(val_metrics), _jsonable(test_metrics) if test_metrics else None)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
+    return FinalModel(card, to_plain(val_metrics), to_plain(test_metrics) if test_metrics else None)
