@@ -38,13 +38,13 @@ def cpu_name() -> str:
 
 
 @contextmanager
-def serving(model: Path):
-    """``liverus serve`` on a free loopback port for the length of a ``with`` block; yields its URL."""
+def serving(model: Path, *extra: str):
+    """``liverus serve`` (with ``extra`` options) on a free loopback port for a ``with`` block; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "liverus.cli", "serve", "--model", str(model), "--port", str(port)],
+        [sys.executable, "-m", "liverus.cli", "serve", "--model", str(model), "--port", str(port), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

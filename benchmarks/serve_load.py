@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--per-client", type=int, default=200)
     ap.add_argument("--heatmap", action="store_true")
+    ap.add_argument("--max-batch", type=int, default=16, help="the server's dynamic batching (1: none)")
     args = ap.parse_args()
     if not (AUL / "manifest.csv").is_file():
         sys.exit(f"the AUL data is expected at {AUL}")
@@ -66,7 +67,7 @@ def main() -> None:
     images = _requests(100, args.crop == "roi")
     with tempfile.TemporaryDirectory() as tmp:
         model = untrained_model_file(Path(tmp) / "model.pt", args.model, args.size, crop=args.crop)
-        with serving(model) as base:
+        with serving(model, "--max-batch", str(args.max_batch)) as base:
             url = f"{base}/api/predict?heatmap={'true' if args.heatmap else 'false'}"
 
             def one(client: httpx.Client, i: int) -> tuple[float, float | None, int]:
@@ -92,8 +93,12 @@ def main() -> None:
                 conc = [x for part in pool.map(client_run, range(args.clients)) for x in part]
             conc_wall = time.perf_counter() - t0
     errors = sum(1 for _, (_, p, st) in conc if st != 200) + sum(1 for _, p, st in seq if st != 200)
-    mismatch = sum(1 for i, (_, p, _) in conc if p != reference[i % len(images)])
-    print(f"CPU: {cpu_name()}; {args.model} at {args.size} px, crop {args.crop}, heatmap {args.heatmap}")
+    # Batched and single forward passes may differ in the last float bits; the JSON rounds to 6 decimals.
+    mismatch = sum(1 for i, (_, p, _) in conc if p is None or abs(p - reference[i % len(images)]) > 1e-5)
+    print(
+        f"CPU: {cpu_name()}; {args.model} at {args.size} px, crop {args.crop}, heatmap {args.heatmap}, "
+        f"server --max-batch {args.max_batch}"
+    )
     seq_ms = [m for m, _, _ in seq]
     conc_ms = [m for _, (m, _, _) in conc]
     print(
@@ -105,7 +110,7 @@ def main() -> None:
         f"{statistics.median(conc_ms):.0f} ms, p95 {_p95(conc_ms):.0f} ms, {total / conc_wall:.2f} requests/s "
         f"(x{(total / conc_wall) / (len(seq) / seq_wall):.2f} the sequential rate)"
     )
-    print(f"errors: {errors}; answers differing from the sequential ones: {mismatch}")
+    print(f"errors: {errors}; answers differing from the sequential ones by more than 1e-5: {mismatch}")
     sys.exit(1 if errors or mismatch else 0)
 
 

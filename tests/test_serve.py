@@ -252,3 +252,24 @@ def test_serve_runs_on_the_onnx_export(onnx_file, run, images):
     body = r.json()
     assert body["backend"] == "onnxruntime" and "heatmap" not in body
     assert body["probability_malignant"] == pytest.approx(pt.predict([read_image(images[1])])[0].probability, abs=1e-4)
+
+
+def test_dynamic_batching_gives_the_answers_of_single_requests(run, images):
+    from liverus.serve.batching import DynamicBatcher
+
+    pred = Predictor.from_path(run / "model.pt")
+    pre = [pred.prepare(read_image(f)) for f in images]
+    batcher = DynamicBatcher(pred, max_batch=8, max_wait_ms=200)  # a long window: every request lands in one batch
+    futures = [batcher.submit(p, heatmap=i % 2 == 0) for i, p in enumerate(pre)]
+    results = [f.result(timeout=120) for f in futures]
+    assert max(r.batch_size for r in results) == len(pre)  # they shared one forward pass
+    for i, (p, r) in enumerate(zip(pre, results, strict=True)):
+        assert r.probability == pytest.approx(float(pred.probabilities([p])[0]), abs=1e-5)
+        if i % 2 == 0:  # Grad-CAM only where it was asked for, equal to the single-image map
+            np.testing.assert_allclose(r.heatmap, pred.heatmap(p), atol=1e-4)
+        else:
+            assert r.heatmap is None
+    alone = DynamicBatcher(pred, max_batch=1)
+    assert alone.submit(pre[0]).result(timeout=60).batch_size == 1
+    with pytest.raises(ValueError, match="max_batch"):
+        DynamicBatcher(pred, max_batch=0)

@@ -58,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")
     p.add_argument("--api-docs", action="store_true", help="also serve /docs and /openapi.json (off by default)")
+    p.add_argument("--max-batch", type=int, default=16, help="dynamic batching: largest batch (1 disables; default 16)")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="dynamic batching: how long a batch waits (default 5 ms)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a trained model to ONNX (with preprocessing and threshold metadata)")

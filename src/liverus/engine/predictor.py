@@ -124,10 +124,14 @@ class Predictor:
         Raises:
             ValueError: for ONNX models, or ``attention`` on a model without spatial attention.
         """
+        return self.heatmaps([pre], method)[0]
+
+    def heatmaps(self, pre: list[Preprocessed], method: str = "gradcam") -> np.ndarray:
+        """:meth:`heatmap` for several images in one pass. Returns: (N, S, S)."""
         if self.model is None:
             raise ValueError("heatmaps need the PyTorch model (model.pt), not the ONNX export")
-        x = model_input(torch.from_numpy(self._pixels([pre])), self.card)
+        x = model_input(torch.from_numpy(self._pixels(pre)), self.card)
         with self._lock:
             if method == "attention":
-                return attention_heatmap(self.model, x)[0]
-            return gradcam_heatmap(self.model, x)[0]
+                return attention_heatmap(self.model, x)
+            return gradcam_heatmap(self.model, x)

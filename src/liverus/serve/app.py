@@ -12,8 +12,8 @@
 Safety: the request body is read into memory and cut off at the size limit as it arrives (413; nothing a user sends
 touches the disk); the file type is recognised from the bytes, not the name (415 otherwise); the image's dimensions
 are read from its header and images above the pixel limit are refused before decoding (400); undecodable files get a
-400 that says why; nothing the user sends is ever used as a path. The model is loaded once; a lock inside
-:class:`~liverus.engine.predictor.Predictor` serialises inference.
+400 that says why; nothing the user sends is ever used as a path. The model is loaded once; concurrent requests are
+batched dynamically (:mod:`liverus.serve.batching`) and Grad-CAM runs only for the requests that ask for it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from liverus.data.io import DataError
 from liverus.data.uploads import ALLOWED_KINDS, decode_upload, sniff_kind
 from liverus.engine.heatmaps import overlay
 from liverus.engine.predictor import Predictor
+from liverus.serve.batching import DynamicBatcher
 from liverus.serve.forms import Form, FormError, read_form
 
 __all__ = ["create_app", "run_server", "DISCLAIMER"]
@@ -60,6 +61,8 @@ def create_app(
     max_upload_bytes: int = 20 * 2**20,
     max_pixels: int | None = None,
     api_docs: bool = False,
+    max_batch: int = 16,
+    batch_wait_ms: float = 5.0,
 ) -> FastAPI:
     """Build the app around a loaded predictor.
 
@@ -68,7 +71,10 @@ def create_app(
         max_upload_bytes: uploads larger than this are refused with 413.
         max_pixels: images larger than this (width x height) are refused with 400 (default: the reader's limit).
         api_docs: serve the OpenAPI schema and ``/docs`` (off by default: a deployment need not describe itself).
+        max_batch: requests arriving together run as one batch of at most this many (1: no batching).
+        batch_wait_ms: how long a batch waits for company after its first request.
     """
+    batcher = DynamicBatcher(predictor, max_batch=max_batch, max_wait_ms=batch_wait_ms)
     docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="liverus", version=predictor.version or "0", description=DISCLAIMER, **docs)
     from importlib import resources
@@ -148,7 +154,8 @@ def create_app(
             pre = predictor.prepare(image, box=lesion_box)
         except (DataError, ValueError) as exc:
             raise HTTPException(400, f"could not analyse the image: {_problem(exc)}") from None
-        prob = float(predictor.probabilities([pre])[0])
+        result = batcher.submit(pre, heatmap=heatmap and predictor.model is not None).result()
+        prob = result.probability
         out = {
             "probability_malignant": round(prob, 6),
             "label": predictor.card.label(prob),
@@ -163,8 +170,8 @@ def create_app(
             "image": _png_b64(pre.image),
             "disclaimer": DISCLAIMER,
         }
-        if heatmap and predictor.model is not None:
-            out["heatmap"] = _png_b64(overlay(pre.image, predictor.heatmap(pre)))
+        if result.heatmap is not None:
+            out["heatmap"] = _png_b64(overlay(pre.image, result.heatmap))
         return out
 
     @app.post("/api/predict")
@@ -182,7 +189,13 @@ def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     predictor = Predictor.from_path(args.model)
-    app = create_app(predictor, max_upload_bytes=int(args.max_upload_mb * 2**20), api_docs=args.api_docs)
+    app = create_app(
+        predictor,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        api_docs=args.api_docs,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+    )
     print(f"liverus serve: {predictor.name} ({predictor.backend}) on http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
