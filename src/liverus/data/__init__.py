@@ -1,6 +1,13 @@
 """Data: reading, case tables, preprocessing, augmentation, caching, splits, audit and the synthetic phantom."""
 
-from liverus.data.audit import apply_grouping, audit_cases, format_audit, near_duplicate_groups, shortcut_check
+from liverus.data.audit import (
+    apply_grouping,
+    audit_cases,
+    format_audit,
+    load_task_cases,
+    near_duplicate_groups,
+    shortcut_check,
+)
 from liverus.data.augment import build_train_transform
 from liverus.data.cases import (
     CLASS_SETS,
@@ -46,6 +53,7 @@ __all__ = [
     "kfold_splits",
     "load_cases",
     "load_preprocessed",
+    "load_task_cases",
     "load_splits",
     "make_phantom_dataset",
     "near_duplicate_groups",

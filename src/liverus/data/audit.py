@@ -20,6 +20,7 @@ __all__ = [
     "image_size",
     "near_duplicate_groups",
     "apply_grouping",
+    "load_task_cases",
     "GROUPINGS",
     "SHORTCUT_WARN_AUC",
 ]
@@ -133,6 +134,32 @@ def shortcut_check(cases: list[Case], sizes: list[tuple[int, int]], seed: int = 
     return {"auc": auc, "features": list(feats), "per_feature_auc": per, "warning": warning}
 
 
+def _fingerprints(cases: list[Case], *, sizes: bool = False) -> tuple[list[tuple], list[tuple[str, str]]]:
+    """``(index, band-pass signature, SHA-256, (width, height) or None)`` of every readable case, and the unreadable
+    ones as ``(path, problem)``. The signature decodes the whole file, so a valid header over a bad body is caught."""
+    rows, unreadable = [], []
+    for i, c in enumerate(cases):
+        try:
+            sig = _texture_signature(c.path)
+            size = image_size(c.path) if sizes else None
+            digest = hashlib.sha256(Path(c.path).read_bytes()).hexdigest()
+        except (DataError, OSError) as exc:
+            unreadable.append((c.path, getattr(exc, "problem", None) or str(exc)))
+            continue
+        rows.append((i, sig, digest, size))
+    return rows, unreadable
+
+
+def _near_pairs(sigs: list[np.ndarray], threshold: float) -> list[tuple[int, int, float]]:
+    """Pairs ``(a, b, correlation)`` of signatures correlating at least ``threshold`` (positions in ``sigs``)."""
+    if not sigs:
+        return []
+    corr = np.stack(sigs) @ np.stack(sigs).T
+    return [
+        (int(a), int(b), float(corr[a, b])) for a, b in zip(*np.nonzero(np.triu(corr, 1) >= threshold), strict=True)
+    ]
+
+
 def near_duplicate_groups(
     cases: list[Case], *, threshold: float = 0.85
 ) -> tuple[list[Case], list[dict], list[tuple[str, str]]]:
@@ -147,58 +174,39 @@ def near_duplicate_groups(
     """
     import dataclasses
 
-    parent = list(range(len(cases)))
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        parent[find(i)] = find(j)
-
-    by_group: dict[str, int] = {}
-    for i, c in enumerate(cases):
+    rows, unreadable = _fingerprints(cases)
+    edges: list[tuple[int, int]] = []
+    first: dict[str, int] = {}
+    for i, c in enumerate(cases):  # the source's own groups
         if c.group:
-            union(i, by_group.setdefault(c.group, i))
-    sigs, idx, unreadable, by_hash = [], [], [], {}
-    for i, c in enumerate(cases):
-        try:
-            sigs.append(_texture_signature(c.path))
-            digest = hashlib.sha256(Path(c.path).read_bytes()).hexdigest()
-        except (DataError, OSError) as exc:
-            if len(sigs) > len(idx):
-                sigs.pop()
-            unreadable.append((c.path, getattr(exc, "problem", None) or str(exc)))
-            continue
-        idx.append(i)
-        union(i, by_hash.setdefault(digest, i))
+            edges.append((i, first.setdefault(f"group:{c.group}", i)))
+    for i, _, digest, _ in rows:  # exact duplicates
+        edges.append((i, first.setdefault(f"sha:{digest}", i)))
     conflicts = []
-    if sigs:
-        corr = np.stack(sigs) @ np.stack(sigs).T
-        for a, b in zip(*np.nonzero(np.triu(corr, 1) >= threshold), strict=True):
-            i, j = idx[a], idx[b]
-            union(i, j)
-            if cases[i].label != cases[j].label:
-                conflicts.append(
-                    {
-                        "a": cases[i].path,
-                        "b": cases[j].path,
-                        "label_a": cases[i].label,
-                        "label_b": cases[j].label,
-                        "correlation": round(float(corr[a, b]), 3),
-                    }
-                )
-    members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(cases)):
-        members[find(i)].append(i)
-    out = list(cases)
-    for root, ids in members.items():
-        if len(ids) > 1:
-            key = f"dup:{Path(cases[min(ids)].path).name}:{root}"
-            for i in ids:
-                out[i] = dataclasses.replace(cases[i], group=key)
+    for a, b, r in _near_pairs([sig for _, sig, _, _ in rows], threshold):
+        i, j = rows[a][0], rows[b][0]
+        edges.append((i, j))
+        if cases[i].label != cases[j].label:
+            conflicts.append(
+                {"a": cases[i].path, "b": cases[j].path, "label_a": cases[i].label, "label_b": cases[j].label,
+                 "correlation": round(r, 3)}
+            )  # fmt: skip
+    src, dst = zip(*edges, strict=True) if edges else ((), ())
+    graph = coo_matrix((np.ones(len(edges)), (src, dst)), shape=(len(cases), len(cases)))
+    _, component = connected_components(graph, directed=False)
+    sizes = np.bincount(component)
+    first_member = {}
+    for i, comp in enumerate(component):
+        first_member.setdefault(comp, i)
+    out = [
+        dataclasses.replace(c, group=f"dup:{Path(cases[first_member[comp]].path).name}:{comp}")
+        if sizes[comp] > 1
+        else c
+        for c, comp in zip(cases, component, strict=True)
+    ]
     return out, conflicts, unreadable
 
 
@@ -214,6 +222,15 @@ def apply_grouping(cases: list[Case], grouping: str) -> tuple[list[Case], list[d
         return cases, []
     grouped, conflicts, _ = near_duplicate_groups(cases)
     return grouped, conflicts
+
+
+def load_task_cases(source: str | Path, task: str, grouping: str = "source") -> tuple[list[Case], list[dict]]:
+    """The cases of ``source`` that belong to ``task``, grouped as ``grouping`` says (what training splits and what
+    its reports count). Returns: ``(cases, conflicts)`` (see :func:`near_duplicate_groups`)."""
+    from liverus.data.cases import load_cases, select_task
+
+    cases, _ = select_task(load_cases(source), task)
+    return apply_grouping(cases, grouping)
 
 
 def audit_cases(
@@ -239,22 +256,11 @@ def audit_cases(
     groups: dict[str, set[str]] = defaultdict(set)
     for c in cases:
         groups[c.label].add(c.group_key)
-    sizes, hashes, sigs, unreadable = [], [], [], []
-    ok = []
-    for c in cases:
-        try:
-            # The signature decodes the whole file, so a valid header over a bad body is caught here too; the three
-            # lists only grow together.
-            sig = _texture_signature(c.path)
-            size = image_size(c.path)
-            digest = hashlib.sha256(Path(c.path).read_bytes()).hexdigest()
-        except (DataError, OSError) as exc:
-            unreadable.append({"path": printable(c.path), "problem": getattr(exc, "problem", None) or str(exc)})
-            continue
-        sizes.append(size)
-        hashes.append(digest)
-        sigs.append(sig)
-        ok.append(c)
+    rows, bad = _fingerprints(cases, sizes=True)
+    unreadable = [{"path": printable(p), "problem": q} for p, q in bad]
+    ok = [cases[i] for i, _, _, _ in rows]
+    sizes = [size for _, _, _, size in rows]
+    hashes = [digest for _, _, digest, _ in rows]
     size_by_class: dict[str, Counter] = defaultdict(Counter)
     for c, (w, h) in zip(ok, sizes, strict=True):
         size_by_class[c.label][f"{w}x{h}"] += 1
@@ -262,22 +268,17 @@ def audit_cases(
     for c, h in zip(ok, hashes, strict=True):
         by_hash[h].append(c.path)
     exact = [paths for paths in by_hash.values() if len(paths) > 1]
-    near = []
-    if sigs:
-        corr = np.stack(sigs) @ np.stack(sigs).T
-        for i, j in zip(*np.nonzero(np.triu(corr, 1) >= near_dup_threshold), strict=True):
-            a, b = ok[i], ok[j]
-            if hashes[i] == hashes[j]:
-                continue
-            near.append(
-                {
-                    "a": a.path,
-                    "b": b.path,
-                    "correlation": round(float(corr[i, j]), 3),
-                    "same_group": a.group_key == b.group_key,
-                    "same_label": a.label == b.label,
-                }
-            )
+    near = [
+        {
+            "a": ok[i].path,
+            "b": ok[j].path,
+            "correlation": round(r, 3),
+            "same_group": ok[i].group_key == ok[j].group_key,
+            "same_label": ok[i].label == ok[j].label,
+        }
+        for i, j, r in _near_pairs([sig for _, sig, _, _ in rows], near_dup_threshold)
+        if hashes[i] != hashes[j]
+    ]
     missing_masks = [c.path for c in cases if c.label != "normal" and not c.mask and not c.polygon]
     return {
         "n_images": len(cases),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from liverus.data import CaseCache, UltrasoundDataset, load_cases, prepare_cases, select_task
+from liverus.data import CaseCache, UltrasoundDataset, load_cases, load_task_cases, prepare_cases, select_task
 from liverus.engine.forward import eval_batch_size, predict_probs
 from liverus.engine.predictions import Predictions, read_predictions, write_predictions
 from liverus.engine.runtime import inference_amp
@@ -249,10 +249,11 @@ def figures_html(
 
 
 def cases_of_run(config: dict, folder: str | Path) -> list:
-    """The task's cases of a run or study folder, from its config dict (``data.source``, or the phantom the folder
-    holds when no source was given)."""
-    source = config["data"]["source"] or Path(folder) / "phantom"
-    return select_task(load_cases(source), config["data"]["task"])[0]
+    """The task's cases of a run or study folder, grouped as it was trained, from its config dict (``data.source``,
+    or the phantom the folder holds when no source was given)."""
+    data = config["data"]
+    source = data["source"] or Path(folder) / "phantom"
+    return load_task_cases(source, data["task"], data.get("group_by", "source"))[0]
 
 
 def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequence[str] = ()) -> Path | None:

@@ -334,13 +334,13 @@ def operating_point_transfer(study: Path, model: str) -> dict:
         ``{point: {"target": ..., "per_repeat": [{"sensitivity", "specificity"}, ...]}}``.
     """
     from liverus.evaluation.metrics import OPERATING_POINTS
-    from liverus.models import load_model
+    from liverus.models import load_card
 
     out: dict = {}
     for r in range(n_repeats(study)):
         hits: dict[str, list] = {}
         for run in fold_runs(study, model, r):
-            _, card = load_model(run / "model.pt")
+            card = load_card(run / "model.pt")
             pr = read_predictions([run / "predictions_test.csv"])
             for name, t in card.operating_points.items():
                 hits.setdefault(name, []).append((pr.y, pr.p >= t))
@@ -415,25 +415,25 @@ def repeated_cv_summary(study: Path, labels: list[str], baseline: str) -> dict:
     from liverus.evaluation.stats import corrected_resampled_ttest, delong_ci, delong_test
 
     repeats = n_repeats(study)
+    # Each model's pooled predictions of each repeat, read once; the fold index of every row gives the fold sizes.
+    preds = {(label, r): study_predictions(study, label, r) for label in labels for r in range(repeats)}
     per_model, fold_auc, sizes = {}, {}, []
     for label in labels:
-        aucs, folds = [], []
-        for r in range(repeats):
-            pr = study_predictions(study, label, r)
-            aucs.append(delong_ci(pr.y, pr.p)[0])
-            for run in fold_runs(study, label, r):
-                res = json.loads((run / "result.json").read_text())
-                folds.append((res.get("test_metrics") or {}).get("auc", math.nan))
-                if label == baseline:
-                    n_test = len(read_predictions([run / "predictions_test.csv"]))
-                    sizes.append((len(pr) - n_test, n_test))
+        aucs = [delong_ci(preds[label, r].y, preds[label, r].p)[0] for r in range(repeats)]
+        fold_auc[label] = [
+            (json.loads((run / "result.json").read_text()).get("test_metrics") or {}).get("auc", math.nan)
+            for r in range(repeats)
+            for run in fold_runs(study, label, r)
+        ]
         arr = np.asarray(aucs, dtype=float)
         per_model[label] = {
             "auc_per_repeat": arr.tolist(),
             "mean": float(np.nanmean(arr)),
             "sd": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else math.nan,
         }
-        fold_auc[label] = folds
+    for r in range(repeats):
+        ref = preds[baseline, r]
+        sizes += [(len(ref) - int(n), int(n)) for n in np.bincount(ref.fold)]
     comparisons = {}
     if sizes:
         n_train, n_test = float(np.mean([a for a, _ in sizes])), float(np.mean([b for _, b in sizes]))
@@ -443,8 +443,8 @@ def repeated_cv_summary(study: Path, labels: list[str], baseline: str) -> dict:
             diffs = np.asarray(fold_auc[label]) - np.asarray(fold_auc[baseline])
             per_repeat = []
             for r in range(repeats):
-                ref = study_predictions(study, baseline, r)
-                other = study_predictions(study, label, r).align(ref.paths)
+                ref = preds[baseline, r]
+                other = preds[label, r].align(ref.paths)
                 per_repeat.append(delong_test(ref.y, other.p, ref.p)["p_value"])
             comparisons[label] = {
                 "corrected_t": corrected_resampled_ttest(diffs, n_train, n_test),

@@ -25,6 +25,7 @@ __all__ = [
     "register_model",
     "save_model",
     "load_model",
+    "load_card",
     "default_card",
     "count_parameters",
     "count_flops",
@@ -181,14 +182,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         ValueError: if the file is not a liverus model file, its weights do not match or its card is malformed.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"model file {p} does not exist")
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"model file {p} could not be read: {exc}") from exc
-    if not isinstance(obj, dict) or "model_name" not in obj or "model" not in obj:
-        raise ValueError(f"{p} is not a liverus model file (no 'model_name'/'model' entries)")
+    obj = _read_model_file(p, map_location)
     n_members = int(obj.get("ensemble_members", 0) or 0)
     members = [
         build_model(obj["model_name"], weights=None, **obj.get("build_kwargs", {})) for _ in range(n_members or 1)
@@ -206,6 +200,31 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     stored = obj.get("card") or obj.get("extra") or {}
     card = ModelCard.from_dict({**default_card(model).to_dict(), **stored}, source=p)
     return model, card
+
+
+def _read_model_file(p: Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    if not p.is_file():
+        raise ValueError(f"model file {p} does not exist")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as exc:
+        raise ValueError(f"model file {p} could not be read: {exc}") from exc
+    if not isinstance(obj, dict) or "model_name" not in obj or "model" not in obj:
+        raise ValueError(f"{p} is not a liverus model file (no 'model_name'/'model' entries)")
+    return obj
+
+
+def load_card(path: str | os.PathLike) -> ModelCard:
+    """The :class:`ModelCard` of a model file without building the model (the weights are memory-mapped, not read).
+
+    Raises:
+        ValueError: as :func:`load_model`.
+    """
+    p = Path(path)
+    obj = _read_model_file(p, mmap=True)
+    if "card" in obj:
+        return ModelCard.from_dict(obj["card"], source=p)
+    return load_model(p)[1]  # liverus 0.1 files: the card's defaults come from the weights
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -15,12 +15,11 @@ from liverus.data import (
     DataError,
     PreprocessConfig,
     UltrasoundDataset,
-    apply_grouping,
     build_train_transform,
     check_disjoint,
     default_cache_dir,
-    load_cases,
     load_splits,
+    load_task_cases,
     make_phantom_dataset,
     prepare_cases,
     save_splits,
@@ -32,7 +31,15 @@ from liverus.training.config import TrainConfig
 from liverus.training.distributed import DistInfo, ShardedBatchSampler, barrier
 from liverus.training.run_folder import RunFolder
 
-__all__ = ["RunData", "resolve_cases", "preprocess_config", "prepare_run_data", "cache_dir", "log_skipped"]
+__all__ = [
+    "RunData",
+    "resolve_cases",
+    "preprocess_config",
+    "prepare_run_data",
+    "cache_dir",
+    "log_skipped",
+    "usable_cases",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +47,26 @@ log = logging.getLogger(__name__)
 def resolve_cases(cfg: TrainConfig, run_dir: str | Path, info: DistInfo | None = None) -> list[Case]:
     """The task's cases: from ``data.source``, or a phantom written once into ``run_dir/phantom``."""
     info = info or DistInfo()
-    if cfg.data.source:
-        cases = load_cases(cfg.data.source)
-    else:
-        phantom_dir = Path(run_dir) / "phantom"
-        if info.is_main and not (phantom_dir / "manifest.csv").is_file():
+    source = cfg.data.source
+    if not source:
+        source = Path(run_dir) / "phantom"
+        if info.is_main and not (source / "manifest.csv").is_file():
             make_phantom_dataset(
-                phantom_dir,
+                source,
                 n_patients=cfg.data.phantom_patients,
                 size=cfg.data.phantom_size,
                 seed=cfg.runtime.seed,
                 include_normal=cfg.data.task == "three_class",
             )
         barrier(info)
-        cases = load_cases(phantom_dir / "manifest.csv")
-    cases, _ = select_task(cases, cfg.data.task)
+    cases, conflicts = load_task_cases(source, cfg.data.task, cfg.data.group_by)
     if cfg.data.group_by != "source":
-        cases, conflicts = apply_grouping(cases, cfg.data.group_by)
         log.info("grouped by %s: %d groups", cfg.data.group_by, len({c.group_key for c in cases}))
-        for c in conflicts:
-            log.warning(
-                "near duplicates with different labels: %s (%s) and %s (%s), correlation %.3f",
-                c["a"], c["label_a"], c["b"], c["label_b"], c["correlation"],
-            )  # fmt: skip
+    for c in conflicts:
+        log.warning(
+            "near duplicates with different labels: %s (%s) and %s (%s), correlation %.3f",
+            c["a"], c["label_a"], c["b"], c["label_b"], c["correlation"],
+        )  # fmt: skip
     return cases
 
 
@@ -140,6 +144,21 @@ def log_skipped(skipped: list[tuple[str, str]], where: Path) -> None:
     log.warning("skipped %d bad file(s) (listed in %s):", len(skipped), where)
     for p, q in skipped:
         log.warning("  %s: %s", p, q)
+
+
+def usable_cases(cfg: TrainConfig, folder: str | Path, cases: list[Case] | None = None) -> tuple[list[Case], CaseCache]:
+    """The cases of a study or ensemble folder, decoded once into its cache; with ``data.skip_bad`` the bad files are
+    listed once (``FOLDER/skipped.json``) rather than by every run inside it.
+
+    Returns:
+        ``(usable cases, the filled cache)``.
+    """
+    cases = cases if cases is not None else resolve_cases(cfg, folder)
+    cache = CaseCache(preprocess_config(cfg), cache_dir(cfg, folder))
+    cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
+    if skipped:
+        log_skipped(skipped, RunFolder(folder).write_skipped(skipped))
+    return cases, cache
 
 
 def prepare_run_data(

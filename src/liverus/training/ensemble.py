@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from liverus import __version__
-from liverus.data import Case, CaseCache, UltrasoundDataset, kfold_splits, prepare_cases
+from liverus.data import Case, UltrasoundDataset, kfold_splits
 from liverus.engine.forward import eval_batch_size, predict_probs
 from liverus.engine.predictions import read_predictions, write_predictions
 from liverus.engine.runtime import inference_amp
@@ -29,7 +29,7 @@ from liverus.evaluation.metrics import operating_points
 from liverus.evaluation.stats import apply_temperature, fit_temperature
 from liverus.models import EnsembleClassifier, load_model, save_model
 from liverus.training.config import TrainConfig, config_to_dict
-from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
+from liverus.training.datasets import cache_dir, usable_cases
 from liverus.training.loop import score
 from liverus.training.run_folder import RunFolder, TrainResult
 from liverus.utils import to_plain
@@ -68,11 +68,7 @@ def train_ensemble(
         stored = folder.finished_result()
         if stored:
             return TrainResult(**stored)
-    cases = cases if cases is not None else resolve_cases(cfg, folder.path)
-    cache = CaseCache(preprocess_config(cfg), cache_dir(cfg, folder.path))
-    cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
-    if skipped:
-        log_skipped(skipped, folder.write_skipped(skipped))
+    cases, cache = usable_cases(cfg, folder.path, cases)
     by_path = {c.path: c for c in cases}
     if split is not None:
         dev = [by_path[p] for p in [*split["train"], *split["val"]] if p in by_path]

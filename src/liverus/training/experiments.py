@@ -15,22 +15,19 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from pathlib import Path
 
 from liverus.data import (
-    CaseCache,
     default_cache_dir,
     kfold_splits,
     load_splits,
-    prepare_cases,
     save_splits,
     train_val_test_split,
 )
 from liverus.evaluation.study import repeat_dir, summarize_study
 from liverus.training.config import TrainConfig, config_to_dict
-from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
-from liverus.training.run_folder import RunExistsError, changed_keys
+from liverus.training.datasets import usable_cases
+from liverus.training.run_folder import RunExistsError, changed_keys, move_aside
 from liverus.training.trainer import train
 from liverus.utils import atomic_write_json
 
@@ -65,7 +62,7 @@ def run_holdout_comparison(
         raise RunExistsError(f"folder {out} already holds a comparison; pass --resume to continue it")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", {"models": models, "k": 1, "config": config_to_dict(cfg)})
-    cases = _usable_cases(cfg, out)
+    cases = usable_cases(cfg, out)[0]
     split_file = out / "splits.json"
     if split_file.is_file():
         split = load_splits(split_file, cases)["folds"][0]
@@ -76,18 +73,6 @@ def run_holdout_comparison(
     for spec in models:
         _train_model(cfg, spec, out / parse_model_spec(spec)[2] / "fold0", cases, split)
     return summarize_study(out, labels, baseline=labels[0], subgroup=[], n_boot=n_boot)
-
-
-def _usable_cases(cfg: TrainConfig, out: Path) -> list:
-    """The study's cases, decoded once into the study's cache; with ``data.skip_bad`` the bad files are listed once
-    (``STUDY/skipped.json``) rather than by every fold of every model."""
-    cases = resolve_cases(cfg, out)
-    cache = CaseCache(preprocess_config(cfg), cache_dir(cfg, out))
-    cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
-    if skipped:
-        atomic_write_json(out / "skipped.json", [{"path": p, "problem": q} for p, q in skipped])
-        log_skipped(skipped, out / "skipped.json")
-    return cases
 
 
 def _train_model(cfg: TrainConfig, spec: str, run_dir: Path, cases: list, split: dict) -> None:
@@ -153,9 +138,7 @@ def run_study(
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     study_file = out / "study.json"
     if overwrite and out.exists():
-        backup = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(backup)
-        log.warning("moved the existing study folder to %s", backup)
+        move_aside(out)
     meta = {"models": models, "k": k, "repeats": repeats, "config": config_to_dict(cfg)}
     if study_file.is_file():
         if not resume:
@@ -171,7 +154,7 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(study_file, meta)
 
-    cases = _usable_cases(cfg, out)
+    cases = usable_cases(cfg, out)[0]
     by_path = {c.path: c for c in cases}
     for r in range(meta["repeats"]):
         folds = _repeat_folds(cfg, out, cases, k, r)

@@ -21,7 +21,7 @@ import yaml
 
 from liverus.utils import atomic_write_json, atomic_write_text, provenance
 
-__all__ = ["RunFolder", "RunExistsError", "TrainResult", "changed_keys"]
+__all__ = ["RunFolder", "RunExistsError", "TrainResult", "changed_keys", "move_aside"]
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ class RunFolder:
         cfg_text = yaml.safe_dump(config, sort_keys=False)
         existing = self.path.exists() and any(self.path.iterdir())
         if existing and overwrite:
-            backup = self.path.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.path.rename(backup)
-            log.warning("moved the existing run folder to %s", backup)
+            move_aside(self.path)
             existing = False
         if existing and not resume:
             raise RunExistsError(
@@ -129,6 +127,14 @@ class RunFolder:
         self.metrics_file.unlink(missing_ok=True)
         for row in history:
             self.append_metrics(row)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename an existing run or study folder to ``NAME.replaced-<time>`` (``--overwrite``: nothing is deleted)."""
+    backup = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(backup)
+    log.warning("moved the existing folder %s to %s", path, backup)
+    return backup
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
