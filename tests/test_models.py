@@ -121,6 +121,7 @@ def test_save_load_round_trip(tmp_path, custom):
     save_model(custom, path, default_card(custom).replace(threshold=0.3))
     loaded, card = load_model(path)
     assert card == default_card(custom).replace(threshold=0.3)
+    assert load_card(path) == card  # the card alone, without building the model
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), custom(x), rtol=0, atol=0)
 
