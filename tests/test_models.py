@@ -16,6 +16,7 @@ from liverus.models import (
     count_parameters,
     default_card,
     list_models,
+    load_card,
     load_model,
     save_model,
 )
