@@ -29,7 +29,14 @@ from liverus.data.dataset import (
 )
 from liverus.data.io import DataError, read_image, read_mask
 from liverus.data.phantom import make_phantom_dataset, render_phantom
-from liverus.data.preprocess import PreprocessConfig, detect_scan_area, preprocess
+from liverus.data.preprocess import (
+    PreprocessConfig,
+    box_to_mask,
+    detect_scan_area,
+    lesion_box,
+    model_pixels,
+    preprocess,
+)
 from liverus.data.splits import check_disjoint, kfold_splits, load_splits, save_splits, train_val_test_split
 
 __all__ = [
@@ -41,6 +48,7 @@ __all__ = [
     "UltrasoundDataset",
     "apply_grouping",
     "audit_cases",
+    "box_to_mask",
     "build_train_transform",
     "cases_from_aul_release",
     "cases_from_folder",
@@ -51,11 +59,13 @@ __all__ = [
     "detect_scan_area",
     "format_audit",
     "kfold_splits",
+    "lesion_box",
     "load_cases",
     "load_preprocessed",
     "load_task_cases",
     "load_splits",
     "make_phantom_dataset",
+    "model_pixels",
     "near_duplicate_groups",
     "prepare_cases",
     "preprocess",

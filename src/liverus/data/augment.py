@@ -59,7 +59,9 @@ def build_train_transform(level: str = "strong") -> A.Compose | None:
     return A.Compose(ultrasound + geometric + intensity)
 
 
-def apply_transform(transform: A.Compose | None, image: np.ndarray, scan: np.ndarray, seed: int) -> np.ndarray:
+def apply_transform(
+    transform: A.Compose | None, image: np.ndarray, scan: np.ndarray, seed: int, *, lesion: np.ndarray | None = None
+):
     """Apply ``transform`` reproducibly.
 
     Args:
@@ -67,12 +69,13 @@ def apply_transform(transform: A.Compose | None, image: np.ndarray, scan: np.nda
         image: ``uint8`` (H, W).
         scan: scan-area mask ``uint8`` (H, W), used by the ultrasound transforms.
         seed: per-sample seed (the dataset derives it from the run seed, the epoch and the index).
+        lesion: optional lesion mask ``uint8`` (H, W), moved by the same geometric transforms as the image.
 
     Returns:
-        The augmented ``uint8`` image.
+        The augmented ``uint8`` image; ``(image, lesion)`` when ``lesion`` is given.
     """
     if transform is None:
-        return image
+        return image if lesion is None else (image, lesion)
     transform.set_random_seed(seed)
     # usaugment draws from the global Python and NumPy generators: seed them for this sample, then put them back
     # so that the caller's random streams are not disturbed.
@@ -81,8 +84,10 @@ def apply_transform(transform: A.Compose | None, image: np.ndarray, scan: np.nda
     np.random.seed(seed % (2**32))
     try:
         # usaugment works on float images; albumentations keeps the dtype it is given.
-        out = transform(image=image.astype(np.float32) / 255.0, scan_mask=scan.astype(np.float32))["image"]
+        extra = {"mask": lesion} if lesion is not None else {}
+        res = transform(image=image.astype(np.float32) / 255.0, scan_mask=scan.astype(np.float32), **extra)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    out = np.clip(res["image"] * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out if lesion is None else (out, np.ascontiguousarray(res["mask"]).astype(np.uint8))

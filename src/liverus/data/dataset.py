@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from liverus.data.augment import apply_transform
 from liverus.data.cases import Case
 from liverus.data.io import DataError, read_image, read_mask
-from liverus.data.preprocess import PreprocessConfig, Preprocessed, preprocess
+from liverus.data.preprocess import PreprocessConfig, Preprocessed, lesion_box, model_pixels, preprocess
 
 __all__ = [
     "CaseCache",
@@ -88,8 +88,14 @@ def load_preprocessed(case: Case, cfg: PreprocessConfig) -> Preprocessed:
             lesion |= read_mask(extra, img.shape)
     elif case.polygon:
         lesion = _polygon_mask(case.polygon, img.shape)
+    box = None
+    if cfg.lesion_from == "box" and lesion is not None and lesion.any():
+        # Score (or train) as a user would use the model: from a box around the lesion, not its expert outline.
+        seed = int.from_bytes(hashlib.sha256(Path(case.path).name.encode()).digest()[:4], "little")
+        box = lesion_box(lesion, loosen=cfg.box_loosen, jitter=cfg.box_jitter, seed=seed)
+        lesion = None
     try:
-        return preprocess(img, cfg, lesion=lesion)
+        return preprocess(img, cfg, lesion=lesion, box=box)
     except ValueError as exc:
         raise DataError(case.path, str(exc)) from exc
 
@@ -199,7 +205,8 @@ def prepare_cases(
 
 
 class UltrasoundDataset(Dataset):
-    """Preprocessed ultrasound images as ``uint8`` tensors (1, S, S) with integer labels.
+    """Preprocessed ultrasound images as ``uint8`` tensors (1, S, S), or (2, S, S) with the lesion-mask channel when
+    the cache's preprocessing says ``lesion_channel``, with integer labels.
 
     Normalisation to the backbone's statistics happens on the device in the training step (cheaper than in the
     loader, and the loader ships a quarter of the bytes).
@@ -236,8 +243,9 @@ class UltrasoundDataset(Dataset):
         """Args: ``index`` or ``(index, epoch)`` (as the training sampler yields, so workers need no epoch state)."""
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         arr = self.cache.get(self.cases[index])
-        image = arr[0]
         if self.transform is not None:
             seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-            image = apply_transform(self.transform, image, arr[1], seed)
-        return torch.from_numpy(np.ascontiguousarray(image))[None], self.targets[index]
+            image, lesion = apply_transform(self.transform, arr[0], arr[1], seed, lesion=arr[2])
+            arr = np.stack([image, arr[1], lesion])
+        pixels = model_pixels(arr, self.cache.cfg.lesion_channel)
+        return torch.from_numpy(np.ascontiguousarray(pixels)), self.targets[index]

@@ -21,9 +21,16 @@ __all__ = [
     "roi_box",
     "CROP_MODES",
     "MAX_WORK_SIDE",
+    "LESION_SOURCES",
+    "BOX_MASKS",
+    "lesion_box",
+    "box_to_mask",
+    "model_pixels",
 ]
 
 CROP_MODES = ("fan", "roi", "none")
+LESION_SOURCES = ("mask", "box")
+BOX_MASKS = ("box", "ellipse", "grabcut")
 # Larger images (legal up to the reader's pixel limit) are shrunk to this side before the fan detection, whose
 # morphology kernel grows with the image: ultrasound frames are at most about 1-2 k pixels a side anyway.
 MAX_WORK_SIDE = 2048
@@ -40,6 +47,13 @@ class PreprocessConfig:
         roi_margin: context around the lesion box, as a fraction of the box's longer side, on every side.
         letterbox: keep the aspect ratio and pad to a square (true) or stretch (false).
         frame: DICOM cine frame (``None``: the middle frame).
+        lesion_channel: give the model the lesion mask as a second input channel (and feature models their mask).
+        lesion_from: where a case's lesion comes from when it has an expert mask: the ``mask`` itself, or a ``box``
+            around it (what a radiologist draws), loosened by ``box_loosen`` and moved by ``box_jitter``.
+        box_loosen: the derived box grows by this fraction of its size on every side.
+        box_jitter: each edge of the derived box moves by up to this fraction of the box size (seeded per image).
+        box_mask: how a box becomes the lesion mask of the mask channel: the filled ``box``, the inscribed
+            ``ellipse``, or OpenCV's ``grabcut`` segmentation inside the box.
     """
 
     image_size: int = 224
@@ -47,10 +61,23 @@ class PreprocessConfig:
     roi_margin: float = 0.3
     letterbox: bool = True
     frame: int | None = None
+    lesion_channel: bool = False
+    lesion_from: str = "mask"
+    box_loosen: float = 0.0
+    box_jitter: float = 0.0
+    box_mask: str = "grabcut"
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
+        if self.lesion_from not in LESION_SOURCES:
+            raise ValueError(f"lesion_from must be one of {LESION_SOURCES}, got {self.lesion_from!r}")
+        if self.box_mask not in BOX_MASKS:
+            raise ValueError(f"box_mask must be one of {BOX_MASKS}, got {self.box_mask!r}")
+        if not 0 <= self.box_jitter <= 0.5:
+            raise ValueError(f"box_jitter must be in [0, 0.5], got {self.box_jitter}")
+        if not 0 <= self.box_loosen <= 1:
+            raise ValueError(f"box_loosen must be in [0, 1], got {self.box_loosen}")
         if not 32 <= self.image_size <= 2048:
             raise ValueError(f"image_size must be in [32, 2048], got {self.image_size}")
         if not 0 <= self.roi_margin <= 5:
@@ -74,6 +101,95 @@ class Preprocessed:
 
     def stacked(self) -> np.ndarray:
         return np.stack([self.image, self.scan, self.lesion])
+
+
+def model_pixels(stacked: np.ndarray, lesion_channel: bool) -> np.ndarray:
+    """What the network is fed from :meth:`Preprocessed.stacked` arrays ``(..., 3, S, S)``: the image (1 channel),
+    plus the lesion mask scaled to 0/255 as a second channel when ``lesion_channel``. ``uint8``, shape (..., C, S, S).
+    """
+    if not lesion_channel:
+        return stacked[..., :1, :, :]
+    return np.concatenate([stacked[..., :1, :, :], (stacked[..., 2:3, :, :] > 0).astype(np.uint8) * 255], axis=-3)
+
+
+def lesion_box(
+    lesion: np.ndarray, *, loosen: float = 0.0, jitter: float = 0.0, seed: int = 0
+) -> tuple[float, float, float, float]:
+    """A box ``(x0, y0, x1, y1)`` around a lesion mask as a user might draw it: grown by ``loosen`` of its size on
+    every side, each edge then moved by up to ``jitter`` of the box size (uniform, from ``seed``), and kept inside
+    the image and non-empty.
+
+    Raises:
+        ValueError: for an empty mask.
+    """
+    if not lesion.any():
+        raise ValueError("the lesion mask is empty; no box can be derived from it")
+    ys, xs = np.nonzero(lesion)
+    x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+    w, h = x1 - x0, y1 - y0
+    x0, x1, y0, y1 = x0 - loosen * w, x1 + loosen * w, y0 - loosen * h, y1 + loosen * h
+    if jitter:
+        d = np.random.default_rng(seed).uniform(-jitter, jitter, 4) * np.array([w, h, w, h])
+        x0, y0, x1, y1 = x0 + d[0], y0 + d[1], x1 + d[2], y1 + d[3]
+    H, W = lesion.shape
+    x0, x1 = np.clip([x0, x1], 0, W)
+    y0, y1 = np.clip([y0, y1], 0, H)
+    if x1 - x0 < 2:
+        x0, x1 = max(0.0, min(x0, W - 2.0)), min(float(W), max(x0, W - 2.0) + 2)
+    if y1 - y0 < 2:
+        y0, y1 = max(0.0, min(y0, H - 2.0)), min(float(H), max(y0, H - 2.0) + 2)
+    return float(x0), float(y0), float(x1), float(y1)
+
+
+def box_to_mask(image_u8: np.ndarray, box: tuple[float, ...], method: str = "grabcut") -> np.ndarray:
+    """The lesion mask a box stands for: the filled ``box``, its inscribed ``ellipse``, or ``grabcut``.
+
+    GrabCut (Rother et al., 2004; OpenCV's implementation) separates the lesion from the liver inside the box by
+    colour models of the two; it runs on a window around the box (so its cost follows the lesion, not the image)
+    with OpenCV's generator seeded, so one box always gives one mask. When it keeps less than a tenth of the box
+    (a box around a lesion that barely differs from the liver), the inscribed ellipse is used instead.
+
+    Returns:
+        ``uint8`` mask {0, 1} of the image's shape, inside the box.
+    """
+    if method not in BOX_MASKS:
+        raise ValueError(f"box_mask must be one of {BOX_MASKS}, got {method!r}")
+    h, w = image_u8.shape[:2]
+    x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+    x1, y1 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
+    mask = np.zeros((h, w), np.uint8)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return mask
+    if method == "box":
+        mask[y0:y1, x0:x1] = 1
+        return mask
+    ellipse = np.zeros_like(mask)
+    center = ((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2)
+    cv2.ellipse(ellipse, (round(center[0]), round(center[1])), (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2)),
+                0, 0, 360, 1, -1)  # fmt: skip
+    ellipse[:y0], ellipse[y1:], ellipse[:, :x0], ellipse[:, x1:] = 0, 0, 0, 0
+    if method == "ellipse" or min(x1 - x0, y1 - y0) < 8:
+        return ellipse
+    pad = max(x1 - x0, y1 - y0) // 2
+    wx0, wy0, wx1, wy1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+    window = cv2.cvtColor(np.ascontiguousarray(image_u8[wy0:wy1, wx0:wx1]), cv2.COLOR_GRAY2BGR)
+    gc = np.zeros(window.shape[:2], np.uint8)
+    bg, fg = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)
+    try:
+        cv2.grabCut(window, gc, (x0 - wx0, y0 - wy0, x1 - x0, y1 - y0), bg, fg, 4, cv2.GC_INIT_WITH_RECT)
+    except cv2.error:
+        return ellipse
+    inside = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)).astype(np.uint8)
+    mask[wy0:wy1, wx0:wx1] = inside
+    mask[:y0], mask[y1:], mask[:, :x0], mask[:, x1:] = 0, 0, 0, 0
+    # Keep the largest piece: a lesion is one region, and stray speckle pixels would distort its shape features.
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n > 1:
+        mask = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    if mask.sum() < 0.1 * (x1 - x0) * (y1 - y0):
+        return ellipse
+    return mask
 
 
 def detect_scan_area(img: np.ndarray, threshold: float = 0.04) -> np.ndarray:
@@ -201,6 +317,9 @@ def preprocess(
         if box is not None:
             box = tuple(float(v) * shrink for v in box)
     u8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if cfg.lesion_channel and box is not None and (lesion is None or not lesion.any()):
+        # A box but no outline: the mask channel gets the lesion the box stands for.
+        lesion = box_to_mask(u8, box, cfg.box_mask)
     les = lesion.astype(np.uint8) if lesion is not None else np.zeros_like(u8)
     scan = detect_scan_area(u8) if cfg.crop in ("fan", "roi") else np.ones_like(u8)
     if cfg.crop == "fan":

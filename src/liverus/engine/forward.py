@@ -19,13 +19,19 @@ __all__ = ["normalize_images", "model_input", "probabilities", "predict_probs", 
 
 
 def normalize_images(x: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor, in_chans: int):
-    """Gray images (N, 1, H, W), ``uint8`` or float in [0, 1] -> normalised float, repeated to 3 channels for RGB
-    stems. Out of place for float input (so callers' tensors are never modified) and traceable for ONNX export."""
+    """Gray images (N, 1, H, W), or image plus lesion mask (N, 2, H, W), ``uint8`` or float in [0, 1] -> the
+    network's input: the image normalised (and repeated to 3 channels for RGB stems), the mask kept in {0, 1}.
+    Out of place for float input (so callers' tensors are never modified) and traceable for ONNX export."""
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
-    x = (x - mean) / std
-    if in_chans == 3 and x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return x
+    if in_chans in (1, 3):
+        x = (x - mean) / std
+        return x.expand(-1, 3, -1, -1) if in_chans == 3 and x.shape[1] == 1 else x
+    if x.shape[1] != 2:
+        raise ValueError(f"a model with a lesion-mask channel needs (N, 2, H, W) input, got {tuple(x.shape)}")
+    image = (x[:, :1] - mean) / std
+    if in_chans == 4:
+        image = image.expand(-1, 3, -1, -1)
+    return torch.cat([image, x[:, 1:2]], dim=1)
 
 
 def model_input(x: torch.Tensor, card: ModelCard, *, channels_last: bool = False) -> torch.Tensor:

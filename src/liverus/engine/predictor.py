@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liverus.data.preprocess import PreprocessConfig, Preprocessed, preprocess
+from liverus.data.preprocess import PreprocessConfig, Preprocessed, model_pixels, preprocess
 from liverus.engine.forward import model_input, probabilities
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap
 from liverus.engine.runtime import inference_amp
@@ -95,9 +95,8 @@ class Predictor:
         """Preprocess a gray float image as the model was trained (raises ValueError for ROI models without a box)."""
         return preprocess(image, self.preprocess_cfg, lesion=lesion, box=box)
 
-    @staticmethod
-    def _pixels(pre: list[Preprocessed]) -> np.ndarray:
-        return np.stack([p.image for p in pre])[:, None]
+    def _pixels(self, pre: list[Preprocessed]) -> np.ndarray:
+        return model_pixels(np.stack([p.stacked() for p in pre]), self.preprocess_cfg.lesion_channel)
 
     def probabilities(self, pre: list[Preprocessed]) -> np.ndarray:
         """Returns: malignancy probabilities for preprocessed images."""

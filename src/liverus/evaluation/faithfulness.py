@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liverus.data import CaseCache
+from liverus.data import CaseCache, model_pixels
 from liverus.engine.forward import model_input
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap
 from liverus.models import load_model
@@ -62,6 +62,10 @@ def faithfulness_for_model(model_path: str | Path, cases: list, *, max_cases: in
         ``{"gradcam": faithfulness(...), "attention": faithfulness(...) or None}``.
     """
     model, card = load_model(model_path)
+    try:
+        model.gradcam_layers()
+    except ValueError:  # a radiomics model has no heatmap to check
+        return {"gradcam": None, "attention": None}
     usable = [c for c in cases if c.mask or c.polygon]
     if len(usable) > max_cases:
         idx = np.random.default_rng(seed).choice(len(usable), max_cases, replace=False)
@@ -72,7 +76,7 @@ def faithfulness_for_model(model_path: str | Path, cases: list, *, max_cases: in
     cams, atts, masks = [], [], []
     for start in range(0, len(usable), 16):
         arrs = np.stack([cache.get(c) for c in usable[start : start + 16]])
-        x = model_input(torch.from_numpy(np.ascontiguousarray(arrs[:, :1])), card)
+        x = model_input(torch.from_numpy(np.ascontiguousarray(model_pixels(arrs, cache.cfg.lesion_channel))), card)
         cams.append(gradcam_heatmap(model, x))
         if model.has_spatial_attention:
             atts.append(attention_heatmap(model, x))

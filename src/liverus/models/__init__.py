@@ -5,6 +5,7 @@ from liverus.models.blocks import ChannelAttention, SEBlock, SpatialAttention
 from liverus.models.card import ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier, LinearHead
 from liverus.models.ensemble import EnsembleClassifier
+from liverus.models.features import LesionFeatureModel
 from liverus.models.heads import ParallelAttentionHead
 from liverus.models.registry import (
     MODELS,
@@ -12,6 +13,7 @@ from liverus.models.registry import (
     count_flops,
     count_parameters,
     default_card,
+    is_feature_model,
     list_models,
     load_card,
     load_model,
@@ -27,6 +29,7 @@ __all__ = [
     "CustomModel",
     "EnsembleClassifier",
     "LesionClassifier",
+    "LesionFeatureModel",
     "LinearHead",
     "ModelCard",
     "ParallelAttentionHead",
@@ -39,6 +42,7 @@ __all__ = [
     "count_flops",
     "count_parameters",
     "default_card",
+    "is_feature_model",
     "list_models",
     "load_card",
     "load_model",

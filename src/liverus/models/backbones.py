@@ -74,7 +74,9 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
     Args:
         weight: the pretrained stem kernel.
-        in_chans: 1 (sum over RGB) or 3 (unchanged).
+        in_chans: 1 (gray: summed over RGB), 3 (unchanged), or 2 and 4: gray or RGB plus a lesion-mask channel,
+            whose kernel starts at zero, so that the adapted stem answers a zero mask exactly as the pretrained one
+            answers the image, and learns what the mask adds (its gradient is not zero).
 
     Returns:
         The adapted kernel.
@@ -82,11 +84,14 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     Raises:
         ValueError: for any other channel count.
     """
-    if in_chans == weight.shape[1]:
-        return weight
-    if in_chans == 1 and weight.shape[1] == 3:
-        return weight.sum(dim=1, keepdim=True)
-    raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if in_chans not in (1, 2, 3, 4):
+        raise ValueError(f"in_chans must be 1 or 3 (2 or 4 with a lesion-mask channel), got {in_chans}")
+    if weight.shape[1] != 3:
+        raise ValueError(f"expected an RGB stem kernel (O, 3, k, k), got {tuple(weight.shape)}")
+    image = weight.sum(dim=1, keepdim=True) if in_chans in (1, 2) else weight
+    if in_chans in (2, 4):
+        image = torch.cat([image, torch.zeros_like(weight[:, :1])], dim=1)
+    return image
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -276,7 +281,7 @@ def build_backbone(
     Args:
         name: ``"resnet50"`` or ``"efficientnet_lite0"``.
         weights: ``None`` (random init), ``"imagenet"`` or a path to a state dict in the backbone's native format.
-        in_chans: 1 for grayscale ultrasound (stem summed over RGB) or 3.
+        in_chans: 1 for grayscale ultrasound (stem summed over RGB) or 3; 2 or 4 add a lesion-mask channel.
         drop_path_rate: stochastic depth of EfficientNet-Lite0 (``None``: its default 0.2); ResNet-50 has none.
 
     Returns:
@@ -286,8 +291,8 @@ def build_backbone(
         ValueError: for an unknown name, a bad ``in_chans`` or a weights file of another architecture.
         RuntimeError: when ImageNet weights must be downloaded and cannot be.
     """
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if in_chans not in (1, 2, 3, 4):
+        raise ValueError(f"in_chans must be 1 or 3 (2 or 4 with a lesion-mask channel), got {in_chans}")
     if drop_path_rate is not None and not 0 <= drop_path_rate < 1:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     if name not in BACKBONES:

@@ -16,6 +16,7 @@ from liverus.models.backbones import BACKBONES, WeightsInfo, build_backbone, loa
 from liverus.models.card import DEFAULT_CLASSES, ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier
 from liverus.models.ensemble import EnsembleClassifier
+from liverus.models.features import FEATURE_CLASSIFIERS, LesionFeatureModel
 
 __all__ = [
     "ModelEntry",
@@ -30,6 +31,7 @@ __all__ = [
     "count_parameters",
     "count_flops",
     "load_state_dict_file",
+    "is_feature_model",
 ]
 
 
@@ -95,6 +97,36 @@ for _bb in BACKBONES:
     )
 
 
+def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[..., LesionFeatureModel]:
+    def build(
+        *, num_classes: int = 2, weights=None, in_chans: int = 2, pca_dim: int = 32, n_support: int = 1
+    ) -> LesionFeatureModel:
+        if backbone is None and weights not in (None, "imagenet"):
+            raise ValueError("a radiomics-only model has no backbone to load weights into")
+        bb = build_backbone(backbone, weights=weights, in_chans=1) if backbone else None
+        return LesionFeatureModel(
+            classifier, bb, num_classes=num_classes, in_chans=in_chans, pca_dim=pca_dim, n_support=n_support
+        )
+
+    return build
+
+
+for _clf in FEATURE_CLASSIFIERS:
+    register_model(f"radiomics_{_clf}", f"lesion radiomics -> {_clf} (needs data.lesion_channel)")(
+        _make_feature_builder(_clf, None)
+    )
+    for _bb in BACKBONES:
+        register_model(
+            f"radiomics_{_clf}_{_bb}",
+            f"lesion radiomics + frozen {_bb} features of the crop -> {_clf} (needs data.lesion_channel)",
+        )(_make_feature_builder(_clf, _bb))
+
+
+def is_feature_model(name: str) -> bool:
+    """Whether the registered model ``name`` is a fitted feature model (no gradient training)."""
+    return ALIASES.get(name, name).startswith("radiomics_")
+
+
 def list_models() -> list[str]:
     """Returns: every registered model name, sorted."""
     return sorted(MODELS)
@@ -114,7 +146,7 @@ def build_model(
         name: a name from :func:`list_models` (or the aliases ``custom``, ``baseline``).
         num_classes: 2 (benign / malignant) or 3 (normal / benign / malignant).
         weights: ``None`` (random init), ``"imagenet"`` or a path to a backbone state dict.
-        in_chans: 1 for grayscale ultrasound, or 3.
+        in_chans: 1 for grayscale ultrasound, or 3; 2 or 4 with a lesion-mask channel (feature models: 2).
         **kwargs: head arguments, e.g. ``se_reduction``, ``ca_reduction``, ``spatial_kernel``, ``drop_rate``.
 
     Returns:
@@ -194,7 +226,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ValueError(f"weights in {p} do not match model {obj['model_name']!r}: {exc}") from exc
     wi = obj.get("weights_info") or {}
     for m in members:
-        m.backbone.weights_info = WeightsInfo(**wi) if wi else m.backbone.weights_info
+        if wi and m.backbone is not None:
+            m.backbone.weights_info = WeightsInfo(**wi)
     model.eval()
     # Files of liverus 0.1 carry an untyped "extra" dict instead of a card; defaults come from the weights.
     stored = obj.get("card") or obj.get("extra") or {}

@@ -20,9 +20,9 @@ import yaml
 from liverus.data.audit import GROUPINGS
 from liverus.data.augment import AUGMENT_LEVELS
 from liverus.data.cases import CLASS_SETS
-from liverus.data.preprocess import CROP_MODES
+from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
-from liverus.models import list_models
+from liverus.models import is_feature_model, list_models
 from liverus.models.registry import ALIASES
 from liverus.training.losses import LOSSES
 from liverus.training.optim import OPTIMIZERS
@@ -54,6 +54,11 @@ class DataConfig:
     crop: str = "fan"  # fan | roi | none
     roi_margin: float = 0.3
     letterbox: bool = True
+    lesion_channel: bool = False  # the lesion mask as a second input channel (needed by radiomics_* models)
+    lesion_from: str = "mask"  # mask | box: use the expert mask, or a box around it as a user would draw
+    box_loosen: float = 0.0  # the derived box grows by this fraction of its size on every side
+    box_jitter: float = 0.0  # each edge of the derived box moves by up to this fraction of its size (seeded)
+    box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
     group_by: str = "source"  # source | near_duplicates (merge groups of exact and near-duplicate images)
@@ -78,6 +83,7 @@ class ModelConfig:
     se_reduction: int = 16
     ca_reduction: int = 16
     spatial_kernel: int = 7
+    pca_dim: int = 32  # radiomics_*_<backbone> models: principal components kept of the frozen deep features
 
 
 @dataclass
@@ -132,6 +138,8 @@ class TrainConfig:
             ("data", "crop"): CROP_MODES,
             ("data", "augment"): AUGMENT_LEVELS,
             ("data", "group_by"): GROUPINGS,
+            ("data", "lesion_from"): LESION_SOURCES,
+            ("data", "box_mask"): BOX_MASKS,
             ("optim", "optimizer"): OPTIMIZERS,
             ("loss", "name"): LOSSES,
             ("runtime", "precision"): PRECISIONS,
@@ -194,6 +202,20 @@ class TrainConfig:
             close = difflib.get_close_matches(self.model.name, list_models(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}")
+        if is_feature_model(self.model.name):
+            if not self.data.lesion_channel:
+                raise ConfigError(
+                    f"model.name: {self.model.name} computes features of the lesion and needs its mask: set "
+                    "data.lesion_channel: true (with crop: roi, so the crop is scaled to the lesion)"
+                )
+            if self.data.task != "binary":
+                raise ConfigError(f"model.name: {self.model.name} is binary; set data.task: binary")
+            if self.model.in_chans != 1:
+                raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
+        if not 0 <= self.data.box_jitter <= 0.5:
+            raise ConfigError(f"data.box_jitter: must be in [0, 0.5], got {self.data.box_jitter}")
+        if not 0 <= self.data.box_loosen <= 1:
+            raise ConfigError(f"data.box_loosen: must be in [0, 1], got {self.data.box_loosen}")
         return self
 
 

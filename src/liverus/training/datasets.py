@@ -84,6 +84,11 @@ def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
         crop=cfg.data.crop,
         roi_margin=cfg.data.roi_margin,
         letterbox=cfg.data.letterbox,
+        lesion_channel=cfg.data.lesion_channel,
+        lesion_from=cfg.data.lesion_from,
+        box_loosen=cfg.data.box_loosen,
+        box_jitter=cfg.data.box_jitter,
+        box_mask=cfg.data.box_mask,
     )
 
 

@@ -109,6 +109,11 @@ def train_ensemble(
     write_predictions(folder / "predictions_val.csv", oof_cases, probs, oof.y, classes, threshold)
     val_metrics = score(probs, oof.y, classes, threshold)
 
+    if all(hasattr(m, "pad_support") for m in models):
+        # Fold SVMs keep different numbers of support vectors; zero-weight padding gives them one shape.
+        n_support = max(int(m.build_kwargs.get("n_support", 1)) for m in models)
+        for m in models:
+            m.pad_support(n_support)
     ensemble = EnsembleClassifier(models, temps).eval()
     card = card.replace(
         threshold=threshold,

@@ -21,11 +21,12 @@ from torch import nn
 
 from liverus import __version__
 from liverus.data import Case
-from liverus.models import LesionClassifier, ModelCard, build_model
+from liverus.models import LesionClassifier, LesionFeatureModel, ModelCard, build_model, is_feature_model
 from liverus.training.config import TrainConfig, config_to_dict
 from liverus.training.datasets import RunData, prepare_run_data, preprocess_config
 from liverus.training.distributed import barrier, broadcast_object, gather_objects
 from liverus.training.ensemble import train_ensemble
+from liverus.training.feature_fit import fit_feature_model
 from liverus.training.finalize import finalize
 from liverus.training.handlers import EarlyStopping, MetricsLogger
 from liverus.training.loop import EpochStats, evaluate_loader, score, selection_score, train_one_epoch
@@ -34,7 +35,7 @@ from liverus.training.optim import build_optimizer, build_scheduler, set_train_m
 from liverus.training.run_folder import RunExistsError, RunFolder, TrainResult
 from liverus.training.runtime import Runtime
 from liverus.training.state import CheckpointSaver, TrainObjects, TrainState
-from liverus.utils import seed_everything
+from liverus.utils import atomic_write_json, seed_everything
 
 __all__ = ["train", "TrainResult", "RunExistsError", "build_run_model"]
 
@@ -98,6 +99,54 @@ def train(
         precision=rt.precision,
         version=__version__,
     )
+    if isinstance(model, LesionFeatureModel):
+        # Nothing to descend: the classifier is fitted on the training part's features in one go.
+        fitted = fit_feature_model(model, data.train, data.classes, data.cache, card, seed=cfg.runtime.seed)
+        if rt.is_main:
+            atomic_write_json(folder / "feature_fit.json", fitted)
+        state = TrainState()
+    else:
+        state = _train_epochs(cfg, model, data, card, rt, folder, resumed=resumed, max_steps=max_steps)
+    provenance = json.loads((folder / "provenance.json").read_text()) if rt.is_main else {}
+    final = finalize(
+        model,
+        data,
+        card.replace(best_epoch=state.best_epoch, provenance=provenance),
+        rt,
+        folder,
+        fixed_threshold=cfg.model.threshold,
+    )
+    result = None
+    if rt.is_main:
+        result = TrainResult(
+            run_dir=str(folder.path),
+            model_path=str(folder.model_file),
+            best_epoch=state.best_epoch,
+            val_auc=float(final.val_metrics["auc"]),
+            threshold=final.card.threshold,
+            epochs_run=len(state.history),
+            history=state.history,
+            val_metrics=final.val_metrics,
+            test_metrics=final.test_metrics,
+            wall_time_s=round(time.time() - t_start, 2),
+        )
+        folder.write_result(asdict(result))
+    return broadcast_object(result, rt.dist)
+
+
+def _train_epochs(
+    cfg: TrainConfig,
+    model: nn.Module,
+    data: RunData,
+    card: ModelCard,
+    rt: Runtime,
+    folder: RunFolder,
+    *,
+    resumed: bool,
+    max_steps: int | None,
+) -> TrainState:
+    """The epoch loop with its handlers (checkpoints, metrics, early stopping); resumes from ``last.pt``. Leaves the
+    best epoch's weights in ``model``."""
     criterion = build_loss(
         cfg.loss.name,
         data.train_targets,
@@ -148,37 +197,18 @@ def train(
         if (max_steps is not None and steps_done >= max_steps) or stopper.should_stop(state):
             break
     logger.close()
-
     saver.load_best(model)
-    provenance = json.loads((folder / "provenance.json").read_text()) if rt.is_main else {}
-    final = finalize(
-        model,
-        data,
-        card.replace(best_epoch=state.best_epoch, provenance=provenance),
-        rt,
-        folder,
-        fixed_threshold=cfg.model.threshold,
-    )
-    result = None
-    if rt.is_main:
-        result = TrainResult(
-            run_dir=str(folder.path),
-            model_path=str(folder.model_file),
-            best_epoch=state.best_epoch,
-            val_auc=float(final.val_metrics["auc"]),
-            threshold=final.card.threshold,
-            epochs_run=len(state.history),
-            history=state.history,
-            val_metrics=final.val_metrics,
-            test_metrics=final.test_metrics,
-            wall_time_s=round(time.time() - t_start, 2),
-        )
-        folder.write_result(asdict(result))
-    return broadcast_object(result, rt.dist)
+    return state
 
 
-def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier:
-    """The model the config names, with its head options."""
+def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | LesionFeatureModel:
+    """The model the config names, with its head options (and the lesion-mask channel when the data gives one)."""
+    in_chans = cfg.model.in_chans + int(cfg.data.lesion_channel)
+    if is_feature_model(cfg.model.name):
+        return build_model(
+            cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=in_chans,
+            pca_dim=cfg.model.pca_dim,
+        )  # fmt: skip
     head_kwargs = {"drop_rate": cfg.model.drop_rate}
     if cfg.model.drop_path_rate is not None:
         head_kwargs["drop_path_rate"] = cfg.model.drop_path_rate
@@ -189,7 +219,7 @@ def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier:
             spatial_kernel=cfg.model.spatial_kernel,
         )
     return build_model(
-        cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=cfg.model.in_chans, **head_kwargs
+        cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=in_chans, **head_kwargs
     )
 
 

@@ -1,0 +1,194 @@
+"""Feature models: lesion radiomics (and frozen ImageNet features of the lesion crop) into a fitted classifier.
+
+A :class:`LesionFeatureModel` is used exactly like the networks (``model.pt`` with its card, ``evaluate``,
+``predict``, ``serve``, studies): its input is the preprocessed crop plus the lesion-mask channel (the config's
+``data.lesion_channel: true``) and ``forward`` returns two logits. Inside, it computes the
+:mod:`~liverus.data.radiomics` features of the lesion, optionally appends the frozen backbone's pooled features
+(reduced by a PCA), standardises them and applies a logistic regression or an RBF support-vector machine with Platt
+scaling. The classifier is fitted with scikit-learn (``liverus.training.feature_fit``, inside each training fold); its
+fitted numbers are then stored here as tensors, so the file loads with ``torch.load(weights_only=True)`` like every
+other model instead of as a pickled scikit-learn object.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from liverus.data.radiomics import FEATURE_NAMES, feature_matrix
+from liverus.models.backbones import Backbone, WeightsInfo
+
+__all__ = ["LesionFeatureModel", "FEATURE_CLASSIFIERS"]
+
+FEATURE_CLASSIFIERS = ("logistic", "svm")
+
+
+class LesionFeatureModel(nn.Module):
+    """Radiomics (+ frozen deep features) -> standardisation -> logistic regression or RBF SVM.
+
+    Args:
+        classifier: ``logistic`` or ``svm``.
+        backbone: a frozen backbone whose pooled features join the radiomics, or ``None`` for radiomics only.
+        num_classes: must be 2 (benign / malignant).
+        in_chans: must be 2: the gray image and the lesion mask.
+        pca_dim: deep features are reduced to this many principal components (fitted in the training fold).
+        n_support: number of support vectors (set by fitting; needed to rebuild a fitted SVM from a file).
+
+    Raises:
+        ValueError: for an unknown classifier, another class count or input without the mask channel.
+    """
+
+    def __init__(
+        self,
+        classifier: str,
+        backbone: Backbone | None = None,
+        *,
+        num_classes: int = 2,
+        in_chans: int = 2,
+        pca_dim: int = 32,
+        n_support: int = 1,
+    ) -> None:
+        super().__init__()
+        if classifier not in FEATURE_CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {FEATURE_CLASSIFIERS}, got {classifier!r}")
+        if num_classes != 2:
+            raise ValueError(f"feature models are binary (benign / malignant); got num_classes={num_classes}")
+        if in_chans != 2:
+            raise ValueError(
+                f"feature models read the lesion mask: they need in_chans=2 (gray image + mask), got {in_chans}; "
+                "set data.lesion_channel: true in the config"
+            )
+        if not 1 <= pca_dim <= 512:
+            raise ValueError(f"pca_dim must be in [1, 512], got {pca_dim}")
+        if n_support < 1:
+            raise ValueError(f"n_support must be at least 1, got {n_support}")
+        self.classifier = classifier
+        self.backbone = backbone
+        if backbone is not None:
+            backbone.requires_grad_(False)
+        self.model_name = ""
+        self.build_kwargs: dict = {}
+        n_rad = len(FEATURE_NAMES)
+        width = n_rad + (pca_dim if backbone is not None else 0)
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("radiomics_mean", torch.zeros(n_rad))
+        self.register_buffer("radiomics_scale", torch.ones(n_rad))
+        if backbone is not None:
+            dim = backbone.spec.out_channels
+            self.register_buffer("deep_mean", torch.zeros(dim))
+            self.register_buffer("deep_scale", torch.ones(dim))
+            self.register_buffer("pca_components", torch.zeros(pca_dim, dim))
+            self.register_buffer("pca_scale", torch.ones(pca_dim))
+        if classifier == "logistic":
+            self.register_buffer("coef", torch.zeros(width))
+        else:
+            self.register_buffer("support", torch.zeros(n_support, width))
+            self.register_buffer("dual_coef", torch.zeros(n_support))
+            self.register_buffer("gamma", torch.ones(()))
+            self.register_buffer("platt", torch.tensor([1.0, 0.0]))
+        self.register_buffer("intercept", torch.zeros(()))
+        self._norm = (0.5, 0.5) if backbone is None else _gray_stats(backbone)
+
+    # What consumers read from a network, answered for a feature model.
+    num_classes = property(lambda self: 2)
+    in_chans = property(lambda self: 2)
+    has_spatial_attention = property(lambda self: False)
+
+    @property
+    def normalization(self) -> tuple[float, float]:
+        return self._norm
+
+    @property
+    def weights_info(self) -> WeightsInfo:
+        return self.backbone.weights_info if self.backbone is not None else WeightsInfo("none (no backbone)")
+
+    def gradcam_layers(self) -> list[nn.Module]:
+        """The frozen backbone's last stage (Grad-CAM then shows where its features, not the radiomics, looked).
+
+        Raises:
+            ValueError: for a radiomics-only model, which has no convolutional layer.
+        """
+        if self.backbone is None:
+            raise ValueError(
+                f"{self.model_name or 'this radiomics model'} has no convolutional layers, so it has no Grad-CAM "
+                "heatmap; its inputs are the lesion-mask features listed by liverus.data.radiomics.FEATURE_NAMES"
+            )
+        return [self.backbone.gradcam_layer()]
+
+    def raw_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unscaled features of normalised input ``x`` (N, 2, H, W).
+
+        Returns:
+            ``(radiomics (N, R), pooled deep features (N, D) or None)``.
+
+        Raises:
+            ValueError: when an image's lesion mask is (nearly) empty.
+        """
+        if x.ndim != 4 or x.shape[1] != 2:
+            raise ValueError(f"expected (N, 2, H, W) input (image and lesion mask), got {tuple(x.shape)}")
+        mean, std = self._norm
+        gray = x[:, :1]
+        pixels = ((gray[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+        masks = (x[:, 1].float() > 0.5).cpu().numpy()
+        rad = torch.from_numpy(feature_matrix(pixels.cpu().numpy(), masks)).to(x.device, torch.float32)
+        deep = None
+        if self.backbone is not None:
+            deep = self.backbone(gray).float().mean(dim=(2, 3))
+        return rad, deep
+
+    def scaled_features(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
+        """The classifier's input: standardised radiomics and (standardised, projected) deep features."""
+        parts = [(rad - self.radiomics_mean) / self.radiomics_scale]
+        if self.backbone is not None and deep is not None:
+            d = (deep - self.deep_mean) / self.deep_scale
+            parts.append((d @ self.pca_components.T) / self.pca_scale)
+        return torch.cat(parts, dim=1)
+
+    def decision(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier's logit of malignancy for scaled features (N, F) -> (N,)."""
+        if self.classifier == "logistic":
+            return features @ self.coef + self.intercept
+        dist = torch.cdist(features, self.support).pow(2)
+        f = torch.exp(-self.gamma * dist) @ self.dual_coef + self.intercept
+        return self.platt[0] * f + self.platt[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fitted):
+            raise RuntimeError("this feature model has not been fitted; train it with `liverus train`")
+        z = self.decision(self.scaled_features(*self.raw_features(x)))
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+    def load_fitted(self, params: dict[str, np.ndarray]) -> None:
+        """Store fitted parameters (numpy arrays under the buffer names); an SVM's buffers take the fitted size.
+
+        Raises:
+            ValueError: for an unknown name or a shape that does not fit.
+        """
+        for name, value in params.items():
+            current = getattr(self, name, None)
+            if not isinstance(current, torch.Tensor) or name == "fitted":
+                raise ValueError(f"{name!r} is not a fitted parameter of {type(self).__name__}")
+            tensor = torch.as_tensor(np.asarray(value), dtype=torch.float32)
+            resizable = name in ("support", "dual_coef")
+            if tensor.shape != current.shape and not (resizable and tensor.shape[1:] == current.shape[1:]):
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(current.shape)}")
+            setattr(self, name, tensor.to(current.device))
+        if self.classifier == "svm":
+            self.build_kwargs["n_support"] = int(self.support.shape[0])
+        self.fitted.fill_(True)
+
+    def pad_support(self, n: int) -> None:
+        """Grow the SVM to ``n`` support vectors with zero weight (the decision is unchanged), so that fold models
+        of different sizes can be stored as one ensemble of identically shaped members."""
+        if self.classifier != "svm" or n <= self.support.shape[0]:
+            return
+        extra = n - self.support.shape[0]
+        self.support = torch.cat([self.support, self.support.new_zeros(extra, self.support.shape[1])])
+        self.dual_coef = torch.cat([self.dual_coef, self.dual_coef.new_zeros(extra)])
+        self.build_kwargs["n_support"] = n
+
+
+def _gray_stats(backbone: Backbone) -> tuple[float, float]:
+    spec = backbone.spec
+    return float(sum(spec.mean) / 3), float(sum(spec.std) / 3)

@@ -1,0 +1,138 @@
+"""Fitting a :class:`~liverus.models.LesionFeatureModel` on a run's training cases (instead of the epoch loop).
+
+Everything fitted (standardisation, the PCA of the deep features, the classifier's hyperparameter, Platt scaling)
+sees the training part only: a cross-validation fold's held-out cases and a run's validation cases are scored by
+the finished model like any network's. The hyperparameter (C) is chosen by an inner cross-validation that keeps
+each group (patient, or near-duplicate frames) on one side; Platt scaling of the SVM is fitted on that inner
+cross-validation's decision values, not on the training decisions (which an SVM separates too well).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, cross_val_predict
+from sklearn.svm import SVC
+from torch.utils.data import DataLoader
+
+from liverus.data import Case, CaseCache, UltrasoundDataset
+from liverus.engine.forward import eval_batch_size, model_input
+from liverus.models import LesionFeatureModel, ModelCard
+
+__all__ = ["fit_feature_model", "extract_features", "C_GRID"]
+
+log = logging.getLogger("liverus.training")
+
+C_GRID = {"logistic": (0.01, 0.03, 0.1, 0.3, 1.0), "svm": (0.3, 1.0, 3.0, 10.0)}
+
+
+@torch.inference_mode()
+def extract_features(
+    model: LesionFeatureModel, cases: list[Case], classes: tuple[str, ...], cache: CaseCache, card: ModelCard
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Unscaled features of ``cases`` (unaugmented), in fp32 on the model's device.
+
+    Returns:
+        ``(radiomics (n, R), deep features (n, D) or None, targets (n,))``.
+    """
+    model.eval()
+    device = next(iter(model.buffers())).device
+    loader = DataLoader(UltrasoundDataset(cases, classes, cache), batch_size=eval_batch_size(1))
+    rad, deep, targets = [], [], []
+    for x, y in loader:
+        r, d = model.raw_features(model_input(x.to(device), card))
+        rad.append(r.cpu().numpy())
+        if d is not None:
+            deep.append(d.float().cpu().numpy())
+        targets.append(np.asarray(y))
+    return np.concatenate(rad), (np.concatenate(deep) if deep else None), np.concatenate(targets)
+
+
+def _scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = x.mean(0), x.std(0)
+    return mean, np.where(std > 1e-8, std, 1.0)
+
+
+def _inner_cv(y: np.ndarray, groups: list[str], seed: int) -> StratifiedGroupKFold | None:
+    """Up to 5 group-disjoint inner folds, or None when a class has fewer than 2 groups."""
+    per_class = [len({g for g, t in zip(groups, y, strict=True) if t == k}) for k in (0, 1)]
+    n = min(5, *per_class)
+    return StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed) if n >= 2 else None
+
+
+def fit_feature_model(
+    model: LesionFeatureModel,
+    cases: list[Case],
+    classes: tuple[str, ...],
+    cache: CaseCache,
+    card: ModelCard,
+    *,
+    seed: int = 0,
+) -> dict:
+    """Fit ``model`` on ``cases`` (see the module docstring) and store the fitted numbers in it.
+
+    Returns:
+        What was chosen: ``{"C", "inner_auc", "n_features", "n_support" (SVM), "pca_variance" (deep)}``.
+
+    Raises:
+        ValueError: when the training cases hold one class only.
+    """
+    rad, deep, y = extract_features(model, cases, classes, cache, card)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"the training part holds one class only ({classes[int(y[0])]}); cannot fit a classifier")
+    groups = [c.group_key for c in cases]
+    params: dict[str, np.ndarray] = {}
+    params["radiomics_mean"], params["radiomics_scale"] = _scale(rad)
+    blocks = [(rad - params["radiomics_mean"]) / params["radiomics_scale"]]
+    info: dict = {}
+    if deep is not None:
+        k = model.pca_components.shape[0]
+        d_mean, d_scale = _scale(deep)
+        ds = (deep - d_mean) / d_scale
+        n_comp = min(k, ds.shape[0] - 1, ds.shape[1])
+        pca = PCA(n_comp, random_state=seed).fit(ds)
+        comps = np.zeros((k, ds.shape[1]))
+        comps[:n_comp] = pca.components_
+        # The PCA's own centring folds into the standardisation: (d - m)/s - c = (d - (m + c*s))/s.
+        params["deep_mean"], params["deep_scale"] = d_mean + pca.mean_ * d_scale, d_scale
+        proj = (ds - pca.mean_) @ comps.T
+        _, params["pca_scale"] = _scale(proj)
+        params["pca_components"] = comps
+        blocks.append(proj / params["pca_scale"])
+        info["pca_variance"] = round(float(pca.explained_variance_ratio_.sum()), 4)
+    x = np.hstack(blocks)
+    cv = _inner_cv(y, groups, seed)
+    base = LogisticRegression(max_iter=5000) if model.classifier == "logistic" else SVC(kernel="rbf", gamma="scale")
+    if cv is not None:
+        search = GridSearchCV(base, {"C": list(C_GRID[model.classifier])}, cv=cv, scoring="roc_auc")
+        search.fit(x, y, groups=groups)
+        best, info["C"], info["inner_auc"] = search.best_estimator_, search.best_params_["C"], search.best_score_
+    else:
+        best = base.set_params(C=1.0).fit(x, y)
+        info["C"], info["inner_auc"] = 1.0, float("nan")
+    if model.classifier == "logistic":
+        params["coef"], params["intercept"] = best.coef_[0], np.asarray(best.intercept_[0])
+    else:
+        params["support"] = best.support_vectors_
+        params["dual_coef"] = best.dual_coef_[0]
+        params["intercept"] = np.asarray(best.intercept_[0])
+        params["gamma"] = np.asarray(best._gamma)
+        if cv is not None:
+            dv = cross_val_predict(SVC(kernel="rbf", gamma="scale", C=info["C"]), x, y, groups=groups, cv=cv,
+                                   method="decision_function")  # fmt: skip
+        else:
+            dv = best.decision_function(x)
+        platt = LogisticRegression(max_iter=5000).fit(dv[:, None], y)
+        params["platt"] = np.array([platt.coef_[0, 0], platt.intercept_[0]])
+        info["n_support"] = int(best.support_vectors_.shape[0])
+    model.load_fitted(params)
+    info["n_features"] = int(x.shape[1])
+    log.info(
+        "fitted %s on %d cases: C=%s, inner-CV AUC %.3f, %d features",
+        model.model_name, len(y), info["C"], info["inner_auc"], info["n_features"],
+    )  # fmt: skip
+    return info
