@@ -85,7 +85,18 @@ def onnx_file(run, tmp_path_factory):
 
 # Fixtures that train a model or start a browser make a test slow; aul_root makes it read the real data. Marking by
 # fixture keeps the marks true as tests change; tests that train inline carry @pytest.mark.slow themselves.
-SLOW_FIXTURES = {"run", "roi_run", "images", "onnx_file", "tiny_run", "trained", "client", "roi_client", "server"}
+SLOW_FIXTURES = {
+    "run",
+    "roi_run",
+    "radiomics_run",
+    "images",
+    "onnx_file",
+    "tiny_run",
+    "trained",
+    "client",
+    "roi_client",
+    "server",
+}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,7 @@ from torch import nn
 
 from liverus.engine.forward import normalize_images
 from liverus.engine.predictor import ONNX_METADATA_KEY
-from liverus.models import ModelCard, load_model
+from liverus.models import ModelCard, is_feature_model, load_card, load_model
 from liverus.utils import atomic_write_bytes
 
 __all__ = ["DeployableModel", "export_onnx"]
@@ -51,12 +51,20 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, che
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose another --out (exports are never overwritten)")
+    if is_feature_model(load_card(checkpoint).model_name):
+        raise ValueError(
+            f"{checkpoint} is a radiomics feature model: its lesion features are computed by scikit-image, which an "
+            "ONNX graph cannot express; deploy the model.pt itself (liverus predict / serve read it directly)"
+        )
     model, card = load_model(checkpoint)
-    size = card.require_preprocess(checkpoint).image_size
+    pre = card.require_preprocess(checkpoint)
+    size = pre.image_size
     wrapper = DeployableModel(model, card).eval()
-    dummy = torch.rand(1, 1, size, size)
+    chans = 2 if pre.lesion_channel else 1
+    dummy = torch.rand(1, chans, size, size)
     # The card travels in the graph's metadata; "input" tells non-liverus consumers what to feed.
-    meta = {**card.to_dict(), "input": "gray image in [0, 1] after liverus preprocessing, shape (N, 1, S, S)"}
+    what = "gray image and lesion mask" if chans == 2 else "gray image"
+    meta = {**card.to_dict(), "input": f"{what} in [0, 1] after liverus preprocessing, shape (N, {chans}, S, S)"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp) / "model.onnx"
         torch.onnx.export(
@@ -75,7 +83,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, che
         onnx.checker.check_model(proto)
         data = proto.SerializeToString()
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    x = torch.rand(check_batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(check_batch, chans, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = wrapper(x).numpy()
     got = sess.run(["probabilities"], {"image": x.numpy()})[0]

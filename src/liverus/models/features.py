@@ -156,7 +156,10 @@ class LesionFeatureModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.fitted):
             raise RuntimeError("this feature model has not been fitted; train it with `liverus train`")
-        z = self.decision(self.scaled_features(*self.raw_features(x)))
+        rad, deep = self.raw_features(x)
+        # The fitted classifier runs in fp32 whatever the caller's autocast: its numbers were fitted in fp32.
+        with torch.autocast(x.device.type, enabled=False):
+            z = self.decision(self.scaled_features(rad, None if deep is None else deep.float()))
         return torch.stack([torch.zeros_like(z), z], dim=1)
 
     def load_fitted(self, params: dict[str, np.ndarray]) -> None:

@@ -274,7 +274,8 @@ def count_flops(model: torch.nn.Module, image_size: int = 224) -> float:
 
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, getattr(model, "in_chans", 3), image_size, image_size)
+    chans = model.stem().in_channels if hasattr(model, "stem") else getattr(model, "in_chans", 3)
+    x = torch.zeros(1, chans, image_size, image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     model.train(was_training)

@@ -1,0 +1,295 @@
+"""Lesion-aware inputs and feature models: the mask channel, radiomics, box-derived lesions, fitted classifiers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.svm import SVC
+
+from helpers import run_cli
+from liverus.data import Case, CaseCache, PreprocessConfig, box_to_mask, lesion_box, model_pixels
+from liverus.data.augment import apply_transform
+from liverus.data.radiomics import FEATURE_NAMES, lesion_features
+from liverus.engine.forward import normalize_images
+from liverus.models import (
+    EnsembleClassifier,
+    LesionFeatureModel,
+    adapt_input_conv,
+    build_model,
+    load_model,
+    save_model,
+)
+from liverus.training import ConfigError, apply_overrides, load_config
+
+
+def _feature(feats: np.ndarray, name: str) -> float:
+    return float(feats[FEATURE_NAMES.index(name)])
+
+
+def _disc(size: int = 120, radius: int = 40) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= radius**2).astype(np.uint8)
+
+
+# --- radiomics against hand computations -----------------------------------------------------------------------
+
+
+def test_disc_is_circular_solid_and_regular_and_a_square_is_less_circular():
+    rng = np.random.default_rng(0)
+    image = rng.integers(80, 120, (120, 120)).astype(np.uint8)
+    disc = lesion_features(image, _disc())
+    assert _feature(disc, "shape_circularity") == pytest.approx(1.0, abs=0.1)
+    assert _feature(disc, "shape_solidity") == pytest.approx(1.0, abs=0.02)
+    assert _feature(disc, "shape_margin_irregularity") < 0.03
+    square = np.zeros((120, 120), np.uint8)
+    square[30:90, 30:90] = 1
+    # A square's circularity is pi/4 = 0.785 (4*pi*A/P^2 with P = 4a).
+    assert _feature(lesion_features(image, square), "shape_circularity") == pytest.approx(np.pi / 4, abs=0.06)
+
+
+def test_checkerboard_glcm_contrast_matches_hand_computation():
+    # Alternating pixels of two levels inside the lesion quantise to grey levels 1 and 16: horizontal and vertical
+    # neighbours differ by 15 (contrast 225), diagonal neighbours are equal (contrast 0); the mean over the four
+    # angles is 112.5.
+    yy, xx = np.mgrid[:64, :64]
+    image = np.where((yy + xx) % 2 == 0, 50, 200).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:56, 8:56] = 1
+    feats = lesion_features(image, mask)
+    assert _feature(feats, "texture_glcm_contrast_1") == pytest.approx(112.5, rel=1e-6)
+    assert np.isfinite(feats).all() and feats.shape == (len(FEATURE_NAMES),)
+
+
+def test_dark_rim_gives_negative_halo_and_bright_band_below_gives_posterior_enhancement():
+    image = np.full((160, 160), 100, np.uint8)
+    lesion = _disc(160, 30)
+    rim = (np.asarray(_disc(160, 36)) - lesion).astype(bool)
+    image[rim] = 40
+    image[111:140, 50:110] = 180  # below the lesion only
+    feats = lesion_features(image, lesion)
+    assert _feature(feats, "ultrasound_halo_contrast") < -0.1
+    assert _feature(feats, "ultrasound_posterior_enhancement") > 0.3
+
+
+def test_radiomics_refuses_an_empty_mask():
+    with pytest.raises(ValueError, match="lesion mask has 0 pixels"):
+        lesion_features(np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8))
+
+
+# --- the mask channel --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_chans", [2, 4])
+def test_adapted_stem_answers_a_zero_mask_like_the_rgb_stem(in_chans):
+    torch.manual_seed(0)
+    rgb = torch.randn(8, 3, 3, 3)
+    gray = torch.rand(2, 1, 16, 16)
+    expected = torch.nn.functional.conv2d(gray.expand(-1, 3, -1, -1), rgb)
+    image = gray if in_chans == 2 else gray.expand(-1, 3, -1, -1)
+    x = torch.cat([image, torch.zeros_like(gray)], dim=1)
+    got = torch.nn.functional.conv2d(x, adapt_input_conv(rgb, in_chans))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapt_input_conv_rejects_five_channels():
+    with pytest.raises(ValueError, match="in_chans"):
+        adapt_input_conv(torch.randn(8, 3, 3, 3), 5)
+
+
+@pytest.mark.parametrize("name", ["custom_efficientnet_lite0", "baseline_efficientnet_lite0"])
+def test_mask_channel_model_shapes_and_gradient_reaches_the_mask_kernel(name):
+    torch.manual_seed(0)
+    model = build_model(name, in_chans=2).train()
+    pixels = torch.randint(0, 256, (2, 2, 64, 64), dtype=torch.uint8)
+    x = normalize_images(pixels, 0.5, 0.5, 2)
+    assert x.shape == (2, 2, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 2)
+    out.sum().backward()
+    stem = model.backbone.stem()
+    assert stem.weight.shape[1] == 2
+    assert stem.weight.grad[:, 1].abs().sum() > 0
+
+
+def test_normalize_keeps_the_mask_in_zero_one_and_rejects_a_missing_mask():
+    pixels = np.zeros((1, 3, 8, 8), np.uint8)
+    pixels[0, 0] = 128
+    pixels[0, 2, 2:4, 2:4] = 1
+    x = normalize_images(torch.from_numpy(model_pixels(pixels, True)), 0.5, 0.25, 4)
+    assert x.shape == (1, 4, 8, 8)
+    assert x[0, 3].sum() == 4 and set(x[0, 3].unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(x[0, 0, 0, 0], torch.tensor((128 / 255 - 0.5) / 0.25))
+    with pytest.raises(ValueError, match="lesion-mask channel"):
+        normalize_images(torch.zeros(1, 1, 8, 8), 0.5, 0.25, 2)
+
+
+def test_augmentation_moves_the_mask_with_the_image():
+    import albumentations as A
+
+    image = np.zeros((32, 32), np.uint8)
+    image[:, :8] = 255
+    lesion = (image > 0).astype(np.uint8)
+    out, moved = apply_transform(A.Compose([A.HorizontalFlip(p=1)]), image, np.ones_like(image), 0, lesion=lesion)
+    assert moved[:, -8:].all() and not moved[:, :8].any()
+    assert np.array_equal(moved.astype(bool), out > 127)
+
+
+# --- box-derived lesions -----------------------------------------------------------------------------------------
+
+
+def test_box_jitter_is_seeded_and_stays_inside_the_image():
+    lesion = np.zeros((100, 120), np.uint8)
+    lesion[0:30, 90:120] = 1  # a lesion in the corner: jitter must not leave the image
+    boxes = {lesion_box(lesion, loosen=0.1, jitter=0.2, seed=s) for s in range(20)}
+    assert lesion_box(lesion, jitter=0.2, seed=3) == lesion_box(lesion, jitter=0.2, seed=3)
+    assert len(boxes) > 10
+    for x0, y0, x1, y1 in boxes:
+        assert 0 <= x0 < x1 <= 120 and 0 <= y0 < y1 <= 100
+    assert lesion_box(lesion) == (90.0, 0.0, 120.0, 30.0)
+
+
+@pytest.mark.parametrize("method", ["box", "ellipse", "grabcut"])
+def test_box_to_mask_stays_inside_the_box(method):
+    rng = np.random.default_rng(0)
+    image = rng.integers(90, 140, (128, 128)).astype(np.uint8)
+    image[_disc(128, 20).astype(bool)] = 30  # a dark lesion
+    box = (40.0, 40.0, 90.0, 88.0)
+    mask = box_to_mask(image, box, method)
+    assert mask.any()
+    outside = np.ones_like(mask, bool)
+    outside[40:88, 40:90] = False
+    assert not mask[outside].any()
+    if method == "grabcut":  # the dark disc, not the whole box
+        disc = _disc(128, 20).astype(bool)
+        assert (mask.astype(bool) & disc).sum() / (mask.astype(bool) | disc).sum() > 0.7
+
+
+def test_lesion_from_box_uses_the_derived_box(phantom_dir):
+    import csv
+
+    with open(phantom_dir / "manifest.csv") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["mask"])
+    case = Case(str(phantom_dir / row["path"]), row["label"], row["group"], str(phantom_dir / row["mask"]))
+    expert = CaseCache(PreprocessConfig(image_size=64, crop="roi", lesion_channel=True)).get(case)
+    boxed = CaseCache(
+        PreprocessConfig(image_size=64, crop="roi", lesion_channel=True, lesion_from="box", box_mask="box")
+    ).get(case)
+    assert expert[2].any() and boxed[2].any()
+    assert boxed[2].sum() > expert[2].sum()  # the filled box covers more than the outline
+
+
+# --- feature models ----------------------------------------------------------------------------------------------
+
+
+def test_stored_svm_reproduces_scikit_learns_decision():
+    rng = np.random.default_rng(0)
+    n_feat = len(FEATURE_NAMES)
+    x = rng.normal(size=(60, n_feat))
+    y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.5, size=60) > 0).astype(int)
+    svc = SVC(C=1.0, gamma="scale").fit(x, y)
+    model = build_model("radiomics_svm", in_chans=2)
+    model.load_fitted(
+        {
+            "support": svc.support_vectors_,
+            "dual_coef": svc.dual_coef_[0],
+            "intercept": np.asarray(svc.intercept_[0]),
+            "gamma": np.asarray(svc._gamma),
+            "platt": np.array([1.0, 0.0]),
+        }
+    )
+    got = model.decision(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(got, svc.decision_function(x), atol=1e-4)
+    before = got.copy()
+    model.pad_support(int(svc.support_vectors_.shape[0]) + 7)
+    np.testing.assert_allclose(model.decision(torch.as_tensor(x, dtype=torch.float32)).double().numpy(), before,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_feature_model_arguments_and_unfitted_use_raise():
+    with pytest.raises(ValueError, match="lesion_channel"):
+        build_model("radiomics_svm", in_chans=1)
+    with pytest.raises(ValueError, match="binary"):
+        build_model("radiomics_logistic", in_chans=2, num_classes=3)
+    with pytest.raises(ValueError, match="classifier"):
+        LesionFeatureModel("forest")
+    model = build_model("radiomics_svm", in_chans=2)
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        model(torch.zeros(1, 2, 32, 32))
+    with pytest.raises(ValueError, match="no convolutional layers"):
+        model.gradcam_layers()
+
+
+def test_config_asks_for_the_lesion_channel():
+    with pytest.raises(ConfigError, match="data.lesion_channel: true"):
+        apply_overrides(load_config(), ["model.name=radiomics_svm"]).validate()
+
+
+RADIOMICS_TINY = [
+    "data.image_size=96",
+    "data.crop=roi",
+    "data.lesion_channel=true",
+    "data.phantom_patients=30",
+    "data.phantom_size=128",
+    "data.augment=none",
+    "model.name=radiomics_svm",
+    "runtime.progress=false",
+    "runtime.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def radiomics_run(tmp_path_factory):
+    from liverus.training import train
+
+    out = tmp_path_factory.mktemp("radiomics") / "run"
+    train(apply_overrides(load_config(), RADIOMICS_TINY), out)
+    return out
+
+
+def test_feature_model_is_fitted_on_the_training_part_only(radiomics_run):
+    import json
+
+    from liverus.training.feature_fit import extract_features
+
+    model, card = load_model(radiomics_run / "model.pt")
+    splits = json.loads((radiomics_run / "splits.json").read_text())["folds"][0]
+    from liverus.data import load_task_cases
+
+    cases, _ = load_task_cases(radiomics_run / "phantom", "binary", "source")
+    by_path = {c.path: c for c in cases}
+    train_cases = [by_path[p] for p in splits["train"]]
+    all_cases = train_cases + [by_path[p] for p in splits["val"]]
+    cache = CaseCache(card.preprocess)
+    rad_train, _, _ = extract_features(model, train_cases, card.classes, cache, card)
+    rad_all, _, _ = extract_features(model, all_cases, card.classes, cache, card)
+    np.testing.assert_allclose(model.radiomics_mean.numpy(), rad_train.mean(0), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(model.radiomics_mean.numpy(), rad_all.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_feature_model_round_trip_evaluate_and_predict_from_a_box(radiomics_run, tmp_path):
+    model, card = load_model(radiomics_run / "model.pt")
+    assert card.preprocess.lesion_channel and card.in_chans == 2
+    save_model(model, tmp_path / "copy.pt", card)
+    again, _ = load_model(tmp_path / "copy.pt")
+    pixels = torch.zeros(2, 2, 96, 96, dtype=torch.uint8)
+    pixels[:, 0] = 120
+    pixels[:, 1, 30:60, 30:60] = 255
+    pixels[1, 0, 30:60, 30:60] = 40
+    x = normalize_images(pixels, *card.normalization, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), again(x))
+        ens = EnsembleClassifier([model, again])
+        torch.testing.assert_close(ens(x).exp(), torch.softmax(model(x), 1), rtol=1e-5, atol=1e-5)
+    phantom = radiomics_run / "phantom"
+    p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom / "manifest.csv"),
+                "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "AUC" in p.stdout
+    image = sorted((phantom / "malignant").glob("*.png"))[0]
+    p = run_cli("predict", "--model", str(radiomics_run / "model.pt"), str(image), "--box", "30,30,90,90",
+                "--out", str(tmp_path / "pred.csv"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert ",ok," in (tmp_path / "pred.csv").read_text()
+    p = run_cli("export", str(radiomics_run / "model.pt"), "--out", str(tmp_path / "m.onnx"))
+    assert p.returncode != 0 and "radiomics" in (p.stderr + p.stdout)
