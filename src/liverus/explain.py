@@ -10,9 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from liverus.data.inputs import expand_inputs
-from liverus.data.io import DataError, read_image
-from liverus.engine.heatmaps import overlay, save_overlay
+import numpy as np
+
+from liverus.data.inputs import input_items, parse_box
+from liverus.data.io import DataError, read_image, read_mask
+from liverus.engine.heatmaps import heatmap_figure, save_overlay
 from liverus.engine.predictor import Predictor
 
 __all__ = ["run_explain"]
@@ -30,17 +32,25 @@ def run_explain(args: argparse.Namespace) -> int:
         methods.remove("attention")
     out = Path(args.out)
     bad = 0
-    for path in expand_inputs(args.inputs):
+    items = input_items(args.inputs, mask=getattr(args, "mask", None), box=parse_box(getattr(args, "box", None)))
+    for item in items:
         try:
-            img = read_image(path)
-        except DataError as exc:
-            print(f"skipped {exc}", file=sys.stderr)
+            img = read_image(item.path)
+            lesion = read_mask(item.mask, img.shape) if item.mask else None
+            pre = predictor.prepare(img, lesion=lesion, box=item.box)
+        except (DataError, ValueError) as exc:
+            print(f"skipped {item.path}: {exc.problem if isinstance(exc, DataError) else exc}", file=sys.stderr)
             bad += 1
             continue
-        pre = predictor.prepare(img)
         prob = float(predictor.probabilities([pre])[0])
+        source = item.lesion_source if predictor.needs_lesion else ""
         for method in methods:
-            heat = predictor.heatmap(pre, method)
-            dest = save_overlay(out / f"{Path(path).stem}_{method}.png", overlay(pre.image, heat))
-            print(f"{path}: p(malignant)={prob:.3f} -> {dest}")
+            fig = heatmap_figure(
+                pre.image, predictor.heatmap(pre, method), probability=prob,
+                title="Grad-CAM" if method == "gradcam" else "spatial attention",
+                original_u8=np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), box=pre.box,
+                letterbox=predictor.preprocess_cfg.letterbox, lesion_source=source,
+            )  # fmt: skip
+            dest = save_overlay(out / f"{Path(item.path).stem}_{method}.png", fig)
+            print(f"{item.path}: p(malignant)={prob:.3f} -> {dest}")
     return 1 if bad else 0

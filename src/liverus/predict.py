@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from liverus.data.inputs import expand_inputs, parse_box
+from liverus.data.inputs import InputItem, input_items, parse_box
 from liverus.data.io import DataError, printable, read_image, read_mask
-from liverus.engine.heatmaps import overlay, save_overlay
+from liverus.engine.heatmaps import heatmap_figure, save_overlay
 from liverus.engine.predictor import Predictor
 from liverus.utils import atomic_write_json, atomic_write_text, check_new_file
 
 __all__ = ["predict_files", "heatmap_names", "run_predict", "COLUMNS"]
 
-COLUMNS = ["path", "status", "p_malignant", "label", "threshold", "operating_points", "model", "error"]
+COLUMNS = ["path", "status", "p_malignant", "label", "threshold", "operating_points", "lesion_source", "model", "error"]
 
 
 def heatmap_names(files: list[str], folder: str | Path) -> dict[str, Path]:
@@ -56,52 +56,62 @@ def _common_parent(files: list[str]) -> str:
 
 def predict_files(
     predictor: Predictor,
-    files: list[str],
+    items: list[InputItem],
     *,
     batch_size: int = 16,
     heatmaps: dict[str, Path] | None = None,
-    mask: str | None = None,
-    box: tuple[float, float, float, float] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Predict every file; returns one row per file (errors included), in input order.
+    """Predict every item (an image and, for lesion models, its mask or box); returns one row per item (errors
+    included), in input order.
 
     Args:
-        heatmaps: destination of each file's Grad-CAM overlay (see :func:`heatmap_names`), or None.
+        heatmaps: destination of each file's Grad-CAM figure (see :func:`heatmap_names`), or None.
     """
     from tqdm import tqdm
 
     rows: dict[int, dict] = {}
-    bar = tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr)
-    for start in range(0, len(files), batch_size):
-        good, pre = [], []
-        for i in range(start, min(start + batch_size, len(files))):
+    bar = tqdm(total=len(items), unit="img", disable=not progress, file=sys.stderr)
+    for start in range(0, len(items), batch_size):
+        good, pre, originals = [], [], []
+        for i in range(start, min(start + batch_size, len(items))):
+            item = items[i]
             try:
-                img = read_image(files[i])
-                lesion = read_mask(mask, img.shape) if mask else None
-                pre.append(predictor.prepare(img, lesion=lesion, box=box))
+                img = read_image(item.path)
+                lesion = read_mask(item.mask, img.shape) if item.mask else None
+                pre.append(predictor.prepare(img, lesion=lesion, box=item.box))
+                originals.append(img)
                 good.append(i)
             except (DataError, ValueError) as exc:
-                rows[i] = _error_row(files[i], exc.problem if isinstance(exc, DataError) else str(exc))
+                rows[i] = _error_row(item.path, exc.problem if isinstance(exc, DataError) else str(exc))
         if pre:
-            for i, p, pp in zip(good, predictor.probabilities(pre), pre, strict=True):
+            probs = predictor.probabilities(pre)
+            for i, p, pp, img in zip(good, probs, pre, originals, strict=True):
+                item = items[i]
+                source = item.lesion_source if predictor.needs_lesion else "not used (whole image)"
                 row = {
-                    "path": printable(files[i]),
+                    "path": printable(item.path),
                     "status": "ok",
                     "p_malignant": round(float(p), 6),
                     "label": predictor.card.label(p),
                     "threshold": round(predictor.threshold, 6),
                     # The named operating points this probability reaches (rule_out, youden, rule_in).
                     "operating_points": ";".join(predictor.card.crossed(p)),
+                    "lesion_source": source,
                     "model": predictor.name,
                     "error": "",
                 }
                 if heatmaps is not None:
-                    row["heatmap"] = str(save_overlay(heatmaps[files[i]], overlay(pp.image, predictor.heatmap(pp))))
+                    fig = heatmap_figure(
+                        pp.image, predictor.heatmap(pp), probability=float(p),
+                        original_u8=np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), box=pp.box,
+                        letterbox=predictor.preprocess_cfg.letterbox, lesion_source=source,
+                    )  # fmt: skip
+                    row["heatmap"] = str(save_overlay(heatmaps[item.path], fig))
                 rows[i] = row
-        bar.update(min(batch_size, len(files) - start))
+        bar.update(min(batch_size, len(items) - start))
     bar.close()
-    return [rows[i] for i in range(len(files))]
+    return [rows[i] for i in range(len(items))]
 
 
 def _error_row(path: str, problem: str) -> dict:
@@ -115,9 +125,8 @@ def run_predict(args: argparse.Namespace) -> int:
     check_new_file(out, "--out")
     box = parse_box(args.box)
     input_errors: list[tuple[str, str]] = []
-    files = expand_inputs(args.inputs, errors=input_errors)
-    if (args.mask or box) and len(files) + len(input_errors) != 1:
-        raise ValueError("--mask and --box describe one image; give exactly one input with them")
+    items = input_items(args.inputs, mask=args.mask, box=box, errors=input_errors)
+    files = [it.path for it in items]
     predictor = Predictor.from_path(args.model)
     heatmaps = None
     if args.heatmaps:
@@ -132,7 +141,7 @@ def run_predict(args: argparse.Namespace) -> int:
             raise ValueError(f"{len(taken)} heatmap file(s) already exist, first: {taken[0]}; choose another folder")
         folder.mkdir(parents=True, exist_ok=True)
     rows = [_error_row(p, q) for p, q in input_errors] + predict_files(
-        predictor, files, batch_size=args.batch_size, heatmaps=heatmaps, mask=args.mask, box=box
+        predictor, items, batch_size=args.batch_size, heatmaps=heatmaps
     )
     if out.suffix.lower() == ".json":
         atomic_write_json(out, {"model": predictor.name, "backend": predictor.backend, "predictions": rows})

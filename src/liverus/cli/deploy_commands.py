@@ -35,21 +35,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="probability of malignancy for images, folders or DICOM")
-    p.add_argument("inputs", nargs="+", help="image files, folders or DICOM files")
+    p.add_argument(
+        "inputs", nargs="+", help="image files, folders, DICOM files, or manifest CSVs (path plus mask or box columns)"
+    )
     p.add_argument("--model", required=True, help="model.pt of a run, or an exported .onnx file")
     p.add_argument("--out", required=True, help="output .csv or .json")
     p.add_argument("--heatmaps", help="folder for one Grad-CAM overlay PNG per image")
-    p.add_argument("--mask", help="lesion mask (single input) for crop=roi models")
-    p.add_argument("--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for crop=roi models")
+    p.add_argument("--mask", help="lesion mask (single input) for lesion models (crop=roi or mask channel)")
+    p.add_argument("--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on (they are always listed)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM and spatial-attention heatmaps overlaid on images")
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", help="image files, folders, DICOM files, or manifest CSVs (path, mask, box)")
     p.add_argument("--model", required=True, help="model.pt of a run")
-    p.add_argument("--out", required=True, help="folder for the PNG overlays")
+    p.add_argument("--out", required=True, help="folder for the PNG figures")
     p.add_argument("--method", choices=["gradcam", "attention", "both"], default="both")
+    p.add_argument("--mask", help="lesion mask (single input) for lesion models")
+    p.add_argument("--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("serve", help="web page and REST API for radiologists (research use only)")

@@ -2,13 +2,107 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from liverus.data.io import DataError, is_image_file
 
-__all__ = ["expand_inputs", "parse_box"]
+__all__ = ["expand_inputs", "parse_box", "InputItem", "input_items", "read_input_manifest"]
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One image to analyse and, for lesion models, where its lesion is.
+
+    Attributes:
+        path: the image.
+        mask: a lesion-mask file of the image's size, or None.
+        box: a lesion box ``(x0, y0, x1, y1)`` in the image's pixels, or None.
+    """
+
+    path: str
+    mask: str | None = None
+    box: tuple[float, float, float, float] | None = None
+
+    @property
+    def lesion_source(self) -> str:
+        """Where the lesion came from, as the outputs report it."""
+        return "user mask" if self.mask else "user box" if self.box else "none"
+
+
+def read_input_manifest(path: str | os.PathLike) -> list[InputItem]:
+    """A CSV of images to analyse: a ``path`` column, and optionally ``mask`` (a mask file) or ``box``
+    (``x0,y0,x1,y1``; or four columns ``x0``, ``y0``, ``x1``, ``y1``). Relative paths are relative to the CSV.
+
+    Raises:
+        DataError: naming the CSV (and the row) for a missing ``path`` column, an empty path or a malformed box.
+    """
+    p = Path(path)
+    base = p.resolve().parent
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+            columns = set(rows[0]) if rows else set()
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(p, f"could not be read as a CSV manifest ({exc})") from exc
+    if "path" not in columns:
+        raise DataError(
+            p, "has no 'path' column; a manifest for predict/explain has a path column and optionally mask or box"
+        )
+    items = []
+    for i, row in enumerate(rows, start=2):  # line numbers as an editor shows them (header is line 1)
+        raw = (row.get("path") or "").strip()
+        if not raw:
+            raise DataError(p, f"line {i}: empty path")
+        mask = (row.get("mask") or "").strip() or None
+        box_text = (row.get("box") or "").strip()
+        if not box_text and all((row.get(k) or "").strip() for k in ("x0", "y0", "x1", "y1")):
+            box_text = ",".join(row[k].strip() for k in ("x0", "y0", "x1", "y1"))
+        try:
+            box = parse_box(box_text)
+        except ValueError as exc:
+            raise DataError(p, f"line {i}: {exc}") from exc
+        items.append(
+            InputItem(str(base / raw), str(base / mask) if mask else None, box)  # absolute paths stay absolute
+        )
+    return items
+
+
+def input_items(
+    inputs: list[str],
+    *,
+    mask: str | None = None,
+    box: tuple[float, float, float, float] | None = None,
+    errors: list[tuple[str, str]] | None = None,
+) -> list[InputItem]:
+    """Files, folders and manifest CSVs -> :class:`InputItem` s. ``mask``/``box`` (for one image) apply to a single
+    input; manifests carry their own.
+
+    Raises:
+        ValueError: when ``mask`` or ``box`` is given with more than one image.
+        DataError: as :func:`expand_inputs` and :func:`read_input_manifest`.
+    """
+    items: list[InputItem] = []
+    plain = []
+    for item in inputs:
+        if item.lower().endswith(".csv") and Path(item).is_file():
+            items.extend(read_input_manifest(item))
+        else:
+            plain.append(item)
+    n_errors = len(errors) if errors is not None else 0
+    files = expand_inputs(plain, errors=errors)
+    items.extend(InputItem(f) for f in files)
+    if mask or box:
+        if len(items) + (len(errors) - n_errors if errors is not None else 0) != 1:
+            raise ValueError(
+                "--mask and --box describe one image; give exactly one input with them, or a manifest CSV "
+                "(path plus mask or box columns) for many"
+            )
+        items = [InputItem(items[0].path, mask, box)] if items else []
+    return items
 
 
 def expand_inputs(inputs: list[str], *, errors: list[tuple[str, str]] | None = None) -> list[str]:

@@ -10,7 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gradcam_target_layers", "gradcam_heatmap", "attention_heatmap", "overlay", "save_overlay"]
+__all__ = [
+    "gradcam_target_layers",
+    "gradcam_heatmap",
+    "attention_heatmap",
+    "overlay",
+    "save_overlay",
+    "heatmap_on_original",
+    "heatmap_figure",
+]
 
 
 def gradcam_target_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -78,3 +86,80 @@ def save_overlay(path: str | Path, rgb: np.ndarray) -> Path:
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
     return path
+
+
+def heatmap_on_original(heat: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int], *,
+                        letterbox: bool = True) -> np.ndarray:  # fmt: skip
+    """Map a heatmap of the preprocessed crop (S, S) back onto the original image (H, W).
+
+    Args:
+        heat: [0, 1] heatmap on the model's input.
+        box: the crop's box ``(x0, y0, x1, y1)`` in original pixels (``Preprocessed.box``).
+        shape: the original image's ``(H, W)``.
+        letterbox: whether the crop was letterboxed (aspect kept, padded) or stretched into the square.
+
+    Returns:
+        (H, W) heatmap, zero outside the crop.
+    """
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    s = heat.shape[0]
+    if letterbox:  # undo the padding: the crop's content sits centred in the square
+        scale = s / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        oy, ox = (s - nh) // 2, (s - nw) // 2
+        heat = heat[oy : oy + nh, ox : ox + nw]
+    crop = cv2.resize(heat.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros(shape, np.float32)
+    H, W = shape
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0:sy1, sx0:sx1] = crop[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+    return out
+
+
+def heatmap_figure(
+    crop_u8: np.ndarray,
+    heat: np.ndarray,
+    *,
+    probability: float,
+    title: str = "Grad-CAM",
+    original_u8: np.ndarray | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    letterbox: bool = True,
+    lesion_source: str = "",
+) -> np.ndarray:
+    """A figure for people: the heatmap on the analysed crop with a colour bar and the probability, and, when the
+    original image is given, the heatmap drawn back onto it at its own coordinates with the crop outlined.
+
+    Returns:
+        An RGB ``uint8`` image of the figure.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    panels = 2 if original_u8 is not None and box is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.4), dpi=100, squeeze=False)
+    ax = axes[0, 0]
+    ax.imshow(crop_u8, cmap="gray", vmin=0, vmax=255)
+    im = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    ax.set_title(f"{title}: p(malignant) = {probability:.3f}", fontsize=10)
+    ax.axis("off")
+    if panels == 2:
+        ax2 = axes[0, 1]
+        full = heatmap_on_original(heat, box, original_u8.shape[:2], letterbox=letterbox)
+        ax2.imshow(original_u8, cmap="gray", vmin=0, vmax=255)
+        ax2.imshow(np.ma.masked_where(full <= 0, full), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        x0, y0, x1, y1 = box
+        ax2.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
+        where = f" (lesion: {lesion_source})" if lesion_source else ""
+        ax2.set_title(f"original image, analysed region outlined{where}", fontsize=9)
+        ax2.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.035, pad=0.02, label="heatmap (1 = most influential)")
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb

@@ -92,8 +92,29 @@ class Predictor:
     def prepare(
         self, image: np.ndarray, *, lesion: np.ndarray | None = None, box: tuple[float, ...] | None = None
     ) -> Preprocessed:
-        """Preprocess a gray float image as the model was trained (raises ValueError for ROI models without a box)."""
-        return preprocess(image, self.preprocess_cfg, lesion=lesion, box=box)
+        """Preprocess a gray float image as the model was trained.
+
+        Raises:
+            ValueError: for a lesion model (ROI crop or mask channel) given neither a lesion mask nor a box, saying
+                how to give one.
+        """
+        cfg = self.preprocess_cfg
+        if (cfg.crop == "roi" or cfg.lesion_channel) and box is None and (lesion is None or not lesion.any()):
+            raise ValueError(self.lesion_hint)
+        return preprocess(image, cfg, lesion=lesion, box=box)
+
+    @property
+    def needs_lesion(self) -> bool:
+        """Whether the model analyses the lesion, so every image needs its mask or box."""
+        return self.preprocess_cfg.crop == "roi" or self.preprocess_cfg.lesion_channel
+
+    @property
+    def lesion_hint(self) -> str:
+        return (
+            f"model {self.name} analyses the lesion and needs to know where it is: give --mask MASK or "
+            "--box x0,y0,x1,y1 (pixels) for one image, or a manifest CSV with a path column and a mask or box "
+            "column for many (the web page asks for a box)"
+        )
 
     def _pixels(self, pre: list[Preprocessed]) -> np.ndarray:
         return model_pixels(np.stack([p.stacked() for p in pre]), self.preprocess_cfg.lesion_channel)

@@ -82,7 +82,7 @@ def create_app(
     page = resources.files("liverus.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     page = page.replace("{{DISCLAIMER}}", DISCLAIMER).replace("{{MODEL}}", predictor.name)
     page = page.replace("{{MAX_MB}}", f"{max_upload_bytes / 2**20:.0f}")
-    needs_box = predictor.preprocess_cfg.crop == "roi"
+    needs_box = predictor.needs_lesion
 
     @app.exception_handler(FormError)
     async def form_error(_request: Request, exc: FormError) -> JSONResponse:
