@@ -293,3 +293,18 @@ def test_feature_model_round_trip_evaluate_and_predict_from_a_box(radiomics_run,
     assert ",ok," in (tmp_path / "pred.csv").read_text()
     p = run_cli("export", str(radiomics_run / "model.pt"), "--out", str(tmp_path / "m.onnx"))
     assert p.returncode != 0 and "radiomics" in (p.stderr + p.stdout)
+
+
+def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_path):
+    import json
+
+    phantom = radiomics_run / "phantom" / "manifest.csv"
+    p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom), "--out", str(tmp_path / "box"),
+                "--lesion-from", "box", "--box-jitter", "0.2", "--bootstrap", "50")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    metrics = json.loads((tmp_path / "box" / "metrics.json").read_text())
+    assert metrics["lesion"] == {"from": "box", "box_jitter": 0.2, "box_loosen": 0.0}
+    assert "as a user would draw them" in (tmp_path / "box" / "report.html").read_text()
+    p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom), "--out", str(tmp_path / "bad"),
+                "--lesion-from", "box", "--box-jitter", "0.9")  # fmt: skip
+    assert p.returncode != 0 and "box_jitter" in p.stderr

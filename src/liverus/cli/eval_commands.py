@@ -17,6 +17,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         subgroup=args.subgroup,
         skip_bad=args.skip_bad,
         n_boot=args.bootstrap,
+        lesion_from=args.lesion_from,
+        box_jitter=args.box_jitter,
+        box_loosen=args.box_loosen,
     )
     print(out["text"])
     return 0
@@ -30,4 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subgroup", action="append", default=[])
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--skip-bad", action="store_true")
+    p.add_argument(
+        "--lesion-from",
+        choices=["mask", "box"],
+        help="lesion models: use the expert masks, or boxes around them as a user draws (default: as trained)",
+    )
+    p.add_argument("--box-jitter", type=float, help="with --lesion-from box: edge jitter, fraction of the box size")
+    p.add_argument("--box-loosen", type=float, help="with --lesion-from box: margin added, fraction of the box size")
     p.set_defaults(func=cmd_evaluate)

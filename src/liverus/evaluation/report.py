@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -373,9 +374,16 @@ def evaluate_checkpoint(
     subgroup: Sequence[str] = (),
     skip_bad: bool = False,
     n_boot: int = 2000,
+    lesion_from: str | None = None,
+    box_jitter: float | None = None,
+    box_loosen: float | None = None,
 ) -> dict:
     """``liverus evaluate``: score labelled data with a trained model at its stored threshold and write
     ``predictions.csv``, ``metrics.json`` and ``report.html`` to ``out``.
+
+    For lesion models, ``lesion_from="box"`` scores them as a user would use them: from a box around each expert
+    mask (grown by ``box_loosen``, each edge moved by up to ``box_jitter`` of the box size, seeded per image), not
+    from the outline itself; ``None`` keeps what the model was trained with.
 
     Raises:
         ValueError: if the output folder holds an earlier evaluation (never overwritten silently).
@@ -388,7 +396,10 @@ def evaluate_checkpoint(
         raise ValueError(f"{out} already holds an evaluation (metrics.json); choose another --out")
     model, card = load_model(model_path)
     cases, _ = select_task(load_cases(data), card.task)
-    cache = CaseCache(card.require_preprocess(model_path))
+    pre = card.require_preprocess(model_path)
+    changes = {"lesion_from": lesion_from, "box_jitter": box_jitter, "box_loosen": box_loosen}
+    pre = dataclasses.replace(pre, **{k: v for k, v in changes.items() if v is not None})
+    cache = CaseCache(pre)
     cases, skipped = prepare_cases(cases, cache, skip_bad=skip_bad)
     out.mkdir(parents=True, exist_ok=True)
     if skipped:
@@ -412,6 +423,7 @@ def evaluate_checkpoint(
             "model": str(model_path),
             "data": str(data),
             "threshold": threshold,
+            "lesion": {"from": pre.lesion_from, "box_jitter": pre.box_jitter, "box_loosen": pre.box_loosen},
             "skipped": skipped,
             "evaluation": ev,
         },
@@ -420,7 +432,8 @@ def evaluate_checkpoint(
     sections = [
         (
             "Metrics",
-            f"<p>Stored threshold {threshold:.4f} applied unchanged.</p>" + metrics_table_html({name: ev}),
+            f"<p>Stored threshold {threshold:.4f} applied unchanged. {_lesion_words(pre)}</p>"
+            + metrics_table_html({name: ev}),
         ),
         ("Figures", figures_html({name: pr}, {name: ev}, out / "figures")),
         ("Subgroups", subgroup_html({name: ev})),
@@ -435,6 +448,17 @@ def evaluate_checkpoint(
         f"{_ci(m['specificity'], ev['ci95_bootstrap']['specificity'])}\nreport: {out / 'report.html'}"
     )
     return {"evaluation": ev, "text": text}
+
+
+def _lesion_words(pre) -> str:
+    if pre.crop != "roi" and not pre.lesion_channel:
+        return ""
+    if pre.lesion_from == "box":
+        return (
+            f"Lesions from boxes around the expert masks (grown {pre.box_loosen:.0%}, edges jittered up to "
+            f"{pre.box_jitter:.0%}; mask channel from {pre.box_mask}), as a user would draw them."
+        )
+    return "Lesions from the expert masks (an optimistic stand-in for what a user draws; see --lesion-from box)."
 
 
 def multiclass_evaluation(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> dict:
