@@ -66,6 +66,35 @@ def roi_run(tmp_path_factory):
     return out
 
 
+SEGMENT_TINY = [
+    "data.image_size=96",
+    "data.crop=fan",
+    "data.phantom_patients=20",
+    "data.phantom_size=128",
+    "data.augment=none",
+    "model.name=unet_efficientnet_lite0",
+    "model.weights=imagenet",
+    "optim.epochs=10",
+    "optim.batch_size=8",
+    "optim.lr=0.003",
+    "optim.backbone_lr_mult=1.0",
+    "optim.warmup_epochs=0",
+    "runtime.progress=false",
+    "runtime.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="session")
+def segmenter_run(tmp_path_factory):
+    """A lesion segmenter trained on the phantom (whose lesion masks are known)."""
+    from liverus.training import apply_overrides, load_config
+    from liverus.training.segmentation import train_segmenter
+
+    out = tmp_path_factory.mktemp("segment") / "run"
+    train_segmenter(apply_overrides(load_config(), SEGMENT_TINY), out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def images(run):
     from liverus.data import load_cases

@@ -22,7 +22,7 @@ __all__ = ["run_explain"]
 
 def run_explain(args: argparse.Namespace) -> int:
     """Write one overlay PNG per image and method; print each image's probability. Returns: the exit code."""
-    predictor = Predictor.from_path(args.model)
+    predictor = Predictor.from_path(args.model, segmenter=getattr(args, "segmenter", None))
     if predictor.model is None:
         raise ValueError("liverus explain needs the PyTorch model.pt (ONNX exports carry no gradients)")
     methods = ["gradcam", "attention"] if args.method == "both" else [args.method]
@@ -43,7 +43,7 @@ def run_explain(args: argparse.Namespace) -> int:
             bad += 1
             continue
         prob = float(predictor.probabilities([pre])[0])
-        source = item.lesion_source if predictor.needs_lesion else ""
+        source = pre.lesion_source
         for method in methods:
             fig = heatmap_figure(
                 pre.image, predictor.heatmap(pre, method), probability=prob,

@@ -88,7 +88,7 @@ def predict_files(
             probs = predictor.probabilities(pre)
             for i, p, pp, img in zip(good, probs, pre, originals, strict=True):
                 item = items[i]
-                source = item.lesion_source if predictor.needs_lesion else "not used (whole image)"
+                source = pp.lesion_source if predictor.needs_lesion else "not used (whole image)"
                 row = {
                     "path": printable(item.path),
                     "status": "ok",
@@ -127,7 +127,7 @@ def run_predict(args: argparse.Namespace) -> int:
     input_errors: list[tuple[str, str]] = []
     items = input_items(args.inputs, mask=args.mask, box=box, errors=input_errors)
     files = [it.path for it in items]
-    predictor = Predictor.from_path(args.model)
+    predictor = Predictor.from_path(args.model, segmenter=args.segmenter)
     heatmaps = None
     if args.heatmaps:
         if predictor.model is None:

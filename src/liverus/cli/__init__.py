@@ -15,11 +15,18 @@ import logging
 import os
 import sys
 
-from liverus.cli import data_commands, demo_command, deploy_commands, eval_commands, train_commands
+from liverus.cli import (
+    data_commands,
+    demo_command,
+    deploy_commands,
+    eval_commands,
+    segment_commands,
+    train_commands,
+)
 
 __all__ = ["main", "build_parser"]
 
-GROUPS = (data_commands, train_commands, eval_commands, deploy_commands, demo_command)
+GROUPS = (data_commands, train_commands, segment_commands, eval_commands, deploy_commands, demo_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

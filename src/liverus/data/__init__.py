@@ -21,6 +21,7 @@ from liverus.data.cases import (
 )
 from liverus.data.dataset import (
     CaseCache,
+    SegmentationDataset,
     UltrasoundDataset,
     clear_cache,
     default_cache_dir,
@@ -45,6 +46,7 @@ __all__ = [
     "CaseCache",
     "DataError",
     "PreprocessConfig",
+    "SegmentationDataset",
     "UltrasoundDataset",
     "apply_grouping",
     "audit_cases",

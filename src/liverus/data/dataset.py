@@ -27,6 +27,7 @@ from liverus.data.preprocess import PreprocessConfig, Preprocessed, lesion_box, 
 __all__ = [
     "CaseCache",
     "UltrasoundDataset",
+    "SegmentationDataset",
     "load_preprocessed",
     "prepare_cases",
     "default_cache_dir",
@@ -249,3 +250,39 @@ class UltrasoundDataset(Dataset):
             arr = np.stack([image, arr[1], lesion])
         pixels = model_pixels(arr, self.cache.cfg.lesion_channel)
         return torch.from_numpy(np.ascontiguousarray(pixels)), self.targets[index]
+
+
+class SegmentationDataset(Dataset):
+    """Preprocessed images and their lesion masks as ``uint8`` tensors ((1, S, S), (1, S, S)), augmented together
+    (the geometric transforms move the mask with the image).
+
+    Args:
+        cases: cases with a lesion mask (or polygon).
+        cache: the preprocessed-image cache.
+        transform: albumentations pipeline for training, or ``None``.
+        seed: run seed; with the epoch and index it seeds each sample's augmentation.
+    """
+
+    def __init__(self, cases: Sequence[Case], cache: CaseCache, transform=None, seed: int = 0) -> None:
+        self.cases = list(cases)
+        self.cache = cache
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        arr = self.cache.get(self.cases[index])
+        image, lesion = arr[0], arr[2]
+        if self.transform is not None:
+            seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+            image, lesion = apply_transform(self.transform, image, arr[1], seed, lesion=lesion)
+        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy((lesion > 0).astype(np.uint8))[
+            None
+        ]

@@ -98,6 +98,8 @@ class Preprocessed:
     # Crop box (x0, y0, x1, y1) in original pixels and the scale applied, to map heatmaps back.
     box: tuple[int, int, int, int]
     scale: float
+    # Where the lesion came from (user mask, user box, predicted), set by the predictor for its outputs.
+    lesion_source: str = ""
 
     def stacked(self) -> np.ndarray:
         return np.stack([self.image, self.scan, self.lesion])

@@ -44,6 +44,8 @@ def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int =
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     was_training = model.training
+    # Gradients reach the target layer through the input too, so a frozen backbone (feature models) has a map.
+    x = x.detach().requires_grad_(True)
     with torch.enable_grad(), GradCAM(model=model, target_layers=gradcam_target_layers(model)) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)] * len(x))
     model.train(was_training)

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liverus.data.preprocess import PreprocessConfig, Preprocessed, model_pixels, preprocess
+from liverus.data.preprocess import PreprocessConfig, Preprocessed, box_to_mask, model_pixels, preprocess
 from liverus.engine.forward import model_input, probabilities
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap
 from liverus.engine.runtime import inference_amp
+from liverus.engine.segment import propose_lesion
 from liverus.models import ModelCard, load_model
 
 __all__ = ["Predictor", "Prediction", "ONNX_METADATA_KEY"]
@@ -41,10 +42,12 @@ class Predictor:
         ValueError: for a model that is not binary or carries no preprocessing settings.
     """
 
-    def __init__(self, *, card: ModelCard, model: torch.nn.Module | None = None, session=None) -> None:
+    def __init__(self, *, card: ModelCard, model: torch.nn.Module | None = None, session=None, segmenter=None) -> None:
         self.model = model
         self.session = session
         self.card = card
+        # (model, card) of a lesion segmenter: proposes the lesion where none is given, and the mask inside a box.
+        self.segmenter = segmenter
         self.preprocess_cfg: PreprocessConfig = card.require_preprocess(card.model_name)
         # The precision the card validated (bf16 only where it moved no validation probability by 0.005).
         self.amp = inference_amp(card.precision, torch.device("cpu"))
@@ -59,13 +62,19 @@ class Predictor:
     version = property(lambda self: self.card.version)
 
     @classmethod
-    def from_path(cls, path: str | Path) -> Predictor:
-        """Load ``model.pt`` or an exported ``.onnx``.
+    def from_path(cls, path: str | Path, *, segmenter: str | Path | None = None) -> Predictor:
+        """Load ``model.pt`` or an exported ``.onnx`` (and optionally a lesion segmenter's ``model.pt``).
 
         Raises:
-            ValueError: if the file is not a liverus model or ONNX export.
+            ValueError: if a file is not a liverus model, ONNX export or segmenter.
         """
         path = Path(path)
+        if segmenter is not None:
+            from liverus.models.segmentation import load_segmenter
+
+            pred = cls.from_path(path)
+            pred.segmenter = load_segmenter(segmenter)
+            return pred
         if path.suffix.lower() == ".onnx":
             import onnxruntime as ort
 
@@ -99,9 +108,24 @@ class Predictor:
                 how to give one.
         """
         cfg = self.preprocess_cfg
-        if (cfg.crop == "roi" or cfg.lesion_channel) and box is None and (lesion is None or not lesion.any()):
+        given = lesion is not None and lesion.any()
+        source = "user mask" if given else "user box" if box is not None else ""
+        if self.needs_lesion and not given and self.segmenter is not None:
+            proposal = propose_lesion(*self.segmenter, image)
+            if box is None:
+                if proposal.box is None:
+                    raise ValueError(f"the segmenter found no lesion; {self.lesion_hint}")
+                box, lesion, source = proposal.box, proposal.mask, "predicted"
+            elif cfg.lesion_channel:
+                inside = box_to_mask(np.zeros(image.shape, np.uint8), box, "box") & proposal.mask
+                box_area = (box[2] - box[0]) * (box[3] - box[1])
+                if inside.sum() >= 0.1 * box_area:  # else preprocess falls back to the box's own mask
+                    lesion, source = inside, "user box + predicted mask"
+        if self.needs_lesion and box is None and not given:
             raise ValueError(self.lesion_hint)
-        return preprocess(image, cfg, lesion=lesion, box=box)
+        pre = preprocess(image, cfg, lesion=lesion, box=box)
+        pre.lesion_source = source if self.needs_lesion else ""
+        return pre
 
     @property
     def needs_lesion(self) -> bool:
@@ -112,8 +136,8 @@ class Predictor:
     def lesion_hint(self) -> str:
         return (
             f"model {self.name} analyses the lesion and needs to know where it is: give --mask MASK or "
-            "--box x0,y0,x1,y1 (pixels) for one image, or a manifest CSV with a path column and a mask or box "
-            "column for many (the web page asks for a box)"
+            "--box x0,y0,x1,y1 (pixels) for one image, a manifest CSV with a path column and a mask or box "
+            "column for many, or --segmenter SEG.pt to have the lesion found (the web page asks for a box)"
         )
 
     def _pixels(self, pre: list[Preprocessed]) -> np.ndarray:

@@ -32,6 +32,7 @@ from liverus.data.io import DataError
 from liverus.data.uploads import ALLOWED_KINDS, decode_upload, sniff_kind
 from liverus.engine.heatmaps import overlay
 from liverus.engine.predictor import Predictor
+from liverus.engine.segment import propose_lesion
 from liverus.serve.batching import DynamicBatcher
 from liverus.serve.forms import Form, FormError, read_form
 
@@ -100,6 +101,7 @@ def create_app(
             "version": predictor.version,
             "backend": predictor.backend,
             "needs_box": needs_box,
+            "proposes_box": needs_box and predictor.segmenter is not None,
         }
 
     def image_of(form: Form) -> tuple[np.ndarray, str]:
@@ -125,7 +127,7 @@ def create_app(
             box = parse_box(text)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        if box is None and needs_box:
+        if box is None and needs_box and predictor.segmenter is None:
             raise HTTPException(
                 400, "this model analyses the lesion region: draw a box around the lesion (box=x0,y0,x1,y1)"
             )
@@ -145,7 +147,12 @@ def create_app(
         form = await read_form(request, max_upload_bytes)
         img, kind = await run_in_threadpool(image_of, form)
         u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)  # decode_upload gives [0, 1]
-        return {"image": _png_b64(u8), "width": int(img.shape[1]), "height": int(img.shape[0]), "file_type": kind}
+        out = {"image": _png_b64(u8), "width": int(img.shape[1]), "height": int(img.shape[0]), "file_type": kind}
+        if needs_box and predictor.segmenter is not None:
+            # The radiologist sees the proposed lesion box drawn and accepts it or draws another.
+            proposal = await run_in_threadpool(propose_lesion, *predictor.segmenter, img)
+            out["proposed_box"] = [round(v, 1) for v in proposal.box] if proposal.box else None
+        return out
 
     def analyse(form: Form, heatmap: bool) -> dict:
         image, kind = image_of(form)
@@ -167,6 +174,7 @@ def create_app(
             "backend": predictor.backend,
             "file_type": kind,
             "box": list(lesion_box) if lesion_box else None,
+            "lesion_source": pre.lesion_source,
             "image": _png_b64(pre.image),
             "disclaimer": DISCLAIMER,
         }
@@ -188,7 +196,7 @@ def create_app(
 def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
-    predictor = Predictor.from_path(args.model)
+    predictor = Predictor.from_path(args.model, segmenter=args.segmenter)
     app = create_app(
         predictor,
         max_upload_bytes=int(args.max_upload_mb * 2**20),

@@ -24,6 +24,7 @@ from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
 from liverus.models import is_feature_model, list_models
 from liverus.models.registry import ALIASES
+from liverus.models.segmentation import SEGMENTERS
 from liverus.training.losses import LOSSES
 from liverus.training.optim import OPTIMIZERS
 
@@ -198,7 +199,11 @@ class TrainConfig:
             )
         if self.model.in_chans not in (1, 3):
             raise ConfigError(f"model.in_chans: must be 1 or 3, got {self.model.in_chans}")
-        if self.model.name not in list_models() and self.model.name not in ALIASES:
+        if (
+            self.model.name not in list_models()
+            and self.model.name not in ALIASES
+            and self.model.name not in SEGMENTERS
+        ):
             close = difflib.get_close_matches(self.model.name, list_models(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}")

@@ -22,7 +22,8 @@ from torch import nn
 from liverus import __version__
 from liverus.data import Case
 from liverus.models import LesionClassifier, LesionFeatureModel, ModelCard, build_model, is_feature_model
-from liverus.training.config import TrainConfig, config_to_dict
+from liverus.models.segmentation import SEGMENTERS
+from liverus.training.config import ConfigError, TrainConfig, config_to_dict
 from liverus.training.datasets import RunData, prepare_run_data, preprocess_config
 from liverus.training.distributed import barrier, broadcast_object, gather_objects
 from liverus.training.ensemble import train_ensemble
@@ -73,6 +74,8 @@ def train(
     """
     t_start = time.time()
     cfg.validate()
+    if cfg.model.name in SEGMENTERS:
+        raise ConfigError(f"model.name: {cfg.model.name} is a lesion segmenter; train it with `liverus segment train`")
     if cfg.model.ensemble:
         return train_ensemble(
             cfg, run_dir, resume=resume, overwrite=overwrite, cases=cases, split=split, train_member=train

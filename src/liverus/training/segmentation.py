@@ -1,0 +1,166 @@
+"""``liverus segment train``: a lesion segmenter trained on the lesion masks, with the classification runs' data layer
+(cases, cache, grouped split, skipped-file listing), run folder (config, provenance, refusal to overwrite), resumable
+checkpoints and precision.
+
+One epoch is :func:`train_segmentation_epoch` (Dice + binary cross-entropy on the lesion logits); model selection
+maximises the validation Dice; the finished run holds ``model.pt`` (weights + card), ``metrics.json`` (validation
+Dice, IoU, HD95 and detection per class with intervals) and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from liverus import __version__
+from liverus.data import Case, CaseCache, SegmentationDataset, build_train_transform, prepare_cases, save_splits
+from liverus.data.splits import check_disjoint, train_val_test_split
+from liverus.engine.forward import normalize_images
+from liverus.engine.runtime import precision_name
+from liverus.engine.segment import segment_cases
+from liverus.evaluation.segmentation import dice, segmentation_summary
+from liverus.models.card import ModelCard
+from liverus.models.segmentation import SEGMENTERS, build_segmenter, save_segmenter
+from liverus.training.config import ConfigError, TrainConfig, config_to_dict
+from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
+from liverus.training.optim import build_optimizer, build_scheduler
+from liverus.training.run_folder import RunFolder
+from liverus.training.runtime import Runtime
+from liverus.training.state import CheckpointSaver, TrainObjects, TrainState
+from liverus.utils import atomic_write_json, seed_everything
+
+__all__ = ["train_segmenter", "train_segmentation_epoch", "dice_bce_loss"]
+
+log = logging.getLogger("liverus.training")
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice loss (per image, then averaged), for lesion logits (N, 1, H, W)."""
+    target = target.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+    prob = torch.sigmoid(logits.float())
+    inter = (prob * target).sum(dim=(1, 2, 3))
+    denom = prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+    soft_dice = (2 * inter + 1.0) / (denom + 1.0)
+    return bce + (1 - soft_dice).mean()
+
+
+def train_segmentation_epoch(objs: TrainObjects, loader: DataLoader, card: ModelCard, rt: Runtime) -> float:
+    """One pass over ``loader``'s ``(images, masks)``. Returns: the mean loss."""
+    objs.model.train()
+    total, n = 0.0, 0
+    for x, y in loader:
+        x = normalize_images(x.to(rt.device), *card.normalization, 1)
+        with torch.autocast(rt.device.type, dtype=rt.amp, enabled=rt.amp is not None):
+            loss = dice_bce_loss(objs.model(x), y.to(rt.device))
+        objs.optimizer.zero_grad(set_to_none=True)
+        objs.scaler.scale(loss).backward()
+        objs.scaler.step(objs.optimizer)
+        objs.scaler.update()
+        objs.scheduler.step()
+        total += float(loss.detach()) * len(x)
+        n += len(x)
+    return total / max(n, 1)
+
+
+def _with_masks(cases: list[Case]) -> list[Case]:
+    return [c for c in cases if c.mask or c.polygon]
+
+
+def train_segmenter(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a segmenter as ``cfg`` says (``model.name`` is the segmenter; the data, optimiser and runtime sections
+    are read as for classification) and write the run folder.
+
+    Returns:
+        The result (also ``result.json``).
+
+    Raises:
+        RunExistsError: if the folder holds a run and neither ``resume`` nor ``overwrite`` is set.
+        DataError: for bad data, or no images with lesion masks.
+    """
+    from liverus.data import DataError
+
+    t0 = time.time()
+    cfg.validate()
+    if cfg.model.name not in SEGMENTERS:
+        raise ConfigError(f"model.name: {cfg.model.name!r} is not a segmenter; use one of {sorted(SEGMENTERS)}")
+    rt = Runtime.from_config(cfg.runtime)
+    folder = RunFolder(run_dir)
+    resumed = folder.prepare(config_to_dict(cfg), cfg.runtime.seed, resume=resume, overwrite=overwrite)
+    if resumed and (stored := folder.finished_result()):
+        return stored
+    seed_everything(cfg.runtime.seed)
+    cases = _with_masks(resolve_cases(cfg, folder.path))
+    if not cases:
+        raise DataError(cfg.data.source or None, "no image has a lesion mask; segmentation needs masks to learn from")
+    pre = dataclasses.replace(preprocess_config(cfg), lesion_channel=False, lesion_from="mask")
+    cache = CaseCache(pre, cache_dir(cfg, folder.path))
+    cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
+    if skipped:
+        log_skipped(skipped, folder.write_skipped(skipped))
+    if folder.splits_file.is_file():
+        split = json.loads(folder.splits_file.read_text())["folds"][0]
+    else:
+        split = train_val_test_split(cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)
+        save_splits(folder.splits_file, {"folds": [split]})
+    by_path = {c.path: c for c in cases}
+    parts = {k: [by_path[p] for p in v if p in by_path] for k, v in split.items()}
+    check_disjoint(cases, {k: [c.path for c in v] for k, v in parts.items()})
+
+    model = build_segmenter(cfg.model.name, weights=cfg.model.weights).to(rt.device)
+    card = ModelCard(
+        model_name=model.model_name, classes=("background", "lesion"), in_chans=1, normalization=model.normalization,
+        preprocess=pre, task="segmentation", precision=precision_name(rt.amp), version=__version__,
+    )  # fmt: skip
+    ds = SegmentationDataset(parts["train"], cache, build_train_transform(cfg.data.augment), seed=cfg.runtime.seed)
+    gen = torch.Generator().manual_seed(cfg.runtime.seed)
+    loader = DataLoader(ds, batch_size=min(cfg.optim.batch_size, len(ds)), shuffle=True, drop_last=True, generator=gen)
+    optimizer = build_optimizer(model, cfg.optim)
+    objs = TrainObjects(
+        model, optimizer, build_scheduler(optimizer, cfg.optim, len(loader)),
+        torch.amp.GradScaler(rt.device.type, enabled=rt.amp == torch.float16),
+    )  # fmt: skip
+    saver = CheckpointSaver(folder.checkpoints, config_to_dict(cfg))
+    state = (saver.restore(objs) if resumed else None) or TrainState()
+    for epoch in range(state.epoch, cfg.optim.epochs):
+        ds.set_epoch(epoch)
+        gen.manual_seed(cfg.runtime.seed * 1000 + epoch)  # the epoch's order, independent of where a run resumed
+        started = time.time()
+        loss = train_segmentation_epoch(objs, loader, card, rt)
+        val_dice = math.nan
+        if parts["val"]:
+            preds, trues = segment_cases(objs.model, card, parts["val"], cache)
+            val_dice = float(np.mean([dice(p, t) for p, t in zip(preds, trues, strict=True)]))
+        row = {"epoch": epoch + 1, "train_loss": round(loss, 6), "val_dice": round(val_dice, 6),
+               "epoch_time_s": round(time.time() - started, 2)}  # fmt: skip
+        improved = state.record(row, val_dice if parts["val"] else float(epoch))
+        log.info("segment epoch %d/%d: loss %.4f, val Dice %.3f", epoch + 1, cfg.optim.epochs, loss, val_dice)
+        folder.rewrite_metrics(state.history)
+        saver.save(objs, state, improved=improved)
+    saver.load_best(model)
+    metrics = {}
+    if parts["val"]:
+        preds, trues = segment_cases(model, card, parts["val"], cache)
+        metrics = segmentation_summary(preds, trues, [c.label for c in parts["val"]])
+    atomic_write_json(folder / "metrics.json", {"validation": metrics})
+    save_segmenter(model.to("cpu"), folder.model_file, card.replace(best_epoch=state.best_epoch))
+    result = {
+        "run_dir": str(folder.path),
+        "model_path": str(folder.model_file),
+        "best_epoch": state.best_epoch,
+        "val_dice": metrics.get("all", {}).get("dice", {}).get("mean", math.nan),
+        "epochs_run": len(state.history),
+        "history": state.history,
+        "wall_time_s": round(time.time() - t0, 2),
+    }
+    folder.write_result(result)
+    return result
