@@ -186,3 +186,22 @@ def test_segment_train_refuses_a_classifier_name(tmp_path):
     p = run_cli("segment", "train", "--set", "model.name=custom_resnet50", "--out", str(tmp_path / "r"))
     assert p.returncode != 0 and "not a segmenter" in p.stderr
     assert not Path(tmp_path / "r" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_segment_cv_writes_out_of_fold_masks_that_classification_can_use(tmp_path):
+    from conftest import SEGMENT_TINY
+    from liverus.data import load_cases
+    from liverus.training import apply_overrides, load_config
+    from liverus.training.segmentation import segment_cross_validation
+
+    cfg = apply_overrides(load_config(), [*SEGMENT_TINY, "optim.epochs=2"])
+    res = segment_cross_validation(cfg, tmp_path / "cv", folds=2)
+    cases = load_cases(res["manifest"])
+    assert len(cases) == res["metrics"]["all"]["dice"]["n"]
+    with_mask = [c for c in cases if c.mask]
+    assert len(with_mask) + len(res["not_detected"]) == len(cases)
+    assert all(Path(c.mask).is_file() and "cv/masks" in c.mask for c in with_mask)
+    splits = [json.loads((tmp_path / "cv" / f"fold{i}" / "splits.json").read_text())["folds"][0] for i in (0, 1)]
+    # Each image's mask comes from the segmenter that did not train on it: the two training sets are disjoint.
+    assert not set(splits[0]["train"]) & set(splits[1]["train"])

@@ -192,6 +192,7 @@ def summarize_study(
         plots.fold_plot({n: per_fold[n].get("auc", {}).get("per_fold", []) for n in labels}, fig_dir / "folds.png"),
     ]
     curves = {f"{n} f{r.name[4:]}": r / "metrics.csv" for n in labels for r in fold_runs(out, n)}
+    curves = {k: v for k, v in curves.items() if v.is_file()}  # fitted feature models have no epochs
     figs.append(plots.training_curves_plot(curves, fig_dir / "training_curves.png"))
     comp_rows = [
         [

@@ -38,7 +38,7 @@ from liverus.training.runtime import Runtime
 from liverus.training.state import CheckpointSaver, TrainObjects, TrainState
 from liverus.utils import atomic_write_json, seed_everything
 
-__all__ = ["train_segmenter", "train_segmentation_epoch", "dice_bce_loss"]
+__all__ = ["train_segmenter", "train_segmentation_epoch", "dice_bce_loss", "segment_cross_validation"]
 
 log = logging.getLogger("liverus.training")
 
@@ -76,9 +76,22 @@ def _with_masks(cases: list[Case]) -> list[Case]:
     return [c for c in cases if c.mask or c.polygon]
 
 
-def train_segmenter(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> dict:
+def train_segmenter(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    cases: list[Case] | None = None,
+    split: dict[str, list[str]] | None = None,
+) -> dict:
     """Train a segmenter as ``cfg`` says (``model.name`` is the segmenter; the data, optimiser and runtime sections
     are read as for classification) and write the run folder.
+
+    Args:
+        cfg, run_dir, resume, overwrite: as :func:`~liverus.training.train`.
+        cases: the cases (default: from ``cfg.data``); those without a lesion mask are left out.
+        split: ``{"train": paths, "val": paths}`` (default: a new group-aware split, saved as ``splits.json``).
 
     Returns:
         The result (also ``result.json``).
@@ -99,7 +112,7 @@ def train_segmenter(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     if resumed and (stored := folder.finished_result()):
         return stored
     seed_everything(cfg.runtime.seed)
-    cases = _with_masks(resolve_cases(cfg, folder.path))
+    cases = _with_masks(cases if cases is not None else resolve_cases(cfg, folder.path))
     if not cases:
         raise DataError(cfg.data.source or None, "no image has a lesion mask; segmentation needs masks to learn from")
     pre = dataclasses.replace(preprocess_config(cfg), lesion_channel=False, lesion_from="mask")
@@ -109,6 +122,8 @@ def train_segmenter(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
         log_skipped(skipped, folder.write_skipped(skipped))
     if folder.splits_file.is_file():
         split = json.loads(folder.splits_file.read_text())["folds"][0]
+    elif split is not None:
+        save_splits(folder.splits_file, {"folds": [split]})
     else:
         split = train_val_test_split(cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)
         save_splits(folder.splits_file, {"folds": [split]})
@@ -164,3 +179,69 @@ def train_segmenter(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     }
     folder.write_result(result)
     return result
+
+
+def segment_cross_validation(
+    cfg: TrainConfig, out: str | Path, *, folds: int = 2, resume: bool = False, overwrite: bool = False
+) -> dict:
+    """Out-of-fold predicted lesion masks for every image with an expert mask: ``folds`` segmenters, each trained on
+    the other folds (group-disjoint), segment the images they never saw. Writes ``OUT/fold{i}/`` (segment runs),
+    ``OUT/masks/`` (predicted masks as PNG), ``OUT/manifest.csv`` (the cases with their predicted masks, for
+    ``cv``/``compare``/``evaluate``: classification on predicted lesions) and ``OUT/metrics.json`` (out-of-fold
+    Dice, IoU, HD95 and detection per class).
+
+    Returns:
+        ``{"manifest", "metrics", "not_detected"}``.
+    """
+    import cv2
+
+    from liverus.data import DataError, kfold_splits, write_manifest
+    from liverus.data.io import read_image
+    from liverus.engine.segment import propose_lesion
+    from liverus.evaluation.segmentation import segmentation_summary
+    from liverus.models.segmentation import load_segmenter
+
+    out = Path(out)
+    folder = RunFolder(out)
+    folder.prepare(config_to_dict(cfg), cfg.runtime.seed, resume=resume, overwrite=overwrite)
+    cases = _with_masks(resolve_cases(cfg, out))
+    pre = dataclasses.replace(preprocess_config(cfg), lesion_channel=False, lesion_from="mask")
+    cache = CaseCache(pre, cache_dir(cfg, out))
+    cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
+    by_path = {c.path: c for c in cases}
+    predicted, preds, trues, labels, missing = [], [], [], [], []
+    (out / "masks").mkdir(exist_ok=True)
+    for i, fold in enumerate(kfold_splits(cases, folds, seed=cfg.runtime.seed)):
+        held = [by_path[p] for p in fold["val"]]
+        train_part = [by_path[p] for p in fold["train"]]
+        try:
+            inner = train_val_test_split(train_part, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)
+        except DataError as exc:  # too few groups to hold some out: train on all, keep the last epoch
+            log.warning("fold %d: no validation split (%s); the last epoch is kept", i, exc.problem)
+            inner = {"train": [c.path for c in train_part], "val": []}
+        log.info("== segmenter fold %d/%d: %d training, %d held-out images", i + 1, folds, len(train_part), len(held))
+        run = out / f"fold{i}"
+        train_segmenter(cfg, run, resume=run.exists(), cases=train_part, split=inner)
+        model, card = load_segmenter(run / "model.pt")
+        for c in held:
+            image = read_image(c.path, frame=pre.frame)
+            proposal = propose_lesion(model, card, image)
+            expert = cache.get(c)[2] > 0
+            # Scored on the preprocessed grid, as segment evaluate scores.
+            preds.append(segment_cases(model, card, [c], cache)[0][0])
+            trues.append(expert)
+            labels.append(c.label)
+            mask_path = None
+            if proposal.box is not None:
+                mask_path = out / "masks" / f"{len(predicted):05d}_{Path(c.path).stem}.png"
+                cv2.imwrite(str(mask_path), proposal.mask.astype(np.uint8) * 255)
+            else:
+                missing.append(c.path)
+            predicted.append(dataclasses.replace(c, mask=str(mask_path) if mask_path else None,
+                                                 extra_masks=(), polygon=None))  # fmt: skip
+    write_manifest(predicted, out / "manifest.csv")
+    summary = segmentation_summary(preds, trues, labels)
+    atomic_write_json(out / "metrics.json", {"out_of_fold": summary, "not_detected": missing, "skipped": skipped})
+    log.info("out-of-fold Dice %.3f; no lesion found in %d of %d images", summary["all"]["dice"]["mean"],
+             len(missing), len(predicted))  # fmt: skip
+    return {"manifest": str(out / "manifest.csv"), "metrics": summary, "not_detected": missing}
