@@ -53,3 +53,33 @@ def test_ensemble_survives_save_load_heatmaps_and_onnx(tmp_path):
         assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() <= 1
     onnx_pred = Predictor.from_path(tmp_path / "ens.onnx")
     assert abs(onnx_pred.probabilities([pre])[0] - pred.probabilities([pre])[0]) < 1e-4
+
+
+def test_int8_export_is_auc_checked_and_refused_when_the_auc_moves_too_much(run, images, tmp_path):
+    import json
+
+    import onnx
+
+    from liverus.export import export_onnx
+
+    summary = export_onnx(run / "model.pt", tmp_path / "int8.onnx", quantize="int8")
+    q = summary["int8"]
+    assert q["calibration_images"] > 0 and q["holdout_images"] > 0
+    assert abs(q["auc_change"]) <= 0.005 and q["auc_change"] == pytest.approx(q["auc_int8"] - q["auc_fp32"])
+    proto = onnx.load(str(tmp_path / "int8.onnx"))
+    assert any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
+    meta = json.loads(next(p.value for p in proto.metadata_props if p.key == "liverus"))
+    assert meta["quantization"].startswith("int8")
+    pt, ox = Predictor.from_path(run / "model.pt"), Predictor.from_path(tmp_path / "int8.onnx")
+    pre = [pt.prepare(read_image(f)) for f in images]
+    assert np.abs(pt.probabilities(pre) - ox.probabilities(pre)).max() < 0.05  # int8, not bit-exact
+    # The refusal path: a tolerance no model can meet writes nothing.
+    with pytest.raises(ValueError, match="export refused"):
+        export_onnx(run / "model.pt", tmp_path / "refused.onnx", quantize="int8", max_auc_change=-1.0)
+    assert not (tmp_path / "refused.onnx").exists()
+    # Outside a run folder, the images must be named.
+    model = tmp_path / "loose" / "model.pt"
+    model.parent.mkdir()
+    model.write_bytes((run / "model.pt").read_bytes())
+    with pytest.raises(ValueError, match="--calibration"):
+        export_onnx(model, tmp_path / "loose.onnx", quantize="int8")

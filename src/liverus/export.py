@@ -16,9 +16,11 @@ from liverus.engine.predictor import ONNX_METADATA_KEY
 from liverus.models import ModelCard, is_feature_model, load_card, load_model
 from liverus.utils import atomic_write_bytes
 
-__all__ = ["DeployableModel", "export_onnx"]
+__all__ = ["DeployableModel", "export_onnx", "quantize_int8", "MAX_AUC_CHANGE"]
 
 TOLERANCE = 1e-4
+# An int8 model is written only when it moves the held-out AUC by at most this much.
+MAX_AUC_CHANGE = 0.005
 
 
 class DeployableModel(nn.Module):
@@ -36,14 +38,27 @@ class DeployableModel(nn.Module):
         return torch.softmax(self.model(normalize_images(image, self.mean, self.std, self.in_chans)), dim=1)
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, check_batch: int = 4) -> dict:
-    """Export ``model.pt`` to ONNX and verify ONNX Runtime against PyTorch on random inputs.
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    opset: int = 17,
+    check_batch: int = 4,
+    quantize: str | None = None,
+    calibration: str | Path | None = None,
+    holdout: str | Path | None = None,
+    max_auc_change: float = MAX_AUC_CHANGE,
+) -> dict:
+    """Export ``model.pt`` to ONNX and verify ONNX Runtime against PyTorch on random inputs; with
+    ``quantize="int8"``, quantize it statically (see :func:`quantize_int8`).
 
     Returns:
-        A summary with the output path, the input size and the largest absolute difference.
+        A summary with the output path, the input size and the largest absolute difference (and, for int8, the
+        held-out AUC before and after).
 
     Raises:
-        ValueError: if ``out`` exists, or ONNX Runtime differs from PyTorch by more than 1e-4.
+        ValueError: if ``out`` exists, ONNX Runtime differs from PyTorch by more than 1e-4, or int8 moves the
+            held-out AUC by more than ``max_auc_change``.
     """
     import onnx
     import onnxruntime as ort
@@ -90,5 +105,124 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, che
     diff = float(np.abs(got - want).max())
     if diff > TOLERANCE:
         raise ValueError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {TOLERANCE}); export refused")
+    summary = {"onnx": str(out), "image_size": size, "max_abs_diff_vs_pytorch": diff, "opset": opset}
+    if quantize == "int8":
+        data, q = quantize_int8(data, checkpoint, card, calibration=calibration, holdout=holdout,
+                                max_auc_change=max_auc_change)  # fmt: skip
+        summary["int8"] = q
+    elif quantize is not None:
+        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
     atomic_write_bytes(out, data)
-    return {"onnx": str(out), "image_size": size, "max_abs_diff_vs_pytorch": diff, "opset": opset, **meta}
+    return {**summary, **meta}
+
+
+class _Reader:
+    """ONNX Runtime's calibration interface over preprocessed images, one at a time."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self._it = iter(pixels)
+
+    def get_next(self) -> dict | None:
+        x = next(self._it, None)
+        return None if x is None else {"image": x[None]}
+
+
+def _run_cases(checkpoint: str | Path, card: ModelCard, calibration, holdout) -> tuple[list, list]:
+    """Calibration and held-out cases: the given labelled data, else the run's training and validation parts."""
+    import yaml
+
+    from liverus.data import load_task_cases
+
+    if calibration is not None and holdout is not None:
+        return load_task_cases(calibration, card.task)[0], load_task_cases(holdout, card.task)[0]
+    run = Path(checkpoint).resolve().parent
+    if not (run / "config.yaml").is_file() or not (run / "splits.json").is_file():
+        raise ValueError(
+            f"{checkpoint} is not inside a training run folder (config.yaml, splits.json); give --calibration DATA "
+            "(training images) and --holdout DATA (labelled images the model did not train on)"
+        )
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    source = cfg["data"]["source"] or run / "phantom"
+    cases = {c.path: c for c in load_task_cases(source, card.task, cfg["data"].get("group_by", "source"))[0]}
+    split = json.loads((run / "splits.json").read_text())["folds"][0]
+    held = [cases[p] for p in split.get("val", []) if p in cases]
+    if not held:
+        raise ValueError(f"the run {run} has no validation part to check int8 on; give --holdout DATA")
+    return [cases[p] for p in split["train"] if p in cases], held
+
+
+def _pixels(cases: list, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    from liverus.data import CaseCache, model_pixels
+
+    cache = CaseCache(card.preprocess)
+    arr = np.stack([cache.get(c) for c in cases])
+    x = model_pixels(arr, card.preprocess.lesion_channel).astype(np.float32) / 255.0
+    return x, np.array([card.classes.index(c.label) for c in cases])
+
+
+def quantize_int8(
+    fp32: bytes,
+    checkpoint: str | Path,
+    card: ModelCard,
+    *,
+    calibration=None,
+    holdout=None,
+    max_auc_change: float = MAX_AUC_CHANGE,
+    max_calibration: int = 128,
+) -> tuple[bytes, dict]:
+    """Static int8 quantization with ONNX Runtime (QDQ, per-channel weights), calibrated on training images, and
+    refused unless the AUC on held-out images moves by at most ``max_auc_change``.
+
+    Returns:
+        ``(int8 model bytes, {"auc_fp32", "auc_int8", "auc_change", "calibration_images", "holdout_images"})``.
+
+    Raises:
+        ValueError: when the AUC moves too much, or there are no images to calibrate or check on.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from sklearn.metrics import roc_auc_score
+
+    if not card.is_binary:
+        raise ValueError("int8 export is checked by the held-out AUC of a binary model")
+    calib_cases, held_cases = _run_cases(checkpoint, card, calibration, holdout)
+    if not calib_cases or not held_cases:
+        raise ValueError("int8 export needs calibration (training) images and held-out labelled images")
+    rng = np.random.default_rng(0)
+    if len(calib_cases) > max_calibration:
+        calib_cases = [calib_cases[i] for i in sorted(rng.choice(len(calib_cases), max_calibration, replace=False))]
+    calib, _ = _pixels(calib_cases, card)
+    held, y = _pixels(held_cases, card)
+    if len(set(y.tolist())) < 2:
+        raise ValueError("the held-out images hold one class only; the AUC cannot check the int8 model")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        proto = onnx.load(str(dst))
+    meta = json.loads(next(p.value for p in onnx.load_from_string(fp32).metadata_props if p.key == ONNX_METADATA_KEY))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps({**meta, "quantization": "int8 (ONNX Runtime static, QDQ)"})
+    data = proto.SerializeToString()
+
+    def auc(model: bytes) -> float:
+        sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        p = np.concatenate(
+            [sess.run(["probabilities"], {"image": held[i : i + 32]})[0] for i in range(0, len(held), 32)]
+        )
+        return float(roc_auc_score(y, p[:, 1]))
+
+    a32, a8 = auc(fp32), auc(data)
+    info = {"auc_fp32": a32, "auc_int8": a8, "auc_change": a8 - a32, "calibration_images": len(calib),
+            "holdout_images": len(held)}  # fmt: skip
+    if abs(a8 - a32) > max_auc_change:
+        raise ValueError(
+            f"int8 quantization moves the held-out AUC from {a32:.4f} to {a8:.4f} (change {a8 - a32:+.4f}, allowed "
+            f"{max_auc_change}); export refused. Export without --quantize (fp32) instead."
+        )
+    return data, info

@@ -29,7 +29,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from liverus.export import export_onnx
 
-    print(json.dumps(export_onnx(args.checkpoint, args.out, opset=args.opset), indent=2))
+    summary = export_onnx(
+        args.checkpoint, args.out, opset=args.opset, quantize=args.quantize, calibration=args.calibration,
+        holdout=args.holdout, max_auc_change=args.max_auc_change,
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -77,4 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--quantize", choices=["int8"], help="static int8 quantization (ONNX Runtime), AUC-checked")
+    p.add_argument("--calibration", help="int8: training images to calibrate on (default: the run's training part)")
+    p.add_argument("--holdout", help="int8: labelled images to check the AUC on (default: the run's validation part)")
+    p.add_argument("--max-auc-change", type=float, default=0.005, help="int8: largest held-out AUC change allowed")
     p.set_defaults(func=cmd_export)
