@@ -435,3 +435,31 @@ def test_study_predictions_equal_evaluate_and_predict(tmp_path):
     some = list(stored)[:4]
     got = pred.predict([read_image(p) for p in some])
     assert max(abs(g.probability - stored[p]) for g, p in zip(got, some, strict=True)) < 1e-5
+
+
+def test_balance_by_acquisition_group_draws_every_class_and_group_cell_equally(tmp_path):
+    from collections import Counter
+
+    from liverus.data import make_phantom_dataset
+    from liverus.training import apply_overrides, load_config
+    from liverus.training.datasets import acquisition_group, prepare_run_data
+    from liverus.training.distributed import DistInfo
+    from liverus.training.run_folder import RunFolder
+
+    src = tmp_path / "phantom"
+    make_phantom_dataset(src, n_patients=24, size=96, seed=0)
+    cfg = apply_overrides(load_config(), [f"data.source={src}", "data.image_size=32", "data.balance_by=kind",
+                                          "optim.batch_size=8", "data.augment=none"])  # fmt: skip
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    data = prepare_run_data(cfg, folder, DistInfo())
+    cells = [(data.train_targets[i], acquisition_group(data.train[i], "kind")) for i in range(len(data.train))]
+    drawn = Counter()
+    for epoch in range(30):
+        data.train_sampler.set_epoch(epoch)
+        for batch in data.train_sampler:
+            drawn.update(cells[i] for i, _ in batch)
+    share = {cell: n / sum(drawn.values()) for cell, n in drawn.items()}
+    assert max(share.values()) / min(share.values()) < 1.6  # as stored, the largest cell is 2.2x the smallest
+    with pytest.raises(Exception, match="no 'scanner' column"):
+        acquisition_group(data.train[0], "scanner")

@@ -60,6 +60,7 @@ class DataConfig:
     box_loosen: float = 0.0  # the derived box grows by this fraction of its size on every side
     box_jitter: float = 0.0  # each edge of the derived box moves by up to this fraction of its size (seeded)
     box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
+    balance_by: str = ""  # sample evenly over class x this acquisition group (a manifest column, or image_size)
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
     group_by: str = "source"  # source | near_duplicates (merge groups of exact and near-duplicate images)

@@ -39,6 +39,7 @@ __all__ = [
     "cache_dir",
     "log_skipped",
     "usable_cases",
+    "acquisition_group",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,26 @@ def _choose_split(cfg: TrainConfig, folder: RunFolder, cases: list[Case]) -> dic
     return train_val_test_split(cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)
 
 
+def acquisition_group(case: Case, column: str) -> str:
+    """A case's acquisition group: the manifest ``column``, or for ``image_size`` the original image's WxH (AUL's
+    manifest records it; other data is read from the file header).
+
+    Raises:
+        DataError: naming the image when the manifest has no such column.
+    """
+    if column == "image_size":
+        w, h = case.meta.get("orig_width"), case.meta.get("orig_height")
+        if w and h:
+            return f"{w}x{h}"
+        from liverus.data.audit import image_size
+
+        w, h = image_size(case.path)
+        return f"{w}x{h}"
+    if column not in case.meta:
+        raise DataError(case.path, f"has no {column!r} column for data.balance_by (columns: {sorted(case.meta)})")
+    return str(case.meta[column])
+
+
 def log_skipped(skipped: list[tuple[str, str]], where: Path) -> None:
     log.warning("skipped %d bad file(s) (listed in %s):", len(skipped), where)
     for p, q in skipped:
@@ -207,7 +228,14 @@ def prepare_run_data(
     )
     targets = list(train_ds.targets)
     weights = None
-    if cfg.loss.balanced_sampler:
+    if cfg.data.balance_by:
+        # Every (class, acquisition group) cell is drawn equally often, so the scanner cannot stand in for the class.
+        cells = [(t, acquisition_group(c, cfg.data.balance_by)) for t, c in zip(targets, parts["train"], strict=True)]
+        counts = {cell: cells.count(cell) for cell in set(cells)}
+        weights = [1.0 / counts[cell] for cell in cells]
+        if info.is_main:
+            log.info("sampling balanced over class x %s: %s", cfg.data.balance_by, dict(sorted(counts.items())))
+    elif cfg.loss.balanced_sampler:
         counts = np.bincount(targets, minlength=len(classes))
         weights = [1.0 / counts[t] for t in targets]
     gbs = cfg.optim.batch_size
