@@ -366,11 +366,10 @@ def test_shipped_configs_are_valid(path):
         # The final recipe is the cross-validated procedure itself: the study's config with the recommended model.
         from liverus.training.config import config_to_dict
 
-        final, studied = config_to_dict(cfg), config_to_dict(load_config(path.with_name("aul_roi_effnet.yaml")))
-        assert final["model"].pop("name") == "custom_efficientnet_lite0"
-        assert final["model"].pop("ensemble") == 5  # the ensemble of five fold models trained that way
+        final, studied = config_to_dict(cfg), config_to_dict(load_config(path.with_name("aul_radiomics.yaml")))
+        assert final["model"].pop("name") == "radiomics_svm_efficientnet_lite0" == studied["model"].pop("name")
+        assert final["model"].pop("ensemble") == 5  # the ensemble of five fold models fitted that way
         studied["model"].pop("ensemble")
-        studied["model"].pop("name")
         assert final == studied
 
 
