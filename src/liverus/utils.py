@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -16,6 +18,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "StageTimer",
+    "STAGES",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -141,3 +145,65 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [to_plain(v) for v in obj]
     return obj.item() if isinstance(obj, np.generic) else obj
+
+
+class StageTimer:
+    """Wall time per stage of a job (training steps, validation, decoding, reports, ...), exclusive of nested stages,
+    so the stages and the unattributed rest add up to the wall time. Disabled (free) unless :meth:`start` was called.
+
+    Use ``with STAGES.stage("decoding"): ...`` around work; ``STAGES.start()`` / ``STAGES.report()`` around the job.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.totals: dict[str, float] = {}
+        self._stack: list[list] = []
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        import time
+
+        self.enabled, self.totals, self._stack, self._t0 = True, {}, [], time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        import time
+
+        frame = [name, time.perf_counter(), 0.0]  # name, start, time spent in nested stages
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            elapsed = time.perf_counter() - frame[1]
+            self.totals[name] = self.totals.get(name, 0.0) + elapsed - frame[2]
+            if self._stack:
+                self._stack[-1][2] += elapsed
+
+    def timed(self, name: str):
+        """Decorator: every call of the function counts as stage ``name``."""
+
+        def deco(fn):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                with self.stage(name):
+                    return fn(*args, **kwargs)
+
+            return wrapper
+
+        return deco
+
+    def report(self) -> dict[str, Any]:
+        """``{"wall_s", "stages": {name: seconds}, "other_s"}``; stops timing."""
+        import time
+
+        wall = time.perf_counter() - self._t0
+        self.enabled = False
+        measured = sum(self.totals.values())
+        return {"wall_s": wall, "stages": dict(self.totals), "other_s": wall - measured}
+
+
+STAGES = StageTimer()

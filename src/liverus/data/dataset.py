@@ -23,6 +23,7 @@ from liverus.data.augment import apply_transform
 from liverus.data.cases import Case
 from liverus.data.io import DataError, read_image, read_mask
 from liverus.data.preprocess import PreprocessConfig, Preprocessed, lesion_box, model_pixels, preprocess
+from liverus.utils import STAGES
 
 __all__ = [
     "CaseCache",
@@ -165,6 +166,7 @@ class CaseCache:
         return arr
 
 
+@STAGES.timed("decoding and preprocessing")
 def prepare_cases(
     cases: Sequence[Case], cache: CaseCache, *, skip_bad: bool = False, workers: int = 2
 ) -> tuple[list[Case], list[tuple[str, str]]]:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from liverus.models.card import ModelCard
+from liverus.utils import STAGES
 
 __all__ = ["normalize_images", "model_input", "probabilities", "predict_probs", "eval_batch_size", "merge_shards"]
 
@@ -58,6 +59,7 @@ def probabilities(
     return F.softmax(logits.float(), dim=1)
 
 
+@STAGES.timed("scoring (validation, test)")
 @torch.inference_mode()
 def predict_probs(
     model: nn.Module,

@@ -12,6 +12,7 @@ from liverus.data import CaseCache, model_pixels
 from liverus.engine.forward import model_input
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap
 from liverus.models import load_model
+from liverus.utils import STAGES
 
 __all__ = ["faithfulness", "faithfulness_for_model", "pooled_faithfulness", "METHODS"]
 
@@ -50,6 +51,7 @@ def faithfulness(heatmaps: np.ndarray, lesions: np.ndarray) -> dict:
     }
 
 
+@STAGES.timed("heatmap faithfulness")
 def faithfulness_for_model(model_path: str | Path, cases: list, *, max_cases: int = 100, seed: int = 0) -> dict:
     """Grad-CAM (and spatial-attention, where the model has it) faithfulness on cases with lesion masks.
 

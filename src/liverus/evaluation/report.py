@@ -26,7 +26,7 @@ from liverus.evaluation.analysis import evaluate_binary
 from liverus.evaluation.faithfulness import faithfulness_for_model
 from liverus.evaluation.model_card import write_model_card
 from liverus.models import load_model
-from liverus.utils import atomic_write_json, atomic_write_text
+from liverus.utils import STAGES, atomic_write_json, atomic_write_text
 
 __all__ = [
     "report_for_run",
@@ -257,6 +257,7 @@ def cases_of_run(config: dict, folder: str | Path) -> list:
     return load_task_cases(source, data["task"], data.get("group_by", "source"))[0]
 
 
+@STAGES.timed("reports and figures")
 def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequence[str] = ()) -> Path | None:
     """Evaluate a finished training run (validation, and test when present) and write ``report.html`` and
     ``metrics.json`` into it. Returns the report path (None for three-class runs, which keep ``result.json``)."""

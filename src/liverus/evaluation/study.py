@@ -34,7 +34,7 @@ from liverus.evaluation.report import (
     subgroup_html,
     table_html,
 )
-from liverus.utils import atomic_write_json
+from liverus.utils import STAGES, atomic_write_json
 
 __all__ = [
     "fold_runs",
@@ -102,6 +102,7 @@ def _study_faithfulness(out: Path, labels: list[str], cases: list, max_cases: in
     return result
 
 
+@STAGES.timed("reports and figures")
 def summarize_study(
     out: Path, labels: list[str], *, baseline: str, subgroup: list[str], n_boot: int = 2000, max_cases: int = 100
 ) -> dict:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from liverus.data import Case, CaseCache, UltrasoundDataset
 from liverus.engine.forward import eval_batch_size, model_input
 from liverus.models import LesionFeatureModel, ModelCard
+from liverus.utils import STAGES
 
 __all__ = ["fit_feature_model", "extract_features", "C_GRID"]
 
@@ -64,6 +65,7 @@ def _inner_cv(y: np.ndarray, groups: list[str], seed: int) -> StratifiedGroupKFo
     return StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed) if n >= 2 else None
 
 
+@STAGES.timed("training steps")
 def fit_feature_model(
     model: LesionFeatureModel,
     cases: list[Case],

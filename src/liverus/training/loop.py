@@ -24,6 +24,7 @@ from liverus.models import ModelCard
 from liverus.training.distributed import gather_objects
 from liverus.training.runtime import Runtime
 from liverus.training.state import TrainObjects
+from liverus.utils import STAGES
 
 __all__ = ["EpochStats", "train_one_epoch", "evaluate_loader", "score", "selection_score"]
 
@@ -37,6 +38,7 @@ class EpochStats:
     started: float  # time.time() at the start of the epoch
 
 
+@STAGES.timed("training steps")
 def train_one_epoch(
     objs: TrainObjects,
     loader: DataLoader,
@@ -99,6 +101,7 @@ def train_one_epoch(
     return EpochStats(loss_sum / max(1, n_batches), seen, time.time() - t0, steps, t0)
 
 
+@STAGES.timed("scoring (validation, test)")
 def evaluate_loader(
     model: nn.Module, loader: DataLoader, n_cases: int, card: ModelCard, rt: Runtime
 ) -> tuple[np.ndarray, np.ndarray] | None:
