@@ -43,7 +43,13 @@ def main() -> None:
     args = ap.parse_args()
     overrides = ["runtime.progress=false", "runtime.tensorboard=false"]
     if args.phantom:
-        overrides += ["data.source=", "data.phantom_patients=40", "data.image_size=96", "data.phantom_size=128"]
+        overrides += [
+            "data.source=",
+            "data.phantom_patients=40",
+            "data.image_size=96",
+            "data.phantom_size=128",
+            "data.group_by=source",
+        ]  # synthetic frames look alike: near-duplicate grouping would merge them
     cfg = load_config(args.config, overrides)
     if cfg.data.source and not Path(cfg.data.source).is_absolute():
         cfg = apply_overrides(cfg, [f"data.source={(ROOT / cfg.data.source).resolve()}"])
