@@ -462,3 +462,46 @@ def test_balance_by_acquisition_group_draws_every_class_and_group_cell_equally(t
     assert max(share.values()) / min(share.values()) < 1.6  # as stored, the largest cell is 2.2x the smallest
     with pytest.raises(Exception, match="no 'scanner' column"):
         acquisition_group(data.train[0], "scanner")
+
+
+def test_attention_supervision_loss_on_known_maps():
+    import math
+
+    import torch
+
+    from liverus.training.losses import attention_supervision_loss
+
+    lesion = torch.zeros(2, 1, 8, 8)
+    lesion[0, 0, :4, :4] = 1  # image 0: a lesion in the top-left quarter; image 1: none (not counted)
+    half = torch.full((2, 1, 4, 4), 0.5)
+    assert float(attention_supervision_loss(half, lesion)) == pytest.approx(math.log(2), rel=1e-5)
+    perfect = torch.zeros(2, 1, 4, 4)
+    perfect[0, 0, :2, :2] = 1
+    assert float(attention_supervision_loss(perfect, lesion)) < 1e-4
+    assert float(attention_supervision_loss(half, torch.zeros(2, 1, 8, 8))) == 0.0
+
+
+def test_attention_supervision_needs_spatial_attention():
+    from liverus.models import build_model
+    from liverus.training.losses import AttentionSupervision
+
+    with pytest.raises(ValueError, match="spatial attention"):
+        AttentionSupervision(build_model("baseline_efficientnet_lite0"), 1.0)
+
+
+@pytest.mark.slow
+def test_attention_supervision_changes_what_the_attention_learns(tmp_path):
+    import torch
+
+    from liverus.models import load_model
+    from liverus.training import apply_overrides, load_config, train
+
+    base = ["data.image_size=64", "data.phantom_patients=16", "data.phantom_size=96", "data.augment=none",
+            "model.name=custom_efficientnet_lite0", "optim.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0",
+            "runtime.progress=false", "runtime.tensorboard=false", "runtime.precision=fp32"]  # fmt: skip
+    weights = {}
+    for w in (0.0, 5.0):
+        run = tmp_path / f"w{w}"
+        train(apply_overrides(load_config(), [*base, f"loss.attention_weight={w}"]), run, max_steps=3)
+        weights[w] = load_model(run / "model.pt")[0].head.spatial.conv.weight.detach()
+    assert not torch.allclose(weights[0.0], weights[5.0])

@@ -220,10 +220,18 @@ class UltrasoundDataset(Dataset):
         cache: the preprocessed-image cache.
         transform: albumentations pipeline for training, or ``None``.
         seed: run seed; with the epoch and index it seeds each sample's augmentation.
+        with_lesion: also return the (augmented) lesion mask (1, S, S) as a third item.
     """
 
     def __init__(
-        self, cases: Sequence[Case], classes: Sequence[str], cache: CaseCache, transform=None, seed: int = 0
+        self,
+        cases: Sequence[Case],
+        classes: Sequence[str],
+        cache: CaseCache,
+        transform=None,
+        seed: int = 0,
+        *,
+        with_lesion: bool = False,
     ) -> None:
         unknown = sorted({c.label for c in cases} - set(classes))
         if unknown:
@@ -234,6 +242,7 @@ class UltrasoundDataset(Dataset):
         self.cache = cache
         self.transform = transform
         self.seed = seed
+        self.with_lesion = with_lesion
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -242,7 +251,7 @@ class UltrasoundDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         """Args: ``index`` or ``(index, epoch)`` (as the training sampler yields, so workers need no epoch state)."""
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         arr = self.cache.get(self.cases[index])
@@ -251,6 +260,8 @@ class UltrasoundDataset(Dataset):
             image, lesion = apply_transform(self.transform, arr[0], arr[1], seed, lesion=arr[2])
             arr = np.stack([image, arr[1], lesion])
         pixels = model_pixels(arr, self.cache.cfg.lesion_channel)
+        if self.with_lesion:  # for losses that use the lesion (attention supervision), not as model input
+            return torch.from_numpy(np.ascontiguousarray(pixels)), self.targets[index], torch.from_numpy(arr[2:3] > 0)
         return torch.from_numpy(np.ascontiguousarray(pixels)), self.targets[index]
 
 

@@ -111,6 +111,7 @@ class LossConfig:
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     balanced_sampler: bool = False
+    attention_weight: float = 0.0  # > 0: supervise the spatial-attention map with the lesion mask (custom_* models)
 
 
 @dataclass

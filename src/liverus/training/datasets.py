@@ -224,7 +224,12 @@ def prepare_run_data(
         raise DataError(None, f"empty split: {len(parts['train'])} training and {len(parts['val'])} validation cases")
 
     train_ds = UltrasoundDataset(
-        parts["train"], classes, cache, build_train_transform(cfg.data.augment), seed=cfg.runtime.seed
+        parts["train"],
+        classes,
+        cache,
+        build_train_transform(cfg.data.augment),
+        seed=cfg.runtime.seed,
+        with_lesion=cfg.loss.attention_weight > 0,
     )
     targets = list(train_ds.targets)
     weights = None

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LOSSES", "class_weights", "FocalLoss", "build_loss"]
+__all__ = [
+    "LOSSES",
+    "class_weights",
+    "FocalLoss",
+    "build_loss",
+    "attention_supervision_loss",
+    "AttentionSupervision",
+]
 
 
 def class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -80,3 +87,66 @@ def build_loss(
     if name == "focal":
         return FocalLoss(focal_gamma, weights, label_smoothing)
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+
+def attention_supervision_loss(attention: torch.Tensor, lesion: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy between a spatial-attention map and the lesion mask at the map's resolution.
+
+    The mask is area-downsampled to the map's size (the fraction of each cell inside the lesion) and only images that
+    have a lesion count. This teaches ``SpatialAttention`` to weight the lesion, the way attention-supervised
+    networks in medical imaging are guided by annotations.
+
+    Args:
+        attention: (N, 1, h, w) in [0, 1].
+        lesion: (N, 1, H, W) lesion masks (any dtype; non-zero inside).
+
+    Returns:
+        The mean loss over images with a lesion (0 when none has one).
+    """
+    target = F.adaptive_avg_pool2d(lesion.float(), attention.shape[-2:])
+    has = lesion.flatten(1).amax(dim=1) > 0
+    if not bool(has.any()):
+        return attention.sum() * 0.0
+    a = attention.float().clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(a[has], target[has].to(a.device))
+
+
+class AttentionSupervision:
+    """Collects the spatial-attention map of every forward pass of ``model`` (a hook, so the model is unchanged) and
+    turns it into :func:`attention_supervision_loss` against the batch's lesion masks.
+
+    Args:
+        model: a classifier with a ``SpatialAttention`` (``CustomModel``; not the baseline or ``no_spatial``).
+        weight: the loss weight.
+
+    Raises:
+        ValueError: for a model without spatial attention, or a weight that is not positive.
+    """
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        spatial = getattr(getattr(model, "head", None), "spatial", None)
+        if spatial is None:
+            raise ValueError(
+                f"loss.attention_weight needs a model with spatial attention ({getattr(model, 'model_name', '')} has "
+                "none); use a custom_* model or set loss.attention_weight: 0"
+            )
+        if weight <= 0:
+            raise ValueError(f"loss.attention_weight must be positive, got {weight}")
+        self.weight = weight
+        self._maps: list[torch.Tensor] = []
+
+        def keep(mod: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
+            if mod.training:  # training passes only; validation needs no map
+                self._maps.append(mod.attention_map(inputs[0]))
+
+        self._handle = spatial.register_forward_hook(keep)
+
+    def close(self) -> None:
+        """Remove the hook (the model is as it was)."""
+        self._handle.remove()
+
+    def loss(self, lesion: torch.Tensor) -> torch.Tensor:
+        """The weighted loss for the last forward pass."""
+        attention = self._maps.pop()
+        self._maps.clear()
+        return self.weight * attention_supervision_loss(attention, lesion)
