@@ -505,3 +505,34 @@ def test_attention_supervision_changes_what_the_attention_learns(tmp_path):
         train(apply_overrides(load_config(), [*base, f"loss.attention_weight={w}"]), run, max_steps=3)
         weights[w] = load_model(run / "model.pt")[0].head.spatial.conv.weight.detach()
     assert not torch.allclose(weights[0.0], weights[5.0])
+
+
+def test_gradient_reversal_flips_and_scales_the_gradient_sign():
+    import torch
+
+    from liverus.training.losses import reverse_gradient
+
+    x = torch.randn(4, 3, requires_grad=True)
+    y = reverse_gradient(x, 0.5)
+    assert torch.equal(y, x)  # identity forward
+    (y * torch.arange(3.0)).sum().backward()
+    torch.testing.assert_close(x.grad, -0.5 * torch.arange(3.0).expand(4, 3))
+
+
+@pytest.mark.slow
+def test_debiasing_trains_a_group_head_and_saves_an_ordinary_classifier(tmp_path):
+    import torch
+
+    from liverus.models import load_model
+    from liverus.training import apply_overrides, load_config, train
+
+    cfg = apply_overrides(load_config(), [
+        "data.image_size=64", "data.phantom_patients=16", "data.phantom_size=96", "data.augment=none",
+        "model.name=baseline_efficientnet_lite0", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0",
+        "runtime.progress=false", "runtime.tensorboard=false", "loss.debias_by=kind", "loss.debias_weight=0.5",
+    ])  # fmt: skip
+    train(cfg, tmp_path / "run")
+    model, _ = load_model(tmp_path / "run" / "model.pt")  # strict load: no debiasing head left in the weights
+    assert not hasattr(model, "debias_head")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert any(k.startswith("debias_head.") for k in ckpt["model"])  # but the checkpoint keeps it for resume

@@ -220,7 +220,8 @@ class UltrasoundDataset(Dataset):
         cache: the preprocessed-image cache.
         transform: albumentations pipeline for training, or ``None``.
         seed: run seed; with the epoch and index it seeds each sample's augmentation.
-        with_lesion: also return the (augmented) lesion mask (1, S, S) as a third item.
+        with_lesion: add the (augmented) lesion mask (1, S, S) to a third item, a dict (key ``lesion``).
+        groups: add each case's acquisition-group index to that dict (key ``group``), for debiasing.
     """
 
     def __init__(
@@ -232,6 +233,7 @@ class UltrasoundDataset(Dataset):
         seed: int = 0,
         *,
         with_lesion: bool = False,
+        groups: Sequence[int] | None = None,
     ) -> None:
         unknown = sorted({c.label for c in cases} - set(classes))
         if unknown:
@@ -243,6 +245,7 @@ class UltrasoundDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.with_lesion = with_lesion
+        self.groups = list(groups) if groups is not None else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -260,8 +263,13 @@ class UltrasoundDataset(Dataset):
             image, lesion = apply_transform(self.transform, arr[0], arr[1], seed, lesion=arr[2])
             arr = np.stack([image, arr[1], lesion])
         pixels = model_pixels(arr, self.cache.cfg.lesion_channel)
-        if self.with_lesion:  # for losses that use the lesion (attention supervision), not as model input
-            return torch.from_numpy(np.ascontiguousarray(pixels)), self.targets[index], torch.from_numpy(arr[2:3] > 0)
+        extras = {}  # for auxiliary losses (attention supervision, debiasing), not model input
+        if self.with_lesion:
+            extras["lesion"] = torch.from_numpy(arr[2:3] > 0)
+        if self.groups is not None:
+            extras["group"] = self.groups[index]
+        if extras:
+            return torch.from_numpy(np.ascontiguousarray(pixels)), self.targets[index], extras
         return torch.from_numpy(np.ascontiguousarray(pixels)), self.targets[index]
 
 

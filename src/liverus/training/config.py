@@ -112,6 +112,8 @@ class LossConfig:
     label_smoothing: float = 0.0
     balanced_sampler: bool = False
     attention_weight: float = 0.0  # > 0: supervise the spatial-attention map with the lesion mask (custom_* models)
+    debias_by: str = ""  # adversarial debiasing against this acquisition group (a manifest column, or image_size)
+    debias_weight: float = 0.1  # weight (and gradient-reversal scale) of the debiasing head's loss
 
 
 @dataclass

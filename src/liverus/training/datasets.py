@@ -106,6 +106,7 @@ class RunData:
     dist: DistInfo
     num_workers: int = 0
     pin_memory: bool = False
+    n_groups: int = 0  # acquisition groups in the training part (loss.debias_by)
 
     @property
     def train(self) -> list[Case]:
@@ -223,6 +224,11 @@ def prepare_run_data(
     if not parts["train"]:
         raise DataError(None, f"empty split: {len(parts['train'])} training and {len(parts['val'])} validation cases")
 
+    group_ids, n_groups = None, 0
+    if cfg.loss.debias_by:
+        names = [acquisition_group(c, cfg.loss.debias_by) for c in parts["train"]]
+        index = {g: i for i, g in enumerate(sorted(set(names)))}
+        group_ids, n_groups = [index[g] for g in names], len(index)
     train_ds = UltrasoundDataset(
         parts["train"],
         classes,
@@ -230,6 +236,7 @@ def prepare_run_data(
         build_train_transform(cfg.data.augment),
         seed=cfg.runtime.seed,
         with_lesion=cfg.loss.attention_weight > 0,
+        groups=group_ids,
     )
     targets = list(train_ds.targets)
     weights = None
@@ -263,4 +270,6 @@ def prepare_run_data(
         pin_memory=pin_memory,
         persistent_workers=cfg.data.num_workers > 0,
     )
-    return RunData(classes, cache, parts, loader, sampler, targets, info, cfg.data.num_workers, pin_memory)
+    return RunData(
+        classes, cache, parts, loader, sampler, targets, info, cfg.data.num_workers, pin_memory, n_groups=n_groups
+    )

@@ -66,16 +66,15 @@ def train_one_epoch(
         max_steps: stop after this many optimiser steps (tests and benchmarks).
         progress: show a progress bar on a terminal.
         desc: the progress bar's label.
-        aux: an auxiliary loss on the batch's lesion masks (e.g.
-            :class:`~liverus.training.losses.AttentionSupervision`), for loaders that yield ``(images, targets,
-            lesions)``.
+        aux: auxiliary losses on the batch's extras (:class:`~liverus.training.losses.AuxiliaryLosses` of attention
+            supervision and debiasing), for loaders that yield ``(images, targets, extras)``.
     """
     model, optimizer = objs.model, objs.optimizer
     t0, seen, loss_sum, n_batches, steps = time.time(), 0, 0.0, 0, 0
     bar = _progress_bar(len(loader), progress, desc)
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
-        x, y, lesion = batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+        x, y, extras = batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
         x = model_input(x.to(rt.device, non_blocking=True), card, channels_last=rt.channels_last)
         y = torch.as_tensor(y).to(rt.device, non_blocking=True)
         last_micro = (i + 1) % accum_steps == 0
@@ -85,8 +84,8 @@ def train_one_epoch(
             with rt.autocast():
                 logits = model(x)
             loss = criterion(logits.float(), y)
-            if aux is not None and lesion is not None:
-                loss = loss + aux.loss(lesion.to(rt.device, non_blocking=True))
+            if aux is not None and extras is not None:
+                loss = loss + aux.loss(extras)
             loss = loss / accum_steps
             objs.scaler.scale(loss).backward()
         if last_micro:

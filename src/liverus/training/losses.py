@@ -15,6 +15,9 @@ __all__ = [
     "build_loss",
     "attention_supervision_loss",
     "AttentionSupervision",
+    "Debiasing",
+    "AuxiliaryLosses",
+    "reverse_gradient",
 ]
 
 
@@ -145,8 +148,89 @@ class AttentionSupervision:
         """Remove the hook (the model is as it was)."""
         self._handle.remove()
 
-    def loss(self, lesion: torch.Tensor) -> torch.Tensor:
-        """The weighted loss for the last forward pass."""
+    def loss(self, extras: dict) -> torch.Tensor:
+        """The weighted loss for the last forward pass, against ``extras["lesion"]`` (N, 1, H, W)."""
         attention = self._maps.pop()
         self._maps.clear()
-        return self.weight * attention_supervision_loss(attention, lesion)
+        return self.weight * attention_supervision_loss(attention, extras["lesion"].to(attention.device))
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``-scale`` backward (Ganin & Lempitsky's gradient reversal)."""
+    return _ReverseGradient.apply(x, scale)
+
+
+class Debiasing:
+    """Adversarial debiasing (Ganin & Lempitsky, 2015): a small head predicts the acquisition group from the
+    classifier's pooled features through a gradient-reversal layer, so the backbone is pushed to features from which
+    the scanner cannot be told, while the head itself learns to tell it.
+
+    The head is attached to the model as ``debias_head`` for the training (so the optimiser, checkpoints and resume
+    include it) and removed by :meth:`close` before the model is saved, so ``model.pt`` is an ordinary classifier.
+
+    Args:
+        model: a classifier whose head ends in a linear ``fc`` (every ``custom_*`` and ``baseline_*`` model).
+        n_groups: number of acquisition groups.
+        weight: weight of the group loss (also the reversal's scale).
+
+    Raises:
+        ValueError: for fewer than two groups, a weight that is not positive, or a model without ``head.fc``.
+    """
+
+    def __init__(self, model: nn.Module, n_groups: int, weight: float) -> None:
+        fc = getattr(getattr(model, "head", None), "fc", None)
+        if not isinstance(fc, nn.Linear):
+            raise ValueError("loss.debias_weight needs a classifier whose head ends in a linear layer")
+        if n_groups < 2:
+            raise ValueError(f"debiasing needs at least two acquisition groups in the training part, got {n_groups}")
+        if weight <= 0:
+            raise ValueError(f"loss.debias_weight must be positive, got {weight}")
+        self.model, self.weight = model, weight
+        model.debias_head = nn.Sequential(nn.Linear(fc.in_features, 64), nn.ReLU(), nn.Linear(64, n_groups)).to(
+            fc.weight.device
+        )
+        self._features: list[torch.Tensor] = []
+
+        def keep(mod: nn.Module, inputs: tuple) -> None:
+            if mod.training:
+                self._features.append(inputs[0])
+
+        self._handle = fc.register_forward_pre_hook(keep)
+
+    def loss(self, extras: dict) -> torch.Tensor:
+        """Cross-entropy of the group head on the last forward pass's features, through the reversal."""
+        feats = self._features.pop()
+        self._features.clear()
+        logits = self.model.debias_head(reverse_gradient(feats.float(), self.weight))
+        return self.weight * F.cross_entropy(logits, extras["group"].to(logits.device))
+
+    def close(self) -> None:
+        """Remove the hook and the head: the model is an ordinary classifier again."""
+        self._handle.remove()
+        if hasattr(self.model, "debias_head"):
+            del self.model.debias_head
+
+
+class AuxiliaryLosses:
+    """Several auxiliary losses summed (each gets the batch's extras)."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def loss(self, extras: dict) -> torch.Tensor:
+        return sum(p.loss(extras) for p in self.parts)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()

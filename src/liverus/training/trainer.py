@@ -25,13 +25,13 @@ from liverus.models import LesionClassifier, LesionFeatureModel, ModelCard, buil
 from liverus.models.segmentation import SEGMENTERS
 from liverus.training.config import ConfigError, TrainConfig, config_to_dict
 from liverus.training.datasets import RunData, prepare_run_data, preprocess_config
-from liverus.training.distributed import barrier, broadcast_object, gather_objects, unwrap_model
+from liverus.training.distributed import barrier, broadcast_object, gather_objects
 from liverus.training.ensemble import train_ensemble
 from liverus.training.feature_fit import fit_feature_model
 from liverus.training.finalize import finalize
 from liverus.training.handlers import EarlyStopping, MetricsLogger
 from liverus.training.loop import EpochStats, evaluate_loader, score, selection_score, train_one_epoch
-from liverus.training.losses import AttentionSupervision, build_loss
+from liverus.training.losses import AttentionSupervision, AuxiliaryLosses, Debiasing, build_loss
 from liverus.training.optim import build_optimizer, build_scheduler, set_train_mode
 from liverus.training.run_folder import RunExistsError, RunFolder, TrainResult
 from liverus.training.runtime import Runtime
@@ -158,6 +158,13 @@ def _train_epochs(
         label_smoothing=cfg.loss.label_smoothing,
     ).to(rt.device)
     steps_per_epoch = max(1, len(data.train_sampler) // cfg.optim.accum_steps)
+    # Auxiliary losses beside the classification loss; the debiasing head must exist before the optimiser is built.
+    parts = []
+    if cfg.loss.attention_weight > 0:
+        parts.append(AttentionSupervision(model, cfg.loss.attention_weight))
+    if cfg.loss.debias_by:
+        parts.append(Debiasing(model, data.n_groups, cfg.loss.debias_weight))
+    supervision = AuxiliaryLosses(parts) if parts else None
     optimizer = build_optimizer(model, cfg.optim)
     objs = TrainObjects(
         model,
@@ -175,8 +182,6 @@ def _train_epochs(
     logger = MetricsLogger(folder, cfg.optim.epochs, tensorboard=cfg.runtime.tensorboard, start_epoch=state.epoch)
     stopper = EarlyStopping(cfg.optim.early_stopping_patience)
     steps_done = state.epoch * steps_per_epoch
-    w = cfg.loss.attention_weight
-    supervision = AttentionSupervision(unwrap_model(objs.model), w) if w > 0 else None
     for epoch in range(state.epoch, cfg.optim.epochs):
         data.train_sampler.set_epoch(epoch)
         set_train_mode(objs.model, cfg.optim, epoch)
@@ -203,9 +208,9 @@ def _train_epochs(
         if (max_steps is not None and steps_done >= max_steps) or stopper.should_stop(state):
             break
     logger.close()
+    saver.load_best(model)  # with the debiasing head still attached: best.pt holds it
     if supervision is not None:
         supervision.close()
-    saver.load_best(model)
     return state
 
 
