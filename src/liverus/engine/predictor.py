@@ -110,7 +110,8 @@ class Predictor:
         cfg = self.preprocess_cfg
         given = lesion is not None and lesion.any()
         source = "user mask" if given else "user box" if box is not None else ""
-        if self.needs_lesion and not given and self.segmenter is not None:
+        # The segmenter runs only where its answer is used: no lesion given, or a box whose mask the model reads.
+        if self.needs_lesion and not given and self.segmenter is not None and (box is None or cfg.lesion_channel):
             proposal = propose_lesion(*self.segmenter, image)
             if box is None:
                 if proposal.box is None:
