@@ -308,3 +308,23 @@ def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_pa
     p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom), "--out", str(tmp_path / "bad"),
                 "--lesion-from", "box", "--box-jitter", "0.9")  # fmt: skip
     assert p.returncode != 0 and "box_jitter" in p.stderr
+
+
+def test_radiomics_only_model_serves_without_heatmaps_and_explain_says_why(radiomics_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from liverus.engine.predictor import Predictor
+    from liverus.serve.app import create_app
+
+    pred = Predictor.from_path(radiomics_run / "model.pt")
+    assert not pred.has_heatmaps and pred.needs_lesion
+    image = sorted((radiomics_run / "phantom" / "malignant").glob("*.png"))[0]
+    with TestClient(create_app(pred)) as c:
+        r = c.post(
+            "/api/predict", files={"file": ("x.png", image.read_bytes(), "image/png")}, data={"box": "30,30,90,90"}
+        )
+    assert r.status_code == 200, r.text
+    assert "heatmap" not in r.json() and r.json()["lesion_source"] == "user box"
+    p = run_cli("explain", str(image), "--box", "30,30,90,90", "--model", str(radiomics_run / "model.pt"),
+                "--out", str(tmp_path / "ex"))  # fmt: skip
+    assert p.returncode != 0 and "no convolutional layers" in p.stderr

@@ -25,6 +25,8 @@ def run_explain(args: argparse.Namespace) -> int:
     predictor = Predictor.from_path(args.model, segmenter=getattr(args, "segmenter", None))
     if predictor.model is None:
         raise ValueError("liverus explain needs the PyTorch model.pt (ONNX exports carry no gradients)")
+    if not predictor.has_heatmaps:
+        raise ValueError(f"model {predictor.name} has no convolutional layers, so it has no heatmap to explain")
     methods = ["gradcam", "attention"] if args.method == "both" else [args.method]
     if "attention" in methods and not predictor.model.has_spatial_attention:
         if args.method == "attention":

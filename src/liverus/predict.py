@@ -130,8 +130,11 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_path(args.model, segmenter=args.segmenter)
     heatmaps = None
     if args.heatmaps:
-        if predictor.model is None:
-            raise ValueError("--heatmaps needs the PyTorch model.pt; ONNX exports carry no gradients")
+        if not predictor.has_heatmaps:
+            raise ValueError(
+                "--heatmaps needs the PyTorch model.pt of a model with convolutional layers (ONNX exports carry no "
+                "gradients; radiomics-only models have no image layers to explain)"
+            )
         folder = Path(args.heatmaps)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"--heatmaps {folder} is a file; give a folder")

@@ -129,6 +129,18 @@ class Predictor:
         return pre
 
     @property
+    def has_heatmaps(self) -> bool:
+        """Whether Grad-CAM heatmaps exist: a PyTorch model with a convolutional layer to look at (not an ONNX
+        export, not a radiomics-only model)."""
+        if self.model is None:
+            return False
+        try:
+            self.model.gradcam_layers()
+        except (ValueError, AttributeError, NotImplementedError):
+            return False
+        return True
+
+    @property
     def needs_lesion(self) -> bool:
         """Whether the model analyses the lesion, so every image needs its mask or box."""
         return self.preprocess_cfg.crop == "roi" or self.preprocess_cfg.lesion_channel

@@ -161,7 +161,7 @@ def create_app(
             pre = predictor.prepare(image, box=lesion_box)
         except (DataError, ValueError) as exc:
             raise HTTPException(400, f"could not analyse the image: {_problem(exc)}") from None
-        result = batcher.submit(pre, heatmap=heatmap and predictor.model is not None).result()
+        result = batcher.submit(pre, heatmap=heatmap and predictor.has_heatmaps).result()
         prob = result.probability
         out = {
             "probability_malignant": round(prob, 6),
