@@ -287,3 +287,13 @@ def test_net_benefit_by_hand():
     assert nb["treat_all"][0] == pytest.approx(3 / 8 - 5 / 8 * 0.3 / 0.7)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         net_benefit(y, p, [1.0])
+
+
+def test_faithfulness_table_says_so_when_heatmaps_are_below_chance():
+    from liverus.evaluation.report import faithfulness_html
+
+    good = {"n": 10, "pointing_game": 0.8, "energy_inside": 0.6, "lesion_area": 0.2}
+    bad = {"n": 10, "pointing_game": 0.1, "energy_inside": 0.15, "lesion_area": 0.23}
+    assert "Below chance" not in faithfulness_html({"a": {"gradcam": good, "attention": None}})
+    text = faithfulness_html({"a": {"gradcam": good}, "b": {"gradcam": bad}})
+    assert "Below chance" in text and "b (gradcam)" in text and "a (gradcam)" not in text.split("Below chance")[1]

@@ -162,11 +162,25 @@ def faithfulness_html(faith: dict[str, dict]) -> str:
                 )
     if not rows:
         return ""
+    below = [
+        f"{name} ({method})"
+        for name, f in faith.items()
+        for method in ("gradcam", "attention")
+        if f.get(method) and f[method]["energy_inside"] < f[method]["lesion_area"]
+    ]
+    warning = (
+        f"<p><strong>Below chance:</strong> the heatmaps of {', '.join(below)} put less of their energy inside the "
+        "lesion than a uniform map would (energy inside &lt; lesion area): they do not show that the model looked at "
+        "the lesion, and should not be read as if they did.</p>"
+        if below
+        else ""
+    )
     return (
         "<p>Against the experts' lesion masks: <i>pointing game</i> = share of heatmaps whose peak lies inside the "
         "lesion; <i>energy inside</i> = mean share of heatmap mass inside the lesion; <i>lesion area</i> = mean lesion "
         "share of the image, the chance level of energy inside.</p>"
         + table_html(["model", "heatmap", "cases", "pointing game", "energy inside", "lesion area"], rows)
+        + warning
     )
 
 
