@@ -328,3 +328,19 @@ def test_radiomics_only_model_serves_without_heatmaps_and_explain_says_why(radio
     p = run_cli("explain", str(image), "--box", "30,30,90,90", "--model", str(radiomics_run / "model.pt"),
                 "--out", str(tmp_path / "ex"))  # fmt: skip
     assert p.returncode != 0 and "no convolutional layers" in p.stderr
+
+
+@pytest.mark.slow
+def test_compare_studies_gives_the_repeated_cv_test_of_a_single_study(tmp_path):
+    from liverus.evaluation.study import compare_studies
+    from liverus.training.experiments import run_study
+
+    cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, "data.image_size=64", "data.phantom_patients=30"])
+    summary = run_study(cfg, tmp_path / "s", models=["radiomics_svm", "radiomics_logistic"], k=2, repeats=2,
+                        n_boot=50)  # fmt: skip
+    across = compare_studies([f"svm={tmp_path / 's'}:radiomics_svm", f"lr={tmp_path / 's'}:radiomics_logistic"],
+                             n_boot=50)["repeated"]  # fmt: skip
+    within = summary["repeated"]
+    assert across["repeats"] == 2
+    assert across["models"]["lr"]["auc_per_repeat"] == within["models"]["radiomics_logistic"]["auc_per_repeat"]
+    assert across["comparisons"]["lr"]["corrected_t"] == within["comparisons"]["radiomics_logistic"]["corrected_t"]

@@ -414,18 +414,25 @@ def study_predictions(study: Path, model: str, repeat: int = 0) -> Predictions:
 def repeated_cv_summary(study: Path, labels: list[str], baseline: str) -> dict:
     """Per model: pooled AUC of each repeat, their mean and SD; against the baseline: DeLong's test per repeat and the
     corrected resampled t-test over the per-fold AUC differences of all repeats (valid for repeated CV)."""
+    return _repeated_summary({label: (study, label) for label in labels}, baseline, n_repeats(study))
+
+
+def _repeated_summary(members: dict[str, tuple[Path, str]], baseline: str, repeats: int) -> dict:
+    """:func:`repeated_cv_summary` for models that may live in different studies sharing their fold sets
+    (``members``: label -> (study folder, model name))."""
     from liverus.evaluation.stats import corrected_resampled_ttest, delong_ci, delong_test
 
-    repeats = n_repeats(study)
     # Each model's pooled predictions of each repeat, read once; the fold index of every row gives the fold sizes.
-    preds = {(label, r): study_predictions(study, label, r) for label in labels for r in range(repeats)}
+    preds = {
+        (label, r): study_predictions(st, model, r) for label, (st, model) in members.items() for r in range(repeats)
+    }
     per_model, fold_auc, sizes = {}, {}, []
-    for label in labels:
+    for label, (st, model) in members.items():
         aucs = [delong_ci(preds[label, r].y, preds[label, r].p)[0] for r in range(repeats)]
         fold_auc[label] = [
             (json.loads((run / "result.json").read_text()).get("test_metrics") or {}).get("auc", math.nan)
             for r in range(repeats)
-            for run in fold_runs(study, label, r)
+            for run in fold_runs(st, model, r)
         ]
         arr = np.asarray(aucs, dtype=float)
         per_model[label] = {
@@ -439,7 +446,7 @@ def repeated_cv_summary(study: Path, labels: list[str], baseline: str) -> dict:
     comparisons = {}
     if sizes:
         n_train, n_test = float(np.mean([a for a, _ in sizes])), float(np.mean([b for _, b in sizes]))
-        for label in labels:
+        for label in members:
             if label == baseline:
                 continue
             diffs = np.asarray(fold_auc[label]) - np.asarray(fold_auc[baseline])
@@ -457,6 +464,18 @@ def repeated_cv_summary(study: Path, labels: list[str], baseline: str) -> dict:
     return {"repeats": repeats, "models": per_model, "comparisons": comparisons}
 
 
+def _same_fold_sets(studies: list[Path], repeats: int) -> bool:
+    """Whether the studies' repeats hold the same held-out folds (same data, grouping and seed, or shared splits)."""
+
+    def folds(study: Path, r: int) -> list[frozenset]:
+        f = study / ("splits.json" if r == 0 else f"splits_repeat{r}.json")
+        if not f.is_file():
+            return []
+        return [frozenset(fold.get("test", fold.get("val", []))) for fold in json.loads(f.read_text())["folds"]]
+
+    return all(len({tuple(folds(st, r)) for st in studies}) == 1 and folds(studies[0], r) for r in range(repeats))
+
+
 def compare_studies(
     members: list[str], *, baseline: str | None = None, n_boot: int = 2000, figures: str | Path | None = None
 ) -> dict:
@@ -464,7 +483,8 @@ def compare_studies(
 
     Studies that share folds (the same data and seed, or ``data.splits``) score every case once each, so their pooled
     out-of-fold predictions can be compared case by case: DeLong's test for correlated AUCs and McNemar's test at
-    each fold's own threshold, exactly as within one study.
+    each fold's own threshold, exactly as within one study. Studies with the same repeats on the same fold sets also
+    get the repeated-CV summary (AUC per repeat, mean ± SD, corrected resampled t-test) under ``repeated``.
 
     Args:
         members: ``LABEL=STUDY_DIR:MODEL`` (``STUDY_DIR:MODEL`` uses ``MODEL`` as the label).
@@ -479,6 +499,7 @@ def compare_studies(
         ValueError: for a malformed member, a study without predictions, duplicate labels or different case sets.
     """
     preds: dict[str, Predictions] = {}
+    where: dict[str, tuple[Path, str]] = {}
     for m in members:
         label, sep, rest = m.rpartition("=")
         study, colon, model = rest.rpartition(":")
@@ -488,6 +509,7 @@ def compare_studies(
         if label in preds:
             raise ValueError(f"label {label!r} is given twice; name members LABEL=STUDY_DIR:MODEL")
         preds[label] = study_predictions(Path(study), model)
+        where[label] = (Path(study), model)
     if len(preds) < 2:
         raise ValueError("compare at least two members")
     labels = list(preds)
@@ -500,6 +522,11 @@ def compare_studies(
             )
     evals = {label: evaluate_binary(pr, None, n_boot=n_boot) for label, pr in preds.items()}
     comparisons = compare_models(preds, baseline)
+    # Repeated CV on shared fold sets: every repeat's AUC, and the corrected resampled t-test across the studies.
+    repeated = None
+    repeats = {n_repeats(st) for st, _ in where.values()}
+    if len(repeats) == 1 and (r := repeats.pop()) > 1 and _same_fold_sets([st for st, _ in where.values()], r):
+        repeated = _repeated_summary(where, baseline, r)
     lines = [f"{'member':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'ΔAUC [95% CI]':>24s} {'p':>7s}"]
     for label in labels:
         a, m, c = evals[label]["auc_delong"], evals[label]["metrics"], comparisons.get(label)
@@ -516,11 +543,21 @@ def compare_studies(
             str(plots.roc_plot(preds, Path(figures) / "roc.png", aucs=aucs)),
             str(plots.reliability_plot(preds, Path(figures) / "reliability.png")),
         ]
+    if repeated is not None:
+        head = f"{'member':34s} {'pooled AUC per repeat':36s} {'mean ± SD':>14s} {'corrected t p':>14s}"
+        lines += ["", f"repeated cross-validation: {repeated['repeats']} repeats on shared fold sets", head]
+        for label in labels:
+            m = repeated["models"][label]
+            per = ", ".join(fmt(a) for a in m["auc_per_repeat"])
+            c = repeated["comparisons"].get(label)
+            p = fmt(c["corrected_t"]["p_value"], 4) if c else "ref"
+            lines.append(f"{label:34s} {per:36s} {fmt(m['mean']) + ' ± ' + fmt(m['sd']):>14s} {p:>14s}")
     return {
         "members": members,
         "baseline": baseline,
         "pooled": evals,
         "comparisons": comparisons,
+        "repeated": repeated,
         "figures": figs,
         "text": "\n".join(lines),
     }
