@@ -536,3 +536,13 @@ def test_debiasing_trains_a_group_head_and_saves_an_ordinary_classifier(tmp_path
     assert not hasattr(model, "debias_head")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert any(k.startswith("debias_head.") for k in ckpt["model"])  # but the checkpoint keeps it for resume
+
+
+def test_default_config_lists_every_key():
+    import yaml
+
+    from liverus.training.config import TrainConfig, config_to_dict
+
+    listed = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
+    for section, keys in config_to_dict(TrainConfig()).items():
+        assert set(keys) == set(listed[section]), section
