@@ -338,9 +338,22 @@ def test_compare_studies_gives_the_repeated_cv_test_of_a_single_study(tmp_path):
     cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, "data.image_size=64", "data.phantom_patients=30"])
     summary = run_study(cfg, tmp_path / "s", models=["radiomics_svm", "radiomics_logistic"], k=2, repeats=2,
                         n_boot=50)  # fmt: skip
-    across = compare_studies([f"svm={tmp_path / 's'}:radiomics_svm", f"lr={tmp_path / 's'}:radiomics_logistic"],
-                             n_boot=50)["repeated"]  # fmt: skip
-    within = summary["repeated"]
+    result = compare_studies([f"svm={tmp_path / 's'}:radiomics_svm", f"lr={tmp_path / 's'}:radiomics_logistic"],
+                             n_boot=50, fuse=["both=svm+lr"])  # fmt: skip
+    across, within = result["repeated"], summary["repeated"]
     assert across["repeats"] == 2
     assert across["models"]["lr"]["auc_per_repeat"] == within["models"]["radiomics_logistic"]["auc_per_repeat"]
     assert across["comparisons"]["lr"]["corrected_t"] == within["comparisons"]["radiomics_logistic"]["corrected_t"]
+    # The late fusion is the mean of the two models' probabilities, case by case, in every repeat.
+    from sklearn.metrics import roc_auc_score
+
+    from liverus.evaluation.study import study_predictions
+
+    for r in range(2):
+        a, b = (
+            study_predictions(tmp_path / "s", "radiomics_svm", r),
+            study_predictions(tmp_path / "s", "radiomics_logistic", r),
+        )
+        want = roc_auc_score(a.y, (a.p + b.align(a.paths).p) / 2)
+        assert across["models"]["both"]["auc_per_repeat"][r] == pytest.approx(want, abs=1e-9)
+    assert "both" in result["pooled"] and "both" in across["comparisons"]

@@ -91,7 +91,9 @@ def cmd_compare_studies(args: argparse.Namespace) -> int:
 
     if args.json and Path(args.json).exists():
         raise ValueError(f"{args.json} already exists; choose another file")
-    result = compare_studies(args.members, baseline=args.baseline, n_boot=args.bootstrap, figures=args.figures)
+    result = compare_studies(
+        args.members, baseline=args.baseline, n_boot=args.bootstrap, figures=args.figures, fuse=args.fuse
+    )
     if args.json:
         atomic_write_json(args.json, result)
     print(result["text"])
@@ -133,4 +135,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--json", help="also write the result to this (new) file")
     p.add_argument("--figures", help="folder for roc.png and reliability.png")
+    p.add_argument(
+        "--fuse",
+        action="append",
+        default=[],
+        metavar="LABEL=A+B",
+        help="add a late fusion: the mean of members A's and B's probabilities per case (repeatable)",
+    )
     p.set_defaults(func=cmd_compare_studies)

@@ -417,23 +417,50 @@ def repeated_cv_summary(study: Path, labels: list[str], baseline: str) -> dict:
     return _repeated_summary({label: (study, label) for label in labels}, baseline, n_repeats(study))
 
 
-def _repeated_summary(members: dict[str, tuple[Path, str]], baseline: str, repeats: int) -> dict:
+def fuse_predictions(parts: list[Predictions]) -> Predictions:
+    """Late fusion: the mean of several models' probabilities for the same cases (aligned to the first's order), with
+    the first model's fold indices. Decisions are left at 0.5 (a fused model has no validated threshold)."""
+    ref = parts[0]
+    p = np.mean([pr.align(ref.paths).p for pr in parts], axis=0)
+    return Predictions(list(ref.paths), ref.y, p, (p >= 0.5).astype(int), ref.meta, ref.fold)
+
+
+def _fold_aucs(pred: Predictions) -> list[float]:
+    from sklearn.metrics import roc_auc_score
+
+    out = []
+    for f in np.unique(pred.fold):
+        sel = pred.fold == f
+        out.append(float(roc_auc_score(pred.y[sel], pred.p[sel])) if len(set(pred.y[sel])) == 2 else math.nan)
+    return out
+
+
+def _repeated_summary(
+    members: dict[str, tuple[Path, str]], baseline: str, repeats: int, fused: dict[str, list[str]] | None = None
+) -> dict:
     """:func:`repeated_cv_summary` for models that may live in different studies sharing their fold sets
-    (``members``: label -> (study folder, model name))."""
+    (``members``: label -> (study folder, model name)), plus late fusions of them (``fused``: label -> member
+    labels), scored per fold from their pooled predictions."""
     from liverus.evaluation.stats import corrected_resampled_ttest, delong_ci, delong_test
 
     # Each model's pooled predictions of each repeat, read once; the fold index of every row gives the fold sizes.
     preds = {
         (label, r): study_predictions(st, model, r) for label, (st, model) in members.items() for r in range(repeats)
     }
-    per_model, fold_auc, sizes = {}, {}, []
+    fold_auc = {}
     for label, (st, model) in members.items():
-        aucs = [delong_ci(preds[label, r].y, preds[label, r].p)[0] for r in range(repeats)]
         fold_auc[label] = [
             (json.loads((run / "result.json").read_text()).get("test_metrics") or {}).get("auc", math.nan)
             for r in range(repeats)
             for run in fold_runs(st, model, r)
         ]
+    for label, parts in (fused or {}).items():
+        for r in range(repeats):
+            preds[label, r] = fuse_predictions([preds[m, r] for m in parts])
+        fold_auc[label] = [a for r in range(repeats) for a in _fold_aucs(preds[label, r])]
+    per_model, sizes = {}, []
+    for label in [*members, *(fused or {})]:
+        aucs = [delong_ci(preds[label, r].y, preds[label, r].p)[0] for r in range(repeats)]
         arr = np.asarray(aucs, dtype=float)
         per_model[label] = {
             "auc_per_repeat": arr.tolist(),
@@ -446,7 +473,7 @@ def _repeated_summary(members: dict[str, tuple[Path, str]], baseline: str, repea
     comparisons = {}
     if sizes:
         n_train, n_test = float(np.mean([a for a, _ in sizes])), float(np.mean([b for _, b in sizes]))
-        for label in members:
+        for label in [*members, *(fused or {})]:
             if label == baseline:
                 continue
             diffs = np.asarray(fold_auc[label]) - np.asarray(fold_auc[baseline])
@@ -477,7 +504,12 @@ def _same_fold_sets(studies: list[Path], repeats: int) -> bool:
 
 
 def compare_studies(
-    members: list[str], *, baseline: str | None = None, n_boot: int = 2000, figures: str | Path | None = None
+    members: list[str],
+    *,
+    baseline: str | None = None,
+    n_boot: int = 2000,
+    figures: str | Path | None = None,
+    fuse: list[str] = (),
 ) -> dict:
     """Paired comparison of models from different studies on the same cases (e.g. whole scan vs lesion ROI).
 
@@ -491,6 +523,8 @@ def compare_studies(
         baseline: the reference label (default: the first member).
         n_boot: bootstrap resamples for the pooled metrics.
         figures: optional folder for ``roc.png`` (overlay with bootstrap bands) and ``reliability.png``.
+        fuse: late fusions to add as members, ``LABEL=A+B`` (the mean of members A's and B's probabilities per case,
+            on the same folds: no fitting, so no leakage).
 
     Returns:
         ``pooled`` (per label), ``comparisons`` (against the baseline), ``figures`` and a ``text`` table.
@@ -520,13 +554,22 @@ def compare_studies(
             raise ValueError(
                 f"{label!r} and {baseline!r} were scored on different cases; use studies with the same data"
             )
+    fused: dict[str, list[str]] = {}
+    for spec in fuse:
+        label, _, rest = spec.partition("=")
+        parts = rest.split("+")
+        if not label or len(parts) < 2 or any(p not in preds for p in parts) or label in preds:
+            raise ValueError(f"--fuse {spec!r}: expected NEW_LABEL=A+B with A, B among {sorted(preds)}")
+        fused[label] = parts
+        preds[label] = fuse_predictions([preds[p] for p in parts])
+    labels = list(preds)
     evals = {label: evaluate_binary(pr, None, n_boot=n_boot) for label, pr in preds.items()}
     comparisons = compare_models(preds, baseline)
     # Repeated CV on shared fold sets: every repeat's AUC, and the corrected resampled t-test across the studies.
     repeated = None
     repeats = {n_repeats(st) for st, _ in where.values()}
     if len(repeats) == 1 and (r := repeats.pop()) > 1 and _same_fold_sets([st for st, _ in where.values()], r):
-        repeated = _repeated_summary(where, baseline, r)
+        repeated = _repeated_summary(where, baseline, r, fused)
     lines = [f"{'member':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'ΔAUC [95% CI]':>24s} {'p':>7s}"]
     for label in labels:
         a, m, c = evals[label]["auc_delong"], evals[label]["metrics"], comparisons.get(label)
