@@ -357,3 +357,32 @@ def test_compare_studies_gives_the_repeated_cv_test_of_a_single_study(tmp_path):
         want = roc_auc_score(a.y, (a.p + b.align(a.paths).p) / 2)
         assert across["models"]["both"]["auc_per_repeat"][r] == pytest.approx(want, abs=1e-9)
     assert "both" in result["pooled"] and "both" in across["comparisons"]
+
+
+def _fitted(name: str, seed: int) -> LesionFeatureModel:
+    torch.manual_seed(seed)
+    model = build_model(name, in_chans=2, pca_dim=4).eval()
+    rng = np.random.default_rng(seed)
+    width = len(FEATURE_NAMES) + 4
+    model.load_fitted({"coef": rng.normal(size=width) * 0.1, "intercept": np.asarray(0.2),
+                       "radiomics_scale": np.ones(len(FEATURE_NAMES)) * 3.0,
+                       "pca_components": rng.normal(size=(4, model.backbone.spec.out_channels)) * 0.01})  # fmt: skip
+    return model
+
+
+@pytest.mark.parametrize("same_backbone", [True, False])
+def test_feature_ensemble_shares_features_only_where_members_agree(same_backbone):
+    a = _fitted("radiomics_logistic_efficientnet_lite0", 0)
+    b = _fitted("radiomics_logistic_efficientnet_lite0", 1)
+    if same_backbone:
+        b.backbone.load_state_dict(a.backbone.state_dict())
+    pixels = torch.zeros(2, 2, 64, 64, dtype=torch.uint8)
+    pixels[:, 0] = torch.randint(60, 200, (2, 64, 64), dtype=torch.uint8)
+    pixels[:, 1, 20:44, 16:40] = 255
+    x = normalize_images(pixels, 0.5, 0.5, 2)
+    ens = EnsembleClassifier([a, b], temperatures=[1.0, 2.0]).eval()
+    with torch.no_grad():
+        want = (torch.softmax(a(x), 1) + torch.softmax(b(x) / 2.0, 1)) / 2
+        torch.testing.assert_close(ens(x).exp(), want, rtol=1e-5, atol=1e-6)
+    assert ens._shared_backbone() is same_backbone
+    assert len(ens.gradcam_layers()) == (1 if same_backbone else 2)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from liverus.models.classifier import LesionClassifier
+from liverus.models.features import LesionFeatureModel
 
 __all__ = ["EnsembleClassifier"]
 
@@ -54,12 +55,57 @@ class EnsembleClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack(
-            [torch.softmax(m(x).float() / self.temperature[i], dim=1) for i, m in enumerate(self.members)]
+            [torch.softmax(logits.float() / self.temperature[i], dim=1) for i, logits in enumerate(self._logits(x))]
         ).mean(0)
         return torch.log(probs.clamp_min(1e-12))
 
+    def _logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's logits. Feature-model members share their inputs: the lesion radiomics are the same for all
+        of them, and so are the deep features when their frozen backbones hold the same weights (the ImageNet ones),
+        so those are computed once rather than once per member."""
+        if not self._feature_members():
+            return [m(x) for m in self.members]
+        first = self.members[0]
+        rad, deep = first.raw_features(x)
+        shared = self._shared_backbone()
+        return [m.classify(rad, deep if shared or i == 0 else m.deep_features(x)) for i, m in enumerate(self.members)]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._shared = None  # new weights: check the backbones again
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _feature_members(self) -> bool:
+        return all(isinstance(m, LesionFeatureModel) for m in self.members)
+
+    def _shared_backbone(self) -> bool:
+        """Whether every feature member's frozen backbone equals the first's (checked once, after the weights are
+        loaded: frozen backbones do not change afterwards)."""
+        if getattr(self, "_shared", None) is None:
+            first = self.members[0].backbone
+            self._shared = (
+                first is None
+                or all(
+                    all(
+                        torch.equal(a, b)
+                        for a, b in zip(first.state_dict().values(), m.backbone.state_dict().values(), strict=True)
+                    )  # fmt: skip
+                    for m in self.members[1:]
+                )
+            )
+        return self._shared
+
     def gradcam_layers(self) -> list[nn.Module]:
-        """Every member's Grad-CAM layer (their maps are averaged)."""
+        """Every member's Grad-CAM layer (their maps are averaged); the one shared backbone's for feature members
+        whose frozen backbones are the same.
+
+        Raises:
+            ValueError: for members without a convolutional layer (radiomics only).
+        """
+        if self._feature_members():
+            if self.members[0].backbone is None:
+                return self.members[0].gradcam_layers()  # raises, saying why
+            if self._shared_backbone():
+                return self.members[0].gradcam_layers()
         return [m.backbone.gradcam_layer() for m in self.members]
 
     @torch.no_grad()

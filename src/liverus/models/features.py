@@ -125,17 +125,22 @@ class LesionFeatureModel(nn.Module):
         Raises:
             ValueError: when an image's lesion mask is (nearly) empty.
         """
+        return self.radiomics(x), self.deep_features(x)
+
+    def radiomics(self, x: torch.Tensor) -> torch.Tensor:
+        """The :mod:`~liverus.data.radiomics` features (N, R) of normalised input ``x`` (N, 2, H, W)."""
         if x.ndim != 4 or x.shape[1] != 2:
             raise ValueError(f"expected (N, 2, H, W) input (image and lesion mask), got {tuple(x.shape)}")
         mean, std = self._norm
-        gray = x[:, :1]
-        pixels = ((gray[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+        pixels = ((x[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
         masks = (x[:, 1].float() > 0.5).cpu().numpy()
-        rad = torch.from_numpy(feature_matrix(pixels.cpu().numpy(), masks)).to(x.device, torch.float32)
-        deep = None
-        if self.backbone is not None:
-            deep = self.backbone(gray).float().mean(dim=(2, 3))
-        return rad, deep
+        return torch.from_numpy(feature_matrix(pixels.cpu().numpy(), masks)).to(x.device, torch.float32)
+
+    def deep_features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The frozen backbone's pooled features (N, D) of the image channel, or None without a backbone."""
+        if self.backbone is None:
+            return None
+        return self.backbone(x[:, :1]).float().mean(dim=(2, 3))
 
     def scaled_features(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
         """The classifier's input: standardised radiomics and (standardised, projected) deep features."""
@@ -153,14 +158,19 @@ class LesionFeatureModel(nn.Module):
         f = torch.exp(-self.gamma * dist) @ self.dual_coef + self.intercept
         return self.platt[0] * f + self.platt[1]
 
+    def classify(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
+        """Logits (N, 2) from raw features (what :meth:`forward` does after :meth:`raw_features`)."""
+        if not bool(self.fitted):
+            raise RuntimeError("this feature model has not been fitted; train it with `liverus train`")
+        # The fitted classifier runs in fp32 whatever the caller's autocast: its numbers were fitted in fp32.
+        with torch.autocast(rad.device.type, enabled=False):
+            z = self.decision(self.scaled_features(rad.float(), None if deep is None else deep.float()))
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.fitted):
             raise RuntimeError("this feature model has not been fitted; train it with `liverus train`")
-        rad, deep = self.raw_features(x)
-        # The fitted classifier runs in fp32 whatever the caller's autocast: its numbers were fitted in fp32.
-        with torch.autocast(x.device.type, enabled=False):
-            z = self.decision(self.scaled_features(rad, None if deep is None else deep.float()))
-        return torch.stack([torch.zeros_like(z), z], dim=1)
+        return self.classify(*self.raw_features(x))
 
     def load_fitted(self, params: dict[str, np.ndarray]) -> None:
         """Store fitted parameters (numpy arrays under the buffer names); an SVM's buffers take the fitted size.
