@@ -491,6 +491,18 @@ def _repeated_summary(
     return {"repeats": repeats, "models": per_model, "comparisons": comparisons}
 
 
+def _finished_repeats(study: Path, model: str) -> int:
+    """The leading repeats of a study model whose every fold has held-out predictions."""
+    done = 0
+    k = len(json.loads((Path(study) / "splits.json").read_text())["folds"])
+    for r in range(n_repeats(study)):
+        runs = fold_runs(study, model, r)
+        if len(runs) != k or not all((run / "predictions_test.csv").is_file() for run in runs):
+            break
+        done += 1
+    return done
+
+
 def _same_fold_sets(studies: list[Path], repeats: int) -> bool:
     """Whether the studies' repeats hold the same held-out folds (same data, grouping and seed, or shared splits)."""
 
@@ -566,9 +578,10 @@ def compare_studies(
     evals = {label: evaluate_binary(pr, None, n_boot=n_boot) for label, pr in preds.items()}
     comparisons = compare_models(preds, baseline)
     # Repeated CV on shared fold sets: every repeat's AUC, and the corrected resampled t-test across the studies.
+    # An interrupted study counts with the repeats it finished (every repeat's folds must match the others').
     repeated = None
-    repeats = {n_repeats(st) for st, _ in where.values()}
-    if len(repeats) == 1 and (r := repeats.pop()) > 1 and _same_fold_sets([st for st, _ in where.values()], r):
+    r = min(_finished_repeats(st, model) for st, model in where.values())
+    if r > 1 and _same_fold_sets([st for st, _ in where.values()], r):
         repeated = _repeated_summary(where, baseline, r, fused)
     lines = [f"{'member':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'ΔAUC [95% CI]':>24s} {'p':>7s}"]
     for label in labels:
