@@ -14,6 +14,20 @@ from helpers import run_cli, start_server
 from liverus.evaluation.segmentation import dice, hd95, iou, segmentation_summary
 from liverus.models.segmentation import build_segmenter, load_segmenter, save_segmenter
 
+
+@pytest.fixture(scope="module")
+def radiomics_run_for_segment(tmp_path_factory):
+    """A radiomics (mask-channel) model on the phantom: it reads the lesion mask a box stands for."""
+    from liverus.training import apply_overrides, load_config, train
+
+    out = tmp_path_factory.mktemp("radiomics_seg") / "run"
+    train(apply_overrides(load_config(), ["data.image_size=64", "data.crop=roi", "data.lesion_channel=true",
+                                          "data.phantom_patients=20", "data.phantom_size=128", "data.augment=none",
+                                          "model.name=radiomics_logistic", "runtime.progress=false",
+                                          "runtime.tensorboard=false"]), out)  # fmt: skip
+    return out
+
+
 # --- metrics -----------------------------------------------------------------------------------------------------
 
 
@@ -205,3 +219,33 @@ def test_segment_cv_writes_out_of_fold_masks_that_classification_can_use(tmp_pat
     splits = [json.loads((tmp_path / "cv" / f"fold{i}" / "splits.json").read_text())["folds"][0] for i in (0, 1)]
     # Each image's mask comes from the segmenter that did not train on it: the two training sets are disjoint.
     assert not set(splits[0]["train"]) & set(splits[1]["train"])
+
+
+def test_box_plus_segmenter_gives_a_mask_inside_the_box(radiomics_run_for_segment, segmenter_run, monkeypatch):
+    from liverus.data import read_image
+    from liverus.engine import predictor as predictor_module
+    from liverus.engine.predictor import Predictor
+    from liverus.engine.segment import LesionProposal
+
+    pred = Predictor.from_path(radiomics_run_for_segment / "model.pt", segmenter=segmenter_run / "model.pt")
+    image = read_image(sorted((radiomics_run_for_segment / "phantom" / "malignant").glob("*.png"))[0])
+    h, w = image.shape
+    # A proposal that spills over the box on every side: only its part inside the box may reach the model.
+    spill = np.zeros((h, w), np.uint8)
+    spill[10 : h - 10, 10 : w - 10] = 1
+    proposal = LesionProposal(spill, (10, 10, w - 10, h - 10), 1.0)
+    monkeypatch.setattr(predictor_module, "propose_lesion", lambda *a: proposal)
+    seen = {}
+    real = predictor_module.preprocess
+
+    def capture(img, cfg, *, lesion=None, box=None):
+        seen["lesion"], seen["box"] = lesion, box
+        return real(img, cfg, lesion=lesion, box=box)
+
+    monkeypatch.setattr(predictor_module, "preprocess", capture)
+    box = (30.0, 30.0, 80.0, 90.0)
+    pre = pred.prepare(image, box=box)
+    assert pre.lesion_source == "user box + predicted mask" and seen["box"] == box
+    outside = np.ones((h, w), bool)
+    outside[30:90, 30:80] = False
+    assert seen["lesion"].any() and not seen["lesion"][outside].any()
