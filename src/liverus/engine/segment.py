@@ -30,11 +30,13 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
 @dataclass
 class LesionProposal:
     """A predicted lesion: ``mask`` (H, W) {0, 1} in the original image, its ``box`` ``(x0, y0, x1, y1)`` and the
-    mean lesion probability inside it (``None`` when nothing was found)."""
+    mean lesion probability inside it (``None`` when nothing was found); ``crop_probability`` (S, S) is the lesion
+    probability on the preprocessed image, where segmentation is scored."""
 
     mask: np.ndarray
     box: tuple[float, float, float, float] | None
     confidence: float | None
+    crop_probability: np.ndarray | None = None
 
 
 @torch.inference_mode()
@@ -59,10 +61,10 @@ def propose_lesion(
     full = heatmap_on_original(prob, pre.box, image.shape[:2], letterbox=cfg.letterbox)
     mask = largest_region(full >= threshold)
     if not mask.any():
-        return LesionProposal(mask.astype(np.uint8), None, None)
+        return LesionProposal(mask.astype(np.uint8), None, None, prob)
     ys, xs = np.nonzero(mask)
     box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-    return LesionProposal(mask.astype(np.uint8), box, float(full[mask].mean()))
+    return LesionProposal(mask.astype(np.uint8), box, float(full[mask].mean()), prob)
 
 
 def segment_cases(

@@ -226,10 +226,10 @@ def segment_cross_validation(
         for c in held:
             image = read_image(c.path, frame=pre.frame)
             proposal = propose_lesion(model, card, image)
-            expert = cache.get(c)[2] > 0
-            # Scored on the preprocessed grid, as segment evaluate scores.
-            preds.append(segment_cases(model, card, [c], cache)[0][0])
-            trues.append(expert)
+            # Scored on the preprocessed grid, as segment evaluate scores (the proposal's own crop prediction: the
+            # segmenter's preprocessing is this cache's).
+            preds.append(proposal.crop_probability >= 0.5)
+            trues.append(cache.get(c)[2] > 0)
             labels.append(c.label)
             mask_path = None
             if proposal.box is not None:
