@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -24,14 +25,20 @@ def untrained_model_file(path: Path, name: str = "custom_resnet50", image_size: 
 
 
 def cpu_name() -> str:
-    """The CPU model (benchmarks print which CPU they ran on)."""
+    """The CPU model and its matrix features (benchmarks print which CPU they ran on)."""
+    name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if name:
+        features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+        return f"{name} ({', '.join(features) or 'no AVX2'}; {os.cpu_count()} cores visible)"
     import platform
 
     return platform.processor() or platform.machine()

@@ -5,6 +5,13 @@ ratio, peak memory, and the achieved FLOP/s as a fraction of this machine's matm
 ``torch.matmul``, in bf16 and in fp32). liverus's default step is what ``runtime.precision=auto`` and
 ``runtime.channels_last=auto`` resolve to on this machine; ``--variants`` also times the alternatives.
 
+A roofline in words: a large matmul is the best case for the CPU's matrix units (AMX tiles, AVX-512 BF16), but a
+convolution network cannot reach it when its convolutions run slower than the matmul. So the script also times the
+model's own convolutions alone (every Conv2d of one forward, with its backward, at the step's precision and memory
+layout, each distinct shape timed once and weighted by how often it occurs) and reports which bound the step hits:
+the convolution bound (the step runs near what its convolutions alone allow) or overhead (normalisation,
+activations, attention, optimiser).
+
     python benchmarks/train_throughput.py                 # 224 px, batch 32 (the README figures)
     python benchmarks/train_throughput.py --size 128 --batch 16 --steps 3   # quicker
 """
@@ -14,11 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name  # noqa: E402
 from liverus.engine.forward import model_input
 from liverus.engine.runtime import resolve_channels_last, resolve_precision
 from liverus.models import build_model, default_card
@@ -34,6 +46,51 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def conv_shapes(model: torch.nn.Module, batch: int, size: int) -> Counter:
+    """Every Conv2d call of one forward at this batch and size: (input shape, conv settings) -> count."""
+    shapes: Counter = Counter()
+
+    def hook(m, inputs, _out):
+        shapes[(tuple(inputs[0].shape), m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups)] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(batch, 1, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def conv_roofline(shapes: Counter, amp: torch.dtype | None, channels_last: bool, reps: int = 2) -> dict:
+    """Time forward + backward of the model's convolutions alone, as the training step runs them (autocast to
+    ``amp``, ``channels_last``). Returns: seconds per batch, FLOPs per batch and the achieved FLOP/s."""
+    total_s = total_flops = 0.0
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for (shape, cout, k, stride, pad, dil, groups), count in shapes.items():
+        conv = torch.nn.Conv2d(shape[1], cout, k, stride, pad, dil, groups, bias=False)
+        conv = conv.to(memory_format=fmt)
+        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(True)
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            y = conv(x)
+        out_elems = y.numel()
+        flops = 2 * out_elems * (shape[1] // groups) * k[0] * k[1] * 3  # forward + grad input + grad weight
+        g = torch.ones_like(y)
+        best = float("inf")
+        for _ in range(reps + 1):  # the first is warm-up
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                y = conv(x)
+            y.backward(g)
+            best = min(best, time.perf_counter() - t) if _ else best
+            x.grad = None
+            conv.weight.grad = None
+        total_s += best * count
+        total_flops += flops * count
+    return {"seconds_per_batch": total_s, "flops_per_batch": total_flops, "flop_s": total_flops / total_s}
 
 
 def train_flops_per_image(model: torch.nn.Module, size: int) -> float:
@@ -103,6 +160,7 @@ def main() -> None:
         choices=["fp32_channels_last", "bf16", "bf16_channels_last"],
         help="also time these alternatives to the default step",
     )
+    ap.add_argument("--no-roofline", action="store_true", help="skip timing the model's convolutions alone")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -113,6 +171,7 @@ def main() -> None:
     peak_bf16 = matmul_peak(torch.bfloat16, n=4096 if native_bf16 else 512, reps=3 if native_bf16 else 1)
     peak_fp32 = matmul_peak(torch.float32)
     peak = peak_bf16 if native_bf16 else peak_fp32
+    print(f"CPU: {cpu_name()}")
     print(
         f"torch {torch.__version__}  threads {torch.get_num_threads()}  cpu capability "
         f"{torch.backends.cpu.get_cpu_capability()}  native bf16: {native_bf16}"
@@ -167,6 +226,19 @@ def main() -> None:
             f"{achieved / 1e9:6.1f} GFLOP/s = {achieved / peak:5.1%} of the {'bf16' if native_bf16 else 'fp32'} "
             f"matmul peak ({achieved / peak_bf16:.1%} of bf16) | peak RSS {row['peak_rss_gib']} GiB"
         )
+        if not args.no_roofline:
+            roof = conv_roofline(conv_shapes(build_model(name), args.batch, args.size), amp, cl)
+            conv_bound = args.batch / roof["seconds_per_batch"]
+            row["conv_gflop_s"] = round(roof["flop_s"] / 1e9, 1)
+            row["conv_fraction_of_matmul_peak"] = round(roof["flop_s"] / peak, 3)
+            row["conv_bound_img_s"] = round(conv_bound, 2)
+            row["fraction_of_conv_bound"] = round(fast / conv_bound, 3)
+            bound = "the convolution bound" if fast >= 0.7 * conv_bound else "overhead outside the convolutions"
+            print(
+                f"{'':20s} roofline: its convolutions alone (fwd+bwd, same precision and layout) run at "
+                f"{roof['flop_s'] / 1e9:.1f} GFLOP/s = {roof['flop_s'] / peak:.0%} of the matmul peak, i.e. at most "
+                f"{conv_bound:.2f} img/s; the step reaches {fast / conv_bound:.0%} of that: it is limited by {bound}"
+            )
         for v in args.variants:
             dt, vcl = variants[v]
             m = build_model(name).train()

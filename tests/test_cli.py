@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import yaml
 
@@ -312,3 +313,56 @@ def test_three_class_model_is_evaluated_end_to_end(tmp_path):
     assert len(ev["confusion_matrix"]) == 3 and sum(map(sum, ev["confusion_matrix"])) == ev["n"]
     assert set(ev["calibration"]) == {"normal", "benign", "malignant"}
     assert "average precision" in (tmp_path / "ev" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_three_class_study_pools_out_of_fold_class_probabilities(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from liverus.evaluation.multiclass_study import pooled_class_probabilities
+    from liverus.evaluation.study import fold_runs
+    from liverus.training import apply_overrides, load_config
+    from liverus.training.experiments import run_study
+
+    cfg = apply_overrides(
+        load_config(),
+        [*FAST, "data.task=three_class", "data.phantom_patients=120", "data.phantom_size=64", "data.group_by=source"],
+    )
+    study = tmp_path / "three"
+    model = "custom_efficientnet_lite0"
+    summary = run_study(cfg, study, models=[model], k=2, repeats=2)
+    res = summary["results"][model]
+    assert res["classes"] == ["normal", "benign", "malignant"] and len(res["repeats"]) == 2
+    # Recompute repeat 1's macro AUC by hand from its held-out prediction files.
+    paths, y, p, classes = pooled_class_probabilities([r / "predictions_test.csv" for r in fold_runs(study, model, 1)])
+    assert len(set(paths)) == len(paths) == res["pooled"]["n"]  # every case scored once per repeat
+    by_hand = np.mean([roc_auc_score(y == i, p[:, i]) for i in range(3)])
+    assert res["repeats"][1]["macro_auc"] == pytest.approx(by_hand, abs=1e-9)
+    lesion = y > 0
+    bvm = roc_auc_score(y[lesion] == 2, p[lesion, 2] / (p[lesion, 1] + p[lesion, 2]))
+    assert res["repeats"][1]["benign_vs_malignant_auc"] == pytest.approx(bvm, abs=1e-9)
+    assert res["across_repeats"]["macro_auc"]["mean"] == pytest.approx(
+        np.mean([r["macro_auc"] for r in res["repeats"]])
+    )
+    assert sum(map(sum, res["pooled"]["confusion_matrix"])) == res["pooled"]["n"]
+    html = (study / "report.html").read_text()
+    assert "average precision" in html and "Benign vs malignant" in html and "task: three_class" in html
+    assert "macro AUC" in summary["text"]
+    from liverus.evaluation.study import compare_studies
+
+    with pytest.raises(ValueError, match="three_class study"):  # its probabilities are not one malignancy score
+        compare_studies([f"a={study}:{model}", f"b={study}:{model}"])
+
+
+def test_three_class_prediction_files_must_agree_on_classes(tmp_path):
+    from liverus.evaluation.multiclass_study import pooled_class_probabilities
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("path,label,target,p_normal,p_benign,p_malignant,predicted\nx.png,benign,1,0.2,0.5,0.3,benign\n")
+    b.write_text("path,label,target,p_benign,p_malignant,predicted\ny.png,benign,0,0.6,0.4,benign\n")
+    paths, y, p, classes = pooled_class_probabilities([a])
+    assert classes == ("normal", "benign", "malignant") and p.shape == (1, 3) and y.tolist() == [1]
+    with pytest.raises(ValueError, match="b.csv has classes"):
+        pooled_class_probabilities([a, b])
+    with pytest.raises(ValueError, match="missing.csv is missing"):
+        pooled_class_probabilities([a, tmp_path / "missing.csv"])

@@ -264,19 +264,19 @@ def summarize_study(
             ),
         ),
         ("Heatmap faithfulness (held-out cases)", faithfulness_html(faith)),
-        ("Data", data_html(data_summary(analysed)) + _skipped_html(skipped)),
+        ("Data", data_html(data_summary(analysed)) + skipped_html(skipped)),
         (
             "Wall time",
             table_html(["model", "training + evaluation, all folds (s)"], [[n, fmt(w, 0)] for n, w in wall.items()]),
         ),
-        ("Configuration", _configs_html(out, labels, study["config"])),
+        ("Configuration", configs_html(out, labels, study["config"])),
     ]
     render_report(out / "report.html", "liverus study: " + ", ".join(labels), sections, subtitle=str(out))
     summary["report"] = str(out / "report.html")
     return summary
 
 
-def _configs_html(out: Path, labels: list[str], base: dict) -> str:
+def configs_html(out: Path, labels: list[str], base: dict) -> str:
     """Each model's own config (its first fold's ``config.yaml``), since models differ from the study's base."""
     parts = []
     for label in labels:
@@ -286,7 +286,7 @@ def _configs_html(out: Path, labels: list[str], base: dict) -> str:
     return "".join(parts)
 
 
-def _skipped_html(skipped: list[dict]) -> str:
+def skipped_html(skipped: list[dict]) -> str:
     if not skipped:
         return ""
     return f"<p>{len(skipped)} file(s) skipped as unreadable (listed once, in skipped.json):</p>" + table_html(
@@ -542,7 +542,8 @@ def compare_studies(
         ``pooled`` (per label), ``comparisons`` (against the baseline), ``figures`` and a ``text`` table.
 
     Raises:
-        ValueError: for a malformed member, a study without predictions, duplicate labels or different case sets.
+        ValueError: for a malformed member, a non-binary study, a study without predictions, duplicate labels or
+            different case sets.
     """
     preds: dict[str, Predictions] = {}
     where: dict[str, tuple[Path, str]] = {}
@@ -554,6 +555,9 @@ def compare_studies(
         label = label if sep else model
         if label in preds:
             raise ValueError(f"label {label!r} is given twice; name members LABEL=STUDY_DIR:MODEL")
+        task = json.loads((Path(study) / "study.json").read_text())["config"]["data"]["task"]
+        if task != "binary":
+            raise ValueError(f"{study} is a {task} study; compare-studies compares binary (benign vs malignant) ones")
         preds[label] = study_predictions(Path(study), model)
         where[label] = (Path(study), model)
     if len(preds) < 2:

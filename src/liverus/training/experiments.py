@@ -24,6 +24,7 @@ from liverus.data import (
     save_splits,
     train_val_test_split,
 )
+from liverus.evaluation.multiclass_study import summarize_multiclass_study
 from liverus.evaluation.study import repeat_dir, summarize_study
 from liverus.training.config import TrainConfig, config_to_dict
 from liverus.training.datasets import usable_cases
@@ -132,8 +133,6 @@ def run_study(
     labels = [s[2] for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model list has duplicates: {models}")
-    if cfg.data.task != "binary":
-        raise ValueError("cv/compare summarise benign vs malignant; set data.task=binary")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     study_file = out / "study.json"
@@ -166,6 +165,8 @@ def run_study(
                 inner = train_val_test_split(fold_cases, cfg.data.val_fraction, 0.0, seed=rcfg.runtime.seed + i)
                 split = {"train": inner["train"], "val": inner["val"], "test": fold["val"]}
                 _train_model(rcfg, spec, repeat_dir(out, label, r) / f"fold{i}", cases, split)
+    if cfg.data.task != "binary":
+        return summarize_multiclass_study(out, labels)
     return summarize_study(out, labels, baseline=baseline or labels[0], subgroup=subgroup or [], n_boot=n_boot)
 
 

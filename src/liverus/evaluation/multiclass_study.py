@@ -1,0 +1,212 @@
+"""Summaries of three-class studies (normal / benign / malignant) of ``liverus cv`` / ``compare``.
+
+The binary summary (:func:`liverus.evaluation.study.summarize_study`) is built around one malignancy probability:
+DeLong, operating points, decision curves. A three-class study is summarised on its own terms instead: per repeat,
+the pooled out-of-fold one-vs-rest AUC and average precision of each class and their macro means (macro average
+precision is UltraBench's AUL metric), the confusion matrix at the arg-max, calibration per class; across repeats,
+mean ± SD. To compare with binary studies, it also reports the benign-vs-malignant AUC on the lesion images, scored by
+``p_malignant / (p_benign + p_malignant)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from liverus.evaluation import plots
+from liverus.evaluation.report import (
+    cases_of_run,
+    data_html,
+    data_summary,
+    fmt,
+    img_html,
+    multiclass_evaluation,
+    multiclass_html,
+    render_report,
+    table_html,
+)
+from liverus.evaluation.stats import delong_ci
+from liverus.evaluation.study import configs_html, fold_runs, n_repeats, skipped_html
+from liverus.utils import STAGES, atomic_write_json
+
+__all__ = ["pooled_class_probabilities", "summarize_multiclass_study"]
+
+
+def pooled_class_probabilities(files: list[Path]) -> tuple[list[str], np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Read per-fold prediction files of a k-class model and pool them.
+
+    Returns:
+        (paths, targets, probabilities of shape (n, k), class names in column order).
+
+    Raises:
+        ValueError: if a file is missing or the files disagree on the classes.
+    """
+    paths, targets, probs, classes = [], [], [], None
+    for f in files:
+        if not Path(f).is_file():
+            raise ValueError(f"{f} is missing: the study has unfinished folds (resume it with --resume)")
+        with open(f, newline="") as fh:
+            reader = csv.DictReader(fh)
+            cols = tuple(c[2:] for c in reader.fieldnames or [] if c.startswith("p_"))
+            if classes is None:
+                classes = cols
+            elif cols != classes:
+                raise ValueError(f"{f} has classes {cols}, the other folds {classes}")
+            for row in reader:
+                paths.append(row["path"])
+                targets.append(int(row["target"]))
+                probs.append([float(row[f"p_{c}"]) for c in cols])
+    return paths, np.array(targets), np.array(probs, dtype=float), classes or ()
+
+
+def _benign_vs_malignant(targets: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """AUC of benign vs malignant on the lesion images, comparable with a binary study's pooled AUC."""
+    if not {"benign", "malignant"} <= set(classes):
+        return {}
+    b, m = classes.index("benign"), classes.index("malignant")
+    keep = np.isin(targets, [b, m])
+    y = (targets[keep] == m).astype(int)
+    score = probs[keep, m] / np.clip(probs[keep, b] + probs[keep, m], 1e-12, None)
+    auc, lo, hi = delong_ci(y, score)
+    return {"auc": float(auc), "ci95": [float(lo), float(hi)], "n": int(keep.sum())}
+
+
+def _repeat_rows(ev: dict, bvm: dict) -> dict:
+    return {
+        "macro_auc": ev["macro"]["auc"],
+        "macro_average_precision": ev["macro"]["pr_auc"],
+        "accuracy": ev["accuracy"],
+        "balanced_accuracy": ev["balanced_accuracy"],
+        "auc_per_class": {c: m["auc"] for c, m in ev["per_class"].items()},
+        "benign_vs_malignant_auc": bvm.get("auc", float("nan")),
+    }
+
+
+def _mean_sd(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan")}
+
+
+@STAGES.timed("reports and figures")
+def summarize_multiclass_study(out: Path, labels: list[str]) -> dict:
+    """Pool each model's out-of-fold class probabilities (per repeat) and write ``summary.json`` and ``report.html``.
+
+    Args:
+        out: the study folder.
+        labels: model labels (sub-folders of ``out``).
+
+    Returns:
+        The summary: per model ``pooled`` (the full evaluation of repeat 0), ``benign_vs_malignant`` (repeat 0),
+        ``repeats`` (one row per finished repeat) and ``across_repeats`` (mean ± SD); ``text`` and ``report``.
+    """
+    out = Path(out)
+    study = json.loads((out / "study.json").read_text())
+    models, scored = {}, set()
+    for label in labels:
+        rows, pooled, classes, bvm0 = [], None, (), {}
+        for r in range(n_repeats(out)):
+            runs = fold_runs(out, label, r)
+            if not runs or not all((run / "predictions_test.csv").is_file() for run in runs):
+                continue  # an unfinished repeat is left out, as in the binary summary
+            paths, targets, probs, classes = pooled_class_probabilities([run / "predictions_test.csv" for run in runs])
+            ev = multiclass_evaluation(probs, targets, classes)
+            bvm = _benign_vs_malignant(targets, probs, classes)
+            rows.append(_repeat_rows(ev, bvm))
+            if pooled is None:
+                pooled, bvm0 = ev, bvm
+                scored |= set(paths)
+        if pooled is None:
+            raise ValueError(f"{out / label} holds no finished cross-validation (fold*/predictions_test.csv)")
+        across = {
+            k: _mean_sd([row[k] for row in rows])
+            for k in ("macro_auc", "macro_average_precision", "balanced_accuracy", "benign_vs_malignant_auc")
+        }
+        models[label] = {
+            "classes": list(classes),
+            "pooled": pooled,
+            "benign_vs_malignant": bvm0,
+            "repeats": rows,
+            "across_repeats": across,
+        }
+    skipped = json.loads((out / "skipped.json").read_text()) if (out / "skipped.json").is_file() else []
+    analysed = [c for c in cases_of_run(study["config"], out) if c.path in scored]
+    summary = {"task": "three_class", "models": labels, "results": models}
+
+    lines = [
+        f"{'model':34s} {'macro AUC':>10s} {'macro AP':>9s} {'bal. acc':>9s} {'benign vs malignant AUC':>24s} "
+        f"{'repeats':>8s}"
+    ]
+    for label, m in models.items():
+        a = m["across_repeats"]
+        spread = len(m["repeats"]) > 1
+
+        def cell(key: str, a=a, spread=spread) -> str:
+            return f"{fmt(a[key]['mean'])}±{fmt(a[key]['sd'])}" if spread else fmt(a[key]["mean"])
+
+        lines.append(
+            f"{label:34s} {cell('macro_auc'):>10s} {cell('macro_average_precision'):>9s} "
+            f"{cell('balanced_accuracy'):>9s} {cell('benign_vs_malignant_auc'):>24s} {len(m['repeats']):>8d}"
+        )
+    summary["text"] = "\n".join(lines)
+    atomic_write_json(out / "summary.json", summary)
+
+    sections = []
+    for label, m in models.items():
+        classes = tuple(m["classes"])
+        fig = plots.confusion_plot(
+            m["pooled"]["confusion_matrix"], classes, out / "figures" / f"confusion_{label}.png", title=label
+        )
+        b = m["benign_vs_malignant"]
+        rep_rows = [
+            [
+                str(i),
+                fmt(row["macro_auc"]),
+                fmt(row["macro_average_precision"]),
+                fmt(row["balanced_accuracy"]),
+                *[fmt(row["auc_per_class"][c]) for c in classes],
+                fmt(row["benign_vs_malignant_auc"]),
+            ]
+            for i, row in enumerate(m["repeats"])
+        ]
+        sections.append(
+            (
+                f"{label}: pooled out-of-fold results (repeat 0)",
+                multiclass_html(m["pooled"], classes)
+                + (
+                    f"<p>Benign vs malignant on the {b['n']} lesion images (score p_malignant / (p_benign + "
+                    f"p_malignant)): AUC {fmt(b['auc'])} [{fmt(b['ci95'][0])}, {fmt(b['ci95'][1])}] (DeLong), "
+                    "comparable with a binary study's pooled AUC on the same folds.</p>"
+                    if b
+                    else ""
+                )
+                + '<div class="figs">'
+                + img_html(fig)
+                + "</div>",
+            )
+        )
+        sections.append(
+            (
+                f"{label}: every repeat",
+                table_html(
+                    [
+                        "repeat",
+                        "macro AUC",
+                        "macro AP",
+                        "balanced accuracy",
+                        *[f"AUC {c}" for c in classes],
+                        "benign vs malignant AUC",
+                    ],
+                    rep_rows,
+                ),  # fmt: skip
+            )
+        )
+    sections += [
+        ("Data", data_html(data_summary(analysed)) + skipped_html(skipped)),
+        ("Configuration", configs_html(out, labels, study["config"])),
+    ]
+    render_report(out / "report.html", "liverus three-class study: " + ", ".join(labels), sections, subtitle=str(out))
+    summary["report"] = str(out / "report.html")
+    return summary
