@@ -53,7 +53,9 @@ def conv_shapes(model: torch.nn.Module, batch: int, size: int) -> Counter:
     shapes: Counter = Counter()
 
     def hook(m, inputs, _out):
-        shapes[(tuple(inputs[0].shape), m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups)] += 1
+        pad = m.padding if isinstance(m.padding, str) else tuple(m.padding)  # some libraries store lists
+        key = (tuple(inputs[0].shape), m.out_channels, tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation))
+        shapes[(*key, m.groups)] += 1
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     try:
@@ -94,14 +96,16 @@ def conv_roofline(shapes: Counter, amp: torch.dtype | None, channels_last: bool,
 
 
 def train_flops_per_image(model: torch.nn.Module, size: int) -> float:
-    """FLOPs of forward + backward for one image, counted by torch's FlopCounterMode."""
+    """FLOPs of forward + backward for one image: the forward counted by torch's FlopCounterMode, the backward taken
+    as twice the forward (the usual convention; FlopCounterMode's own backward count multiplies the depthwise
+    convolutions of EfficientNet by their channel count, about twenty times too many)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(2, 1, size, size)
-    with FlopCounterMode(display=False) as counter:
-        model(x).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(x)
+    model.train()
+    return 3 * counter.get_total_flops() / 2
 
 
 def plain_step_fn(model, opt):

@@ -24,18 +24,20 @@ MAX_AUC_CHANGE = 0.005
 
 
 class DeployableModel(nn.Module):
-    """Input: preprocessed gray images in [0, 1], (N, 1, S, S). Output: class probabilities (N, k)."""
+    """Input: preprocessed gray images in [0, 1], (N, 1, S, S) (with the lesion mask and the context view, more
+    channels: see the card). Output: class probabilities (N, k)."""
 
     def __init__(self, model: nn.Module, card: ModelCard) -> None:
         super().__init__()
         self.model = model
         self.in_chans = card.in_chans
+        self.views = card.views
         mean, std = card.normalization
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(normalize_images(image, self.mean, self.std, self.in_chans)), dim=1)
+        return torch.softmax(self.model(normalize_images(image, self.mean, self.std, self.in_chans, self.views)), dim=1)
 
 
 def export_onnx(
@@ -75,10 +77,13 @@ def export_onnx(
     pre = card.require_preprocess(checkpoint)
     size = pre.image_size
     wrapper = DeployableModel(model, card).eval()
-    chans = 2 if pre.lesion_channel else 1
+    per_view = 2 if pre.lesion_channel else 1
+    chans = per_view * pre.views
     dummy = torch.rand(1, chans, size, size)
     # The card travels in the graph's metadata; "input" tells non-liverus consumers what to feed.
-    what = "gray image and lesion mask" if chans == 2 else "gray image"
+    what = "gray image and lesion mask" if per_view == 2 else "gray image"
+    if pre.views > 1:
+        what = f"{what} of the lesion crop, then of the context crop,"
     meta = {**card.to_dict(), "input": f"{what} in [0, 1] after liverus preprocessing, shape (N, {chans}, S, S)"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp) / "model.onnx"

@@ -22,7 +22,14 @@ from torch.utils.data import Dataset
 from liverus.data.augment import apply_transform
 from liverus.data.cases import Case
 from liverus.data.io import DataError, read_image, read_mask
-from liverus.data.preprocess import PreprocessConfig, Preprocessed, lesion_box, model_pixels, preprocess
+from liverus.data.preprocess import (
+    VIEW_PLANES,
+    PreprocessConfig,
+    Preprocessed,
+    lesion_box,
+    model_pixels,
+    preprocess,
+)
 from liverus.utils import STAGES
 
 __all__ = [
@@ -209,7 +216,7 @@ def prepare_cases(
 
 class UltrasoundDataset(Dataset):
     """Preprocessed ultrasound images as ``uint8`` tensors (1, S, S), or (2, S, S) with the lesion-mask channel when
-    the cache's preprocessing says ``lesion_channel``, with integer labels.
+    the cache's preprocessing says ``lesion_channel`` (twice the channels with two views), with integer labels.
 
     Normalisation to the backbone's statistics happens on the device in the training step (cheaper than in the
     loader, and the loader ships a quarter of the bytes).
@@ -260,8 +267,13 @@ class UltrasoundDataset(Dataset):
         arr = self.cache.get(self.cases[index])
         if self.transform is not None:
             seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-            image, lesion = apply_transform(self.transform, arr[0], arr[1], seed, lesion=arr[2])
-            arr = np.stack([image, arr[1], lesion])
+            planes = []
+            # Every view draws the same augmentation (one seed): the views share a centre, so a flip or rotation
+            # about it, and an intensity change, stay consistent between the lesion crop and its context.
+            for v in range(0, len(arr), VIEW_PLANES):
+                image, lesion = apply_transform(self.transform, arr[v], arr[v + 1], seed, lesion=arr[v + 2])
+                planes += [image, arr[v + 1], lesion]
+            arr = np.stack(planes)
         pixels = model_pixels(arr, self.cache.cfg.lesion_channel)
         extras = {}  # for auxiliary losses (attention supervision, debiasing), not model input
         if self.with_lesion:

@@ -26,6 +26,7 @@ __all__ = [
     "lesion_box",
     "box_to_mask",
     "model_pixels",
+    "VIEW_PLANES",
 ]
 
 CROP_MODES = ("fan", "roi", "none")
@@ -54,6 +55,9 @@ class PreprocessConfig:
         box_jitter: each edge of the derived box moves by up to this fraction of the box size (seeded per image).
         box_mask: how a box becomes the lesion mask of the mask channel: the filled ``box``, the inscribed
             ``ellipse``, or OpenCV's ``grabcut`` segmentation inside the box.
+        context_margin: two-view input (``crop="roi"`` only): besides the tight lesion crop (``roi_margin``), a wide
+            context crop around the same centre with this margin (say 1.5: the lesion and the liver around it), both
+            at ``image_size``; the model runs both through one backbone. 0: one view.
     """
 
     image_size: int = 224
@@ -66,6 +70,12 @@ class PreprocessConfig:
     box_loosen: float = 0.0
     box_jitter: float = 0.0
     box_mask: str = "grabcut"
+    context_margin: float = 0.0
+
+    @property
+    def views(self) -> int:
+        """Number of views the model gets: 2 with a context crop, else 1."""
+        return 2 if self.context_margin > 0 else 1
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
@@ -82,15 +92,27 @@ class PreprocessConfig:
             raise ValueError(f"image_size must be in [32, 2048], got {self.image_size}")
         if not 0 <= self.roi_margin <= 5:
             raise ValueError(f"roi_margin must be in [0, 5], got {self.roi_margin}")
+        if self.context_margin:
+            if self.crop != "roi":
+                raise ValueError(f"context_margin needs crop='roi' (a crop around the lesion), got {self.crop!r}")
+            if not self.roi_margin < self.context_margin <= 10:
+                raise ValueError(
+                    f"context_margin must be wider than roi_margin ({self.roi_margin}) and at most 10, "
+                    f"got {self.context_margin}"
+                )
 
     def key(self) -> str:
         """A short hash of the settings (part of the cache key)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if not self.context_margin:  # settings of earlier versions keep their cache key
+            d.pop("context_margin")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
 class Preprocessed:
-    """A preprocessed case: ``image``, ``scan`` and ``lesion`` are ``uint8`` arrays of shape (S, S)."""
+    """A preprocessed case: ``image``, ``scan`` and ``lesion`` are ``uint8`` arrays of shape (S, S); with two-view
+    input, ``context`` holds the same three planes of the wide context crop."""
 
     image: np.ndarray
     scan: np.ndarray
@@ -100,18 +122,27 @@ class Preprocessed:
     scale: float
     # Where the lesion came from (user mask, user box, predicted), set by the predictor for its outputs.
     lesion_source: str = ""
+    context: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def stacked(self) -> np.ndarray:
-        return np.stack([self.image, self.scan, self.lesion])
+        """Returns: ``(3 * views, S, S)``: image, scan, lesion of the (tight) crop, then those of the context crop."""
+        return np.stack([self.image, self.scan, self.lesion, *(self.context or ())])
+
+
+VIEW_PLANES = 3  # image, scan area, lesion: the planes of one view in a stacked array
 
 
 def model_pixels(stacked: np.ndarray, lesion_channel: bool) -> np.ndarray:
-    """What the network is fed from :meth:`Preprocessed.stacked` arrays ``(..., 3, S, S)``: the image (1 channel),
-    plus the lesion mask scaled to 0/255 as a second channel when ``lesion_channel``. ``uint8``, shape (..., C, S, S).
-    """
-    if not lesion_channel:
-        return stacked[..., :1, :, :]
-    return np.concatenate([stacked[..., :1, :, :], (stacked[..., 2:3, :, :] > 0).astype(np.uint8) * 255], axis=-3)
+    """What the network is fed from :meth:`Preprocessed.stacked` arrays ``(..., 3 * V, S, S)``: per view, the image
+    (1 channel) plus the lesion mask scaled to 0/255 when ``lesion_channel``; the views follow each other.
+    ``uint8``, shape (..., C * V, S, S)."""
+    out = []
+    for v in range(stacked.shape[-3] // VIEW_PLANES):
+        base = v * VIEW_PLANES
+        out.append(stacked[..., base : base + 1, :, :])
+        if lesion_channel:
+            out.append((stacked[..., base + 2 : base + 3, :, :] > 0).astype(np.uint8) * 255)
+    return out[0] if len(out) == 1 else np.concatenate(out, axis=-3)
 
 
 def lesion_box(
@@ -332,11 +363,20 @@ def preprocess(
         crop_box = roi_box(lesion, box, cfg.roi_margin, u8.shape)
     else:
         crop_box = (0, 0, u8.shape[1], u8.shape[0])
-    area = cv2.INTER_AREA
-    image, scale = _fit(_crop(u8, crop_box), cfg.image_size, cfg.letterbox, area)
-    scan_o, _ = _fit(_crop(scan, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
-    les_o, _ = _fit(_crop(les, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
+    image, scan_o, les_o, scale = _view(u8, scan, les, crop_box, cfg)
+    context = None
+    if cfg.context_margin:
+        # Same centre, wider margin: the lesion's surroundings (liver, capsule, vessels) at the same output size.
+        context = _view(u8, scan, les, roi_box(lesion, box, cfg.context_margin, u8.shape), cfg)[:3]
     if shrink < 1.0:  # report the crop in the original image's pixels
         crop_box = tuple(int(round(v / shrink)) for v in crop_box)
         scale *= shrink
-    return Preprocessed(image, scan_o, les_o, crop_box, scale)
+    return Preprocessed(image, scan_o, les_o, crop_box, scale, context=context)
+
+
+def _view(u8, scan, les, crop_box, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Image, scan area and lesion cropped to ``crop_box`` and fitted to ``cfg.image_size``; and the scale."""
+    image, scale = _fit(_crop(u8, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_AREA)
+    scan_o, _ = _fit(_crop(scan, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
+    les_o, _ = _fit(_crop(les, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
+    return image, scan_o, les_o, scale

@@ -19,11 +19,20 @@ from liverus.utils import STAGES
 __all__ = ["normalize_images", "model_input", "probabilities", "predict_probs", "eval_batch_size", "merge_shards"]
 
 
-def normalize_images(x: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor, in_chans: int):
+def normalize_images(
+    x: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor, in_chans: int, views: int = 1
+) -> torch.Tensor:
     """Gray images (N, 1, H, W), or image plus lesion mask (N, 2, H, W), ``uint8`` or float in [0, 1] -> the
     network's input: the image normalised (and repeated to 3 channels for RGB stems), the mask kept in {0, 1}.
+    With ``views`` > 1 the views follow each other along the channels and each is treated alike.
     Out of place for float input (so callers' tensors are never modified) and traceable for ONNX export."""
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+    if views > 1:
+        n, c, h, w = x.shape
+        if c % views:
+            raise ValueError(f"{views}-view input needs a multiple of {views} channels, got {tuple(x.shape)}")
+        per_view = normalize_images(x.reshape(n * views, c // views, h, w), mean, std, in_chans)
+        return per_view.reshape(n, -1, h, w)
     if in_chans in (1, 3):
         x = (x - mean) / std
         return x.expand(-1, 3, -1, -1) if in_chans == 3 and x.shape[1] == 1 else x
@@ -37,7 +46,7 @@ def normalize_images(x: torch.Tensor, mean: float | torch.Tensor, std: float | t
 
 def model_input(x: torch.Tensor, card: ModelCard, *, channels_last: bool = False) -> torch.Tensor:
     """:func:`normalize_images` with the card's statistics and channels, in the requested memory format."""
-    x = normalize_images(x, *card.normalization, card.in_chans)
+    x = normalize_images(x, *card.normalization, card.in_chans, card.views)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

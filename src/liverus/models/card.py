@@ -27,7 +27,8 @@ class ModelCard:
     Attributes:
         model_name: registry name the weights belong to.
         classes: class names in logit order.
-        in_chans: input channels the network takes (gray images are repeated to 3 when this is 3).
+        in_chans: input channels the network takes per view (gray images are repeated to 3 when this is 3).
+        views: 1, or 2 for two-view input (lesion crop then context crop, ``2 * in_chans`` channels in all).
         normalization: ``(mean, std)`` applied to images scaled to [0, 1].
         preprocess: the preprocessing the model was trained with; ``None`` for a model saved outside a training run.
         threshold: operating threshold on p(malignant) (binary models).
@@ -49,6 +50,7 @@ class ModelCard:
     classes: tuple[str, ...]
     in_chans: int
     normalization: tuple[float, float]
+    views: int = 1
     preprocess: PreprocessConfig | None = None
     threshold: float = 0.5
     threshold_method: str = "default (0.5)"

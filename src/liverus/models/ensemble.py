@@ -50,6 +50,7 @@ class EnsembleClassifier(nn.Module):
     weights_info = property(lambda self: self.members[0].weights_info)
     num_classes = property(lambda self: self.members[0].num_classes)
     in_chans = property(lambda self: self.members[0].in_chans)
+    views = property(lambda self: getattr(self.members[0], "views", 1))
     normalization = property(lambda self: self.members[0].normalization)
     has_spatial_attention = property(lambda self: self.members[0].has_spatial_attention)
 

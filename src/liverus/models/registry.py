@@ -81,9 +81,11 @@ def _make_custom_builder(backbone: str, fixed: dict) -> Callable[..., LesionClas
 
 
 def _make_baseline_builder(backbone: str) -> Callable[..., LesionClassifier]:
-    def build(*, num_classes: int = 2, weights=None, in_chans: int = 1, drop_rate: float = 0.0) -> LesionClassifier:
+    def build(
+        *, num_classes: int = 2, weights=None, in_chans: int = 1, drop_rate: float = 0.0, views: int = 1
+    ) -> LesionClassifier:
         return BaselineModel(
-            build_backbone(backbone, weights=weights, in_chans=in_chans), num_classes, drop_rate=drop_rate
+            build_backbone(backbone, weights=weights, in_chans=in_chans), num_classes, drop_rate=drop_rate, views=views
         )
 
     return build
@@ -147,7 +149,9 @@ def build_model(
         num_classes: 2 (benign / malignant) or 3 (normal / benign / malignant).
         weights: ``None`` (random init), ``"imagenet"`` or a path to a backbone state dict.
         in_chans: 1 for grayscale ultrasound, or 3; 2 or 4 with a lesion-mask channel (feature models: 2).
-        **kwargs: head arguments, e.g. ``se_reduction``, ``ca_reduction``, ``spatial_kernel``, ``drop_rate``.
+            Per view: with ``views=2`` the network takes ``2 * in_chans`` channels.
+        **kwargs: head arguments, e.g. ``se_reduction``, ``ca_reduction``, ``spatial_kernel``, ``drop_rate``; and
+            ``views`` (2: lesion crop + context crop through one shared backbone; not for feature models).
 
     Returns:
         The model, with ``model_name``, ``build_kwargs`` and ``weights_info`` set.
@@ -174,6 +178,7 @@ def default_card(model: LesionClassifier | EnsembleClassifier) -> ModelCard:
         model_name=model.model_name,
         classes=classes,
         in_chans=model.in_chans,
+        views=getattr(model, "views", 1),
         normalization=model.normalization,
         task="binary" if model.num_classes == 2 else "three_class",
         members=len(model.members) if isinstance(model, EnsembleClassifier) else 1,

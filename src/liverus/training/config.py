@@ -60,6 +60,7 @@ class DataConfig:
     box_loosen: float = 0.0  # the derived box grows by this fraction of its size on every side
     box_jitter: float = 0.0  # each edge of the derived box moves by up to this fraction of its size (seeded)
     box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
+    context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
     balance_by: str = ""  # sample evenly over class x this acquisition group (a manifest column, or image_size)
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
@@ -221,6 +222,19 @@ class TrainConfig:
                 raise ConfigError(f"model.name: {self.model.name} is binary; set data.task: binary")
             if self.model.in_chans != 1:
                 raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
+            if self.data.context_margin:
+                raise ConfigError("data.context_margin: feature models take one view; set it to 0")
+        if self.data.context_margin:
+            if self.data.crop != "roi":
+                raise ConfigError(
+                    f"data.context_margin: two views are crops around the lesion; set data.crop: roi "
+                    f"(got {self.data.crop!r})"
+                )
+            if not self.data.roi_margin < self.data.context_margin <= 10:
+                raise ConfigError(
+                    f"data.context_margin: must be wider than data.roi_margin ({self.data.roi_margin}) and at "
+                    f"most 10, got {self.data.context_margin}"
+                )
         if not 0 <= self.data.box_jitter <= 0.5:
             raise ConfigError(f"data.box_jitter: must be in [0, 0.5], got {self.data.box_jitter}")
         if not 0 <= self.data.box_loosen <= 1:

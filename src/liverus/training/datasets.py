@@ -90,6 +90,7 @@ def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
         box_loosen=cfg.data.box_loosen,
         box_jitter=cfg.data.box_jitter,
         box_mask=cfg.data.box_mask,
+        context_margin=cfg.data.context_margin,
     )
 
 

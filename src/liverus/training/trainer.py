@@ -96,6 +96,7 @@ def train(
         model_name=model.model_name,
         classes=data.classes,
         in_chans=model.in_chans,
+        views=getattr(model, "views", 1),
         normalization=model.normalization,
         preprocess=preprocess_config(cfg),
         task=cfg.data.task,
@@ -223,6 +224,8 @@ def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | Le
             pca_dim=cfg.model.pca_dim,
         )  # fmt: skip
     head_kwargs = {"drop_rate": cfg.model.drop_rate}
+    if cfg.data.context_margin:
+        head_kwargs["views"] = 2
     if cfg.model.drop_path_rate is not None:
         head_kwargs["drop_path_rate"] = cfg.model.drop_path_rate
     if not cfg.model.name.startswith("baseline"):
