@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, untrained_model_file  # noqa: E402
 from liverus.data import make_phantom_dataset  # noqa: E402
+from liverus.data.radiomics import FEATURE_MEMO  # noqa: E402
 from liverus.engine.forward import probabilities  # noqa: E402
 from liverus.export import export_onnx  # noqa: E402
 from liverus.models import is_feature_model, load_model  # noqa: E402
@@ -43,6 +44,7 @@ def _torch_runner(model, card, x: torch.Tensor, bf16: bool):
         model = model.to(memory_format=torch.channels_last)
 
     def run():
+        FEATURE_MEMO.clear()  # every timed call measures the radiomics afresh, as for a new image
         with torch.inference_mode():
             probabilities(model, x, card, amp=torch.bfloat16 if bf16 else None, channels_last=bf16)
 
