@@ -10,11 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from liverus.data.inputs import input_items, parse_box
 from liverus.data.io import DataError, read_image, read_mask
-from liverus.engine.heatmaps import heatmap_figure, save_overlay
+from liverus.engine.heatmaps import save_overlay
 from liverus.engine.predictor import Predictor
 
 __all__ = ["run_explain"]
@@ -47,12 +45,7 @@ def run_explain(args: argparse.Namespace) -> int:
         prob = float(predictor.probabilities([pre])[0])
         source = pre.lesion_source
         for method in methods:
-            fig = heatmap_figure(
-                pre.image, predictor.heatmap(pre, method), probability=prob,
-                title="Grad-CAM" if method == "gradcam" else "spatial attention",
-                original_u8=np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), box=pre.box,
-                letterbox=predictor.preprocess_cfg.letterbox, lesion_source=source,
-            )  # fmt: skip
+            fig = predictor.heatmap_figure(pre, img, prob, method, lesion_source=source)
             dest = save_overlay(out / f"{Path(item.path).stem}_{method}.png", fig)
             print(f"{item.path}: p(malignant)={prob:.3f} -> {dest}")
     return 1 if bad else 0

@@ -19,7 +19,7 @@ import numpy as np
 
 from liverus.data.inputs import InputItem, input_items, parse_box
 from liverus.data.io import DataError, printable, read_image, read_mask
-from liverus.engine.heatmaps import heatmap_figure, save_overlay
+from liverus.engine.heatmaps import save_overlay
 from liverus.engine.predictor import Predictor
 from liverus.utils import atomic_write_json, atomic_write_text, check_new_file
 
@@ -102,11 +102,7 @@ def predict_files(
                     "error": "",
                 }
                 if heatmaps is not None:
-                    fig = heatmap_figure(
-                        pp.image, predictor.heatmap(pp), probability=float(p),
-                        original_u8=np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), box=pp.box,
-                        letterbox=predictor.preprocess_cfg.letterbox, lesion_source=source,
-                    )  # fmt: skip
+                    fig = predictor.heatmap_figure(pp, img, float(p), lesion_source=source)
                     row["heatmap"] = str(save_overlay(heatmaps[item.path], fig))
                 rows[i] = row
         bar.update(min(batch_size, len(items) - start))

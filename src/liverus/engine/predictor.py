@@ -14,7 +14,7 @@ import torch
 
 from liverus.data.preprocess import PreprocessConfig, Preprocessed, box_to_mask, model_pixels, preprocess
 from liverus.engine.forward import model_input, probabilities
-from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap
+from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap, heatmap_figure
 from liverus.engine.runtime import inference_amp
 from liverus.engine.segment import propose_lesion
 from liverus.models import ModelCard, load_model
@@ -182,6 +182,18 @@ class Predictor:
             ValueError: for ONNX models, or ``attention`` on a model without spatial attention.
         """
         return self.heatmaps([pre], method)[0]
+
+    def heatmap_figure(
+        self, pre: Preprocessed, image: np.ndarray, probability: float, method: str = "gradcam", *, lesion_source=""
+    ) -> np.ndarray:
+        """The figure ``predict`` and ``explain`` write: :meth:`heatmap` on the analysed crop and drawn back onto the
+        original ``image`` (gray float in [0, 1]), with the probability. Returns: an RGB ``uint8`` image."""
+        return heatmap_figure(
+            pre.image, self.heatmap(pre, method), probability=probability,
+            title="Grad-CAM" if method == "gradcam" else "spatial attention",
+            original_u8=np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), box=pre.box,
+            letterbox=self.preprocess_cfg.letterbox, lesion_source=lesion_source,
+        )  # fmt: skip
 
     def heatmaps(self, pre: list[Preprocessed], method: str = "gradcam") -> np.ndarray:
         """:meth:`heatmap` for several images in one pass. Returns: (N, S, S)."""
