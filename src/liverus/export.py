@@ -78,11 +78,11 @@ def export_onnx(
     size = pre.image_size
     wrapper = DeployableModel(model, card).eval()
     per_view = 2 if pre.lesion_channel else 1
-    chans = per_view * pre.views
+    chans = per_view * card.views
     dummy = torch.rand(1, chans, size, size)
     # The card travels in the graph's metadata; "input" tells non-liverus consumers what to feed.
     what = "gray image and lesion mask" if per_view == 2 else "gray image"
-    if pre.views > 1:
+    if card.views > 1:
         what = f"{what} of the lesion crop, then of the context crop,"
     meta = {**card.to_dict(), "input": f"{what} in [0, 1] after liverus preprocessing, shape (N, {chans}, S, S)"}
     with tempfile.TemporaryDirectory() as tmp:

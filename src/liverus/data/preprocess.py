@@ -72,11 +72,6 @@ class PreprocessConfig:
     box_mask: str = "grabcut"
     context_margin: float = 0.0
 
-    @property
-    def views(self) -> int:
-        """Number of views the model gets: 2 with a context crop, else 1."""
-        return 2 if self.context_margin > 0 else 1
-
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
