@@ -27,6 +27,7 @@ from liverus.data.radiomics import FEATURE_MEMO  # noqa: E402
 from liverus.engine.forward import probabilities  # noqa: E402
 from liverus.export import export_onnx  # noqa: E402
 from liverus.models import is_feature_model, load_model  # noqa: E402
+from liverus.models.features import DEEP_FEATURE_MEMO  # noqa: E402
 
 
 def _time(fn, reps: int) -> float:
@@ -44,7 +45,8 @@ def _torch_runner(model, card, x: torch.Tensor, bf16: bool):
         model = model.to(memory_format=torch.channels_last)
 
     def run():
-        FEATURE_MEMO.clear()  # every timed call measures the radiomics afresh, as for a new image
+        FEATURE_MEMO.clear()  # every timed call measures the features afresh, as for a new image
+        DEEP_FEATURE_MEMO.clear()
         with torch.inference_mode():
             probabilities(model, x, card, amp=torch.bfloat16 if bf16 else None, channels_last=bf16)
 

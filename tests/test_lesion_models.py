@@ -233,6 +233,7 @@ RADIOMICS_TINY = [
     "data.phantom_size=128",
     "data.augment=none",
     "model.name=radiomics_svm",
+    "runtime.precision=bf16",  # asked for, but a feature model is scored in the fp32 it was fitted in
     "runtime.progress=false",
     "runtime.tensorboard=false",
 ]
@@ -265,6 +266,7 @@ def test_feature_model_is_fitted_on_the_training_part_only(radiomics_run):
     rad_all, _, _ = extract_features(model, all_cases, card.classes, cache, card)
     np.testing.assert_allclose(model.radiomics_mean.numpy(), rad_train.mean(0), rtol=1e-4, atol=1e-5)
     assert not np.allclose(model.radiomics_mean.numpy(), rad_all.mean(0), rtol=1e-4, atol=1e-5)
+    assert card.precision == "fp32" and card.precision_gap is None  # fitted on fp32 features, scored on them
 
 
 def test_feature_model_round_trip_evaluate_and_predict_from_a_box(radiomics_run, tmp_path):
@@ -386,6 +388,42 @@ def test_feature_ensemble_shares_features_only_where_members_agree(same_backbone
         torch.testing.assert_close(ens(x).exp(), want, rtol=1e-5, atol=1e-6)
     assert ens._shared_backbone() is same_backbone
     assert len(ens.gradcam_layers()) == (1 if same_backbone else 2)
+
+
+def test_deep_features_are_remembered_per_image_weights_and_arithmetic(monkeypatch):
+    from liverus.models.features import DEEP_FEATURE_MEMO
+
+    model = _fitted("radiomics_logistic_efficientnet_lite0", 0)
+    passes = []  # batch sizes that went through the backbone (counted without a hook: a hook disables the memo)
+    real = model._pooled
+    monkeypatch.setattr(model, "_pooled", lambda image: passes.append(image.shape[0]) or real(image))
+    DEEP_FEATURE_MEMO.clear()
+    pixels = torch.zeros(3, 2, 64, 64, dtype=torch.uint8)
+    pixels[:, 0] = torch.randint(60, 200, (3, 64, 64), dtype=torch.uint8)
+    pixels[:, 1, 20:44, 16:40] = 255
+    x = normalize_images(pixels, 0.5, 0.5, 2)
+    with torch.no_grad():
+        want = real(x[:, :1])
+        first = model.deep_features(x[:2])
+        mixed = model.deep_features(x[[2, 0, 1]])  # two remembered, one new: only the new one is computed
+    assert passes == [2, 1] and DEEP_FEATURE_MEMO.hits == 2
+    torch.testing.assert_close(first, want[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed, want[[2, 0, 1]], rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.deep_features(x[:1])  # other arithmetic: computed again
+    with torch.no_grad():
+        next(model.backbone.parameters()).mul_(2)
+        changed = model.deep_features(x[:1])  # other weights: computed again, and different
+    assert passes == [2, 1, 1, 1]
+    assert not torch.equal(changed, want[:1])
+    model.backbone.register_forward_hook(lambda m, a, o: None)  # as Grad-CAM does: the backbone must run
+    with torch.no_grad():
+        model.deep_features(x[:1])
+    with torch.enable_grad():
+        model.backbone._forward_hooks.clear()
+        model.deep_features(x[:1])  # with gradients (Grad-CAM): never from the memo
+    assert passes == [2, 1, 1, 1, 1, 1]
+    DEEP_FEATURE_MEMO.clear()
 
 
 # --- two views: lesion crop and context crop through one backbone --------------------------------------------------

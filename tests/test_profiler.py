@@ -1,4 +1,4 @@
-"""The study wall-time profiler (liverus.utils.STAGES, benchmarks/study_time.py)."""
+"""The study wall-time profiler (liverus.utils.STAGES, benchmarks/study_time.py) and the per-image memo that cuts it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from liverus.utils import StageTimer
+from liverus.utils import DigestMemo, StageTimer
 
 
 def test_nested_stages_are_exclusive_and_add_up_to_the_wall_time():
@@ -44,3 +45,20 @@ def test_study_profile_shares_add_up_and_name_the_stages(tmp_path):
         assert stages.get(name, 0) > 0, name
     assert sum(stages.values()) + rep["other_s"] == pytest.approx(rep["wall_s"], rel=1e-9)
     assert 0 <= rep["other_s"] < rep["wall_s"]
+
+
+def test_digest_memo_keys_on_content_dtype_shape_and_salt_and_stays_bounded():
+    a = np.arange(6, dtype=np.uint8)
+    key = DigestMemo.key
+    assert key(a) == key(a.copy())
+    assert len({key(a), key(a.astype(np.int16)), key(a.reshape(2, 3)), key(a, salt=b"bf16"), key(a[::-1])}) == 5
+    memo = DigestMemo(max_items=2)
+    for i in range(3):
+        memo.put(key(a + i), np.full(2, i))
+    assert memo.get(key(a)) is None and len(memo) == 2  # the least recently used went
+    got = memo.get(key(a + 1))
+    got[:] = 99  # a copy: the memo's value is not changed through it
+    np.testing.assert_array_equal(memo.get(key(a + 1)), [1, 1])
+    assert (memo.hits, memo.misses) == (2, 1)
+    with pytest.raises(ValueError, match="max_items"):
+        DigestMemo(max_items=0)

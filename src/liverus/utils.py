@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -11,6 +12,7 @@ import random
 import subprocess
 import sys
 import tempfile
+from collections import OrderedDict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DigestMemo",
     "StageTimer",
     "STAGES",
     "atomic_write_bytes",
@@ -207,3 +210,56 @@ class StageTimer:
 
 
 STAGES = StageTimer()
+
+
+class DigestMemo:
+    """Results of a pure function of arrays, remembered by a 16-byte digest of the arrays' bytes (bounded, LRU).
+
+    For per-image features that a study computes for every image in every fold and repeat (radiomics, a frozen
+    backbone's pooled features) and a server for every repeated image. ``functools.lru_cache`` would keep each
+    ~100 kB image as its key; this keeps a digest and the (small) result.
+
+    Args:
+        max_items: the least recently used results are dropped beyond this many.
+    """
+
+    def __init__(self, max_items: int = 65536) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items}")
+        self.max_items = max_items
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(*arrays: np.ndarray, salt: bytes = b"") -> bytes:
+        """Digest of the arrays' dtypes, shapes and bytes, plus ``salt`` (what else the result depends on)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(salt)
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.digest()
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        """A copy of the remembered result, or None (counted as a miss)."""
+        value = self._items.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return value.copy()
+
+    def put(self, key: bytes, value: np.ndarray) -> None:
+        self._items[key] = np.array(value, copy=True)
+        self._items.move_to_end(key)
+        if len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -19,13 +19,12 @@ background, so gain settings cancel).
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
-
 import numpy as np
 from scipy import ndimage, stats
 from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import label, regionprops
+
+from liverus.utils import DigestMemo
 
 __all__ = ["FEATURE_NAMES", "FEATURE_MEMO", "lesion_features", "feature_matrix", "GLCM_LEVELS"]
 
@@ -215,46 +214,21 @@ def lesion_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-class _FeatureMemo:
-    """Features of images already seen in this process, keyed by a digest of their pixels and mask.
-
-    The features are a pure function of (image, mask), and a study computes them for every image in every fold and
-    repeat (15 times for 5 folds x 3 repeats), an ensemble for every member's check, a server for every repeated
-    image. ``functools.lru_cache`` would keep each 100 kB image as its key; this keeps a 16-byte digest and 36 floats.
-    """
-
-    def __init__(self, max_items: int = 65536) -> None:
-        self.max_items = max_items
-        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def features(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        h = hashlib.blake2b(digest_size=16)
-        for a in (image, mask):
-            a = np.ascontiguousarray(a)
-            h.update(f"{a.dtype}{a.shape}".encode())
-            h.update(a.tobytes())
-        key = h.digest()
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key].copy()
-        self.misses += 1
-        value = lesion_features(image, mask)
-        self._items[key] = value.copy()
-        if len(self._items) > self.max_items:
-            self._items.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.hits = self.misses = 0
-
-
-FEATURE_MEMO = _FeatureMemo()
+# The features are a pure function of (image, mask), and a study computes them for every image in every fold and
+# repeat (15 times for 5 folds x 3 repeats), an ensemble for every member, a server for every repeated image.
+FEATURE_MEMO = DigestMemo()
 
 
 def feature_matrix(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """:func:`lesion_features` of a batch: ``images`` and ``masks`` (N, H, W) -> (N, F), remembered per image
     (:data:`FEATURE_MEMO`), so the same image is measured once per process."""
-    return np.stack([FEATURE_MEMO.features(i, m) for i, m in zip(images, masks, strict=True)])
+    return np.stack([_remembered_features(i, m) for i, m in zip(images, masks, strict=True)])
+
+
+def _remembered_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    key = FEATURE_MEMO.key(image, mask)
+    value = FEATURE_MEMO.get(key)
+    if value is None:
+        value = lesion_features(image, mask)
+        FEATURE_MEMO.put(key, value)
+    return value

@@ -161,19 +161,25 @@ def decision_curve_plot(preds: dict[str, Predictions], path: Path) -> Path:
 def training_curves_plot(metrics_csvs: dict[str, Path], path: Path) -> Path:
     """Training and validation loss, and validation AUC, per epoch (one line per run)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    plotted = False
     for name, f in metrics_csvs.items():
         with open(f) as fh:
             rows = list(csv.DictReader(fh))
         if not rows:
             continue
+        plotted = True
         ep = [int(r["epoch"]) for r in rows]
         a1.plot(ep, [float(r["train_loss"]) for r in rows], label=f"{name} train")
         a1.plot(ep, [float(r["val_loss"]) for r in rows], "--", label=f"{name} val")
         a2.plot(ep, [float(r["val_auc"]) for r in rows], label=name)
     a1.set(xlabel="epoch", ylabel="loss", title="Loss")
     a2.set(xlabel="epoch", ylabel="validation AUC", title="Validation AUC", ylim=(0.4, 1.0))
-    a1.legend(fontsize=6)
-    a2.legend(fontsize=6)
+    if plotted:
+        a1.legend(fontsize=6)
+        a2.legend(fontsize=6)
+    else:  # fitted feature models have no epochs
+        for ax in (a1, a2):
+            ax.text(0.5, 0.5, "no epochs (fitted, not trained by descent)", ha="center", va="center", fontsize=8)
     return _save(fig, path)
 
 

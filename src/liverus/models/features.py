@@ -18,10 +18,16 @@ from torch import nn
 
 from liverus.data.radiomics import FEATURE_NAMES, feature_matrix
 from liverus.models.backbones import Backbone, WeightsInfo
+from liverus.utils import DigestMemo
 
-__all__ = ["LesionFeatureModel", "FEATURE_CLASSIFIERS"]
+__all__ = ["LesionFeatureModel", "FEATURE_CLASSIFIERS", "DEEP_FEATURE_MEMO"]
 
 FEATURE_CLASSIFIERS = ("logistic", "svm")
+
+# The frozen backbone's pooled features of an image depend only on the image, the weights and the arithmetic
+# (device, dtype, autocast), yet a 5-fold x 3-repeat study asks for them 15 times per image (fitting and scoring):
+# remembered by digest, at most 16k vectors (~80 MB for EfficientNet-Lite0's 1280 features).
+DEEP_FEATURE_MEMO = DigestMemo(max_items=16384)
 
 
 class LesionFeatureModel(nn.Module):
@@ -137,10 +143,43 @@ class LesionFeatureModel(nn.Module):
         return torch.from_numpy(feature_matrix(pixels.cpu().numpy(), masks)).to(x.device, torch.float32)
 
     def deep_features(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The frozen backbone's pooled features (N, D) of the image channel, or None without a backbone."""
+        """The frozen backbone's pooled features (N, D) of the image channel, or None without a backbone.
+
+        Without gradients, in eval mode and with no hooks on the backbone (Grad-CAM needs its forward pass), each
+        image's features are remembered (:data:`DEEP_FEATURE_MEMO`) and only unseen images go through the backbone.
+        """
         if self.backbone is None:
             return None
-        return self.backbone(x[:, :1]).float().mean(dim=(2, 3))
+        image = x[:, :1]
+        if torch.is_grad_enabled() or self.training or _has_hooks(self.backbone):
+            return self._pooled(image)
+        salt = self._arithmetic_salt(image)
+        rows = image.detach().cpu().contiguous().reshape(image.shape[0], -1).view(torch.uint8).numpy()
+        keys = [DEEP_FEATURE_MEMO.key(row, salt=salt) for row in rows]
+        found = [DEEP_FEATURE_MEMO.get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            computed = self._pooled(image[missing]).cpu().numpy()
+            for i, value in zip(missing, computed, strict=True):
+                DEEP_FEATURE_MEMO.put(keys[i], value)
+                found[i] = value
+        return torch.from_numpy(np.stack(found)).to(x.device)
+
+    def _pooled(self, image: torch.Tensor) -> torch.Tensor:
+        return self.backbone(image).float().mean(dim=(2, 3))
+
+    def _arithmetic_salt(self, image: torch.Tensor) -> bytes:
+        """What the features depend on besides the pixels: the weights (a digest, recomputed only when a tensor of
+        the backbone changed in place, e.g. by ``load_state_dict``), device, input dtype and autocast."""
+        tensors = list(self.backbone.state_dict(keep_vars=True).values())
+        versions = tuple((t.data_ptr(), t._version) for t in tensors)
+        if getattr(self, "_weights_versions", None) != versions:
+            arrays = [t.detach().float().cpu().numpy() for t in tensors]
+            self._weights_digest = DigestMemo.key(*arrays)
+            self._weights_versions = versions
+        device = image.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return self._weights_digest + f"{image.device}|{image.dtype}|{autocast}".encode()
 
     def scaled_features(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
         """The classifier's input: standardised radiomics and (standardised, projected) deep features."""
@@ -200,6 +239,10 @@ class LesionFeatureModel(nn.Module):
         self.support = torch.cat([self.support, self.support.new_zeros(extra, self.support.shape[1])])
         self.dual_coef = torch.cat([self.dual_coef, self.dual_coef.new_zeros(extra)])
         self.build_kwargs["n_support"] = n
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
 
 
 def _gray_stats(backbone: Backbone) -> tuple[float, float]:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -81,6 +81,10 @@ def train(
             cfg, run_dir, resume=resume, overwrite=overwrite, cases=cases, split=split, train_member=train
         )
     rt = Runtime.from_config(cfg.runtime)
+    if is_feature_model(cfg.model.name):
+        # A feature model's classifier is fitted on fp32 features, so it is scored on fp32 features too: scoring in
+        # bf16 would feed it numbers it was not fitted on (and would cost a second, fp32 scoring to measure the gap).
+        rt = replace(rt, amp=None, channels_last=False)
     folder = RunFolder(run_dir)
     resumed = rt.is_main and folder.prepare(config_to_dict(cfg), cfg.runtime.seed, resume=resume, overwrite=overwrite)
     resumed = broadcast_object(resumed, rt.dist)
