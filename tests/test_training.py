@@ -127,6 +127,12 @@ def test_config_file_and_overrides(tmp_path):
         ("", ["optim.lr"], "must look like section.key=value"),
         ("", ["data.letterbox=maybe"], "expected true/false"),
         ("- a\n- b\n", [], "must be a mapping"),
+        # preprocessing values are checked once, by PreprocessConfig, and named as config keys
+        ("", ["data.box_jitter=0.7"], r"data\.box_jitter must be in \[0, 0\.5\], got 0\.7"),
+        ("", ["data.roi_margin=6"], r"data\.roi_margin must be in \[0, 5\]"),
+        ("", ["data.image_size=16"], r"data\.image_size must be in \[32, 2048\]"),
+        ("", ["data.context_margin=1.5"], r"data\.context_margin: two views are crops around the lesion; set crop"),
+        ("", ["data.crop=roi", "data.context_margin=0.2"], r"data\.context_margin must be wider than roi_margin"),
     ],
 )
 def test_config_errors(tmp_path, text, overrides, match):

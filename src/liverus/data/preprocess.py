@@ -89,7 +89,9 @@ class PreprocessConfig:
             raise ValueError(f"roi_margin must be in [0, 5], got {self.roi_margin}")
         if self.context_margin:
             if self.crop != "roi":
-                raise ValueError(f"context_margin needs crop='roi' (a crop around the lesion), got {self.crop!r}")
+                raise ValueError(
+                    f"context_margin: two views are crops around the lesion; set crop to 'roi' (got {self.crop!r})"
+                )
             if not self.roi_margin < self.context_margin <= 10:
                 raise ValueError(
                     f"context_margin must be wider than roi_margin ({self.roi_margin}) and at most 10, "

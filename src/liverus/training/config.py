@@ -20,7 +20,7 @@ import yaml
 from liverus.data.audit import GROUPINGS
 from liverus.data.augment import AUGMENT_LEVELS
 from liverus.data.cases import CLASS_SETS
-from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES
+from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES, PreprocessConfig
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
 from liverus.models import is_feature_model, list_models
 from liverus.models.registry import ALIASES
@@ -72,6 +72,25 @@ class DataConfig:
     num_workers: int = 0
     phantom_patients: int = 120  # size of the phantom when source is empty
     phantom_size: int = 256
+
+    def preprocess(self) -> PreprocessConfig:
+        """What the model sees (the preprocessing part of this section), checked by :class:`PreprocessConfig`.
+
+        Raises:
+            ValueError: for values :class:`PreprocessConfig` refuses (``TrainConfig.validate`` names the key).
+        """
+        return PreprocessConfig(
+            image_size=self.image_size,
+            crop=self.crop,
+            roi_margin=self.roi_margin,
+            letterbox=self.letterbox,
+            lesion_channel=self.lesion_channel,
+            lesion_from=self.lesion_from,
+            box_loosen=self.box_loosen,
+            box_jitter=self.box_jitter,
+            box_mask=self.box_mask,
+            context_margin=self.context_margin,
+        )
 
 
 @dataclass
@@ -224,21 +243,10 @@ class TrainConfig:
                 raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
             if self.data.context_margin:
                 raise ConfigError("data.context_margin: feature models take one view; set it to 0")
-        if self.data.context_margin:
-            if self.data.crop != "roi":
-                raise ConfigError(
-                    f"data.context_margin: two views are crops around the lesion; set data.crop: roi "
-                    f"(got {self.data.crop!r})"
-                )
-            if not self.data.roi_margin < self.data.context_margin <= 10:
-                raise ConfigError(
-                    f"data.context_margin: must be wider than data.roi_margin ({self.data.roi_margin}) and at "
-                    f"most 10, got {self.data.context_margin}"
-                )
-        if not 0 <= self.data.box_jitter <= 0.5:
-            raise ConfigError(f"data.box_jitter: must be in [0, 0.5], got {self.data.box_jitter}")
-        if not 0 <= self.data.box_loosen <= 1:
-            raise ConfigError(f"data.box_loosen: must be in [0, 1], got {self.data.box_loosen}")
+        try:  # one set of preprocessing checks, PreprocessConfig's; here they name the config key
+            self.data.preprocess()
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
         return self
 
 

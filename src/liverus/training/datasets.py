@@ -13,7 +13,6 @@ from liverus.data import (
     Case,
     CaseCache,
     DataError,
-    PreprocessConfig,
     UltrasoundDataset,
     build_train_transform,
     check_disjoint,
@@ -34,7 +33,6 @@ from liverus.training.run_folder import RunFolder
 __all__ = [
     "RunData",
     "resolve_cases",
-    "preprocess_config",
     "prepare_run_data",
     "cache_dir",
     "log_skipped",
@@ -76,22 +74,6 @@ def cache_dir(cfg: TrainConfig, folder: str | Path) -> Path | None:
     if cfg.data.cache_dir == "memory":
         return None
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(folder)
-
-
-def preprocess_config(cfg: TrainConfig) -> PreprocessConfig:
-    """What the model sees, from the data section of the config."""
-    return PreprocessConfig(
-        image_size=cfg.data.image_size,
-        crop=cfg.data.crop,
-        roi_margin=cfg.data.roi_margin,
-        letterbox=cfg.data.letterbox,
-        lesion_channel=cfg.data.lesion_channel,
-        lesion_from=cfg.data.lesion_from,
-        box_loosen=cfg.data.box_loosen,
-        box_jitter=cfg.data.box_jitter,
-        box_mask=cfg.data.box_mask,
-        context_margin=cfg.data.context_margin,
-    )
 
 
 @dataclass
@@ -182,7 +164,7 @@ def usable_cases(cfg: TrainConfig, folder: str | Path, cases: list[Case] | None 
         ``(usable cases, the filled cache)``.
     """
     cases = cases if cases is not None else resolve_cases(cfg, folder)
-    cache = CaseCache(preprocess_config(cfg), cache_dir(cfg, folder))
+    cache = CaseCache(cfg.data.preprocess(), cache_dir(cfg, folder))
     cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
     if skipped:
         log_skipped(skipped, RunFolder(folder).write_skipped(skipped))
@@ -206,7 +188,7 @@ def prepare_run_data(
     if cases is None:
         cases = resolve_cases(cfg, folder.path, info)
     _, classes = select_task([], cfg.data.task)
-    cache = CaseCache(preprocess_config(cfg), cache_dir(cfg, folder.path))
+    cache = CaseCache(cfg.data.preprocess(), cache_dir(cfg, folder.path))
     if info.is_main:
         cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
         if skipped:

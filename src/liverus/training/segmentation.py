@@ -31,7 +31,7 @@ from liverus.evaluation.segmentation import dice, segmentation_summary
 from liverus.models.card import ModelCard
 from liverus.models.segmentation import SEGMENTERS, build_segmenter, save_segmenter
 from liverus.training.config import ConfigError, TrainConfig, config_to_dict
-from liverus.training.datasets import cache_dir, log_skipped, preprocess_config, resolve_cases
+from liverus.training.datasets import cache_dir, log_skipped, resolve_cases
 from liverus.training.optim import build_optimizer, build_scheduler
 from liverus.training.run_folder import RunFolder
 from liverus.training.runtime import Runtime
@@ -115,7 +115,7 @@ def train_segmenter(
     cases = _with_masks(cases if cases is not None else resolve_cases(cfg, folder.path))
     if not cases:
         raise DataError(cfg.data.source or None, "no image has a lesion mask; segmentation needs masks to learn from")
-    pre = dataclasses.replace(preprocess_config(cfg), lesion_channel=False, lesion_from="mask")
+    pre = dataclasses.replace(cfg.data.preprocess(), lesion_channel=False, lesion_from="mask")
     cache = CaseCache(pre, cache_dir(cfg, folder.path))
     cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
     if skipped:
@@ -205,7 +205,7 @@ def segment_cross_validation(
     folder = RunFolder(out)
     folder.prepare(config_to_dict(cfg), cfg.runtime.seed, resume=resume, overwrite=overwrite)
     cases = _with_masks(resolve_cases(cfg, out))
-    pre = dataclasses.replace(preprocess_config(cfg), lesion_channel=False, lesion_from="mask")
+    pre = dataclasses.replace(cfg.data.preprocess(), lesion_channel=False, lesion_from="mask")
     cache = CaseCache(pre, cache_dir(cfg, out))
     cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
     by_path = {c.path: c for c in cases}

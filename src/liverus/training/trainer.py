@@ -24,7 +24,7 @@ from liverus.data import Case
 from liverus.models import LesionClassifier, LesionFeatureModel, ModelCard, build_model, is_feature_model
 from liverus.models.segmentation import SEGMENTERS
 from liverus.training.config import ConfigError, TrainConfig, config_to_dict
-from liverus.training.datasets import RunData, prepare_run_data, preprocess_config
+from liverus.training.datasets import RunData, prepare_run_data
 from liverus.training.distributed import barrier, broadcast_object, gather_objects
 from liverus.training.ensemble import train_ensemble
 from liverus.training.feature_fit import fit_feature_model
@@ -102,7 +102,7 @@ def train(
         in_chans=model.in_chans,
         views=getattr(model, "views", 1),
         normalization=model.normalization,
-        preprocess=preprocess_config(cfg),
+        preprocess=cfg.data.preprocess(),
         task=cfg.data.task,
         precision=rt.precision,
         version=__version__,
