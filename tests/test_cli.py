@@ -319,7 +319,7 @@ def test_three_class_model_is_evaluated_end_to_end(tmp_path):
 def test_three_class_study_pools_out_of_fold_class_probabilities(tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from liverus.evaluation.multiclass_study import pooled_class_probabilities
+    from liverus.engine.predictions import read_class_probabilities
     from liverus.evaluation.study import fold_runs
     from liverus.training import apply_overrides, load_config
     from liverus.training.experiments import run_study
@@ -334,7 +334,7 @@ def test_three_class_study_pools_out_of_fold_class_probabilities(tmp_path):
     res = summary["results"][model]
     assert res["classes"] == ["normal", "benign", "malignant"] and len(res["repeats"]) == 2
     # Recompute repeat 1's macro AUC by hand from its held-out prediction files.
-    paths, y, p, classes = pooled_class_probabilities([r / "predictions_test.csv" for r in fold_runs(study, model, 1)])
+    paths, y, p, classes = read_class_probabilities([r / "predictions_test.csv" for r in fold_runs(study, model, 1)])
     assert len(set(paths)) == len(paths) == res["pooled"]["n"]  # every case scored once per repeat
     by_hand = np.mean([roc_auc_score(y == i, p[:, i]) for i in range(3)])
     assert res["repeats"][1]["macro_auc"] == pytest.approx(by_hand, abs=1e-9)
@@ -355,14 +355,14 @@ def test_three_class_study_pools_out_of_fold_class_probabilities(tmp_path):
 
 
 def test_three_class_prediction_files_must_agree_on_classes(tmp_path):
-    from liverus.evaluation.multiclass_study import pooled_class_probabilities
+    from liverus.engine.predictions import read_class_probabilities
 
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     a.write_text("path,label,target,p_normal,p_benign,p_malignant,predicted\nx.png,benign,1,0.2,0.5,0.3,benign\n")
     b.write_text("path,label,target,p_benign,p_malignant,predicted\ny.png,benign,0,0.6,0.4,benign\n")
-    paths, y, p, classes = pooled_class_probabilities([a])
+    paths, y, p, classes = read_class_probabilities([a])
     assert classes == ("normal", "benign", "malignant") and p.shape == (1, 3) and y.tolist() == [1]
     with pytest.raises(ValueError, match="b.csv has classes"):
-        pooled_class_probabilities([a, b])
+        read_class_probabilities([a, b])
     with pytest.raises(ValueError, match="missing.csv is missing"):
-        pooled_class_probabilities([a, tmp_path / "missing.csv"])
+        read_class_probabilities([a, tmp_path / "missing.csv"])

@@ -112,6 +112,31 @@ def test_mask_channel_model_shapes_and_gradient_reaches_the_mask_kernel(name):
     assert stem.weight.grad[:, 1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("in_chans", [1, 2])
+def test_a_stem_with_a_mask_channel_learns_at_the_head_rate(in_chans):
+    from liverus.training.config import OptimConfig
+    from liverus.training.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    model = build_model("custom_efficientnet_lite0", in_chans=in_chans)
+    optim = OptimConfig(lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.0)
+    stem = model.backbone.stem().weight
+    group = next(g for g in param_groups(model, optim) if any(p is stem for p in g["params"]))
+    assert group["lr"] == pytest.approx(1e-3 if in_chans == 2 else 1e-4)
+    assert group["part"] == ("head" if in_chans == 2 else "backbone")
+    grouped = [p for g in param_groups(model, optim) for p in g["params"]]
+    assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
+    if in_chans == 2:  # ten Adam steps move the zero-initialised mask kernel by about 10 x lr, not 10 x lr / 10
+        opt = build_optimizer(model, optim)
+        x = normalize_images(torch.randint(0, 256, (4, 2, 64, 64), dtype=torch.uint8), 0.5, 0.5, 2)
+        model.train()
+        for _ in range(10):
+            opt.zero_grad()
+            model(x)[:, 1].sum().backward()
+            opt.step()
+        assert stem[:, 1].detach().abs().max() > 5e-3
+
+
 def test_normalize_keeps_the_mask_in_zero_one_and_rejects_a_missing_mask():
     pixels = np.zeros((1, 3, 8, 8), np.uint8)
     pixels[0, 0] = 128

@@ -15,7 +15,7 @@ import numpy as np
 from liverus.data.cases import Case
 from liverus.utils import atomic_write_text
 
-__all__ = ["Predictions", "read_predictions", "write_predictions"]
+__all__ = ["Predictions", "read_predictions", "read_class_probabilities", "write_predictions"]
 
 
 class Predictions:
@@ -46,6 +46,33 @@ class Predictions:
         return Predictions(
             list(paths), self.y[idx], self.p[idx], self.pred[idx], [self.meta[i] for i in idx], self.fold[idx]
         )
+
+
+def read_class_probabilities(files: Sequence[str | Path]) -> tuple[list[str], np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Read and concatenate prediction files of a k-class model (one per fold), every class's probability.
+
+    Returns:
+        (paths, targets, probabilities of shape (n, k), class names in column order).
+
+    Raises:
+        ValueError: if a file is missing or the files disagree on the classes.
+    """
+    paths, targets, probs, classes = [], [], [], None
+    for f in files:
+        if not Path(f).is_file():
+            raise ValueError(f"{f} is missing: the study has unfinished folds (resume it with --resume)")
+        with open(f, newline="") as fh:
+            reader = csv.DictReader(fh)
+            cols = tuple(c[2:] for c in reader.fieldnames or [] if c.startswith("p_"))
+            if classes is None:
+                classes = cols
+            elif cols != classes:
+                raise ValueError(f"{f} has classes {cols}, the other folds {classes}")
+            for row in reader:
+                paths.append(row["path"])
+                targets.append(int(row["target"]))
+                probs.append([float(row[f"p_{c}"]) for c in cols])
+    return paths, np.array(targets), np.array(probs, dtype=float), classes or ()
 
 
 def write_predictions(

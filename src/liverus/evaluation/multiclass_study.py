@@ -10,12 +10,12 @@ mean ± SD. To compare with binary studies, it also reports the benign-vs-malign
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
+from liverus.engine.predictions import read_class_probabilities
 from liverus.evaluation import plots
 from liverus.evaluation.report import (
     cases_of_run,
@@ -32,34 +32,7 @@ from liverus.evaluation.stats import delong_ci
 from liverus.evaluation.study import configs_html, fold_runs, n_repeats, skipped_html
 from liverus.utils import STAGES, atomic_write_json
 
-__all__ = ["pooled_class_probabilities", "summarize_multiclass_study"]
-
-
-def pooled_class_probabilities(files: list[Path]) -> tuple[list[str], np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Read per-fold prediction files of a k-class model and pool them.
-
-    Returns:
-        (paths, targets, probabilities of shape (n, k), class names in column order).
-
-    Raises:
-        ValueError: if a file is missing or the files disagree on the classes.
-    """
-    paths, targets, probs, classes = [], [], [], None
-    for f in files:
-        if not Path(f).is_file():
-            raise ValueError(f"{f} is missing: the study has unfinished folds (resume it with --resume)")
-        with open(f, newline="") as fh:
-            reader = csv.DictReader(fh)
-            cols = tuple(c[2:] for c in reader.fieldnames or [] if c.startswith("p_"))
-            if classes is None:
-                classes = cols
-            elif cols != classes:
-                raise ValueError(f"{f} has classes {cols}, the other folds {classes}")
-            for row in reader:
-                paths.append(row["path"])
-                targets.append(int(row["target"]))
-                probs.append([float(row[f"p_{c}"]) for c in cols])
-    return paths, np.array(targets), np.array(probs, dtype=float), classes or ()
+__all__ = ["summarize_multiclass_study"]
 
 
 def _benign_vs_malignant(targets: np.ndarray, probs: np.ndarray, classes: tuple[str, ...]) -> dict:
@@ -111,7 +84,7 @@ def summarize_multiclass_study(out: Path, labels: list[str]) -> dict:
             runs = fold_runs(out, label, r)
             if not runs or not all((run / "predictions_test.csv").is_file() for run in runs):
                 continue  # an unfinished repeat is left out, as in the binary summary
-            paths, targets, probs, classes = pooled_class_probabilities([run / "predictions_test.csv" for run in runs])
+            paths, targets, probs, classes = read_class_probabilities([run / "predictions_test.csv" for run in runs])
             ev = multiclass_evaluation(probs, targets, classes)
             bvm = _benign_vs_malignant(targets, probs, classes)
             rows.append(_repeat_rows(ev, bvm))
