@@ -488,7 +488,7 @@ def test_view_fusion_and_two_view_settings_reject_bad_arguments():
         ViewFusion(0)
     with pytest.raises(ValueError, match="views must be at least 1"):
         build_model("baseline_efficientnet_lite0", views=0)
-    with pytest.raises(ValueError, match="crop='roi'"):
+    with pytest.raises(ValueError, match="context_margin: two views are crops around the lesion; set crop to 'roi'"):
         PreprocessConfig(crop="fan", context_margin=1.5)
     with pytest.raises(ValueError, match="wider than roi_margin"):
         PreprocessConfig(crop="roi", roi_margin=0.5, context_margin=0.4)
