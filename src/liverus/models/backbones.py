@@ -29,6 +29,7 @@ __all__ = [
     "WeightsInfo",
     "build_backbone",
     "adapt_input_conv",
+    "has_mask_channel",
     "BACKBONES",
     "load_state_dict_file",
 ]
@@ -69,6 +70,12 @@ LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
 
 
+def has_mask_channel(in_chans: int) -> bool:
+    """Whether a network's input of ``in_chans`` channels ends with the lesion-mask channel (2: gray + mask,
+    4: RGB + mask), whose stem kernel :func:`adapt_input_conv` adds from zero."""
+    return in_chans in (2, 4)
+
+
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """Adapt an RGB stem kernel ``(O, 3, k, k)`` to ``in_chans`` input channels.
 
@@ -89,7 +96,7 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     if weight.shape[1] != 3:
         raise ValueError(f"expected an RGB stem kernel (O, 3, k, k), got {tuple(weight.shape)}")
     image = weight.sum(dim=1, keepdim=True) if in_chans in (1, 2) else weight
-    if in_chans in (2, 4):
+    if has_mask_channel(in_chans):
         image = torch.cat([image, torch.zeros_like(weight[:, :1])], dim=1)
     return image
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from liverus.models.backbones import has_mask_channel
 from liverus.training.distributed import unwrap_model
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
 def _new_input_kernels(model: nn.Module) -> set[int]:
     """ids of stem kernels with input channels the pretrained weights did not have (the lesion mask)."""
     backbone = getattr(model, "backbone", None)
-    if getattr(model, "in_chans", 1) not in (2, 4) or backbone is None or not hasattr(backbone, "stem"):
+    if not has_mask_channel(getattr(model, "in_chans", 1)) or backbone is None or not hasattr(backbone, "stem"):
         return set()
     return {id(backbone.stem().weight)}
 
