@@ -553,3 +553,18 @@ def test_default_config_lists_every_key():
     listed = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
     for section, keys in config_to_dict(TrainConfig()).items():
         assert set(keys) == set(listed[section]), section
+
+
+def test_resume_check_compares_paths_by_where_they_point(tmp_path, monkeypatch):
+    from liverus.training.run_folder import changed_keys
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path / "data")
+    absolute = {"data": {"source": str(tmp_path / "data"), "image_size": 64}, "model": {"weights": "imagenet"}}
+    relative = {"data": {"source": "../data", "image_size": 64}, "model": {"weights": "imagenet"}}
+    assert changed_keys(absolute, relative) == []
+    elsewhere = {"data": {"source": "../other", "image_size": 64}, "model": {"weights": "imagenet"}}
+    assert changed_keys(absolute, elsewhere) == [f"data.source ({str(tmp_path / 'data')!r} -> '../other')"]
+    # Only path keys are resolved: a string elsewhere compares as written, and 'imagenet' is never a path.
+    assert changed_keys({"model": {"weights": "imagenet"}}, {"model": {"weights": "./imagenet"}})
+    assert changed_keys({"loss": {"name": "ce"}}, {"loss": {"name": "./ce"}})

@@ -137,13 +137,27 @@ def move_aside(path: Path) -> Path:
     return backup
 
 
+# Config keys that hold a file or folder: '../shared/data/aul' and '/work/shared/data/aul' are one data source.
+PATH_KEYS = frozenset({"data.source", "data.splits", "model.weights"})
+
+
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``section.key (old -> new)`` for every value that differs between two nested config dicts."""
+    """``section.key (old -> new)`` for every value that differs between two nested config dicts.
+
+    Path-valued keys (``PATH_KEYS``) compare by the path they resolve to from the working directory, so a run
+    started with a relative data path resumes with the absolute one and vice versa.
+    """
     keys = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
+        elif a != b and not (f"{prefix}{k}" in PATH_KEYS and _same_path(a, b)):
             keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
     return keys
+
+
+def _same_path(a: object, b: object) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)) or a == "imagenet" or b == "imagenet":
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
