@@ -12,6 +12,7 @@ from liverus.data import Case, CaseCache, PreprocessConfig, box_to_mask, lesion_
 from liverus.data.augment import apply_transform
 from liverus.data.radiomics import FEATURE_NAMES, lesion_features
 from liverus.engine.forward import normalize_images
+from liverus.engine.heatmaps import gradcam_heatmap
 from liverus.models import (
     EnsembleClassifier,
     LesionFeatureModel,
@@ -449,6 +450,44 @@ def test_deep_features_are_remembered_per_image_weights_and_arithmetic(monkeypat
         model.deep_features(x[:1])  # with gradients (Grad-CAM): never from the memo
     assert passes == [2, 1, 1, 1, 1, 1]
     DEEP_FEATURE_MEMO.clear()
+
+
+def test_flip_features_are_the_mean_over_the_mirror_and_travel_with_the_file(tmp_path):
+    from liverus.models.features import DEEP_FEATURE_MEMO
+
+    DEEP_FEATURE_MEMO.clear()
+    torch.manual_seed(0)
+    plain = build_model("radiomics_svm_efficientnet_lite0", in_chans=2).eval()
+    flip = build_model("radiomics_svm_efficientnet_lite0", in_chans=2, flip_features=True).eval()
+    flip.backbone.load_state_dict(plain.backbone.state_dict())
+    x = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        a, mirrored = plain.deep_features(x), plain.deep_features(x.flip(3))
+        averaged = flip.deep_features(x)  # same weights and pixels as `a`: the memo must not answer it
+        # (A randomly initialised backbone's pooled features are ~1e-8: compared relatively.)
+        torch.testing.assert_close(averaged, (a + mirrored) / 2, rtol=1e-4, atol=0)
+        assert (averaged - a).abs().max() > 0.05 * a.abs().max()
+        # Mirror-invariant by construction; the plain features are not.
+        torch.testing.assert_close(flip.deep_features(x.flip(3)), averaged, rtol=1e-4, atol=0)
+    # The option is part of the model: it is rebuilt from the file.
+    flip.load_fitted({"support": np.zeros((3, len(FEATURE_NAMES) + 32)), "dual_coef": np.ones(3)})
+    save_model(flip, tmp_path / "m.pt")
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert loaded.flip_features and loaded.build_kwargs["flip_features"] is True
+    # Grad-CAM runs the backbone twice (image, mirror) and maps the unmirrored pass onto the image.
+    heat = gradcam_heatmap(loaded.eval(), x[:1])
+    assert heat.shape == (1, 64, 64) and np.isfinite(heat).all() and 0 <= heat.min() <= heat.max() <= 1
+    DEEP_FEATURE_MEMO.clear()
+
+
+def test_flip_features_need_a_backbone():
+    with pytest.raises(ValueError, match="radiomics-only"):
+        build_model("radiomics_svm", in_chans=2, flip_features=True)
+    with pytest.raises(ConfigError, match="model.flip_features"):
+        apply_overrides(load_config(), ["model.name=radiomics_svm", "data.lesion_channel=true", "data.crop=roi",
+                                        "model.flip_features=true"])  # fmt: skip
+    with pytest.raises(ConfigError, match="model.flip_features"):
+        apply_overrides(load_config(), ["model.flip_features=true"]).validate()
 
 
 # --- two views: lesion crop and context crop through one backbone --------------------------------------------------

@@ -5,7 +5,7 @@ from liverus.models.blocks import ChannelAttention, SEBlock, SpatialAttention
 from liverus.models.card import ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier, LinearHead
 from liverus.models.ensemble import EnsembleClassifier
-from liverus.models.features import LesionFeatureModel
+from liverus.models.features import FEATURE_CLASSIFIERS, LesionFeatureModel
 from liverus.models.heads import ParallelAttentionHead
 from liverus.models.registry import (
     MODELS,
@@ -28,6 +28,7 @@ __all__ = [
     "ChannelAttention",
     "CustomModel",
     "EnsembleClassifier",
+    "FEATURE_CLASSIFIERS",
     "LesionClassifier",
     "LesionFeatureModel",
     "LinearHead",

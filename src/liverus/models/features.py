@@ -39,6 +39,9 @@ class LesionFeatureModel(nn.Module):
         num_classes: must be 2 (benign / malignant).
         in_chans: must be 2: the gray image and the lesion mask.
         pca_dim: deep features are reduced to this many principal components (fitted in the training fold).
+        flip_features: the deep features are the mean of those of the crop and of its left-right mirror image (a
+            lesion's echo pattern has no left or right; up and down differ in ultrasound, so no vertical mirror).
+            Part of the model: fitting and scoring both see the mean.
         n_support: number of support vectors (set by fitting; needed to rebuild a fitted SVM from a file).
 
     Raises:
@@ -53,6 +56,7 @@ class LesionFeatureModel(nn.Module):
         num_classes: int = 2,
         in_chans: int = 2,
         pca_dim: int = 32,
+        flip_features: bool = False,
         n_support: int = 1,
     ) -> None:
         super().__init__()
@@ -69,8 +73,11 @@ class LesionFeatureModel(nn.Module):
             raise ValueError(f"pca_dim must be in [1, 512], got {pca_dim}")
         if n_support < 1:
             raise ValueError(f"n_support must be at least 1, got {n_support}")
+        if flip_features and backbone is None:
+            raise ValueError("flip_features averages the backbone's features; a radiomics-only model has none")
         self.classifier = classifier
         self.backbone = backbone
+        self.flip_features = bool(flip_features)
         if backbone is not None:
             backbone.requires_grad_(False)
         self.model_name = ""
@@ -166,7 +173,12 @@ class LesionFeatureModel(nn.Module):
         return torch.from_numpy(np.stack(found)).to(x.device)
 
     def _pooled(self, image: torch.Tensor) -> torch.Tensor:
-        return self.backbone(image).float().mean(dim=(2, 3))
+        pooled = self.backbone(image).float().mean(dim=(2, 3))
+        if self.flip_features:
+            # A second call, not a doubled batch: Grad-CAM's hooks then see the unmirrored view first, whose
+            # activations and gradients (of the averaged output) it reads, so its map stays in image coordinates.
+            pooled = (pooled + self.backbone(image.flip(3)).float().mean(dim=(2, 3))) / 2
+        return pooled
 
     def _arithmetic_salt(self, image: torch.Tensor) -> bytes:
         """What the features depend on besides the pixels: the weights (a digest, recomputed only when a tensor of
@@ -179,7 +191,7 @@ class LesionFeatureModel(nn.Module):
             self._weights_versions = versions
         device = image.device.type
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return self._weights_digest + f"{image.device}|{image.dtype}|{autocast}".encode()
+        return self._weights_digest + f"{image.device}|{image.dtype}|{autocast}|flip={self.flip_features}".encode()
 
     def scaled_features(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
         """The classifier's input: standardised radiomics and (standardised, projected) deep features."""

@@ -101,14 +101,21 @@ for _bb in BACKBONES:
 
 def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[..., LesionFeatureModel]:
     def build(
-        *, num_classes: int = 2, weights=None, in_chans: int = 2, pca_dim: int = 32, n_support: int = 1
+        *,
+        num_classes: int = 2,
+        weights=None,
+        in_chans: int = 2,
+        pca_dim: int = 32,
+        flip_features: bool = False,
+        n_support: int = 1,
     ) -> LesionFeatureModel:
         if backbone is None and weights not in (None, "imagenet"):
             raise ValueError("a radiomics-only model has no backbone to load weights into")
         bb = build_backbone(backbone, weights=weights, in_chans=1) if backbone else None
         return LesionFeatureModel(
-            classifier, bb, num_classes=num_classes, in_chans=in_chans, pca_dim=pca_dim, n_support=n_support
-        )
+            classifier, bb, num_classes=num_classes, in_chans=in_chans, pca_dim=pca_dim,
+            flip_features=flip_features, n_support=n_support,
+        )  # fmt: skip
 
     return build
 
