@@ -526,6 +526,32 @@ def test_gradient_reversal_flips_and_scales_the_gradient_sign():
     torch.testing.assert_close(x.grad, -0.5 * torch.arange(3.0).expand(4, 3))
 
 
+def test_debiasing_reports_how_well_the_adversary_tells_the_group():
+    import torch
+    from torch import nn
+
+    from liverus.training.losses import AuxiliaryLosses, Debiasing, sum_totals
+
+    model = nn.Module()
+    model.head = nn.Module()
+    model.head.fc = nn.Linear(2, 2)
+    part = Debiasing(model, n_groups=2, weight=1.0)
+    with torch.no_grad():  # an adversary that answers the larger feature: group 0 for [1, 0], group 1 for [0, 1]
+        model.debias_head = nn.Linear(2, 2, bias=False)
+        model.debias_head.weight.copy_(torch.eye(2))
+    aux = AuxiliaryLosses([part])
+    model.head.fc(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))  # training mode: the hook keeps them
+    aux.loss({"group": torch.tensor([0, 1, 1])})  # right, right, wrong
+    rank0 = aux.epoch_totals()
+    assert aux.epoch_metrics(rank0) == pytest.approx({"debias_group_accuracy": 2 / 3, "debias_group_chance": 2 / 3})
+    assert aux.epoch_totals()["debias_correct"] == [0.0]  # the next epoch starts from zero
+    rank1 = {"debias_correct": [0.0], "debias_group_counts": [3.0, 0.0]}  # another DDP rank: three misses of group 0
+    merged = sum_totals([rank0, rank1])
+    assert merged == {"debias_correct": [2.0], "debias_group_counts": [4.0, 2.0]}
+    assert aux.epoch_metrics(merged) == pytest.approx({"debias_group_accuracy": 2 / 6, "debias_group_chance": 4 / 6})
+    part.close()
+
+
 @pytest.mark.slow
 def test_debiasing_trains_a_group_head_and_saves_an_ordinary_classifier(tmp_path):
     import torch
@@ -543,6 +569,13 @@ def test_debiasing_trains_a_group_head_and_saves_an_ordinary_classifier(tmp_path
     assert not hasattr(model, "debias_head")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert any(k.startswith("debias_head.") for k in ckpt["model"])  # but the checkpoint keeps it for resume
+    # Each epoch's row says how well the adversary told the groups, against the commonest group's share.
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert len(rows) == 2
+    for row in rows:
+        assert 0.0 <= float(row["debias_group_accuracy"]) <= 1.0 and 0.0 < float(row["debias_group_chance"]) <= 1.0
 
 
 def test_default_config_lists_every_key():

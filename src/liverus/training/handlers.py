@@ -40,12 +40,18 @@ class MetricsLogger:
                     self.writer.add_scalar(k, v, row["epoch"])
             self.writer.flush()
         val = f"  val_loss {row['val_loss']:.4f}  val_auc {row['val_auc']:.4f}" if has_val else "  (no validation)"
+        aux = ""
+        if "attention_loss" in row:
+            aux += f"  attention_loss {row['attention_loss']:.4f}"
+        if "debias_group_accuracy" in row:
+            aux += f"  group_acc {row['debias_group_accuracy']:.3f} (chance {row['debias_group_chance']:.3f})"
         log.info(
-            "epoch %d/%d  loss %.4f%s  %.1f img/s%s",
+            "epoch %d/%d  loss %.4f%s%s  %.1f img/s%s",
             row["epoch"],
             self.epochs,
             row["train_loss"],
             val,
+            aux,
             row["train_images_per_s"],
             "  *best*" if improved and has_val else "",
         )

@@ -17,6 +17,7 @@ __all__ = [
     "AttentionSupervision",
     "Debiasing",
     "AuxiliaryLosses",
+    "sum_totals",
     "reverse_gradient",
 ]
 
@@ -137,6 +138,7 @@ class AttentionSupervision:
             raise ValueError(f"loss.attention_weight must be positive, got {weight}")
         self.weight = weight
         self._maps: list[torch.Tensor] = []
+        self._loss_sum, self._batches = 0.0, 0
 
         def keep(mod: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
             if mod.training:  # training passes only; validation needs no map
@@ -152,7 +154,22 @@ class AttentionSupervision:
         """The weighted loss for the last forward pass, against ``extras["lesion"]`` (N, 1, H, W)."""
         attention = self._maps.pop()
         self._maps.clear()
-        return self.weight * attention_supervision_loss(attention, extras["lesion"].to(attention.device))
+        loss = attention_supervision_loss(attention, extras["lesion"].to(attention.device))
+        self._loss_sum, self._batches = self._loss_sum + float(loss.detach()), self._batches + 1
+        return self.weight * loss
+
+    def epoch_totals(self) -> dict[str, list[float]]:
+        """The epoch's additive counts (summed over DDP ranks by the trainer); starts the next epoch's."""
+        totals = {"attention_loss_sum": [self._loss_sum], "attention_batches": [float(self._batches)]}
+        self._loss_sum, self._batches = 0.0, 0
+        return totals
+
+    @staticmethod
+    def epoch_metrics(totals: dict[str, list[float]]) -> dict[str, float]:
+        """``attention_loss``: the mean unweighted supervision loss of the epoch's training batches."""
+        if "attention_batches" not in totals:
+            return {}
+        return {"attention_loss": totals["attention_loss_sum"][0] / max(1.0, totals["attention_batches"][0])}
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -201,6 +218,7 @@ class Debiasing:
             fc.weight.device
         )
         self._features: list[torch.Tensor] = []
+        self._correct, self._counts = 0, torch.zeros(n_groups, dtype=torch.long)
 
         def keep(mod: nn.Module, inputs: tuple) -> None:
             if mod.training:
@@ -213,7 +231,28 @@ class Debiasing:
         feats = self._features.pop()
         self._features.clear()
         logits = self.model.debias_head(reverse_gradient(feats.float(), self.weight))
-        return self.weight * F.cross_entropy(logits, extras["group"].to(logits.device))
+        group = extras["group"].to(logits.device)
+        with torch.no_grad():
+            self._correct += int((logits.argmax(1) == group).sum())
+            self._counts += torch.bincount(group.cpu(), minlength=len(self._counts))
+        return self.weight * F.cross_entropy(logits, group)
+
+    def epoch_totals(self) -> dict[str, list[float]]:
+        """The epoch's additive counts (summed over DDP ranks by the trainer); starts the next epoch's."""
+        totals = {"debias_correct": [float(self._correct)], "debias_group_counts": self._counts.double().tolist()}
+        self._correct, self._counts = 0, torch.zeros_like(self._counts)
+        return totals
+
+    @staticmethod
+    def epoch_metrics(totals: dict[str, list[float]]) -> dict[str, float]:
+        """How well the adversary told the acquisition group on the epoch's training batches
+        (``debias_group_accuracy``) against always guessing the commonest group (``debias_group_chance``): debiasing
+        works when the first falls to the second while the classifier's validation AUC holds."""
+        counts = totals.get("debias_group_counts")
+        if not counts or sum(counts) == 0:
+            return {}
+        n = sum(counts)
+        return {"debias_group_accuracy": totals["debias_correct"][0] / n, "debias_group_chance": max(counts) / n}
 
     def close(self) -> None:
         """Remove the hook and the head: the model is an ordinary classifier again."""
@@ -231,6 +270,19 @@ class AuxiliaryLosses:
     def loss(self, extras: dict) -> torch.Tensor:
         return sum(p.loss(extras) for p in self.parts)
 
+    def epoch_totals(self) -> dict[str, list[float]]:
+        """Every part's additive counts of the epoch (see :func:`sum_totals` for DDP ranks)."""
+        return {k: v for p in self.parts for k, v in p.epoch_totals().items()}
+
+    def epoch_metrics(self, totals: dict[str, list[float]]) -> dict[str, float]:
+        """Every part's epoch metrics from the (rank-summed) totals."""
+        return {k: v for p in self.parts for k, v in p.epoch_metrics(totals).items()}
+
     def close(self) -> None:
         for p in self.parts:
             p.close()
+
+
+def sum_totals(per_rank: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Element-wise sum of the ranks' epoch totals (one dict per rank, the same keys and lengths)."""
+    return {k: [sum(vals) for vals in zip(*(t[k] for t in per_rank), strict=True)] for k in per_rank[0]}

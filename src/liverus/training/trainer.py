@@ -31,7 +31,7 @@ from liverus.training.feature_fit import fit_feature_model
 from liverus.training.finalize import finalize
 from liverus.training.handlers import EarlyStopping, MetricsLogger
 from liverus.training.loop import EpochStats, evaluate_loader, score, selection_score, train_one_epoch
-from liverus.training.losses import AttentionSupervision, AuxiliaryLosses, Debiasing, build_loss
+from liverus.training.losses import AttentionSupervision, AuxiliaryLosses, Debiasing, build_loss, sum_totals
 from liverus.training.optim import build_optimizer, build_scheduler, set_train_mode
 from liverus.training.run_folder import RunExistsError, RunFolder, TrainResult
 from liverus.training.runtime import Runtime
@@ -204,7 +204,7 @@ def _train_epochs(
             aux=supervision,
         )
         steps_done += stats.steps
-        row = broadcast_object(_epoch_row(epoch, stats, objs, data, card, rt), rt.dist)
+        row = broadcast_object(_epoch_row(epoch, stats, objs, data, card, rt, supervision), rt.dist)
         improved = state.record(row, selection_score(row, bool(data.val)))
         if rt.is_main:
             logger.epoch_end(row, improved, bool(data.val))
@@ -256,10 +256,18 @@ def _wrap(model: nn.Module, cfg: TrainConfig, rt: Runtime) -> nn.Module:
 
 
 def _epoch_row(
-    epoch: int, stats: EpochStats, objs: TrainObjects, data: RunData, card: ModelCard, rt: Runtime
+    epoch: int,
+    stats: EpochStats,
+    objs: TrainObjects,
+    data: RunData,
+    card: ModelCard,
+    rt: Runtime,
+    supervision: AuxiliaryLosses | None,
 ) -> dict | None:
-    """The epoch's metrics row (rank 0; None elsewhere). Every rank takes part in the gathers."""
+    """The epoch's metrics row (rank 0; None elsewhere), with the auxiliary losses' epoch metrics (over all ranks'
+    batches). Every rank takes part in the gathers."""
     train_loss = sum(gather_objects(stats.loss, rt.dist)) / rt.dist.world_size
+    aux = sum_totals(gather_objects(supervision.epoch_totals(), rt.dist)) if supervision is not None else {}
     val = None
     if data.val:
         val = evaluate_loader(objs.model, data.eval_loader(data.val), len(data.val), card, rt)
@@ -275,4 +283,5 @@ def _epoch_row(
         "lr": objs.optimizer.param_groups[-1]["lr"],
         "train_images_per_s": round(stats.images * rt.dist.world_size / max(stats.seconds, 1e-9), 2),
         "epoch_time_s": round(time.time() - stats.started, 2),
+        **{k: round(v, 6) for k, v in (supervision.epoch_metrics(aux) if aux else {}).items()},
     }
