@@ -138,7 +138,9 @@ class AttentionSupervision:
             raise ValueError(f"loss.attention_weight must be positive, got {weight}")
         self.weight = weight
         self._maps: list[torch.Tensor] = []
-        self._loss_sum, self._batches = 0.0, 0
+        # Summed as tensors and read once per epoch: a float() per step would wait for the GPU at every step.
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._batches = 0
 
         def keep(mod: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
             if mod.training:  # training passes only; validation needs no map
@@ -155,12 +157,12 @@ class AttentionSupervision:
         attention = self._maps.pop()
         self._maps.clear()
         loss = attention_supervision_loss(attention, extras["lesion"].to(attention.device))
-        self._loss_sum, self._batches = self._loss_sum + float(loss.detach()), self._batches + 1
+        self._loss_sum, self._batches = self._loss_sum + loss.detach(), self._batches + 1
         return self.weight * loss
 
     def epoch_totals(self) -> dict[str, list[float]]:
         """The epoch's additive counts (summed over DDP ranks by the trainer); starts the next epoch's."""
-        totals = {"attention_loss_sum": [self._loss_sum], "attention_batches": [float(self._batches)]}
+        totals = {"attention_loss_sum": [float(self._loss_sum)], "attention_batches": [float(self._batches)]}
         self._loss_sum, self._batches = 0.0, 0
         return totals
 
@@ -218,7 +220,9 @@ class Debiasing:
             fc.weight.device
         )
         self._features: list[torch.Tensor] = []
-        self._correct, self._counts = 0, torch.zeros(n_groups, dtype=torch.long)
+        # Counted on the device and read once per epoch (no wait for the GPU at every step).
+        self._correct = torch.zeros((), dtype=torch.long, device=fc.weight.device)
+        self._counts = torch.zeros(n_groups, dtype=torch.long, device=fc.weight.device)
 
         def keep(mod: nn.Module, inputs: tuple) -> None:
             if mod.training:
@@ -233,14 +237,14 @@ class Debiasing:
         logits = self.model.debias_head(reverse_gradient(feats.float(), self.weight))
         group = extras["group"].to(logits.device)
         with torch.no_grad():
-            self._correct += int((logits.argmax(1) == group).sum())
-            self._counts += torch.bincount(group.cpu(), minlength=len(self._counts))
+            self._correct += (logits.argmax(1) == group).sum()
+            self._counts += torch.bincount(group, minlength=len(self._counts))
         return self.weight * F.cross_entropy(logits, group)
 
     def epoch_totals(self) -> dict[str, list[float]]:
         """The epoch's additive counts (summed over DDP ranks by the trainer); starts the next epoch's."""
         totals = {"debias_correct": [float(self._correct)], "debias_group_counts": self._counts.double().tolist()}
-        self._correct, self._counts = 0, torch.zeros_like(self._counts)
+        self._correct, self._counts = torch.zeros_like(self._correct), torch.zeros_like(self._counts)
         return totals
 
     @staticmethod
