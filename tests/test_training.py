@@ -591,7 +591,7 @@ def test_default_config_lists_every_key():
         assert set(keys) == set(listed[section]), section
 
 
-def test_resume_check_compares_paths_by_where_they_point(tmp_path, monkeypatch):
+def test_resume_check_compares_paths_by_where_they_point_and_new_keys_by_default(tmp_path, monkeypatch):
     from liverus.training.run_folder import changed_keys
 
     (tmp_path / "data").mkdir()
@@ -601,6 +601,12 @@ def test_resume_check_compares_paths_by_where_they_point(tmp_path, monkeypatch):
     assert changed_keys(absolute, relative) == []
     elsewhere = {"data": {"source": "../other", "image_size": 64}, "model": {"weights": "imagenet"}}
     assert changed_keys(absolute, elsewhere) == [f"data.source ({str(tmp_path / 'data')!r} -> '../other')"]
+    # A key written before it existed matches its default, and only its default.
+    older = {"model": {"pca_dim": 32}, "data": {"source": "../data"}}
+    assert changed_keys(older, {"model": {"pca_dim": 32, "flip_features": False}, "data": {"source": "../data"}}) == []
+    assert changed_keys(older, {"model": {"pca_dim": 32, "flip_features": True}, "data": {"source": "../data"}}) == [
+        "model.flip_features (absent -> True)"
+    ]
     # Only path keys are resolved: a string elsewhere compares as written, and 'imagenet' is never a path.
     assert changed_keys({"model": {"weights": "imagenet"}}, {"model": {"weights": "./imagenet"}})
     assert changed_keys({"loss": {"name": "ce"}}, {"loss": {"name": "./ce"}})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from liverus.training.config import TrainConfig, config_to_dict
 from liverus.utils import atomic_write_json, atomic_write_text, provenance
 
 __all__ = ["RunFolder", "RunExistsError", "TrainResult", "changed_keys", "move_aside"]
@@ -141,20 +142,35 @@ def move_aside(path: Path) -> Path:
 PATH_KEYS = frozenset({"data.source", "data.splits", "model.weights"})
 
 
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_keys(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """``section.key (old -> new)`` for every value that differs between two nested config dicts.
 
     Path-valued keys (``PATH_KEYS``) compare by the path they resolve to from the working directory, so a run
-    started with a relative data path resumes with the absolute one and vice versa.
+    started with a relative data path resumes with the absolute one and vice versa. A key the old config lacks (it
+    was written before the key existed) is unchanged when the new value is the key's default (``defaults``: a
+    nested dict of defaults, :class:`TrainConfig`'s when None), so adding an option does not strand earlier runs.
     """
+    if defaults is None:
+        defaults = config_to_dict(TrainConfig())
     keys = []
     for k in sorted(set(old) | set(new), key=str):
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        default = defaults.get(k, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{k}.")
+            keys += changed_keys(a, b, f"{prefix}{k}.", default if isinstance(default, dict) else {})
+        elif a is _ABSENT and b == default:
+            continue
         elif a != b and not (f"{prefix}{k}" in PATH_KEYS and _same_path(a, b)):
             keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
     return keys
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
 
 
 def _same_path(a: object, b: object) -> bool:
