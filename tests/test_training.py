@@ -581,6 +581,28 @@ def test_debiasing_trains_a_group_head_and_saves_an_ordinary_classifier(tmp_path
         assert 0.0 <= float(row["debias_group_accuracy"]) <= 1.0 and 0.0 < float(row["debias_group_chance"]) <= 1.0
 
 
+@pytest.mark.slow
+def test_ddp_debiasing_counts_the_images_of_both_ranks(tmp_path):
+    import csv
+
+    opts = [*TINY, "optim.epochs=1", "data.augment=none", "optim.freeze_bn=true", "loss.debias_by=kind"]
+    args = [a for o in opts for a in ("--set", o)]
+    single = tmp_path / "single"
+    p = _cli("train", "--out", str(single), *args)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    shared = ["--set", f"data.source={single / 'phantom'}", "--set", f"data.splits={single / 'splits.json'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "liverus.cli",
+           "train", "--out", str(tmp_path / "ddp"), *args, *shared]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [next(csv.DictReader((run / "metrics.csv").open())) for run in (single, tmp_path / "ddp")]
+    # Each rank saw half the training images; the epoch's group counts are those of all of them, as in one process.
+    assert rows[0]["debias_group_chance"] == rows[1]["debias_group_chance"]
+    assert float(rows[0]["debias_group_accuracy"]) == pytest.approx(float(rows[1]["debias_group_accuracy"]), abs=0.05)
+    assert not hasattr(load_model(tmp_path / "ddp" / "model.pt")[0], "debias_head")
+
+
 def test_default_config_lists_every_key():
     import yaml
 
