@@ -5,7 +5,7 @@ from liverus.models.blocks import ChannelAttention, SEBlock, SpatialAttention
 from liverus.models.card import ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier, LinearHead
 from liverus.models.ensemble import EnsembleClassifier
-from liverus.models.features import FEATURE_CLASSIFIERS, LesionFeatureModel
+from liverus.models.features import LesionFeatureModel
 from liverus.models.heads import ParallelAttentionHead
 from liverus.models.registry import (
     MODELS,
@@ -13,6 +13,7 @@ from liverus.models.registry import (
     count_flops,
     count_parameters,
     default_card,
+    has_frozen_backbone,
     is_feature_model,
     list_models,
     load_card,
@@ -28,7 +29,6 @@ __all__ = [
     "ChannelAttention",
     "CustomModel",
     "EnsembleClassifier",
-    "FEATURE_CLASSIFIERS",
     "LesionClassifier",
     "LesionFeatureModel",
     "LinearHead",
@@ -43,6 +43,7 @@ __all__ = [
     "count_flops",
     "count_parameters",
     "default_card",
+    "has_frozen_backbone",
     "is_feature_model",
     "list_models",
     "load_card",

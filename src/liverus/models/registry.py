@@ -32,6 +32,7 @@ __all__ = [
     "count_flops",
     "load_state_dict_file",
     "is_feature_model",
+    "has_frozen_backbone",
 ]
 
 
@@ -134,6 +135,12 @@ for _clf in FEATURE_CLASSIFIERS:
 def is_feature_model(name: str) -> bool:
     """Whether the registered model ``name`` is a fitted feature model (no gradient training)."""
     return ALIASES.get(name, name).startswith("radiomics_")
+
+
+def has_frozen_backbone(name: str) -> bool:
+    """Whether the registered model ``name`` is a feature model with frozen deep features
+    (``radiomics_<classifier>_<backbone>``, not ``radiomics_<classifier>``)."""
+    return is_feature_model(name) and ALIASES.get(name, name).removeprefix("radiomics_") not in FEATURE_CLASSIFIERS
 
 
 def list_models() -> list[str]:

@@ -22,7 +22,7 @@ from liverus.data.augment import AUGMENT_LEVELS
 from liverus.data.cases import CLASS_SETS
 from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES, PreprocessConfig
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
-from liverus.models import FEATURE_CLASSIFIERS, is_feature_model, list_models
+from liverus.models import has_frozen_backbone, is_feature_model, list_models
 from liverus.models.registry import ALIASES
 from liverus.models.segmentation import SEGMENTERS
 from liverus.training.losses import LOSSES
@@ -244,8 +244,7 @@ class TrainConfig:
                 raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
             if self.data.context_margin:
                 raise ConfigError("data.context_margin: feature models take one view; set it to 0")
-        radiomics_only = self.model.name.removeprefix("radiomics_") in FEATURE_CLASSIFIERS
-        if self.model.flip_features and (radiomics_only or not is_feature_model(self.model.name)):
+        if self.model.flip_features and not has_frozen_backbone(self.model.name):
             raise ConfigError(
                 f"model.flip_features: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
                 f"model; {self.model.name} has no frozen backbone features (set it to false)"
