@@ -629,3 +629,92 @@ def test_radiomics_are_measured_once_per_image_and_answer_the_same(monkeypatch):
     radiomics.feature_matrix(changed[:1], masks[:1])
     assert len(calls) == 4
     radiomics.FEATURE_MEMO.clear()
+
+
+def _speckled_scan(gain: float, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A gray 'liver' with a darker square lesion, as the same scene under another gain and offset."""
+    rng = np.random.default_rng(7)
+    img = np.clip(rng.normal(0.35, 0.08, (240, 320)), 0.15, 0.9)  # no speckle so dark the fan detection drops it
+    lesion = np.zeros((240, 320), np.uint8)
+    lesion[90:150, 130:200] = 1
+    img[lesion > 0] *= 0.5
+    return np.clip(img * gain + offset, 0, 1).astype(np.float32), lesion
+
+
+@pytest.mark.parametrize("crop", ["roi", "fan", "none"])
+def test_intensity_standardisation_cancels_the_gain_and_keeps_the_lesion_contrast(crop):
+    from liverus.data import preprocess
+    from liverus.data.preprocess import BACKGROUND_MEAN, BACKGROUND_STD
+
+    cfg = PreprocessConfig(image_size=96, crop=crop, intensity="liver")
+    outs, raws = [], []
+    for gain, offset in ((1.0, 0.0), (0.6, 0.0), (1.5, 0.03)):
+        img, lesion = _speckled_scan(gain, offset)
+        pre = preprocess(img, cfg, lesion=lesion)
+        background = (pre.scan > 0) & (pre.lesion == 0)
+        assert pre.image[background].mean() == pytest.approx(BACKGROUND_MEAN, abs=1.0)
+        assert pre.image[background].std() == pytest.approx(BACKGROUND_STD, rel=0.05)
+        outs.append(pre.image.astype(float))
+        raws.append(preprocess(img, PreprocessConfig(image_size=96, crop=crop), lesion=lesion).image.astype(float))
+    # The same scene under three gain/offset settings gives nearly the same picture (up to the 8-bit rounding of the
+    # scan, which the stretch magnifies), where the raw crops differ by tens of gray levels; the lesion stays darker
+    # than the liver by the same number of background standard deviations.
+    for k in (1, 2):
+        assert np.abs(outs[0] - outs[k]).mean() < 0.1 * BACKGROUND_STD and np.abs(raws[0] - raws[k]).mean() > 15
+    lesion_level = outs[0][pre.lesion > 0].mean()
+    assert (BACKGROUND_MEAN - lesion_level) / BACKGROUND_STD == pytest.approx(0.175 / 0.08, rel=0.15)
+
+
+def test_intensity_standardisation_with_a_box_leaves_the_box_out_and_blanks_outside_the_scan():
+    from liverus.data import preprocess
+    from liverus.data.preprocess import BACKGROUND_MEAN, standardize_to_background
+
+    img, lesion = _speckled_scan(1.0)
+    # From a user's box (no outline): the box stands for the lesion in the statistics.
+    pre = preprocess(img, PreprocessConfig(image_size=96, crop="roi", intensity="liver"), box=(130, 90, 200, 150))
+    inside_box = np.zeros_like(pre.image, bool)
+    inside_box[24:72, 22:74] = True  # the box's middle in the 96 px crop (margin 0.3, longer side 70 px)
+    assert pre.image[inside_box].mean() < BACKGROUND_MEAN - 30  # the darker lesion did not pull the background down
+    # Pixels outside the scan area go black; an (almost) empty scan area falls back to the whole image.
+    image = np.full((32, 32), 100, np.uint8)
+    image[:, :16] = 140
+    scan = np.zeros_like(image)
+    scan[:, 8:] = 1
+    out = standardize_to_background(image, scan, np.zeros_like(image))
+    assert (out[:, :8] == 0).all() and out[:, 8:].mean() == pytest.approx(BACKGROUND_MEAN, abs=1)
+    out = standardize_to_background(image, np.zeros_like(image), np.zeros_like(image))
+    assert out.mean() == pytest.approx(BACKGROUND_MEAN, abs=1) and (out > 0).all()
+    # A flat background is not blown up into noise (the spread is floored at one gray level).
+    flat = standardize_to_background(np.full((16, 16), 50, np.uint8), np.ones((16, 16), np.uint8), np.zeros((16, 16)))
+    assert (flat == round(BACKGROUND_MEAN)).all()
+
+
+def test_intensity_setting_is_checked_keys_the_cache_and_travels_with_the_model():
+    import dataclasses
+    import hashlib
+    import json
+
+    with pytest.raises(ValueError, match="intensity must be one of"):
+        PreprocessConfig(intensity="zscore")
+    with pytest.raises(ConfigError, match="data.intensity must be one of"):
+        apply_overrides(load_config(), ["data.intensity=zscore"])
+    cfg = apply_overrides(load_config(), ["data.intensity=liver"])
+    assert cfg.data.preprocess().intensity == "liver"
+    from liverus.models.card import ModelCard
+
+    card = ModelCard(model_name="baseline_efficientnet_lite0", classes=("benign", "malignant"), in_chans=1,
+                     normalization=(0.5, 0.25), preprocess=cfg.data.preprocess())  # fmt: skip
+    again = ModelCard.from_dict(json.loads(json.dumps(card.to_dict())))
+    assert again.preprocess.intensity == "liver" and again.preprocess == card.preprocess
+    # A card written before the setting existed reads as raw.
+    old = card.to_dict()
+    del old["preprocess"]["intensity"]
+    assert ModelCard.from_dict(old).preprocess.intensity == "raw"
+    # Raw keeps the cache key of earlier versions; standardised crops are cached apart.
+    assert PreprocessConfig(crop="roi").key() != PreprocessConfig(crop="roi", intensity="liver").key()
+    legacy = dataclasses.asdict(PreprocessConfig(crop="roi"))
+    legacy.pop("intensity"), legacy.pop("context_margin")
+    assert (
+        PreprocessConfig(crop="roi").key()
+        == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    )

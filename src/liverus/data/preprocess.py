@@ -27,11 +27,20 @@ __all__ = [
     "box_to_mask",
     "model_pixels",
     "VIEW_PLANES",
+    "INTENSITY_MODES",
+    "standardize_to_background",
 ]
 
 CROP_MODES = ("fan", "roi", "none")
 LESION_SOURCES = ("mask", "box")
 BOX_MASKS = ("box", "ellipse", "grabcut")
+INTENSITY_MODES = ("raw", "liver")
+# Where intensity="liver" puts the liver background: about the median of AUL's lesion crops (background mean 70,
+# standard deviation 30 gray levels; 5-95th percentiles 40-148 and 16-54, the spread the mapping removes), so a
+# standardised crop looks like a typical raw one and the ImageNet normalisation still fits.
+BACKGROUND_MEAN, BACKGROUND_STD = 80.0, 32.0
+# Fewer background pixels than this (a lesion filling the crop) give no stable statistics: then the whole scan area.
+MIN_BACKGROUND_PIXELS = 64
 # Larger images (legal up to the reader's pixel limit) are shrunk to this side before the fan detection, whose
 # morphology kernel grows with the image: ultrasound frames are at most about 1-2 k pixels a side anyway.
 MAX_WORK_SIDE = 2048
@@ -58,6 +67,10 @@ class PreprocessConfig:
         context_margin: two-view input (``crop="roi"`` only): besides the tight lesion crop (``roi_margin``), a wide
             context crop around the same centre with this margin (say 1.5: the lesion and the liver around it), both
             at ``image_size``; the model runs both through one backbone. 0: one view.
+        intensity: ``raw`` (gray levels as scanned) or ``liver``: per-image intensity standardisation, each view's
+            gray levels mapped linearly so that its liver background (the scan area outside the lesion) has a fixed
+            mean and spread; the scanner's gain and dynamic-range settings cancel, the lesion's echogenicity relative
+            to the liver stays. Outside the scan area becomes black.
     """
 
     image_size: int = 224
@@ -71,6 +84,7 @@ class PreprocessConfig:
     box_jitter: float = 0.0
     box_mask: str = "grabcut"
     context_margin: float = 0.0
+    intensity: str = "raw"
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
@@ -79,6 +93,8 @@ class PreprocessConfig:
             raise ValueError(f"lesion_from must be one of {LESION_SOURCES}, got {self.lesion_from!r}")
         if self.box_mask not in BOX_MASKS:
             raise ValueError(f"box_mask must be one of {BOX_MASKS}, got {self.box_mask!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if not 0 <= self.box_jitter <= 0.5:
             raise ValueError(f"box_jitter must be in [0, 0.5], got {self.box_jitter}")
         if not 0 <= self.box_loosen <= 1:
@@ -101,8 +117,11 @@ class PreprocessConfig:
     def key(self) -> str:
         """A short hash of the settings (part of the cache key)."""
         d = asdict(self)
-        if not self.context_margin:  # settings of earlier versions keep their cache key
+        # Settings of earlier versions keep their cache key.
+        if not self.context_margin:
             d.pop("context_margin")
+        if self.intensity == "raw":
+            d.pop("intensity")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -351,6 +370,12 @@ def preprocess(
         # A box but no outline: the mask channel gets the lesion the box stands for.
         lesion = box_to_mask(u8, box, cfg.box_mask)
     les = lesion.astype(np.uint8) if lesion is not None else np.zeros_like(u8)
+    # What the intensity standardisation leaves out of the background: the outline, or else the user's box.
+    exclude = les
+    if cfg.intensity != "raw" and not les.any() and box is not None:
+        exclude = np.zeros_like(u8)
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        exclude[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = 1
     scan = detect_scan_area(u8) if cfg.crop in ("fan", "roi") else np.ones_like(u8)
     if cfg.crop == "fan":
         u8 = u8 * scan
@@ -360,20 +385,53 @@ def preprocess(
         crop_box = roi_box(lesion, box, cfg.roi_margin, u8.shape)
     else:
         crop_box = (0, 0, u8.shape[1], u8.shape[0])
-    image, scan_o, les_o, scale = _view(u8, scan, les, crop_box, cfg)
+    image, scan_o, les_o, scale = _view(u8, scan, les, exclude, crop_box, cfg)
     context = None
     if cfg.context_margin:
         # Same centre, wider margin: the lesion's surroundings (liver, capsule, vessels) at the same output size.
-        context = _view(u8, scan, les, roi_box(lesion, box, cfg.context_margin, u8.shape), cfg)[:3]
+        context = _view(u8, scan, les, exclude, roi_box(lesion, box, cfg.context_margin, u8.shape), cfg)[:3]
     if shrink < 1.0:  # report the crop in the original image's pixels
         crop_box = tuple(int(round(v / shrink)) for v in crop_box)
         scale *= shrink
     return Preprocessed(image, scan_o, les_o, crop_box, scale, context=context)
 
 
-def _view(u8, scan, les, crop_box, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _view(u8, scan, les, exclude, crop_box, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Image, scan area and lesion cropped to ``crop_box`` and fitted to ``cfg.image_size``; and the scale."""
     image, scale = _fit(_crop(u8, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_AREA)
     scan_o, _ = _fit(_crop(scan, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
     les_o, _ = _fit(_crop(les, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
+    if cfg.intensity == "liver":
+        excl_o = les_o
+        if exclude is not les:
+            excl_o, _ = _fit(_crop(exclude, crop_box), cfg.image_size, cfg.letterbox, cv2.INTER_NEAREST)
+        image = standardize_to_background(image, scan_o, excl_o)
     return image, scan_o, les_o, scale
+
+
+def standardize_to_background(image: np.ndarray, scan: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """Map gray levels linearly so the background (scan area outside ``lesion``) has a fixed mean and spread.
+
+    Written here because the standard normalisers (torchvision's ``Normalize``, MONAI's ``NormalizeIntensity``)
+    standardise over the whole image: the lesion and the black outside the fan would then set the scale.
+
+    Args:
+        image: ``uint8`` image (H, W).
+        scan: scan-area mask (H, W); pixels outside it become 0 (unless it is nearly empty: then it is ignored).
+        lesion: lesion mask (H, W), left out of the statistics.
+
+    Returns:
+        The standardised ``uint8`` image: background mean ``BACKGROUND_MEAN``, standard deviation ``BACKGROUND_STD``
+        (before clipping to 0-255).
+    """
+    inside = scan > 0
+    if inside.sum() < MIN_BACKGROUND_PIXELS:  # no usable scan area: the whole image
+        inside = np.ones(image.shape, dtype=bool)
+    background = inside & (lesion == 0)
+    if background.sum() < MIN_BACKGROUND_PIXELS:
+        background = inside
+    values = image[background].astype(np.float64)
+    gain = BACKGROUND_STD / max(float(values.std()), 1.0)  # a flat background is not blown up into noise
+    out = (image.astype(np.float64) - values.mean()) * gain + BACKGROUND_MEAN
+    out[~inside] = 0.0
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

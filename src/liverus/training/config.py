@@ -61,6 +61,7 @@ class DataConfig:
     box_jitter: float = 0.0  # each edge of the derived box moves by up to this fraction of its size (seeded)
     box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
     context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
+    intensity: str = "raw"  # raw | liver: per-image standardisation to the liver background (gain cancels)
     balance_by: str = ""  # sample evenly over class x this acquisition group (a manifest column, or image_size)
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
@@ -90,6 +91,7 @@ class DataConfig:
             box_jitter=self.box_jitter,
             box_mask=self.box_mask,
             context_margin=self.context_margin,
+            intensity=self.intensity,
         )
 
 
