@@ -10,7 +10,7 @@ from sklearn.svm import SVC
 from helpers import run_cli
 from liverus.data import Case, CaseCache, PreprocessConfig, box_to_mask, lesion_box, model_pixels
 from liverus.data.augment import apply_transform
-from liverus.data.radiomics import FEATURE_NAMES, lesion_features
+from liverus.data.radiomics import ALL_FEATURE_NAMES, FEATURE_NAMES, RUN_LENGTH_NAMES, lesion_features
 from liverus.engine.forward import normalize_images
 from liverus.engine.heatmaps import gradcam_heatmap
 from liverus.models import (
@@ -25,7 +25,7 @@ from liverus.training import ConfigError, apply_overrides, load_config
 
 
 def _feature(feats: np.ndarray, name: str) -> float:
-    return float(feats[FEATURE_NAMES.index(name)])
+    return float(feats[ALL_FEATURE_NAMES.index(name)])
 
 
 def _disc(size: int = 120, radius: int = 40) -> np.ndarray:
@@ -59,7 +59,48 @@ def test_checkerboard_glcm_contrast_matches_hand_computation():
     mask[8:56, 8:56] = 1
     feats = lesion_features(image, mask)
     assert _feature(feats, "texture_glcm_contrast_1") == pytest.approx(112.5, rel=1e-6)
-    assert np.isfinite(feats).all() and feats.shape == (len(FEATURE_NAMES),)
+    assert np.isfinite(feats).all() and feats.shape == (len(ALL_FEATURE_NAMES),)
+    assert ALL_FEATURE_NAMES[: len(FEATURE_NAMES)] == FEATURE_NAMES  # the default set first, in its order
+
+
+def _run_length_by_hand(runs_per_direction: list[list[tuple[int, int]]], n_pixels: int) -> dict[str, float]:
+    """IBSI run-length features from the (level, length) runs of each direction, averaged over the directions."""
+    per = []
+    for runs in runs_per_direction:
+        n = len(runs)
+        lengths = np.array([r[1] for r in runs], float)
+        levels = [r[0] for r in runs]
+        per.append([
+            (1 / lengths**2).sum() / n,
+            np.log1p((lengths**2).sum() / n),
+            sum(levels.count(g) ** 2 for g in set(levels)) / n**2,
+            sum(list(lengths).count(k) ** 2 for k in set(lengths)) / n**2,
+            n / n_pixels,
+        ])  # fmt: skip
+    return dict(zip(RUN_LENGTH_NAMES, np.mean(per, axis=0), strict=True))
+
+
+def test_run_length_features_match_hand_computation_on_a_square_and_a_checkerboard():
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:18, 10:18] = 1  # an 8 x 8 lesion
+    diagonal = [1, 2, 3, 4, 5, 6, 7, 8, 7, 6, 5, 4, 3, 2, 1]  # run lengths along either diagonal of a square
+    # Uniform: along rows and columns 8 runs of 8, along each diagonal one run per diagonal.
+    uniform = lesion_features(np.full((40, 40), 120, np.uint8), mask)
+    expected = _run_length_by_hand([[(1, 8)] * 8, [(1, d) for d in diagonal]] * 2, 64)
+    for name, value in expected.items():
+        assert _feature(uniform, name) == pytest.approx(value, rel=1e-9), name
+    # Checkerboard of two levels (quantised to 1 and 16): rows and columns are runs of one pixel; each diagonal
+    # holds one level, so the diagonal runs are the square's diagonals, alternating in level.
+    yy, xx = np.mgrid[:40, :40]
+    board = lesion_features(np.where((yy + xx) % 2 == 0, 50, 200).astype(np.uint8), mask)
+    row_runs = [(1 + 15 * ((r + c) % 2 == 0), 1) for r in range(8) for c in range(8)]
+    diag_runs = [(1 + 15 * (k % 2 == 0), d) for k, d in enumerate(diagonal)]
+    anti_runs = [(1 + 15 * (k % 2 == 1), d) for k, d in enumerate(diagonal)]
+    expected = _run_length_by_hand([row_runs, diag_runs, row_runs, anti_runs], 64)
+    for name, value in expected.items():
+        assert _feature(board, name) == pytest.approx(value, rel=1e-9), name
+    assert _feature(board, "texture_glrlm_short_run_emphasis") > _feature(uniform, "texture_glrlm_short_run_emphasis")
+    assert _feature(board, "texture_glrlm_run_percentage") > _feature(uniform, "texture_glrlm_run_percentage")
 
 
 def test_dark_rim_gives_negative_halo_and_bright_band_below_gives_posterior_enhancement():
@@ -480,6 +521,29 @@ def test_flip_features_are_the_mean_over_the_mirror_and_travel_with_the_file(tmp
     DEEP_FEATURE_MEMO.clear()
 
 
+def test_run_length_option_widens_the_radiomics_and_travels_with_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 140, (1, 64, 64)).astype(np.float32) / 255
+    mask = _disc(64, 18)[None].astype(np.float32)
+    x = torch.from_numpy(np.stack([(image - 0.5) / 0.5, mask], axis=1))
+    default = build_model("radiomics_logistic", in_chans=2)
+    wide = build_model("radiomics_logistic", in_chans=2, run_length=True)
+    rad, rad_wide = default.radiomics(x), wide.radiomics(x)
+    assert rad.shape == (1, len(FEATURE_NAMES)) and rad_wide.shape == (1, len(ALL_FEATURE_NAMES))
+    torch.testing.assert_close(rad_wide[:, : len(FEATURE_NAMES)], rad)
+    assert wide.radiomics_mean.shape == (len(ALL_FEATURE_NAMES),) and wide.coef.shape == (len(ALL_FEATURE_NAMES),)
+    wide.load_fitted({"coef": np.ones(len(ALL_FEATURE_NAMES)), "radiomics_scale": np.ones(len(ALL_FEATURE_NAMES))})
+    save_model(wide, tmp_path / "m.pt")
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert loaded.run_length and loaded.build_kwargs["run_length"] is True
+    torch.testing.assert_close(loaded(x), wide(x))
+    # Only models that compute radiomics take it.
+    with pytest.raises(ConfigError, match="model.run_length"):
+        apply_overrides(load_config(), ["model.run_length=true"]).validate()
+    cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, "model.run_length=true"])
+    assert cfg.model.run_length
+
+
 def test_flip_features_need_a_backbone():
     with pytest.raises(ValueError, match="radiomics-only"):
         build_model("radiomics_svm", in_chans=2, flip_features=True)
@@ -488,6 +552,16 @@ def test_flip_features_need_a_backbone():
                                         "model.flip_features=true"])  # fmt: skip
     with pytest.raises(ConfigError, match="model.flip_features"):
         apply_overrides(load_config(), ["model.flip_features=true"]).validate()
+
+
+def test_a_study_checks_every_models_config_before_the_first_trains(tmp_path):
+    from liverus.training.experiments import run_study
+
+    cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, "model.name=radiomics_svm_efficientnet_lite0",
+                                          "model.flip_features=true"])  # fmt: skip
+    with pytest.raises(ConfigError, match="model 'radiomics_svm' of this study: model.flip_features"):
+        run_study(cfg, tmp_path / "s", models=["radiomics_svm_efficientnet_lite0", "radiomics_svm"], k=2)
+    assert not (tmp_path / "s").exists()  # nothing trained, no folder left behind
 
 
 # --- two views: lesion crop and context crop through one backbone --------------------------------------------------

@@ -2,15 +2,15 @@
 
 What a radiologist reads in a focal liver lesion, as numbers: its **shape** (circularity, solidity, margin
 irregularity), its **echo pattern** (first-order intensity statistics and echogenicity relative to the surrounding
-liver), its **texture** (grey-level co-occurrence and size-zone statistics), a hypoechoic **halo** (a dark rim just
-outside the margin) and **posterior acoustic** enhancement or shadowing (the band below the lesion against the bands
-beside it at the same depth).
+liver), its **texture** (grey-level co-occurrence and size-zone statistics; run-length statistics on request), a
+hypoechoic **halo** (a dark rim just outside the margin) and **posterior acoustic** enhancement or shadowing (the band
+below the lesion against the bands beside it at the same depth).
 
 Shape and co-occurrence features come from scikit-image (``regionprops``, ``graycomatrix``/``graycoprops``, whose
-definitions follow the IBSI reference). The grey-level size-zone statistics, the halo and the posterior-acoustic
-features are written here because scikit-image has no size-zone matrix and no library computes the two ultrasound
-features; mirp computes IBSI texture matrices too but needs a whole medical-image stack (ITK images, pandas tables)
-for what is a few lines on one 2-D crop.
+definitions follow the IBSI reference). The grey-level size-zone and run-length statistics, the halo and the
+posterior-acoustic features are written here because scikit-image has neither matrix and no library computes the two
+ultrasound features; mirp computes IBSI texture matrices too but needs a whole medical-image stack (ITK images,
+pandas tables) for what is a few lines on one 2-D crop.
 
 Features are computed on the crop the model sees (the lesion-ROI crop is scaled to the lesion, so sizes in pixels
 carry no information about the scanner's resolution, and intensities are standardised to the crop's own liver
@@ -26,7 +26,15 @@ from skimage.measure import label, regionprops
 
 from liverus.utils import DigestMemo
 
-__all__ = ["FEATURE_NAMES", "FEATURE_MEMO", "lesion_features", "feature_matrix", "GLCM_LEVELS"]
+__all__ = [
+    "FEATURE_NAMES",
+    "RUN_LENGTH_NAMES",
+    "ALL_FEATURE_NAMES",
+    "FEATURE_MEMO",
+    "lesion_features",
+    "feature_matrix",
+    "GLCM_LEVELS",
+]
 
 GLCM_LEVELS = 16
 _GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation")
@@ -66,6 +74,19 @@ FEATURE_NAMES: tuple[str, ...] = (
     + tuple(f"texture_{n}" for n in _TEXTURE)
     + tuple(f"ultrasound_{n}" for n in _ULTRASOUND)
 )
+# Grey-level run-length statistics (IBSI 3.6), kept apart from the default set: on AUL they added nothing
+# (docs/results.md, round 5), and models fitted on the 36 default features must keep reading exactly those.
+RUN_LENGTH_NAMES: tuple[str, ...] = tuple(
+    f"texture_glrlm_{n}"
+    for n in (
+        "short_run_emphasis",
+        "long_run_emphasis",
+        "gray_level_nonuniformity",
+        "run_length_nonuniformity",
+        "run_percentage",
+    )
+)
+ALL_FEATURE_NAMES = FEATURE_NAMES + RUN_LENGTH_NAMES
 
 
 def _shape_features(mask: np.ndarray) -> list[float]:
@@ -155,6 +176,47 @@ def _texture(image: np.ndarray, mask: np.ndarray) -> list[float]:
     return out
 
 
+def _lines(q: np.ndarray) -> list[np.ndarray]:
+    """The image's lines in the four IBSI directions (0, 45, 90 and 135 degrees), one list per direction."""
+    h, w = q.shape
+    flipped = q[:, ::-1]
+    return [
+        list(q),
+        [q.diagonal(k) for k in range(-h + 1, w)],
+        list(q.T),
+        [flipped.diagonal(k) for k in range(-h + 1, w)],
+    ]
+
+
+def _run_length(q: np.ndarray) -> list[float]:
+    """Grey-level run-length features (IBSI 3.6), each the mean over the four directions: short- and long-run
+    emphasis, grey-level and run-length non-uniformity (normalised) and run percentage. ``q`` holds grey levels
+    1..GLCM_LEVELS inside the lesion and 0 outside; runs never cross the lesion's border or a line's end."""
+    per_direction = []
+    n_pixels = float((q > 0).sum())
+    for lines in _lines(q):
+        # One 1-D array, lines separated by a 0 ("outside"), so a run cannot continue onto the next line.
+        flat = np.concatenate([np.append(line, 0) for line in lines])
+        starts = np.flatnonzero(np.diff(flat, prepend=-1))
+        lengths = np.diff(np.append(starts, len(flat)))
+        levels = flat[starts]
+        inside = levels > 0
+        lengths, levels = lengths[inside].astype(np.float64), levels[inside]
+        n_runs = float(len(lengths))
+        matrix = np.zeros((GLCM_LEVELS + 1, int(lengths.max()) + 1))
+        np.add.at(matrix, (levels, lengths.astype(np.int64)), 1.0)
+        per_direction.append(
+            [
+                float((1 / lengths**2).sum() / n_runs),
+                float(np.log1p((lengths**2).sum() / n_runs)),  # log, as the large-zone emphasis
+                float((matrix.sum(axis=1) ** 2).sum() / n_runs**2),
+                float((matrix.sum(axis=0) ** 2).sum() / n_runs**2),
+                n_runs / n_pixels,
+            ]
+        )
+    return np.mean(per_direction, axis=0).tolist()
+
+
 def _ultrasound(image: np.ndarray, mask: np.ndarray) -> list[float]:
     img = image.astype(np.float64)
     ys, xs = np.nonzero(mask)
@@ -185,14 +247,14 @@ def _ultrasound(image: np.ndarray, mask: np.ndarray) -> list[float]:
 
 
 def lesion_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The :data:`FEATURE_NAMES` features of one lesion.
+    """The :data:`ALL_FEATURE_NAMES` features of one lesion (the default :data:`FEATURE_NAMES` first).
 
     Args:
         image: gray ``uint8`` crop (H, W).
         mask: lesion mask (H, W), non-zero inside the lesion.
 
     Returns:
-        ``float64`` vector of ``len(FEATURE_NAMES)`` finite values.
+        ``float64`` vector of ``len(ALL_FEATURE_NAMES)`` finite values.
 
     Raises:
         ValueError: for shapes that differ, or a mask with fewer than 9 lesion pixels (no shape to measure).
@@ -208,7 +270,8 @@ def lesion_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         _shape_features(m.astype(np.uint8))
         + _first_order(values, background)
         + _texture(image, m)
-        + _ultrasound(image, m),
+        + _ultrasound(image, m)
+        + _run_length(_quantize(image, m)),
         dtype=np.float64,
     )
     return np.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from liverus.data.radiomics import FEATURE_NAMES, feature_matrix
+from liverus.data.radiomics import FEATURE_NAMES, RUN_LENGTH_NAMES, feature_matrix
 from liverus.models.backbones import Backbone, WeightsInfo
 from liverus.utils import DigestMemo
 
@@ -42,6 +42,8 @@ class LesionFeatureModel(nn.Module):
         flip_features: the deep features are the mean of those of the crop and of its left-right mirror image (a
             lesion's echo pattern has no left or right; up and down differ in ultrasound, so no vertical mirror).
             Part of the model: fitting and scoring both see the mean.
+        run_length: add the grey-level run-length features (:data:`~liverus.data.radiomics.RUN_LENGTH_NAMES`) to
+            the default radiomics.
         n_support: number of support vectors (set by fitting; needed to rebuild a fitted SVM from a file).
 
     Raises:
@@ -57,6 +59,7 @@ class LesionFeatureModel(nn.Module):
         in_chans: int = 2,
         pca_dim: int = 32,
         flip_features: bool = False,
+        run_length: bool = False,
         n_support: int = 1,
     ) -> None:
         super().__init__()
@@ -82,7 +85,8 @@ class LesionFeatureModel(nn.Module):
             backbone.requires_grad_(False)
         self.model_name = ""
         self.build_kwargs: dict = {}
-        n_rad = len(FEATURE_NAMES)
+        self.run_length = bool(run_length)
+        n_rad = len(FEATURE_NAMES) + (len(RUN_LENGTH_NAMES) if run_length else 0)
         width = n_rad + (pca_dim if backbone is not None else 0)
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("radiomics_mean", torch.zeros(n_rad))
@@ -147,7 +151,9 @@ class LesionFeatureModel(nn.Module):
         mean, std = self._norm
         pixels = ((x[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
         masks = (x[:, 1].float() > 0.5).cpu().numpy()
-        return torch.from_numpy(feature_matrix(pixels.cpu().numpy(), masks)).to(x.device, torch.float32)
+        # feature_matrix measures every feature (ALL_FEATURE_NAMES, default set first); this model reads its own.
+        feats = feature_matrix(pixels.cpu().numpy(), masks)[:, : self.radiomics_mean.shape[0]]
+        return torch.from_numpy(np.ascontiguousarray(feats)).to(x.device, torch.float32)
 
     def deep_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """The frozen backbone's pooled features (N, D) of the image channel, or None without a backbone.

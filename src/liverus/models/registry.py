@@ -108,6 +108,7 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
         in_chans: int = 2,
         pca_dim: int = 32,
         flip_features: bool = False,
+        run_length: bool = False,
         n_support: int = 1,
     ) -> LesionFeatureModel:
         if backbone is None and weights not in (None, "imagenet"):
@@ -115,7 +116,7 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
         bb = build_backbone(backbone, weights=weights, in_chans=1) if backbone else None
         return LesionFeatureModel(
             classifier, bb, num_classes=num_classes, in_chans=in_chans, pca_dim=pca_dim,
-            flip_features=flip_features, n_support=n_support,
+            flip_features=flip_features, run_length=run_length, n_support=n_support,
         )  # fmt: skip
 
     return build

@@ -109,6 +109,7 @@ class ModelConfig:
     spatial_kernel: int = 7
     pca_dim: int = 32  # radiomics_*_<backbone> models: principal components kept of the frozen deep features
     flip_features: bool = False  # radiomics_*_<backbone>: deep features averaged with those of the mirrored crop
+    run_length: bool = False  # radiomics_*: add the grey-level run-length (GLRLM) texture features
 
 
 @dataclass
@@ -246,6 +247,11 @@ class TrainConfig:
                 raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
             if self.data.context_margin:
                 raise ConfigError("data.context_margin: feature models take one view; set it to 0")
+        if self.model.run_length and not is_feature_model(self.model.name):
+            raise ConfigError(
+                f"model.run_length: adds run-length texture features to the radiomics of a radiomics_* model; "
+                f"{self.model.name} computes no radiomics (set it to false)"
+            )
         if self.model.flip_features and not has_frozen_backbone(self.model.name):
             raise ConfigError(
                 f"model.flip_features: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "

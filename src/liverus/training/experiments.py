@@ -26,7 +26,7 @@ from liverus.data import (
 )
 from liverus.evaluation.multiclass_study import summarize_multiclass_study
 from liverus.evaluation.study import repeat_dir, summarize_study
-from liverus.training.config import TrainConfig, config_to_dict
+from liverus.training.config import ConfigError, TrainConfig, config_to_dict
 from liverus.training.datasets import usable_cases
 from liverus.training.run_folder import RunExistsError, changed_keys, move_aside
 from liverus.training.trainer import train
@@ -59,6 +59,7 @@ def run_holdout_comparison(
     """Train several models on one group-aware train / validation / test split and compare them on the test part
     (the quick version of :func:`run_study`, used by ``liverus demo``). Same folder layout, with ``fold0`` only."""
     out = Path(out)
+    check_models(cfg, models)
     if (out / "study.json").is_file() and not resume:
         raise RunExistsError(f"folder {out} already holds a comparison; pass --resume to continue it")
     out.mkdir(parents=True, exist_ok=True)
@@ -76,16 +77,37 @@ def run_holdout_comparison(
     return summarize_study(out, labels, baseline=labels[0], subgroup=[], n_boot=n_boot)
 
 
-def _train_model(cfg: TrainConfig, spec: str, run_dir: Path, cases: list, split: dict) -> None:
-    """Train one model spec into ``run_dir`` (skipped when finished, resumed when interrupted)."""
-    if (run_dir / "result.json").is_file():
-        return
-    name, weights, label = parse_model_spec(spec)
+def _model_config(cfg: TrainConfig, spec: str) -> TrainConfig:
+    """The study's config with the model of ``spec`` (``name`` or ``name@weights``)."""
+    name, weights, _ = parse_model_spec(spec)
     mcfg = copy.deepcopy(cfg)
     mcfg.model.name = name
     if "@" in spec:
         mcfg.model.weights = weights
     mcfg.data.splits = ""
+    return mcfg
+
+
+def check_models(cfg: TrainConfig, models: list[str]) -> None:
+    """Check the config of every model of a study before the first one trains (a study of several models would
+    otherwise stop at the second model's config error after the first model's folds).
+
+    Raises:
+        ConfigError: naming the model and the config key.
+    """
+    for spec in models:
+        try:
+            _model_config(cfg, spec).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"model {spec!r} of this study: {exc}") from None
+
+
+def _train_model(cfg: TrainConfig, spec: str, run_dir: Path, cases: list, split: dict) -> None:
+    """Train one model spec into ``run_dir`` (skipped when finished, resumed when interrupted)."""
+    if (run_dir / "result.json").is_file():
+        return
+    label = parse_model_spec(spec)[2]
+    mcfg = _model_config(cfg, spec)
     if not mcfg.data.cache_dir:  # one cache for the whole study, inside it
         mcfg.data.cache_dir = str(default_cache_dir(run_dir.parents[1]))
     log.info("== %s: %s", label, run_dir.name)
@@ -126,6 +148,7 @@ def run_study(
 
     Raises:
         RunExistsError: if ``out`` holds a study and neither ``resume`` nor ``overwrite`` is set.
+        ConfigError: if the config does not fit one of the models (checked for all before anything trains).
         ValueError: if a resumed study's config differs (the message names the keys).
     """
     out = Path(out)
@@ -135,6 +158,7 @@ def run_study(
         raise ValueError(f"model list has duplicates: {models}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    check_models(cfg, models)
     study_file = out / "study.json"
     if overwrite and out.exists():
         move_aside(out)
