@@ -59,8 +59,11 @@ def test_checkerboard_glcm_contrast_matches_hand_computation():
     mask[8:56, 8:56] = 1
     feats = lesion_features(image, mask)
     assert _feature(feats, "texture_glcm_contrast_1") == pytest.approx(112.5, rel=1e-6)
-    assert np.isfinite(feats).all() and feats.shape == (len(ALL_FEATURE_NAMES),)
-    assert ALL_FEATURE_NAMES[: len(FEATURE_NAMES)] == FEATURE_NAMES  # the default set first, in its order
+    assert np.isfinite(feats).all() and feats.shape == (len(FEATURE_NAMES),)
+    # With the run-length features: the default set first, unchanged.
+    wide = lesion_features(image, mask, run_length=True)
+    assert wide.shape == (len(ALL_FEATURE_NAMES),) and ALL_FEATURE_NAMES[: len(FEATURE_NAMES)] == FEATURE_NAMES
+    np.testing.assert_array_equal(wide[: len(FEATURE_NAMES)], feats)
 
 
 def _run_length_by_hand(runs_per_direction: list[list[tuple[int, int]]], n_pixels: int) -> dict[str, float]:
@@ -85,14 +88,14 @@ def test_run_length_features_match_hand_computation_on_a_square_and_a_checkerboa
     mask[10:18, 10:18] = 1  # an 8 x 8 lesion
     diagonal = [1, 2, 3, 4, 5, 6, 7, 8, 7, 6, 5, 4, 3, 2, 1]  # run lengths along either diagonal of a square
     # Uniform: along rows and columns 8 runs of 8, along each diagonal one run per diagonal.
-    uniform = lesion_features(np.full((40, 40), 120, np.uint8), mask)
+    uniform = lesion_features(np.full((40, 40), 120, np.uint8), mask, run_length=True)
     expected = _run_length_by_hand([[(1, 8)] * 8, [(1, d) for d in diagonal]] * 2, 64)
     for name, value in expected.items():
         assert _feature(uniform, name) == pytest.approx(value, rel=1e-9), name
     # Checkerboard of two levels (quantised to 1 and 16): rows and columns are runs of one pixel; each diagonal
     # holds one level, so the diagonal runs are the square's diagonals, alternating in level.
     yy, xx = np.mgrid[:40, :40]
-    board = lesion_features(np.where((yy + xx) % 2 == 0, 50, 200).astype(np.uint8), mask)
+    board = lesion_features(np.where((yy + xx) % 2 == 0, 50, 200).astype(np.uint8), mask, run_length=True)
     row_runs = [(1 + 15 * ((r + c) % 2 == 0), 1) for r in range(8) for c in range(8)]
     diag_runs = [(1 + 15 * (k % 2 == 0), d) for k, d in enumerate(diagonal)]
     anti_runs = [(1 + 15 * (k % 2 == 1), d) for k, d in enumerate(diagonal)]
@@ -689,7 +692,7 @@ def test_radiomics_are_measured_once_per_image_and_answer_the_same(monkeypatch):
 
     calls = []
     real = radiomics.lesion_features
-    monkeypatch.setattr(radiomics, "lesion_features", lambda i, m: calls.append(1) or real(i, m))
+    monkeypatch.setattr(radiomics, "lesion_features", lambda i, m, **kw: calls.append(1) or real(i, m, **kw))
     radiomics.FEATURE_MEMO.clear()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (3, 96, 96)).astype(np.uint8)
@@ -702,6 +705,10 @@ def test_radiomics_are_measured_once_per_image_and_answer_the_same(monkeypatch):
     changed[0, 0, 0] ^= 1  # one pixel differs: measured again
     radiomics.feature_matrix(changed[:1], masks[:1])
     assert len(calls) == 4
+    # The run-length option is part of the key: the wider vectors are measured, not the narrow ones returned.
+    wide = radiomics.feature_matrix(images, masks, run_length=True)
+    assert len(calls) == 7 and wide.shape == (3, len(ALL_FEATURE_NAMES))
+    np.testing.assert_array_equal(wide[:, : len(FEATURE_NAMES)], first)
     radiomics.FEATURE_MEMO.clear()
 
 

@@ -176,7 +176,7 @@ def _texture(image: np.ndarray, mask: np.ndarray) -> list[float]:
     return out
 
 
-def _lines(q: np.ndarray) -> list[np.ndarray]:
+def _lines(q: np.ndarray) -> list[list[np.ndarray]]:
     """The image's lines in the four IBSI directions (0, 45, 90 and 135 degrees), one list per direction."""
     h, w = q.shape
     flipped = q[:, ::-1]
@@ -246,15 +246,16 @@ def _ultrasound(image: np.ndarray, mask: np.ndarray) -> list[float]:
     ]
 
 
-def lesion_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The :data:`ALL_FEATURE_NAMES` features of one lesion (the default :data:`FEATURE_NAMES` first).
+def lesion_features(image: np.ndarray, mask: np.ndarray, *, run_length: bool = False) -> np.ndarray:
+    """The :data:`FEATURE_NAMES` features of one lesion (with ``run_length``: :data:`ALL_FEATURE_NAMES`).
 
     Args:
         image: gray ``uint8`` crop (H, W).
         mask: lesion mask (H, W), non-zero inside the lesion.
+        run_length: also the run-length features (:data:`RUN_LENGTH_NAMES`), after the default ones.
 
     Returns:
-        ``float64`` vector of ``len(ALL_FEATURE_NAMES)`` finite values.
+        ``float64`` vector of ``len(FEATURE_NAMES)`` (or ``len(ALL_FEATURE_NAMES)``) finite values.
 
     Raises:
         ValueError: for shapes that differ, or a mask with fewer than 9 lesion pixels (no shape to measure).
@@ -271,7 +272,7 @@ def lesion_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         + _first_order(values, background)
         + _texture(image, m)
         + _ultrasound(image, m)
-        + _run_length(_quantize(image, m)),
+        + (_run_length(_quantize(image, m)) if run_length else []),
         dtype=np.float64,
     )
     return np.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
@@ -282,16 +283,16 @@ def lesion_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 FEATURE_MEMO = DigestMemo()
 
 
-def feature_matrix(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+def feature_matrix(images: np.ndarray, masks: np.ndarray, *, run_length: bool = False) -> np.ndarray:
     """:func:`lesion_features` of a batch: ``images`` and ``masks`` (N, H, W) -> (N, F), remembered per image
     (:data:`FEATURE_MEMO`), so the same image is measured once per process."""
-    return np.stack([_remembered_features(i, m) for i, m in zip(images, masks, strict=True)])
+    return np.stack([_remembered_features(i, m, run_length) for i, m in zip(images, masks, strict=True)])
 
 
-def _remembered_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    key = FEATURE_MEMO.key(image, mask)
+def _remembered_features(image: np.ndarray, mask: np.ndarray, run_length: bool) -> np.ndarray:
+    key = FEATURE_MEMO.key(image, mask, salt=b"run_length" if run_length else b"")
     value = FEATURE_MEMO.get(key)
     if value is None:
-        value = lesion_features(image, mask)
+        value = lesion_features(image, mask, run_length=run_length)
         FEATURE_MEMO.put(key, value)
     return value

@@ -151,9 +151,8 @@ class LesionFeatureModel(nn.Module):
         mean, std = self._norm
         pixels = ((x[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
         masks = (x[:, 1].float() > 0.5).cpu().numpy()
-        # feature_matrix measures every feature (ALL_FEATURE_NAMES, default set first); this model reads its own.
-        feats = feature_matrix(pixels.cpu().numpy(), masks)[:, : self.radiomics_mean.shape[0]]
-        return torch.from_numpy(np.ascontiguousarray(feats)).to(x.device, torch.float32)
+        feats = feature_matrix(pixels.cpu().numpy(), masks, run_length=self.run_length)
+        return torch.from_numpy(feats).to(x.device, torch.float32)
 
     def deep_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """The frozen backbone's pooled features (N, D) of the image channel, or None without a backbone.
