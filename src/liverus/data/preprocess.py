@@ -373,9 +373,7 @@ def preprocess(
     # What the intensity standardisation leaves out of the background: the outline, or else the user's box.
     exclude = les
     if cfg.intensity != "raw" and not les.any() and box is not None:
-        exclude = np.zeros_like(u8)
-        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-        exclude[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = 1
+        exclude = box_to_mask(u8, box, "box")
     scan = detect_scan_area(u8) if cfg.crop in ("fan", "roi") else np.ones_like(u8)
     if cfg.crop == "fan":
         u8 = u8 * scan
