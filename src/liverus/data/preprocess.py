@@ -35,7 +35,7 @@ CROP_MODES = ("fan", "roi", "none")
 LESION_SOURCES = ("mask", "box")
 BOX_MASKS = ("box", "ellipse", "grabcut")
 INTENSITY_MODES = ("raw", "liver")
-# Where intensity="liver" puts the liver background: about the median of AUL's lesion crops (background mean 70,
+# Where intensity="liver" puts the liver background: near the median of AUL's lesion crops (background mean 70,
 # standard deviation 30 gray levels; 5-95th percentiles 40-148 and 16-54, the spread the mapping removes), so a
 # standardised crop looks like a typical raw one and the ImageNet normalisation still fits.
 BACKGROUND_MEAN, BACKGROUND_STD = 80.0, 32.0
