@@ -133,6 +133,13 @@ def test_config_file_and_overrides(tmp_path):
         ("", ["data.image_size=16"], r"data\.image_size must be in \[32, 2048\]"),
         ("", ["data.context_margin=1.5"], r"data\.context_margin: two views are crops around the lesion; set crop"),
         ("", ["data.crop=roi", "data.context_margin=0.2"], r"data\.context_margin must be wider than roi_margin"),
+        ("", ["loss.segmentation_weight=-1"], r"loss\.segmentation_weight: must not be negative"),
+        ("", ["loss.attention_weight=-0.5"], r"loss\.attention_weight: must not be negative"),
+        (
+            "",
+            ["model.name=radiomics_svm", "data.lesion_channel=true", "data.crop=roi", "loss.segmentation_weight=1"],
+            r"loss\.segmentation_weight: an auxiliary loss of gradient training; radiomics_svm is a fitted feature",
+        ),
     ],
 )
 def test_config_errors(tmp_path, text, overrides, match):
@@ -515,6 +522,91 @@ def test_attention_supervision_changes_what_the_attention_learns(tmp_path):
         train(apply_overrides(load_config(), [*base, f"loss.attention_weight={w}"]), run, max_steps=3)
         weights[w] = load_model(run / "model.pt")[0].head.spatial.conv.weight.detach()
     assert not torch.allclose(weights[0.0], weights[5.0])
+
+
+def test_auxiliary_segmentation_loss_against_the_area_downsampled_mask():
+    import torch
+    from torch import nn
+
+    from liverus.models import build_model
+    from liverus.training.losses import AuxiliaryLosses, AuxiliarySegmentation, dice_bce_loss
+
+    model = build_model("baseline_efficientnet_lite0").train()
+    part = AuxiliarySegmentation(model, weight=2.0)
+    assert isinstance(model.seg_head, nn.Module) and model.seg_head[0].in_channels == 1280
+    fixed = torch.tensor([[-3.0, 3.0], [1.0, -1.0]]).expand(3, 1, 2, 2)
+
+    class KnownLogits(nn.Module):  # stands in for the head: known logits, still in the graph of the features
+        def forward(self, feats):
+            assert feats.shape == (3, 1280, 2, 2)  # the feature map the classifier's head pools
+            return fixed + 0 * feats.mean()
+
+    model.seg_head = KnownLogits()
+    lesion = torch.zeros(3, 1, 64, 64)
+    lesion[0, 0, :32, 32:] = 1  # image 0: the top-right quarter, exactly one cell of the 2 x 2 map
+    lesion[2, 0, :16, :32] = 1  # image 2: half of the top-left cell; image 1 has no lesion and does not count
+    aux = AuxiliaryLosses([part])
+    model(torch.randn(3, 1, 64, 64))  # EfficientNet-Lite0: 64 px -> a 2 x 2 feature map
+    got = aux.loss({"lesion": lesion})
+    target = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]], [[[0.5, 0.0], [0.0, 0.0]]]])
+    torch.testing.assert_close(got, 2.0 * dice_bce_loss(fixed[:2], target))
+    assert aux.epoch_metrics(aux.epoch_totals())["segmentation_loss"] == pytest.approx(float(got.detach()) / 2)
+    model(torch.randn(3, 1, 64, 64))
+    assert float(aux.loss({"lesion": torch.zeros(3, 1, 64, 64)})) == 0.0  # no lesion in the batch: nothing to learn
+    part.close()
+    assert not hasattr(model, "seg_head") and not model.head._forward_pre_hooks
+
+
+def test_auxiliary_segmentation_reaches_the_backbone_and_needs_a_cnn():
+    import torch
+    from torch import nn
+
+    from liverus.models import build_model
+    from liverus.training.losses import AuxiliarySegmentation, dice_bce_loss
+
+    perfect = torch.tensor([[[[-20.0, 20.0], [-20.0, -20.0]]]])
+    assert float(dice_bce_loss(perfect, (perfect > 0).float())) < 1e-6
+    assert float(dice_bce_loss(-perfect, (perfect > 0).float())) > 1.0
+    model = build_model("custom_efficientnet_lite0").train()
+    part = AuxiliarySegmentation(model, weight=1.0)
+    lesion = torch.zeros(2, 1, 64, 64)
+    lesion[:, :, 8:40, 8:40] = 1
+    model(torch.randn(2, 1, 64, 64))
+    part.loss({"lesion": lesion}).backward()
+    assert model.backbone.stem().weight.grad.abs().sum() > 0  # the mask teaches the backbone, not only the head
+    assert model.head.fc.weight.grad is None  # the classifier is not in the auxiliary loss's graph
+    part.close()
+    with pytest.raises(ValueError, match="needs a CNN classifier"):
+        AuxiliarySegmentation(nn.Linear(2, 2), 1.0)
+    with pytest.raises(ValueError, match="must be positive"):
+        AuxiliarySegmentation(build_model("baseline_efficientnet_lite0"), 0.0)
+
+
+@pytest.mark.slow
+def test_auxiliary_segmentation_trains_and_saves_an_ordinary_classifier(tmp_path):
+    import csv
+
+    import torch
+
+    from liverus.models import load_model
+    from liverus.training import apply_overrides, load_config, train
+
+    base = ["data.image_size=64", "data.phantom_patients=16", "data.phantom_size=96", "data.augment=none",
+            "model.name=baseline_efficientnet_lite0", "optim.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0",
+            "runtime.progress=false", "runtime.tensorboard=false", "runtime.precision=fp32"]  # fmt: skip
+    stems = {}
+    for w in (0.0, 5.0):
+        run = tmp_path / f"w{w}"
+        train(apply_overrides(load_config(), [*base, f"loss.segmentation_weight={w}"]), run, max_steps=3)
+        model, _ = load_model(run / "model.pt")  # strict load: no segmentation head left in the weights
+        assert not hasattr(model, "seg_head")
+        stems[w] = model.backbone.stem().weight.detach()
+    assert not torch.allclose(stems[0.0], stems[5.0])  # the auxiliary loss changed what the backbone learnt
+    ckpt = torch.load(tmp_path / "w5.0" / "checkpoints" / "last.pt", weights_only=True)
+    assert any(k.startswith("seg_head.") for k in ckpt["model"])  # the checkpoint keeps it for resume
+    row = next(csv.DictReader((tmp_path / "w5.0" / "metrics.csv").open()))
+    assert float(row["segmentation_loss"]) > 0
+    assert "segmentation_loss" not in next(csv.DictReader((tmp_path / "w0.0" / "metrics.csv").open()))
 
 
 def test_gradient_reversal_flips_and_scales_the_gradient_sign():

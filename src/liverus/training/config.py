@@ -136,6 +136,7 @@ class LossConfig:
     label_smoothing: float = 0.0
     balanced_sampler: bool = False
     attention_weight: float = 0.0  # > 0: supervise the spatial-attention map with the lesion mask (custom_* models)
+    segmentation_weight: float = 0.0  # > 0: an auxiliary head learns the lesion mask from the pooled feature map
     debias_by: str = ""  # adversarial debiasing against this acquisition group (a manifest column, or image_size)
     debias_weight: float = 0.1  # weight (and gradient-reversal scale) of the debiasing head's loss
 
@@ -197,6 +198,8 @@ class TrainConfig:
             ("optim", "early_stopping_patience"),
             ("optim", "backbone_lr_mult"),
             ("loss", "focal_gamma"),
+            ("loss", "attention_weight"),
+            ("loss", "segmentation_weight"),
             ("data", "num_workers"),
             ("data", "fold"),
         ]
@@ -247,6 +250,12 @@ class TrainConfig:
                 raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
             if self.data.context_margin:
                 raise ConfigError("data.context_margin: feature models take one view; set it to 0")
+            for key in ("attention_weight", "segmentation_weight"):
+                if getattr(self.loss, key) > 0:
+                    raise ConfigError(
+                        f"loss.{key}: an auxiliary loss of gradient training; {self.model.name} is a fitted feature "
+                        "model (set it to 0)"
+                    )
         if self.model.run_length and not is_feature_model(self.model.name):
             raise ConfigError(
                 f"model.run_length: adds run-length texture features to the radiomics of a radiomics_* model; "

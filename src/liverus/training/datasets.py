@@ -218,7 +218,7 @@ def prepare_run_data(
         cache,
         build_train_transform(cfg.data.augment),
         seed=cfg.runtime.seed,
-        with_lesion=cfg.loss.attention_weight > 0,
+        with_lesion=cfg.loss.attention_weight > 0 or cfg.loss.segmentation_weight > 0,
         groups=group_ids,
     )
     targets = list(train_ds.targets)

@@ -43,6 +43,8 @@ class MetricsLogger:
         aux = ""
         if "attention_loss" in row:
             aux += f"  attention_loss {row['attention_loss']:.4f}"
+        if "segmentation_loss" in row:
+            aux += f"  segmentation_loss {row['segmentation_loss']:.4f}"
         if "debias_group_accuracy" in row:
             aux += f"  group_acc {row['debias_group_accuracy']:.3f} (chance {row['debias_group_chance']:.3f})"
         log.info(

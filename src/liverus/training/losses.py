@@ -1,4 +1,5 @@
-"""Losses for imbalanced lesion classes: class-weighted cross-entropy and softmax focal loss."""
+"""Losses: class-weighted cross-entropy and softmax focal loss for imbalanced lesion classes; the auxiliary losses
+that train beside them (attention supervision, an auxiliary segmentation head, adversarial debiasing)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ __all__ = [
     "build_loss",
     "attention_supervision_loss",
     "AttentionSupervision",
+    "dice_bce_loss",
+    "AuxiliarySegmentation",
     "Debiasing",
     "AuxiliaryLosses",
     "sum_totals",
@@ -172,6 +175,96 @@ class AttentionSupervision:
         if "attention_batches" not in totals:
             return {}
         return {"attention_loss": totals["attention_loss_sum"][0] / max(1.0, totals["attention_batches"][0])}
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice loss (per image, then averaged), for lesion logits (N, 1, H, W) against
+    masks or soft (area-fraction) masks of the same size."""
+    target = target.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+    prob = torch.sigmoid(logits.float())
+    inter = (prob * target).sum(dim=(1, 2, 3))
+    denom = prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+    soft_dice = (2 * inter + 1.0) / (denom + 1.0)
+    return bce + (1 - soft_dice).mean()
+
+
+class AuxiliarySegmentation:
+    """An auxiliary segmentation head (multi-task learning): a small convolutional head reads the feature map the
+    classifier's head pools and predicts the lesion mask at that map's resolution (the mask area-downsampled to it),
+    so the backbone must keep where the lesion is and where its border runs. Unlike attention supervision it needs no
+    spatial attention, so the baseline can have it too.
+
+    The head is attached to the model as ``seg_head`` for the training (so the optimiser, checkpoints and resume include
+    it) and removed by :meth:`close` before the model is saved, so ``model.pt`` is an ordinary classifier. Images
+    without a lesion mask do not count.
+
+    Args:
+        model: a :class:`~liverus.models.LesionClassifier` (any ``custom_*`` or ``baseline_*`` model).
+        weight: the loss weight.
+
+    Raises:
+        ValueError: for a model without a backbone feature map, or a weight that is not positive.
+    """
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        spec = getattr(getattr(model, "backbone", None), "spec", None)
+        head = getattr(model, "head", None)
+        if spec is None or head is None:
+            raise ValueError(
+                "loss.segmentation_weight needs a CNN classifier (a backbone and a head); set it to 0 for "
+                f"{getattr(model, 'model_name', type(model).__name__)}"
+            )
+        if weight <= 0:
+            raise ValueError(f"loss.segmentation_weight must be positive, got {weight}")
+        self.model, self.weight = model, weight
+        device = next(head.parameters()).device
+        model.seg_head = nn.Sequential(
+            nn.Conv2d(spec.out_channels, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1)
+        ).to(device)
+        self._maps: list[torch.Tensor] = []
+        # Summed as tensors and read once per epoch (no wait for the GPU at every step).
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._batches = 0
+
+        def keep(mod: nn.Module, inputs: tuple) -> None:
+            if mod.training:  # the head's input: the fused feature map, on the lesion crop's grid with two views
+                self._maps.append(inputs[0])
+
+        self._handle = head.register_forward_pre_hook(keep)
+
+    def loss(self, extras: dict) -> torch.Tensor:
+        """The weighted :func:`dice_bce_loss` of the head on the last forward pass, against ``extras["lesion"]``."""
+        feats = self._maps.pop()
+        self._maps.clear()
+        logits = self.model.seg_head(feats)
+        lesion = extras["lesion"].to(logits.device)
+        has = lesion.flatten(1).amax(dim=1) > 0
+        if not bool(has.any()):
+            return logits.sum() * 0.0
+        target = F.adaptive_avg_pool2d(lesion.float(), logits.shape[-2:])
+        loss = dice_bce_loss(logits[has], target[has])
+        self._loss_sum, self._batches = self._loss_sum + loss.detach(), self._batches + 1
+        return self.weight * loss
+
+    def epoch_totals(self) -> dict[str, list[float]]:
+        """The epoch's additive counts (summed over DDP ranks by the trainer); starts the next epoch's."""
+        totals = {"segmentation_loss_sum": [float(self._loss_sum)], "segmentation_batches": [float(self._batches)]}
+        self._loss_sum, self._batches = 0.0, 0
+        return totals
+
+    @staticmethod
+    def epoch_metrics(totals: dict[str, list[float]]) -> dict[str, float]:
+        """``segmentation_loss``: the mean unweighted Dice + BCE of the epoch's training batches."""
+        if "segmentation_batches" not in totals:
+            return {}
+        return {"segmentation_loss": totals["segmentation_loss_sum"][0] / max(1.0, totals["segmentation_batches"][0])}
+
+    def close(self) -> None:
+        """Remove the hook and the head: the model is an ordinary classifier again."""
+        self._handle.remove()
+        if hasattr(self.model, "seg_head"):
+            del self.model.seg_head
 
 
 class _ReverseGradient(torch.autograd.Function):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from liverus import __version__
@@ -32,6 +31,7 @@ from liverus.models.card import ModelCard
 from liverus.models.segmentation import SEGMENTERS, build_segmenter, save_segmenter
 from liverus.training.config import ConfigError, TrainConfig, config_to_dict
 from liverus.training.datasets import cache_dir, log_skipped, resolve_cases
+from liverus.training.losses import dice_bce_loss
 from liverus.training.optim import build_optimizer, build_scheduler
 from liverus.training.run_folder import RunFolder
 from liverus.training.runtime import Runtime
@@ -41,17 +41,6 @@ from liverus.utils import atomic_write_json, seed_everything
 __all__ = ["train_segmenter", "train_segmentation_epoch", "dice_bce_loss", "segment_cross_validation"]
 
 log = logging.getLogger("liverus.training")
-
-
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy plus soft Dice loss (per image, then averaged), for lesion logits (N, 1, H, W)."""
-    target = target.float()
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target)
-    prob = torch.sigmoid(logits.float())
-    inter = (prob * target).sum(dim=(1, 2, 3))
-    denom = prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
-    soft_dice = (2 * inter + 1.0) / (denom + 1.0)
-    return bce + (1 - soft_dice).mean()
 
 
 def train_segmentation_epoch(objs: TrainObjects, loader: DataLoader, card: ModelCard, rt: Runtime) -> float:

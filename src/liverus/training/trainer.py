@@ -31,7 +31,14 @@ from liverus.training.feature_fit import fit_feature_model
 from liverus.training.finalize import finalize
 from liverus.training.handlers import EarlyStopping, MetricsLogger
 from liverus.training.loop import EpochStats, evaluate_loader, score, selection_score, train_one_epoch
-from liverus.training.losses import AttentionSupervision, AuxiliaryLosses, Debiasing, build_loss, sum_totals
+from liverus.training.losses import (
+    AttentionSupervision,
+    AuxiliaryLosses,
+    AuxiliarySegmentation,
+    Debiasing,
+    build_loss,
+    sum_totals,
+)
 from liverus.training.optim import build_optimizer, build_scheduler, set_train_mode
 from liverus.training.run_folder import RunExistsError, RunFolder, TrainResult
 from liverus.training.runtime import Runtime
@@ -163,10 +170,13 @@ def _train_epochs(
         label_smoothing=cfg.loss.label_smoothing,
     ).to(rt.device)
     steps_per_epoch = max(1, len(data.train_sampler) // cfg.optim.accum_steps)
-    # Auxiliary losses beside the classification loss; the debiasing head must exist before the optimiser is built.
+    # Auxiliary losses beside the classification loss; the segmentation and debiasing heads must exist before the
+    # optimiser is built.
     parts = []
     if cfg.loss.attention_weight > 0:
         parts.append(AttentionSupervision(model, cfg.loss.attention_weight))
+    if cfg.loss.segmentation_weight > 0:
+        parts.append(AuxiliarySegmentation(model, cfg.loss.segmentation_weight))
     if cfg.loss.debias_by:
         parts.append(Debiasing(model, data.n_groups, cfg.loss.debias_weight))
     supervision = AuxiliaryLosses(parts) if parts else None
