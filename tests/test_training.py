@@ -506,21 +506,28 @@ def test_attention_supervision_needs_spatial_attention():
         AttentionSupervision(build_model("baseline_efficientnet_lite0"), 1.0)
 
 
+def _tiny_runs_with(tmp_path, model_name: str, option: str, values: tuple) -> dict:
+    """Three optimiser steps on a small phantom for each value of one option; returns: value -> run folder."""
+    from liverus.training import apply_overrides, load_config, train
+
+    base = ["data.image_size=64", "data.phantom_patients=16", "data.phantom_size=96", "data.augment=none",
+            f"model.name={model_name}", "optim.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0",
+            "runtime.progress=false", "runtime.tensorboard=false", "runtime.precision=fp32"]  # fmt: skip
+    runs = {}
+    for value in values:
+        runs[value] = tmp_path / f"{option}={value}"
+        train(apply_overrides(load_config(), [*base, f"{option}={value}"]), runs[value], max_steps=3)
+    return runs
+
+
 @pytest.mark.slow
 def test_attention_supervision_changes_what_the_attention_learns(tmp_path):
     import torch
 
     from liverus.models import load_model
-    from liverus.training import apply_overrides, load_config, train
 
-    base = ["data.image_size=64", "data.phantom_patients=16", "data.phantom_size=96", "data.augment=none",
-            "model.name=custom_efficientnet_lite0", "optim.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0",
-            "runtime.progress=false", "runtime.tensorboard=false", "runtime.precision=fp32"]  # fmt: skip
-    weights = {}
-    for w in (0.0, 5.0):
-        run = tmp_path / f"w{w}"
-        train(apply_overrides(load_config(), [*base, f"loss.attention_weight={w}"]), run, max_steps=3)
-        weights[w] = load_model(run / "model.pt")[0].head.spatial.conv.weight.detach()
+    runs = _tiny_runs_with(tmp_path, "custom_efficientnet_lite0", "loss.attention_weight", (0.0, 5.0))
+    weights = {w: load_model(run / "model.pt")[0].head.spatial.conv.weight.detach() for w, run in runs.items()}
     assert not torch.allclose(weights[0.0], weights[5.0])
 
 
@@ -552,7 +559,8 @@ def test_auxiliary_segmentation_loss_against_the_area_downsampled_mask():
     torch.testing.assert_close(got, 2.0 * dice_bce_loss(fixed[:2], target))
     assert aux.epoch_metrics(aux.epoch_totals())["segmentation_loss"] == pytest.approx(float(got.detach()) / 2)
     model(torch.randn(3, 1, 64, 64))
-    assert float(aux.loss({"lesion": torch.zeros(3, 1, 64, 64)})) == 0.0  # no lesion in the batch: nothing to learn
+    no_lesion = aux.loss({"lesion": torch.zeros(3, 1, 64, 64)})
+    assert float(no_lesion.detach()) == 0.0  # no lesion in the batch: nothing to learn
     part.close()
     assert not hasattr(model, "seg_head") and not model.head._forward_pre_hooks
 
@@ -589,24 +597,18 @@ def test_auxiliary_segmentation_trains_and_saves_an_ordinary_classifier(tmp_path
     import torch
 
     from liverus.models import load_model
-    from liverus.training import apply_overrides, load_config, train
 
-    base = ["data.image_size=64", "data.phantom_patients=16", "data.phantom_size=96", "data.augment=none",
-            "model.name=baseline_efficientnet_lite0", "optim.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0",
-            "runtime.progress=false", "runtime.tensorboard=false", "runtime.precision=fp32"]  # fmt: skip
+    runs = _tiny_runs_with(tmp_path, "baseline_efficientnet_lite0", "loss.segmentation_weight", (0.0, 5.0))
     stems = {}
-    for w in (0.0, 5.0):
-        run = tmp_path / f"w{w}"
-        train(apply_overrides(load_config(), [*base, f"loss.segmentation_weight={w}"]), run, max_steps=3)
+    for w, run in runs.items():
         model, _ = load_model(run / "model.pt")  # strict load: no segmentation head left in the weights
         assert not hasattr(model, "seg_head")
         stems[w] = model.backbone.stem().weight.detach()
     assert not torch.allclose(stems[0.0], stems[5.0])  # the auxiliary loss changed what the backbone learnt
-    ckpt = torch.load(tmp_path / "w5.0" / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = torch.load(runs[5.0] / "checkpoints" / "last.pt", weights_only=True)
     assert any(k.startswith("seg_head.") for k in ckpt["model"])  # the checkpoint keeps it for resume
-    row = next(csv.DictReader((tmp_path / "w5.0" / "metrics.csv").open()))
-    assert float(row["segmentation_loss"]) > 0
-    assert "segmentation_loss" not in next(csv.DictReader((tmp_path / "w0.0" / "metrics.csv").open()))
+    assert float(next(csv.DictReader((runs[5.0] / "metrics.csv").open()))["segmentation_loss"]) > 0
+    assert "segmentation_loss" not in next(csv.DictReader((runs[0.0] / "metrics.csv").open()))
 
 
 def test_gradient_reversal_flips_and_scales_the_gradient_sign():

@@ -118,7 +118,34 @@ def attention_supervision_loss(attention: torch.Tensor, lesion: torch.Tensor) ->
     return F.binary_cross_entropy(a[has], target[has].to(a.device))
 
 
-class AttentionSupervision:
+class _MeanLossTracker:
+    """Keeps an auxiliary loss's epoch mean for the metrics row: summed as tensors and read once per epoch (a float()
+    per step would wait for the GPU at every step); the totals are additive, so DDP ranks can be summed."""
+
+    metric = ""  # the metrics-row name; totals are f"{metric}_sum" and f"{metric}_batches"
+
+    def __init__(self) -> None:
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._batches = 0
+
+    def _track(self, loss: torch.Tensor) -> None:
+        self._loss_sum, self._batches = self._loss_sum + loss.detach(), self._batches + 1
+
+    def epoch_totals(self) -> dict[str, list[float]]:
+        """The epoch's additive counts (summed over DDP ranks by the trainer); starts the next epoch's."""
+        totals = {f"{self.metric}_sum": [float(self._loss_sum)], f"{self.metric}_batches": [float(self._batches)]}
+        self._loss_sum, self._batches = 0.0, 0
+        return totals
+
+    @classmethod
+    def epoch_metrics(cls, totals: dict[str, list[float]]) -> dict[str, float]:
+        """The mean unweighted loss of the epoch's training batches, under the name ``metric``."""
+        if f"{cls.metric}_batches" not in totals:
+            return {}
+        return {cls.metric: totals[f"{cls.metric}_sum"][0] / max(1.0, totals[f"{cls.metric}_batches"][0])}
+
+
+class AttentionSupervision(_MeanLossTracker):
     """Collects the spatial-attention map of every forward pass of ``model`` (a hook, so the model is unchanged) and
     turns it into :func:`attention_supervision_loss` against the batch's lesion masks.
 
@@ -130,6 +157,8 @@ class AttentionSupervision:
         ValueError: for a model without spatial attention, or a weight that is not positive.
     """
 
+    metric = "attention_loss"
+
     def __init__(self, model: nn.Module, weight: float) -> None:
         spatial = getattr(getattr(model, "head", None), "spatial", None)
         if spatial is None:
@@ -139,11 +168,9 @@ class AttentionSupervision:
             )
         if weight <= 0:
             raise ValueError(f"loss.attention_weight must be positive, got {weight}")
+        super().__init__()
         self.weight = weight
         self._maps: list[torch.Tensor] = []
-        # Summed as tensors and read once per epoch: a float() per step would wait for the GPU at every step.
-        self._loss_sum: torch.Tensor | float = 0.0
-        self._batches = 0
 
         def keep(mod: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
             if mod.training:  # training passes only; validation needs no map
@@ -160,21 +187,8 @@ class AttentionSupervision:
         attention = self._maps.pop()
         self._maps.clear()
         loss = attention_supervision_loss(attention, extras["lesion"].to(attention.device))
-        self._loss_sum, self._batches = self._loss_sum + loss.detach(), self._batches + 1
+        self._track(loss)
         return self.weight * loss
-
-    def epoch_totals(self) -> dict[str, list[float]]:
-        """The epoch's additive counts (summed over DDP ranks by the trainer); starts the next epoch's."""
-        totals = {"attention_loss_sum": [float(self._loss_sum)], "attention_batches": [float(self._batches)]}
-        self._loss_sum, self._batches = 0.0, 0
-        return totals
-
-    @staticmethod
-    def epoch_metrics(totals: dict[str, list[float]]) -> dict[str, float]:
-        """``attention_loss``: the mean unweighted supervision loss of the epoch's training batches."""
-        if "attention_batches" not in totals:
-            return {}
-        return {"attention_loss": totals["attention_loss_sum"][0] / max(1.0, totals["attention_batches"][0])}
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -189,7 +203,7 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - soft_dice).mean()
 
 
-class AuxiliarySegmentation:
+class AuxiliarySegmentation(_MeanLossTracker):
     """An auxiliary segmentation head (multi-task learning): a small convolutional head reads the feature map the
     classifier's head pools and predicts the lesion mask at that map's resolution (the mask area-downsampled to it),
     so the backbone must keep where the lesion is and where its border runs. Unlike attention supervision it needs no
@@ -207,6 +221,8 @@ class AuxiliarySegmentation:
         ValueError: for a model without a backbone feature map, or a weight that is not positive.
     """
 
+    metric = "segmentation_loss"
+
     def __init__(self, model: nn.Module, weight: float) -> None:
         spec = getattr(getattr(model, "backbone", None), "spec", None)
         head = getattr(model, "head", None)
@@ -217,15 +233,13 @@ class AuxiliarySegmentation:
             )
         if weight <= 0:
             raise ValueError(f"loss.segmentation_weight must be positive, got {weight}")
+        super().__init__()
         self.model, self.weight = model, weight
         device = next(head.parameters()).device
         model.seg_head = nn.Sequential(
             nn.Conv2d(spec.out_channels, 64, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1)
         ).to(device)
         self._maps: list[torch.Tensor] = []
-        # Summed as tensors and read once per epoch (no wait for the GPU at every step).
-        self._loss_sum: torch.Tensor | float = 0.0
-        self._batches = 0
 
         def keep(mod: nn.Module, inputs: tuple) -> None:
             if mod.training:  # the head's input: the fused feature map, on the lesion crop's grid with two views
@@ -244,21 +258,8 @@ class AuxiliarySegmentation:
             return logits.sum() * 0.0
         target = F.adaptive_avg_pool2d(lesion.float(), logits.shape[-2:])
         loss = dice_bce_loss(logits[has], target[has])
-        self._loss_sum, self._batches = self._loss_sum + loss.detach(), self._batches + 1
+        self._track(loss)
         return self.weight * loss
-
-    def epoch_totals(self) -> dict[str, list[float]]:
-        """The epoch's additive counts (summed over DDP ranks by the trainer); starts the next epoch's."""
-        totals = {"segmentation_loss_sum": [float(self._loss_sum)], "segmentation_batches": [float(self._batches)]}
-        self._loss_sum, self._batches = 0.0, 0
-        return totals
-
-    @staticmethod
-    def epoch_metrics(totals: dict[str, list[float]]) -> dict[str, float]:
-        """``segmentation_loss``: the mean unweighted Dice + BCE of the epoch's training batches."""
-        if "segmentation_batches" not in totals:
-            return {}
-        return {"segmentation_loss": totals["segmentation_loss_sum"][0] / max(1.0, totals["segmentation_batches"][0])}
 
     def close(self) -> None:
         """Remove the hook and the head: the model is an ordinary classifier again."""
