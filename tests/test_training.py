@@ -579,7 +579,8 @@ def test_auxiliary_segmentation_reaches_the_backbone_and_needs_a_cnn():
     part = AuxiliarySegmentation(model, weight=1.0)
     lesion = torch.zeros(2, 1, 64, 64)
     lesion[:, :, 8:40, 8:40] = 1
-    model(torch.randn(2, 1, 64, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in mixed-precision training: bf16 features
+        model(torch.randn(2, 1, 64, 64))
     part.loss({"lesion": lesion}).backward()
     assert model.backbone.stem().weight.grad.abs().sum() > 0  # the mask teaches the backbone, not only the head
     assert model.head.fc.weight.grad is None  # the classifier is not in the auxiliary loss's graph

@@ -251,7 +251,8 @@ class AuxiliarySegmentation(_MeanLossTracker):
         """The weighted :func:`dice_bce_loss` of the head on the last forward pass, against ``extras["lesion"]``."""
         feats = self._maps.pop()
         self._maps.clear()
-        logits = self.model.seg_head(feats)
+        # The forward pass may have run under autocast (bf16/fp16 features); the head and its loss run in fp32.
+        logits = self.model.seg_head(feats.float())
         lesion = extras["lesion"].to(logits.device)
         has = lesion.flatten(1).amax(dim=1) > 0
         if not bool(has.any()):
