@@ -677,10 +677,11 @@ def test_debiasing_trains_a_group_head_and_saves_an_ordinary_classifier(tmp_path
 
 
 @pytest.mark.slow
-def test_ddp_debiasing_counts_the_images_of_both_ranks(tmp_path):
+def test_ddp_auxiliary_losses_count_the_images_of_both_ranks(tmp_path):
     import csv
 
-    opts = [*TINY, "optim.epochs=1", "data.augment=none", "optim.freeze_bn=true", "loss.debias_by=kind"]
+    opts = [*TINY, "optim.epochs=1", "data.augment=none", "optim.freeze_bn=true", "loss.debias_by=kind",
+            "loss.segmentation_weight=0.5"]  # fmt: skip
     args = [a for o in opts for a in ("--set", o)]
     single = tmp_path / "single"
     p = _cli("train", "--out", str(single), *args)
@@ -695,7 +696,10 @@ def test_ddp_debiasing_counts_the_images_of_both_ranks(tmp_path):
     # Each rank saw half the training images; the epoch's group counts are those of all of them, as in one process.
     assert rows[0]["debias_group_chance"] == rows[1]["debias_group_chance"]
     assert float(rows[0]["debias_group_accuracy"]) == pytest.approx(float(rows[1]["debias_group_accuracy"]), abs=0.05)
-    assert not hasattr(load_model(tmp_path / "ddp" / "model.pt")[0], "debias_head")
+    # The segmentation head's loss is the mean over both ranks' batches, as one process sees it.
+    assert float(rows[0]["segmentation_loss"]) == pytest.approx(float(rows[1]["segmentation_loss"]), abs=0.05)
+    ddp_model = load_model(tmp_path / "ddp" / "model.pt")[0]
+    assert not hasattr(ddp_model, "debias_head") and not hasattr(ddp_model, "seg_head")
 
 
 def test_default_config_lists_every_key():
