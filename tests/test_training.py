@@ -140,6 +140,11 @@ def test_config_file_and_overrides(tmp_path):
             ["model.name=radiomics_svm", "data.lesion_channel=true", "data.crop=roi", "loss.segmentation_weight=1"],
             r"loss\.segmentation_weight: an auxiliary loss of gradient training; radiomics_svm is a fitted feature",
         ),
+        (
+            "",
+            ["model.name=radiomics_svm", "data.lesion_channel=true", "data.crop=roi", "loss.debias_by=image_size"],
+            r"loss\.debias_by: an auxiliary loss of gradient training; radiomics_svm is a .* \(set it to ''\)",
+        ),
     ],
 )
 def test_config_errors(tmp_path, text, overrides, match):

@@ -250,11 +250,12 @@ class TrainConfig:
                 raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
             if self.data.context_margin:
                 raise ConfigError("data.context_margin: feature models take one view; set it to 0")
-            for key in ("attention_weight", "segmentation_weight"):
-                if getattr(self.loss, key) > 0:
+            auxiliary = {"attention_weight": "0", "segmentation_weight": "0", "debias_by": "''"}
+            for key, off in auxiliary.items():
+                if getattr(self.loss, key):
                     raise ConfigError(
                         f"loss.{key}: an auxiliary loss of gradient training; {self.model.name} is a fitted feature "
-                        "model (set it to 0)"
+                        f"model (set it to {off})"
                     )
         if self.model.run_length and not is_feature_model(self.model.name):
             raise ConfigError(
