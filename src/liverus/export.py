@@ -44,7 +44,7 @@ def export_onnx(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    opset: int = 17,
+    opset: int = 18,
     check_batch: int = 4,
     quantize: str | None = None,
     calibration: str | Path | None = None,
@@ -85,23 +85,23 @@ def export_onnx(
     if card.views > 1:
         what = f"{what} of the lesion crop, then of the context crop,"
     meta = {**card.to_dict(), "input": f"{what} in [0, 1] after liverus preprocessing, shape (N, {chans}, S, S)"}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            wrapper,
-            (dummy,),
-            str(tmp_path),
-            input_names=["image"],
-            output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-        proto = onnx.load(str(tmp_path))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(meta)
-        onnx.checker.check_model(proto)
-        data = proto.SerializeToString()
+    # The dynamo exporter (torch.export): the TorchScript one is deprecated in torch >= 2.9. Its graphs start at
+    # opset 18; a lower --opset is reached by ONNX's version converter.
+    program = torch.onnx.export(
+        wrapper,
+        (dummy,),
+        input_names=["image"],
+        output_names=["probabilities"],
+        dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(meta)
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     x = torch.rand(check_batch, chans, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a trained model to ONNX (with preprocessing and threshold metadata)")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="output .onnx file")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=18)
     p.add_argument("--quantize", choices=["int8"], help="static int8 quantization (ONNX Runtime), AUC-checked")
     p.add_argument("--calibration", help="int8: training images to calibrate on (default: the run's training part)")
     p.add_argument("--holdout", help="int8: labelled images to check the AUC on (default: the run's validation part)")
