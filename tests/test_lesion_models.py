@@ -799,3 +799,100 @@ def test_intensity_setting_is_checked_keys_the_cache_and_travels_with_the_model(
         PreprocessConfig(crop="roi").key()
         == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
     )
+
+
+# --- the whole scan as a second view of feature models (data.scan_view) ------------------------------------------
+
+
+def test_scan_view_is_the_fan_crop_of_the_whole_image_beside_the_lesion_crop():
+    from liverus.data import preprocess
+
+    img = np.zeros((200, 300), np.float32)
+    img[20:190, 40:260] = 0.5  # the scan area: a bright rectangle on black
+    lesion = np.zeros((200, 300), np.uint8)
+    lesion[80:120, 130:170] = 1
+    img[lesion > 0] = 0.1
+    cfg = PreprocessConfig(image_size=64, crop="roi", roi_margin=0.25, scan_view=True)
+    pre = preprocess(img, cfg, lesion=lesion)
+    fan = preprocess(img, PreprocessConfig(image_size=64, crop="fan"), lesion=lesion)
+    assert pre.stacked().shape == (6, 64, 64)
+    # The first view is the lesion crop as without the option; the second is what crop="fan" shows.
+    single = preprocess(img, PreprocessConfig(image_size=64, crop="roi", roi_margin=0.25), lesion=lesion)
+    np.testing.assert_array_equal(pre.image, single.image)
+    for got, want in zip(pre.context, (fan.image, fan.scan, fan.lesion), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert pre.lesion.mean() > 0.3 and 0 < pre.context[2].mean() < 0.1  # the lesion fills the crop, not the scan
+    assert PreprocessConfig(crop="roi").key() != cfg.key()
+    with pytest.raises(ValueError, match="scan_view: the whole scan is the second view beside a lesion crop"):
+        PreprocessConfig(crop="fan", scan_view=True)
+    with pytest.raises(ValueError, match="set one of them"):
+        PreprocessConfig(crop="roi", scan_view=True, context_margin=1.5)
+
+
+def test_scan_view_needs_a_frozen_backbone():
+    with pytest.raises(ValueError, match="radiomics-only model has none"):
+        build_model("radiomics_svm", in_chans=2, views=2)
+    with pytest.raises(ValueError, match="views must be 1 or 2"):
+        build_model("radiomics_svm_efficientnet_lite0", in_chans=2, views=3)
+    for name in ("radiomics_svm", "custom_efficientnet_lite0"):
+        with pytest.raises(ConfigError, match="data.scan_view"):
+            apply_overrides(load_config(), [*RADIOMICS_TINY, f"model.name={name}", "data.scan_view=true"])
+    with pytest.raises(ConfigError, match="data.scan_view"):
+        apply_overrides(load_config(), ["model.name=radiomics_svm_efficientnet_lite0", "data.lesion_channel=true",
+                                        "data.scan_view=true"])  # fmt: skip
+
+
+def test_two_view_feature_model_reads_radiomics_of_the_crop_and_deep_features_of_both_views():
+    torch.manual_seed(0)
+    one = build_model("radiomics_logistic_efficientnet_lite0", in_chans=2).eval()
+    two = build_model("radiomics_logistic_efficientnet_lite0", in_chans=2, views=2).eval()
+    two.backbone.load_state_dict(one.backbone.state_dict())
+    crop, scan = torch.randn(2, 2, 64, 64), torch.randn(2, 2, 64, 64)
+    crop[:, 1], scan[:, 1] = (torch.from_numpy(_disc(64, 20)).float(),) * 2
+    x = torch.cat([crop, scan], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(two.radiomics(x), one.radiomics(crop))
+        deep, d_crop, d_scan = two.deep_features(x), one.deep_features(crop), one.deep_features(scan)
+    width = one.backbone.spec.out_channels
+    assert deep.shape == (2, 2 * width)
+    torch.testing.assert_close(deep[:, :width], d_crop)
+    torch.testing.assert_close(deep[:, width:], d_scan)
+    assert two.pca_components.shape == (64, 2 * width) and two.coef.shape == (len(FEATURE_NAMES) + 64,)
+    with pytest.raises(ValueError, match=r"expected \(N, 4, H, W\) input \(image and lesion mask of each view\)"):
+        two.radiomics(crop)
+
+
+@pytest.mark.slow
+def test_scan_view_run_fits_a_pca_per_view_and_predicts_explains_from_a_box(tmp_path):
+    from liverus.data import load_task_cases
+    from liverus.training import train
+    from liverus.training.feature_fit import extract_features
+
+    run = tmp_path / "scan"
+    cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, "data.image_size=64",
+                                          "model.name=radiomics_svm_efficientnet_lite0", "data.scan_view=true"])  # fmt: skip
+    train(cfg, run)
+    model, card = load_model(run / "model.pt")
+    assert card.views == 2 and card.preprocess.scan_view and model.views == 2 and model.build_kwargs["views"] == 2
+    # One PCA per view: the projection is block-diagonal, and each block holds orthonormal components.
+    width, k = model.backbone.spec.out_channels, 32
+    comps = model.pca_components.numpy()
+    assert not comps[:k, width:].any() and not comps[k:, :width].any()
+    for block in (comps[:k, :width], comps[k:, width:]):
+        rows = block[np.abs(block).sum(1) > 0]
+        np.testing.assert_allclose(rows @ rows.T, np.eye(len(rows)), atol=1e-4)
+    # The second block is the PCA of the whole scan's features of the training part.
+    import json
+
+    cases = {c.path: c for c in load_task_cases(run / "phantom", "binary", "source")[0]}
+    train_cases = [cases[p] for p in json.loads((run / "splits.json").read_text())["folds"][0]["train"]]
+    _, deep, _ = extract_features(model, train_cases, card.classes, CaseCache(card.preprocess), card)
+    scaled = (deep - model.deep_mean.numpy()) / model.deep_scale.numpy()
+    np.testing.assert_allclose(scaled[:, width:].mean(0), 0, atol=1e-3)  # centred on the training part
+    image = sorted((run / "phantom" / "malignant").glob("*.png"))[0]
+    for command, out in (("predict", "pred.csv"), ("explain", "heat")):
+        p = run_cli(command, "--model", str(run / "model.pt"), str(image), "--box", "40,40,80,80",
+                    "--out", str(tmp_path / out))  # fmt: skip
+        assert p.returncode == 0, p.stderr
+    assert ",ok," in (tmp_path / "pred.csv").read_text()
+    assert list((tmp_path / "heat").glob("*.png"))

@@ -67,6 +67,9 @@ class PreprocessConfig:
         context_margin: two-view input (``crop="roi"`` only): besides the tight lesion crop (``roi_margin``), a wide
             context crop around the same centre with this margin (say 1.5: the lesion and the liver around it), both
             at ``image_size``; the model runs both through one backbone. 0: one view.
+        scan_view: two-view input (``crop="roi"`` only, not with ``context_margin``): besides the lesion crop, the
+            whole scan area as ``crop="fan"`` gives it (the rest of the liver, other lesions, the depth of the scan),
+            at ``image_size``. Unlike the context crop it is not centred on the lesion.
         intensity: ``raw`` (gray levels as scanned) or ``liver``: per-image intensity standardisation, each view's
             gray levels mapped linearly so that its liver background (the scan area outside the lesion) has a fixed
             mean and spread; the scanner's gain and dynamic-range settings cancel, the lesion's echogenicity relative
@@ -85,6 +88,7 @@ class PreprocessConfig:
     box_mask: str = "grabcut"
     context_margin: float = 0.0
     intensity: str = "raw"
+    scan_view: bool = False
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
@@ -113,6 +117,14 @@ class PreprocessConfig:
                     f"context_margin must be wider than roi_margin ({self.roi_margin}) and at most 10, "
                     f"got {self.context_margin}"
                 )
+        if self.scan_view:
+            if self.crop != "roi":
+                raise ValueError(
+                    f"scan_view: the whole scan is the second view beside a lesion crop; set crop to 'roi' (got "
+                    f"{self.crop!r}; crop 'fan' alone already shows the whole scan)"
+                )
+            if self.context_margin:
+                raise ValueError("scan_view and context_margin each make the second view; set one of them")
 
     def key(self) -> str:
         """A short hash of the settings (part of the cache key)."""
@@ -122,13 +134,15 @@ class PreprocessConfig:
             d.pop("context_margin")
         if self.intensity == "raw":
             d.pop("intensity")
+        if not self.scan_view:
+            d.pop("scan_view")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
 class Preprocessed:
     """A preprocessed case: ``image``, ``scan`` and ``lesion`` are ``uint8`` arrays of shape (S, S); with two-view
-    input, ``context`` holds the same three planes of the wide context crop."""
+    input, ``context`` holds the same three planes of the second view (the wide context crop, or the whole scan)."""
 
     image: np.ndarray
     scan: np.ndarray
@@ -377,8 +391,7 @@ def preprocess(
     scan = detect_scan_area(u8) if cfg.crop in ("fan", "roi") else np.ones_like(u8)
     if cfg.crop == "fan":
         u8 = u8 * scan
-        ys, xs = np.nonzero(scan)
-        crop_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        crop_box = _bounding_box(scan)
     elif cfg.crop == "roi":
         crop_box = roi_box(lesion, box, cfg.roi_margin, u8.shape)
     else:
@@ -388,10 +401,17 @@ def preprocess(
     if cfg.context_margin:
         # Same centre, wider margin: the lesion's surroundings (liver, capsule, vessels) at the same output size.
         context = _view(u8, scan, les, exclude, roi_box(lesion, box, cfg.context_margin, u8.shape), cfg)[:3]
+    elif cfg.scan_view:
+        context = _view(u8 * scan, scan, les, exclude, _bounding_box(scan), cfg)[:3]
     if shrink < 1.0:  # report the crop in the original image's pixels
         crop_box = tuple(int(round(v / shrink)) for v in crop_box)
         scale *= shrink
     return Preprocessed(image, scan_o, les_o, crop_box, scale, context=context)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def _view(u8, scan, les, exclude, crop_box, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

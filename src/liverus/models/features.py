@@ -44,10 +44,14 @@ class LesionFeatureModel(nn.Module):
             Part of the model: fitting and scoring both see the mean.
         run_length: add the grey-level run-length features (:data:`~liverus.data.radiomics.RUN_LENGTH_NAMES`) to
             the default radiomics.
+        views: 1, or 2 when the input also holds a second view (the whole scan, ``data.scan_view``): its frozen
+            features are standardised and reduced by a PCA of their own (``pca_dim`` more columns). The radiomics
+            are always of the first view, the lesion crop.
         n_support: number of support vectors (set by fitting; needed to rebuild a fitted SVM from a file).
 
     Raises:
-        ValueError: for an unknown classifier, another class count or input without the mask channel.
+        ValueError: for an unknown classifier, another class count, input without the mask channel, or a second
+            view without a backbone.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class LesionFeatureModel(nn.Module):
         pca_dim: int = 32,
         flip_features: bool = False,
         run_length: bool = False,
+        views: int = 1,
         n_support: int = 1,
     ) -> None:
         super().__init__()
@@ -78,25 +83,33 @@ class LesionFeatureModel(nn.Module):
             raise ValueError(f"n_support must be at least 1, got {n_support}")
         if flip_features and backbone is None:
             raise ValueError("flip_features averages the backbone's features; a radiomics-only model has none")
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
+        if views == 2 and backbone is None:
+            raise ValueError(
+                "a second view adds the backbone's features of the whole scan; a radiomics-only model has none"
+            )
         self.classifier = classifier
         self.backbone = backbone
         self.flip_features = bool(flip_features)
+        self.views = views
         if backbone is not None:
             backbone.requires_grad_(False)
         self.model_name = ""
         self.build_kwargs: dict = {}
         self.run_length = bool(run_length)
         n_rad = len(FEATURE_NAMES) + (len(RUN_LENGTH_NAMES) if run_length else 0)
-        width = n_rad + (pca_dim if backbone is not None else 0)
+        width = n_rad + (pca_dim * views if backbone is not None else 0)
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("radiomics_mean", torch.zeros(n_rad))
         self.register_buffer("radiomics_scale", torch.ones(n_rad))
         if backbone is not None:
-            dim = backbone.spec.out_channels
+            # The views' features side by side; the PCA is block-diagonal, one block per view, fitted separately.
+            dim = backbone.spec.out_channels * views
             self.register_buffer("deep_mean", torch.zeros(dim))
             self.register_buffer("deep_scale", torch.ones(dim))
-            self.register_buffer("pca_components", torch.zeros(pca_dim, dim))
-            self.register_buffer("pca_scale", torch.ones(pca_dim))
+            self.register_buffer("pca_components", torch.zeros(pca_dim * views, dim))
+            self.register_buffer("pca_scale", torch.ones(pca_dim * views))
         if classifier == "logistic":
             self.register_buffer("coef", torch.zeros(width))
         else:
@@ -134,10 +147,10 @@ class LesionFeatureModel(nn.Module):
         return [self.backbone.gradcam_layer()]
 
     def raw_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Unscaled features of normalised input ``x`` (N, 2, H, W).
+        """Unscaled features of normalised input ``x`` (N, 2 * views, H, W).
 
         Returns:
-            ``(radiomics (N, R), pooled deep features (N, D) or None)``.
+            ``(radiomics (N, R), pooled deep features (N, D * views) or None)``.
 
         Raises:
             ValueError: when an image's lesion mask is (nearly) empty.
@@ -145,9 +158,11 @@ class LesionFeatureModel(nn.Module):
         return self.radiomics(x), self.deep_features(x)
 
     def radiomics(self, x: torch.Tensor) -> torch.Tensor:
-        """The :mod:`~liverus.data.radiomics` features (N, R) of normalised input ``x`` (N, 2, H, W)."""
-        if x.ndim != 4 or x.shape[1] != 2:
-            raise ValueError(f"expected (N, 2, H, W) input (image and lesion mask), got {tuple(x.shape)}")
+        """The :mod:`~liverus.data.radiomics` features (N, R) of the lesion crop of normalised input ``x``
+        (N, 2 * views, H, W)."""
+        if x.ndim != 4 or x.shape[1] != 2 * self.views:
+            what = "image and lesion mask" + (" of each view" if self.views > 1 else "")
+            raise ValueError(f"expected (N, {2 * self.views}, H, W) input ({what}), got {tuple(x.shape)}")
         mean, std = self._norm
         pixels = ((x[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
         masks = (x[:, 1].float() > 0.5).cpu().numpy()
@@ -155,14 +170,18 @@ class LesionFeatureModel(nn.Module):
         return torch.from_numpy(feats).to(x.device, torch.float32)
 
     def deep_features(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The frozen backbone's pooled features (N, D) of the image channel, or None without a backbone.
+        """The frozen backbone's pooled features (N, D * views) of each view's image channel, or None without a
+        backbone.
 
         Without gradients, in eval mode and with no hooks on the backbone (Grad-CAM needs its forward pass), each
         image's features are remembered (:data:`DEEP_FEATURE_MEMO`) and only unseen images go through the backbone.
         """
         if self.backbone is None:
             return None
-        image = x[:, :1]
+        # The lesion crop first: Grad-CAM reads the first forward pass it sees.
+        return torch.cat([self._view_features(x[:, 2 * v : 2 * v + 1]) for v in range(self.views)], dim=1)
+
+    def _view_features(self, image: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.training or _has_hooks(self.backbone):
             return self._pooled(image)
         salt = self._arithmetic_salt(image)
@@ -175,7 +194,7 @@ class LesionFeatureModel(nn.Module):
             for i, value in zip(missing, computed, strict=True):
                 DEEP_FEATURE_MEMO.put(keys[i], value)
                 found[i] = value
-        return torch.from_numpy(np.stack(found)).to(x.device)
+        return torch.from_numpy(np.stack(found)).to(image.device)
 
     def _pooled(self, image: torch.Tensor) -> torch.Tensor:
         pooled = self.backbone(image).float().mean(dim=(2, 3))

@@ -109,6 +109,7 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
         pca_dim: int = 32,
         flip_features: bool = False,
         run_length: bool = False,
+        views: int = 1,
         n_support: int = 1,
     ) -> LesionFeatureModel:
         if backbone is None and weights not in (None, "imagenet"):
@@ -116,7 +117,7 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
         bb = build_backbone(backbone, weights=weights, in_chans=1) if backbone else None
         return LesionFeatureModel(
             classifier, bb, num_classes=num_classes, in_chans=in_chans, pca_dim=pca_dim,
-            flip_features=flip_features, run_length=run_length, n_support=n_support,
+            flip_features=flip_features, run_length=run_length, views=views, n_support=n_support,
         )  # fmt: skip
 
     return build
@@ -166,7 +167,8 @@ def build_model(
         in_chans: 1 for grayscale ultrasound, or 3; 2 or 4 with a lesion-mask channel (feature models: 2).
             Per view: with ``views=2`` the network takes ``2 * in_chans`` channels.
         **kwargs: head arguments, e.g. ``se_reduction``, ``ca_reduction``, ``spatial_kernel``, ``drop_rate``; and
-            ``views`` (2: lesion crop + context crop through one shared backbone; not for feature models).
+            ``views`` (2: lesion crop + context crop through one shared backbone; for a feature model with a
+            backbone, lesion crop + whole scan).
 
     Returns:
         The model, with ``model_name``, ``build_kwargs`` and ``weights_info`` set.

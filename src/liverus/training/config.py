@@ -62,6 +62,7 @@ class DataConfig:
     box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
     context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
     intensity: str = "raw"  # raw | liver: per-image standardisation to the liver background (gain cancels)
+    scan_view: bool = False  # two views: the lesion crop and the whole scan area (crop: roi; feature models)
     balance_by: str = ""  # sample evenly over class x this acquisition group (a manifest column, or image_size)
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
@@ -92,6 +93,7 @@ class DataConfig:
             box_mask=self.box_mask,
             context_margin=self.context_margin,
             intensity=self.intensity,
+            scan_view=self.scan_view,
         )
 
 
@@ -266,6 +268,13 @@ class TrainConfig:
             raise ConfigError(
                 f"model.flip_features: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
                 f"model; {self.model.name} has no frozen backbone features (set it to false)"
+            )
+        if self.data.scan_view and not has_frozen_backbone(self.model.name):
+            kind = "a radiomics-only model" if is_feature_model(self.model.name) else "a CNN"
+            raise ConfigError(
+                f"data.scan_view: adds the frozen backbone's features of the whole scan to a "
+                f"radiomics_<classifier>_<backbone> model; {self.model.name} is {kind} (for a CNN the two-view mode "
+                "is data.context_margin, whose views share a centre as its view fusion needs; set scan_view: false)"
             )
         try:  # one set of preprocessing checks, PreprocessConfig's; here they name the config key
             self.data.preprocess()

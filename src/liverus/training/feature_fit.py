@@ -92,20 +92,29 @@ def fit_feature_model(
     blocks = [(rad - params["radiomics_mean"]) / params["radiomics_scale"]]
     info: dict = {}
     if deep is not None:
-        k = model.pca_components.shape[0]
         d_mean, d_scale = _scale(deep)
         ds = (deep - d_mean) / d_scale
-        n_comp = min(k, ds.shape[0] - 1, ds.shape[1])
-        pca = PCA(n_comp, random_state=seed).fit(ds)
-        comps = np.zeros((k, ds.shape[1]))
-        comps[:n_comp] = pca.components_
+        # One PCA per view (the lesion crop, the whole scan), so neither view's variance crowds out the other's;
+        # stored as one block-diagonal projection.
+        k = model.pca_components.shape[0] // model.views
+        width = ds.shape[1] // model.views
+        comps = np.zeros((k * model.views, ds.shape[1]))
+        centre = np.zeros(ds.shape[1])
+        variance = []
+        for v in range(model.views):
+            cols = slice(v * width, (v + 1) * width)
+            n_comp = min(k, ds.shape[0] - 1, width)
+            pca = PCA(n_comp, random_state=seed).fit(ds[:, cols])
+            comps[v * k : v * k + n_comp, cols] = pca.components_
+            centre[cols] = pca.mean_
+            variance.append(round(float(pca.explained_variance_ratio_.sum()), 4))
         # The PCA's own centring folds into the standardisation: (d - m)/s - c = (d - (m + c*s))/s.
-        params["deep_mean"], params["deep_scale"] = d_mean + pca.mean_ * d_scale, d_scale
-        proj = (ds - pca.mean_) @ comps.T
+        params["deep_mean"], params["deep_scale"] = d_mean + centre * d_scale, d_scale
+        proj = (ds - centre) @ comps.T
         _, params["pca_scale"] = _scale(proj)
         params["pca_components"] = comps
         blocks.append(proj / params["pca_scale"])
-        info["pca_variance"] = round(float(pca.explained_variance_ratio_.sum()), 4)
+        info["pca_variance"] = variance[0] if model.views == 1 else variance
     x = np.hstack(blocks)
     cv = _inner_cv(y, groups, seed)
     base = LogisticRegression(max_iter=5000) if model.classifier == "logistic" else SVC(kernel="rbf", gamma="scale")

@@ -236,6 +236,7 @@ def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | Le
         return build_model(
             cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=in_chans,
             pca_dim=cfg.model.pca_dim, flip_features=cfg.model.flip_features, run_length=cfg.model.run_length,
+            views=2 if cfg.data.scan_view else 1,
         )  # fmt: skip
     head_kwargs = {"drop_rate": cfg.model.drop_rate}
     if cfg.data.context_margin:
