@@ -610,7 +610,7 @@ def test_view_fusion_and_two_view_settings_reject_bad_arguments():
         PreprocessConfig(crop="roi", roi_margin=0.5, context_margin=0.4)
     with pytest.raises(ConfigError, match="data.context_margin"):
         apply_overrides(load_config(), ["data.context_margin=1.5"])  # default crop is fan
-    with pytest.raises(ConfigError, match="feature models take one view"):
+    with pytest.raises(ConfigError, match="second view is the whole scan"):
         apply_overrides(load_config(), [*RADIOMICS_TINY, "data.context_margin=1.5"])
 
 
@@ -869,8 +869,8 @@ def test_scan_view_run_fits_a_pca_per_view_and_predicts_explains_from_a_box(tmp_
     from liverus.training.feature_fit import extract_features
 
     run = tmp_path / "scan"
-    cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, "data.image_size=64",
-                                          "model.name=radiomics_svm_efficientnet_lite0", "data.scan_view=true"])  # fmt: skip
+    options = ["data.image_size=64", "model.name=radiomics_svm_efficientnet_lite0", "data.scan_view=true"]
+    cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, *options])
     train(cfg, run)
     model, card = load_model(run / "model.pt")
     assert card.views == 2 and card.preprocess.scan_view and model.views == 2 and model.build_kwargs["views"] == 2

@@ -251,7 +251,10 @@ class TrainConfig:
             if self.model.in_chans != 1:
                 raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
             if self.data.context_margin:
-                raise ConfigError("data.context_margin: feature models take one view; set it to 0")
+                raise ConfigError(
+                    "data.context_margin: a feature model's second view is the whole scan (data.scan_view: true), "
+                    "not a context crop; set it to 0"
+                )
             auxiliary = {"attention_weight": "0", "segmentation_weight": "0", "debias_by": "''"}
             for key, off in auxiliary.items():
                 if getattr(self.loss, key):
