@@ -297,3 +297,32 @@ def test_faithfulness_table_says_so_when_heatmaps_are_below_chance():
     assert "Below chance" not in faithfulness_html({"a": {"gradcam": good, "attention": None}})
     text = faithfulness_html({"a": {"gradcam": good}, "b": {"gradcam": bad}})
     assert "Below chance" in text and "b (gradcam)" in text and "a (gradcam)" not in text.split("Below chance")[1]
+
+
+def test_repeated_cv_reports_the_auc_inside_each_size_group_per_repeat():
+    from liverus.evaluation.study import _subgroup_aucs, _subgroup_lines
+
+    rng = np.random.default_rng(0)
+    n = 120
+    y = rng.integers(0, 2, n)
+    big = np.arange(n) < 70
+    meta = [{"orig_width": "1024", "orig_height": "768"} if b else {"orig_width": "720", "orig_height": "576"}
+            for b in big]  # fmt: skip
+    repeats = []
+    for r in range(3):
+        # The size shortcut: the large group is mostly malignant and scored high, whatever the lesion.
+        p = np.clip(0.3 * y + 0.5 * big + rng.normal(0, 0.3 + 0.1 * r, n), 0, 1)
+        repeats.append(Predictions([f"c{i}" for i in range(n)], y, p, (p > 0.5).astype(int), meta))
+    out = _subgroup_aucs(repeats)["size_group"]
+    assert set(out) == {"1024x768", "other"} and out["1024x768"]["n"] == 70
+    for value, sel in (("1024x768", big), ("other", ~big)):
+        want = [skm.roc_auc_score(y[sel], pr.p[sel]) for pr in repeats]
+        np.testing.assert_allclose(out[value]["auc_per_repeat"], want)
+        assert out[value]["mean"] == pytest.approx(np.mean(want)) and out[value]["sd"] == pytest.approx(
+            np.std(want, ddof=1)
+        )
+    lines = _subgroup_lines({"subgroups": {"size_group": out}}, 2)
+    assert lines[0].startswith("  size_group 1024x768 (n=70): ") and "mean" in lines[0]
+    # A subgroup holding one class has no AUC and is left out, not reported as nan.
+    one_class = [Predictions(pr.paths, np.where(big, 1, y), pr.p, pr.pred, meta) for pr in repeats]
+    assert set(_subgroup_aucs(one_class)["size_group"]) == {"other"}

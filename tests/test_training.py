@@ -388,10 +388,12 @@ def test_shipped_configs_are_valid(path):
         final, studied = config_to_dict(cfg), config_to_dict(load_config(path.with_name("aul_radiomics.yaml")))
         assert final["model"].pop("name") == "radiomics_svm_efficientnet_lite0" == studied["model"].pop("name")
         assert final["model"].pop("ensemble") == 5  # the ensemble of five fold models fitted that way
-        # ... with the mirror-averaged deep features the study measured with --set model.flip_features=true
-        assert final["model"].pop("flip_features") is True
+        # ... with the mirror-averaged deep features and the whole-scan view the study measured with
+        # --set model.flip_features=true --set data.scan_view=true
+        assert final["model"].pop("flip_features") is True and final["data"].pop("scan_view") is True
         for key in ("ensemble", "flip_features"):
             studied["model"].pop(key)
+        studied["data"].pop("scan_view")
         assert final == studied
 
 

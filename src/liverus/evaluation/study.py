@@ -18,7 +18,7 @@ import yaml
 
 from liverus.engine.predictions import Predictions, read_predictions
 from liverus.evaluation import plots
-from liverus.evaluation.analysis import compare_models, cv_summary, evaluate_binary
+from liverus.evaluation.analysis import compare_models, cv_summary, evaluate_binary, subgroup_table
 from liverus.evaluation.faithfulness import faithfulness_for_model, pooled_faithfulness
 from liverus.evaluation.metrics import binary_metrics, choose_threshold
 from liverus.evaluation.report import (
@@ -180,6 +180,7 @@ def summarize_study(
                 f"{label:34s} {per:32s} {fmt(m['mean']):>6s} ± {fmt(m['sd']):<5s} "
                 f"{fmt(c['corrected_t']['p_value'], 4) if c else 'ref':>14s}"
             )
+            lines += _subgroup_lines(m, 2)
     text = "\n".join(lines)
     summary["text"] = text
 
@@ -308,6 +309,11 @@ def _repeated_html(repeated: dict | None) -> str:
                 fmt(c["corrected_t"]["mean_diff"]) if c else "reference",
                 fmt(c["corrected_t"]["p_value"], 4) if c else "",
                 ", ".join(fmt(p, 4) for p in c["delong_p_per_repeat"]) if c else "",
+                "; ".join(
+                    f"{value}: {', '.join(fmt(a) for a in g['auc_per_repeat'])} (mean {fmt(g['mean'])})"
+                    for groups in m.get("subgroups", {}).values()
+                    for value, g in groups.items()
+                ),
             ]
         )
     return (
@@ -322,6 +328,7 @@ def _repeated_html(repeated: dict | None) -> str:
                 "mean fold ΔAUC",
                 "corrected t-test p",
                 "DeLong p per repeat",
+                "AUC per repeat inside each size subgroup",
             ],
             rows,
         )
@@ -466,6 +473,7 @@ def _repeated_summary(
             "auc_per_repeat": arr.tolist(),
             "mean": float(np.nanmean(arr)),
             "sd": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else math.nan,
+            "subgroups": _subgroup_aucs([preds[label, r] for r in range(repeats)]),
         }
     for r in range(repeats):
         ref = preds[baseline, r]
@@ -489,6 +497,35 @@ def _repeated_summary(
                 "train_test_sizes": [n_train, n_test],
             }
     return {"repeats": repeats, "models": per_model, "comparisons": comparisons}
+
+
+def _subgroup_aucs(preds: list[Predictions]) -> dict:
+    """The AUC inside each image-size subgroup (AUL's ``size_group``), per repeat, with mean and SD: where the
+    acquisition predicts the label, these are the numbers the pooled AUC cannot inflate."""
+    out: dict = {}
+    for col in default_subgroups(preds[0]):
+        tables = [subgroup_table(pr, col, None) for pr in preds]
+        for value in sorted(set.intersection(*(set(t) for t in tables))):
+            arr = np.asarray([t[value]["auc"] for t in tables], dtype=float)
+            if np.isnan(arr).all():  # one class only in this subgroup
+                continue
+            out.setdefault(col, {})[value] = {
+                "auc_per_repeat": arr.tolist(),
+                "mean": float(np.nanmean(arr)),
+                "sd": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else math.nan,
+                "n": tables[0][value]["n"],
+            }
+    return out
+
+
+def _subgroup_lines(m: dict, indent: int) -> list[str]:
+    """Text lines of one model's per-repeat subgroup AUCs."""
+    return [
+        f"{'':{indent}s}{col} {value} (n={g['n']}): {', '.join(fmt(a) for a in g['auc_per_repeat'])}  "
+        f"mean {fmt(g['mean'])} ± {fmt(g['sd'])}"
+        for col, groups in m.get("subgroups", {}).items()
+        for value, g in groups.items()
+    ]
 
 
 def _finished_repeats(study: Path, model: str) -> int:
@@ -612,6 +649,7 @@ def compare_studies(
             c = repeated["comparisons"].get(label)
             p = fmt(c["corrected_t"]["p_value"], 4) if c else "ref"
             lines.append(f"{label:34s} {per:36s} {fmt(m['mean']) + ' ± ' + fmt(m['sd']):>14s} {p:>14s}")
+            lines += _subgroup_lines(m, 2)
     return {
         "members": members,
         "baseline": baseline,
