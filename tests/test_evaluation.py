@@ -326,3 +326,23 @@ def test_repeated_cv_reports_the_auc_inside_each_size_group_per_repeat():
     # A subgroup holding one class has no AUC and is left out, not reported as nan.
     one_class = [Predictions(pr.paths, np.where(big, 1, y), pr.p, pr.pred, meta) for pr in repeats]
     assert set(_subgroup_aucs(one_class)["size_group"]) == {"other"}
+
+
+def test_repeated_subgroups_read_image_sizes_from_the_files_for_every_repeat(tmp_path):
+    import cv2
+
+    from liverus.evaluation.study import _subgroup_aucs
+
+    rng = np.random.default_rng(1)
+    n = 40
+    y = np.tile([0, 1], n // 2)
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"img{i}.png"
+        cv2.imwrite(str(path), np.zeros((30, 40) if i < 24 else (50, 60), np.uint8))
+        paths.append(str(path))
+    repeats = [Predictions(paths, y, rng.random(n), np.zeros(n, int), [{} for _ in range(n)]) for _ in range(3)]
+    out = _subgroup_aucs(repeats)["image_size"]
+    assert set(out) == {"40x30", "60x50"} and out["40x30"]["n"] == 24
+    for r, pr in enumerate(repeats):
+        assert out["60x50"]["auc_per_repeat"][r] == pytest.approx(skm.roc_auc_score(y[24:], pr.p[24:]))

@@ -503,7 +503,9 @@ def _subgroup_aucs(preds: list[Predictions]) -> dict:
     """The AUC inside each image-size subgroup (AUL's ``size_group``), per repeat, with mean and SD: where the
     acquisition predicts the label, these are the numbers the pooled AUC cannot inflate."""
     out: dict = {}
-    for col in default_subgroups(preds[0]):
+    # Each repeat's predictions get the column (an image-size column read from the files lands in their own meta).
+    columns = [set(default_subgroups(pr)) for pr in preds]
+    for col in sorted(set.intersection(*columns)) if columns else []:
         tables = [subgroup_table(pr, col, None) for pr in preds]
         for value in sorted(set.intersection(*(set(t) for t in tables))):
             arr = np.asarray([t[value]["auc"] for t in tables], dtype=float)
