@@ -862,6 +862,45 @@ def test_two_view_feature_model_reads_radiomics_of_the_crop_and_deep_features_of
         two.radiomics(crop)
 
 
+def test_lesion_size_shows_the_lesion_crop_as_a_smaller_input_and_leaves_the_scan_view_alone():
+    torch.manual_seed(0)
+    small = build_model("radiomics_logistic_efficientnet_lite0", in_chans=2).eval()
+    sized = build_model("radiomics_logistic_efficientnet_lite0", in_chans=2, views=2, lesion_size=32).eval()
+    sized.backbone.load_state_dict(small.backbone.state_dict())
+    crop = torch.randn(2, 2, 32, 32)
+    crop[:, 1] = torch.from_numpy(_disc(32, 10)).float()
+    scan = torch.randn(2, 2, 64, 64)
+    scan[:, 1] = 0
+    # The lesion crop prepared at twice the size (each pixel a 2x2 block): the area resize gives back the 32 px crop.
+    x = torch.cat([crop.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3), scan], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(sized.lesion_view(x), crop)
+        torch.testing.assert_close(sized.radiomics(x), small.radiomics(crop))
+        deep, d_crop, d_scan = sized.deep_features(x), small.deep_features(crop), small.deep_features(scan)
+    width = small.backbone.spec.out_channels
+    torch.testing.assert_close(deep[:, :width], d_crop)
+    torch.testing.assert_close(deep[:, width:], d_scan)  # the scan view keeps its 64 px
+    assert sized.build_kwargs["lesion_size"] == 32 and "lesion_size" not in small.build_kwargs
+    # A crop already at lesion_size passes unchanged; a mask pixel less than half inside the lesion leaves it.
+    torch.testing.assert_close(sized.lesion_view(torch.cat([crop, crop], dim=1)), crop)
+    edge = torch.zeros(1, 4, 64, 64)
+    edge[0, 1, :2, :2] = 1  # one 2x2 block: inside
+    edge[0, 1, 2, 2] = 1  # a quarter of a block: outside
+    mask = sized.lesion_view(edge)[0, 1]
+    assert mask[0, 0] == 1 and mask.sum() == 1
+
+
+def test_lesion_size_rejects_bad_values_and_cnns():
+    with pytest.raises(ValueError, match=r"lesion_size must be in \[32, 1024\]"):
+        build_model("radiomics_svm", in_chans=2, lesion_size=16)
+    with pytest.raises(ConfigError, match="model.lesion_size: .* is a CNN"):
+        apply_overrides(load_config(), ["model.name=custom_efficientnet_lite0", "model.lesion_size=160"])
+    with pytest.raises(ConfigError, match=r"must be in \[32, 64\], got 96 \(raise data.image_size"):
+        apply_overrides(load_config(), [*RADIOMICS_TINY, "data.image_size=64", "model.lesion_size=96"])
+    cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, "data.image_size=64", "model.lesion_size=48"])
+    assert cfg.model.lesion_size == 48
+
+
 @pytest.mark.slow
 def test_scan_view_run_fits_a_pca_per_view_and_predicts_explains_from_a_box(tmp_path):
     from liverus.data import load_task_cases
@@ -869,11 +908,14 @@ def test_scan_view_run_fits_a_pca_per_view_and_predicts_explains_from_a_box(tmp_
     from liverus.training.feature_fit import extract_features
 
     run = tmp_path / "scan"
-    options = ["data.image_size=64", "model.name=radiomics_svm_efficientnet_lite0", "data.scan_view=true"]
+    # The views prepared at 64 px, the lesion crop seen at 48 (model.lesion_size), as the final recipe does.
+    options = ["data.image_size=64", "model.name=radiomics_svm_efficientnet_lite0", "data.scan_view=true",
+               "model.lesion_size=48"]  # fmt: skip
     cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, *options])
     train(cfg, run)
     model, card = load_model(run / "model.pt")
     assert card.views == 2 and card.preprocess.scan_view and model.views == 2 and model.build_kwargs["views"] == 2
+    assert model.lesion_size == 48 and card.preprocess.image_size == 64
     # One PCA per view: the projection is block-diagonal, and each block holds orthonormal components.
     width, k = model.backbone.spec.out_channels, 32
     comps = model.pca_components.numpy()

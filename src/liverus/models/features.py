@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from liverus.data.radiomics import FEATURE_NAMES, RUN_LENGTH_NAMES, feature_matrix
@@ -47,11 +48,15 @@ class LesionFeatureModel(nn.Module):
         views: 1, or 2 when the input also holds a second view (the whole scan, ``data.scan_view``): its frozen
             features are standardised and reduced by a PCA of their own (``pca_dim`` more columns). The radiomics
             are always of the first view, the lesion crop.
+        lesion_size: when set, the lesion crop (image and mask) is area-resized to this many pixels square inside
+            the model, before its radiomics and deep features; the other view keeps the input's size. With
+            ``data.image_size: 320`` and ``lesion_size=224`` the whole-scan view gets 320 px of detail while the
+            lesion is seen as at 224 px (round 8 of docs/results.md). ``None``: every view at the input's size.
         n_support: number of support vectors (set by fitting; needed to rebuild a fitted SVM from a file).
 
     Raises:
         ValueError: for an unknown classifier, another class count, input without the mask channel, or a second
-            view without a backbone.
+            view without a backbone, or a ``lesion_size`` outside [32, 1024].
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class LesionFeatureModel(nn.Module):
         flip_features: bool = False,
         run_length: bool = False,
         views: int = 1,
+        lesion_size: int | None = None,
         n_support: int = 1,
     ) -> None:
         super().__init__()
@@ -89,8 +95,11 @@ class LesionFeatureModel(nn.Module):
             raise ValueError(
                 "a second view adds the backbone's features of the whole scan; a radiomics-only model has none"
             )
+        if lesion_size is not None and not 32 <= lesion_size <= 1024:
+            raise ValueError(f"lesion_size must be in [32, 1024] pixels (or None), got {lesion_size}")
         self.classifier = classifier
         self.backbone = backbone
+        self.lesion_size = lesion_size
         self.flip_features = bool(flip_features)
         self.views = views
         if backbone is not None:
@@ -157,12 +166,26 @@ class LesionFeatureModel(nn.Module):
         """
         return self.radiomics(x), self.deep_features(x)
 
-    def radiomics(self, x: torch.Tensor) -> torch.Tensor:
-        """The :mod:`~liverus.data.radiomics` features (N, R) of the lesion crop of normalised input ``x``
-        (N, 2 * views, H, W)."""
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 2 * self.views:
             what = "image and lesion mask" + (" of each view" if self.views > 1 else "")
             raise ValueError(f"expected (N, {2 * self.views}, H, W) input ({what}), got {tuple(x.shape)}")
+
+    def lesion_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The lesion crop's image and mask (N, 2, S, S) as the features see them: at ``lesion_size`` when set."""
+        self._check_input(x)
+        view = x[:, :2]
+        if self.lesion_size is None or view.shape[-2:] == (self.lesion_size, self.lesion_size):
+            return view
+        # Area averaging: the pixels a fixed-size input crop would have given (what cv2.INTER_AREA does in the
+        # preprocessing); the mask keeps the pixels more than half inside the lesion.
+        resized = F.interpolate(view.float(), size=(self.lesion_size,) * 2, mode="area")
+        return torch.stack([resized[:, 0], (resized[:, 1] > 0.5).to(resized.dtype)], dim=1).to(view.dtype)
+
+    def radiomics(self, x: torch.Tensor) -> torch.Tensor:
+        """The :mod:`~liverus.data.radiomics` features (N, R) of the lesion crop of normalised input ``x``
+        (N, 2 * views, H, W)."""
+        x = self.lesion_view(x)
         mean, std = self._norm
         pixels = ((x[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
         masks = (x[:, 1].float() > 0.5).cpu().numpy()
@@ -179,7 +202,8 @@ class LesionFeatureModel(nn.Module):
         if self.backbone is None:
             return None
         # The lesion crop first: Grad-CAM reads the first forward pass it sees.
-        return torch.cat([self._view_features(x[:, 2 * v : 2 * v + 1]) for v in range(self.views)], dim=1)
+        images = [self.lesion_view(x)[:, :1]] + [x[:, 2 * v : 2 * v + 1] for v in range(1, self.views)]
+        return torch.cat([self._view_features(image) for image in images], dim=1)
 
     def _view_features(self, image: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.training or _has_hooks(self.backbone):

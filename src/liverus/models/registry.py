@@ -110,6 +110,7 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
         flip_features: bool = False,
         run_length: bool = False,
         views: int = 1,
+        lesion_size: int | None = None,
         n_support: int = 1,
     ) -> LesionFeatureModel:
         if backbone is None and weights not in (None, "imagenet"):
@@ -117,7 +118,8 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
         bb = build_backbone(backbone, weights=weights, in_chans=1) if backbone else None
         return LesionFeatureModel(
             classifier, bb, num_classes=num_classes, in_chans=in_chans, pca_dim=pca_dim,
-            flip_features=flip_features, run_length=run_length, views=views, n_support=n_support,
+            flip_features=flip_features, run_length=run_length, views=views, lesion_size=lesion_size,
+            n_support=n_support,
         )  # fmt: skip
 
     return build

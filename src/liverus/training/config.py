@@ -112,6 +112,7 @@ class ModelConfig:
     pca_dim: int = 32  # radiomics_*_<backbone> models: principal components kept of the frozen deep features
     flip_features: bool = False  # radiomics_*_<backbone>: deep features averaged with those of the mirrored crop
     run_length: bool = False  # radiomics_*: add the grey-level run-length (GLRLM) texture features
+    lesion_size: int | None = None  # radiomics_*: lesion crop resized to this (data.image_size: the scan view)
 
 
 @dataclass
@@ -272,6 +273,18 @@ class TrainConfig:
                 f"model.flip_features: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
                 f"model; {self.model.name} has no frozen backbone features (set it to false)"
             )
+        if self.model.lesion_size is not None:
+            if not is_feature_model(self.model.name):
+                raise ConfigError(
+                    f"model.lesion_size: resizes the lesion crop inside a radiomics_* model; {self.model.name} is a "
+                    "CNN, whose input size is data.image_size (set lesion_size: null)"
+                )
+            if not 32 <= self.model.lesion_size <= self.data.image_size:
+                raise ConfigError(
+                    f"model.lesion_size: the lesion crop is area-resized from data.image_size "
+                    f"({self.data.image_size}) down to this size; it must be in [32, {self.data.image_size}], got "
+                    f"{self.model.lesion_size} (raise data.image_size to prepare the views at more pixels)"
+                )
         if self.data.scan_view and not has_frozen_backbone(self.model.name):
             kind = "a radiomics-only model" if is_feature_model(self.model.name) else "a CNN"
             raise ConfigError(

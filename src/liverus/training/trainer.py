@@ -237,6 +237,8 @@ def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | Le
             cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=in_chans,
             pca_dim=cfg.model.pca_dim, flip_features=cfg.model.flip_features, run_length=cfg.model.run_length,
             views=2 if cfg.data.scan_view else 1,
+            # Only when set: the build arguments of models from earlier versions stay what they were.
+            **({"lesion_size": cfg.model.lesion_size} if cfg.model.lesion_size is not None else {}),
         )  # fmt: skip
     head_kwargs = {"drop_rate": cfg.model.drop_rate}
     if cfg.data.context_margin:
