@@ -468,11 +468,8 @@ def _repeated_summary(
     per_model, sizes = {}, []
     for label in [*members, *(fused or {})]:
         aucs = [delong_ci(preds[label, r].y, preds[label, r].p)[0] for r in range(repeats)]
-        arr = np.asarray(aucs, dtype=float)
         per_model[label] = {
-            "auc_per_repeat": arr.tolist(),
-            "mean": float(np.nanmean(arr)),
-            "sd": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else math.nan,
+            **_over_repeats(aucs),
             "subgroups": _subgroup_aucs([preds[label, r] for r in range(repeats)]),
         }
     for r in range(repeats):
@@ -508,16 +505,21 @@ def _subgroup_aucs(preds: list[Predictions]) -> dict:
     for col in sorted(set.intersection(*columns)) if columns else []:
         tables = [subgroup_table(pr, col, None) for pr in preds]
         for value in sorted(set.intersection(*(set(t) for t in tables))):
-            arr = np.asarray([t[value]["auc"] for t in tables], dtype=float)
-            if np.isnan(arr).all():  # one class only in this subgroup
+            aucs = [t[value]["auc"] for t in tables]
+            if np.isnan(aucs).all():  # one class only in this subgroup
                 continue
-            out.setdefault(col, {})[value] = {
-                "auc_per_repeat": arr.tolist(),
-                "mean": float(np.nanmean(arr)),
-                "sd": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else math.nan,
-                "n": tables[0][value]["n"],
-            }
+            out.setdefault(col, {})[value] = {**_over_repeats(aucs), "n": tables[0][value]["n"]}
     return out
+
+
+def _over_repeats(aucs: list[float]) -> dict:
+    """One AUC per repeat, with their mean and sample SD (NaN for a single repeat)."""
+    arr = np.asarray(aucs, dtype=float)
+    return {
+        "auc_per_repeat": arr.tolist(),
+        "mean": float(np.nanmean(arr)),
+        "sd": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else math.nan,
+    }
 
 
 def _subgroup_lines(m: dict, indent: int) -> list[str]:
