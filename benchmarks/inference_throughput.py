@@ -66,10 +66,11 @@ def measure(model_file: Path, onnx_files: dict[str, Path], reps: int) -> dict[st
     size = card.preprocess.image_size
     chans = 2 if card.preprocess.lesion_channel else 1
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (32, chans, size, size), dtype=np.uint8)
-    if chans == 2:  # a lesion in the middle of every crop
-        pixels[:, 1] = 0
-        pixels[:, 1, size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 255
+    # Every view (lesion crop, and the context crop or whole scan of two-view models) as the predictor stacks them.
+    pixels = rng.integers(0, 256, (32, chans * card.views, size, size), dtype=np.uint8)
+    if chans == 2:  # a lesion in the middle of every view
+        pixels[:, 1::2] = 0
+        pixels[:, 1::2, size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 255
     out = {}
     for name, bf16 in (("pytorch fp32", False), ("pytorch bf16", True)):
         b1 = _time(_torch_runner(model, card, torch.from_numpy(pixels[:1]), bf16), reps)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import untrained_model_file  # noqa: E402
+from _common import cpu_name, untrained_model_file  # noqa: E402
 from liverus.engine.predictor import Predictor  # noqa: E402
 from liverus.export import export_onnx  # noqa: E402
 
@@ -43,6 +43,7 @@ def main() -> None:
                 times.append((time.perf_counter() - t) * 1000)
             res[name] = statistics.median(times)
         diff = abs(float(pt.probabilities(pre)[0]) - float(ox.probabilities(pre)[0]))
+    print(f"CPU: {cpu_name()}")
     print(f"{args.model} at {args.size} px, batch 1, torch threads {torch.get_num_threads()}")
     print(f"PyTorch eager:  {res['pytorch']:.1f} ms/image (median of {args.reps})")
     print(f"ONNX Runtime:   {res['onnxruntime']:.1f} ms/image")
