@@ -110,6 +110,7 @@ def test_train_writes_a_model_card_with_every_item_it_claims(trained):
     model = card["model (TRIPOD+AI 12c; CLAIM 17-19)"]
     assert model["model_file_sha256"] == hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
     assert model["parameters"] > 1_000_000 and model["weights"]["kind"] == "random"
+    assert model["build_arguments"]["in_chans"] == 1  # what the file is rebuilt with, readable beside the weights
     perf = card["performance_with_95pct_intervals (TRIPOD+AI 23a; CLAIM 29-32)"]["val"]
     assert "[" in perf["auc"] and perf["calibration_slope"] != "" and perf["n"] > 0
     points = card["operating_points (TRIPOD+AI 12f)"]["named"]

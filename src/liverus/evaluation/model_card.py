@@ -108,6 +108,8 @@ def write_model_card(run_dir: str | Path, metrics: dict, cases: list, data_summa
             "members": card.members,
             "parameters": count_parameters(model),
             "input_channels": card.in_chans,
+            # What rebuilds the model from its file (views, lesion_size, flip_features, ...): the input it expects.
+            "build_arguments": dict(getattr(model, "build_kwargs", {}) or {}),
             "weights": {"kind": wi.kind, "source": wi.source, "sha256": wi.sha256 or "n/a"},
             "model_file_sha256": hashlib.sha256((run / "model.pt").read_bytes()).hexdigest(),
         },
