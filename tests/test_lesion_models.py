@@ -276,6 +276,54 @@ def test_stored_svm_reproduces_scikit_learns_decision():
                                atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("depth", [2, 3])
+def test_stored_boosted_trees_reproduce_scikit_learns_decision(depth):
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from liverus.models.features import BOOSTING_TREES
+    from liverus.training.feature_fit import _tree_arrays
+
+    rng = np.random.default_rng(depth)
+    n_feat = len(FEATURE_NAMES)
+    x = rng.normal(size=(120, n_feat))
+    y = (x[:, 0] + x[:, 1] ** 2 + rng.normal(scale=0.5, size=120) > 1).astype(int)  # not linear: splits matter
+    gb = GradientBoostingClassifier(n_estimators=BOOSTING_TREES, max_depth=depth, learning_rate=0.1, subsample=0.8,
+                                    random_state=0).fit(x, y)  # fmt: skip
+    model = build_model("radiomics_boosting", in_chans=2)
+    model.load_fitted(_tree_arrays(gb))
+    assert model.tree_threshold.dtype == torch.float64 and model.tree_feature.dtype == torch.long
+    fresh = rng.normal(size=(40, n_feat))  # rows the trees never saw as well as the training rows
+    for rows in (x, fresh):
+        got = model.decision(torch.as_tensor(rows, dtype=torch.float32)).double().numpy()
+        np.testing.assert_allclose(got, gb.decision_function(rows.astype(np.float32)), atol=1e-5)
+    # A file round trip keeps the integer and float64 buffers; there is no Grad-CAM of a step function.
+    copy = build_model("radiomics_boosting", in_chans=2)
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy.decision(torch.as_tensor(fresh, dtype=torch.float32)),
+                               model.decision(torch.as_tensor(fresh, dtype=torch.float32)))  # fmt: skip
+    with pytest.raises(ValueError, match="boosted trees"):
+        build_model("radiomics_boosting_efficientnet_lite0", in_chans=2).gradcam_layers()
+
+
+@pytest.mark.slow
+def test_boosted_feature_model_is_tuned_inside_the_training_part_and_predicts(tmp_path):
+    import json
+
+    from liverus.training import train
+
+    run = tmp_path / "boost"
+    train(apply_overrides(load_config(), [*RADIOMICS_TINY, "model.name=radiomics_boosting"]), run)
+    fitted = json.loads((run / "feature_fit.json").read_text())
+    assert fitted["learning_rate"] in (0.03, 0.1) and fitted["max_depth"] in (2, 3) and "C" not in fitted
+    model, card = load_model(run / "model.pt")
+    assert model.classifier == "boosting" and bool(model.fitted) and model.tree_value.abs().sum() > 0
+    image = sorted((run / "phantom" / "malignant").glob("*.png"))[0]
+    p = run_cli("predict", "--model", str(run / "model.pt"), str(image), "--box", "30,30,90,90",
+                "--out", str(tmp_path / "pred.csv"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert ",ok," in (tmp_path / "pred.csv").read_text()
+
+
 def test_feature_model_arguments_and_unfitted_use_raise():
     with pytest.raises(ValueError, match="lesion_channel"):
         build_model("radiomics_svm", in_chans=1)

@@ -23,7 +23,13 @@ from liverus.utils import DigestMemo
 
 __all__ = ["LesionFeatureModel", "FEATURE_CLASSIFIERS", "DEEP_FEATURE_MEMO"]
 
-FEATURE_CLASSIFIERS = ("logistic", "svm")
+FEATURE_CLASSIFIERS = ("logistic", "svm", "boosting")
+
+# The shape of a gradient-boosted model (scikit-learn's GradientBoostingClassifier, fitted in
+# liverus.training.feature_fit): a fixed number of trees of at most this depth, so every fitted model, and every
+# member of an ensemble, has buffers of one shape whatever depth the inner cross-validation chose.
+BOOSTING_TREES = 200
+BOOSTING_MAX_DEPTH = 3
 
 # The frozen backbone's pooled features of an image depend only on the image, the weights and the arithmetic
 # (device, dtype, autocast), yet a 5-fold x 3-repeat study asks for them 15 times per image (fitting and scoring):
@@ -32,10 +38,11 @@ DEEP_FEATURE_MEMO = DigestMemo(max_items=16384)
 
 
 class LesionFeatureModel(nn.Module):
-    """Radiomics (+ frozen deep features) -> standardisation -> logistic regression or RBF SVM.
+    """Radiomics (+ frozen deep features) -> standardisation -> logistic regression, RBF SVM or boosted trees.
 
     Args:
-        classifier: ``logistic`` or ``svm``.
+        classifier: ``logistic``, ``svm`` or ``boosting`` (gradient-boosted trees, :data:`BOOSTING_TREES` of depth
+            at most :data:`BOOSTING_MAX_DEPTH`; piecewise constant in its inputs, so it has no Grad-CAM).
         backbone: a frozen backbone whose pooled features join the radiomics, or ``None`` for radiomics only.
         num_classes: must be 2 (benign / malignant).
         in_chans: must be 2: the gray image and the lesion mask.
@@ -121,6 +128,15 @@ class LesionFeatureModel(nn.Module):
             self.register_buffer("pca_scale", torch.ones(pca_dim * views))
         if classifier == "logistic":
             self.register_buffer("coef", torch.zeros(width))
+        elif classifier == "boosting":
+            # Each tree as arrays, as scikit-learn's tree_ holds it, padded to a full tree of the maximal depth.
+            # Thresholds stay float64: scikit-learn compares float32 features with float64 thresholds.
+            nodes = 2 ** (BOOSTING_MAX_DEPTH + 1) - 1
+            self.register_buffer("tree_feature", torch.zeros(BOOSTING_TREES, nodes, dtype=torch.long))
+            self.register_buffer("tree_threshold", torch.zeros(BOOSTING_TREES, nodes, dtype=torch.float64))
+            self.register_buffer("tree_left", torch.full((BOOSTING_TREES, nodes), -1, dtype=torch.long))
+            self.register_buffer("tree_right", torch.full((BOOSTING_TREES, nodes), -1, dtype=torch.long))
+            self.register_buffer("tree_value", torch.zeros(BOOSTING_TREES, nodes))  # learning rate folded in
         else:
             self.register_buffer("support", torch.zeros(n_support, width))
             self.register_buffer("dual_coef", torch.zeros(n_support))
@@ -146,8 +162,15 @@ class LesionFeatureModel(nn.Module):
         """The frozen backbone's last stage (Grad-CAM then shows where its features, not the radiomics, looked).
 
         Raises:
-            ValueError: for a radiomics-only model, which has no convolutional layer.
+            ValueError: for a radiomics-only model, which has no convolutional layer, and for boosted trees, whose
+                output is piecewise constant in the features, so every gradient Grad-CAM would weigh by is zero.
         """
+        if self.classifier == "boosting":
+            raise ValueError(
+                f"{self.model_name or 'this model'} decides with boosted trees, whose output does not change "
+                "smoothly with the image, so Grad-CAM has no gradient to show; for a heatmap use the _svm or "
+                "_logistic variant of the same features"
+            )
         if self.backbone is None:
             raise ValueError(
                 f"{self.model_name or 'this radiomics model'} has no convolutional layers, so it has no Grad-CAM "
@@ -253,9 +276,24 @@ class LesionFeatureModel(nn.Module):
         """The classifier's logit of malignancy for scaled features (N, F) -> (N,)."""
         if self.classifier == "logistic":
             return features @ self.coef + self.intercept
+        if self.classifier == "boosting":
+            return self._tree_sum(features) + self.intercept
         dist = torch.cdist(features, self.support).pow(2)
         f = torch.exp(-self.gamma * dist) @ self.dual_coef + self.intercept
         return self.platt[0] * f + self.platt[1]
+
+    def _tree_sum(self, features: torch.Tensor) -> torch.Tensor:
+        """The sum of every tree's leaf value for each row of ``features`` (N, F): all trees descend together, one
+        level per step; a leaf (no left child) keeps its node."""
+        n, trees = features.shape[0], self.tree_feature.shape[0]
+        tree = torch.arange(trees, device=features.device).expand(n, trees)
+        node = torch.zeros(n, trees, dtype=torch.long, device=features.device)
+        x = features.to(torch.float32).to(torch.float64)  # scikit-learn's arithmetic: float32 X, float64 thresholds
+        for _ in range(BOOSTING_MAX_DEPTH):
+            left = self.tree_left[tree, node]
+            go_left = x.gather(1, self.tree_feature[tree, node]) <= self.tree_threshold[tree, node]
+            node = torch.where(left < 0, node, torch.where(go_left, left, self.tree_right[tree, node]))
+        return self.tree_value[tree, node].sum(dim=1)
 
     def classify(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
         """Logits (N, 2) from raw features (what :meth:`forward` does after :meth:`raw_features`)."""
@@ -281,7 +319,7 @@ class LesionFeatureModel(nn.Module):
             current = getattr(self, name, None)
             if not isinstance(current, torch.Tensor) or name == "fitted":
                 raise ValueError(f"{name!r} is not a fitted parameter of {type(self).__name__}")
-            tensor = torch.as_tensor(np.asarray(value), dtype=torch.float32)
+            tensor = torch.as_tensor(np.asarray(value), dtype=current.dtype)
             resizable = name in ("support", "dual_coef")
             if tensor.shape != current.shape and not (resizable and tensor.shape[1:] == current.shape[1:]):
                 raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(current.shape)}")

@@ -125,14 +125,15 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
     return build
 
 
+_CLASSIFIER_NAMES = {"logistic": "logistic regression", "svm": "RBF SVM", "boosting": "gradient-boosted trees"}
 for _clf in FEATURE_CLASSIFIERS:
-    register_model(f"radiomics_{_clf}", f"lesion radiomics -> {_clf} (needs data.lesion_channel)")(
-        _make_feature_builder(_clf, None)
-    )
+    _desc = f"lesion radiomics -> {_CLASSIFIER_NAMES[_clf]} (needs data.lesion_channel)"
+    register_model(f"radiomics_{_clf}", _desc)(_make_feature_builder(_clf, None))
     for _bb in BACKBONES:
         register_model(
             f"radiomics_{_clf}_{_bb}",
-            f"lesion radiomics + frozen {_bb} features of the crop -> {_clf} (needs data.lesion_channel)",
+            f"lesion radiomics + frozen {_bb} features of the crop -> {_CLASSIFIER_NAMES[_clf]} "
+            "(needs data.lesion_channel)",
         )(_make_feature_builder(_clf, _bb))
 
 

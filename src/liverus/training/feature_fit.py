@@ -2,9 +2,11 @@
 
 Everything fitted (standardisation, the PCA of the deep features, the classifier's hyperparameter, Platt scaling)
 sees the training part only: a cross-validation fold's held-out cases and a run's validation cases are scored by
-the finished model like any network's. The hyperparameter (C) is chosen by an inner cross-validation that keeps
-each group (patient, or near-duplicate frames) on one side; Platt scaling of the SVM is fitted on that inner
-cross-validation's decision values, not on the training decisions (which an SVM separates too well).
+the finished model like any network's. The hyperparameters (C; for boosted trees the learning rate and
+depth) are chosen by an inner cross-validation that keeps each group (patient, or near-duplicate frames) on one
+side; Platt scaling of the SVM is fitted on that inner cross-validation's decision values, not on the training
+decisions (which an SVM separates too well). Boosted trees are fitted on log-loss, so their log-odds need no
+rescaling.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
+from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, cross_val_predict
 from sklearn.svm import SVC
@@ -22,13 +25,18 @@ from torch.utils.data import DataLoader
 from liverus.data import Case, CaseCache, UltrasoundDataset
 from liverus.engine.forward import eval_batch_size, model_input
 from liverus.models import LesionFeatureModel, ModelCard
+from liverus.models.features import BOOSTING_MAX_DEPTH, BOOSTING_TREES
 from liverus.utils import STAGES
 
-__all__ = ["fit_feature_model", "extract_features", "C_GRID"]
+__all__ = ["fit_feature_model", "extract_features", "C_GRID", "BOOSTING_GRID"]
 
 log = logging.getLogger("liverus.training")
 
 C_GRID = {"logistic": (0.01, 0.03, 0.1, 0.3, 1.0), "svm": (0.3, 1.0, 3.0, 10.0)}
+# Few samples (hundreds) and ~100 features: shallow trees, a small learning rate and row subsampling (stochastic
+# gradient boosting) against overfitting; the inner cross-validation picks among these.
+BOOSTING_GRID = {"learning_rate": (0.03, 0.1), "max_depth": (2, BOOSTING_MAX_DEPTH)}
+UNTUNED = {"logistic": {"C": 1.0}, "svm": {"C": 1.0}, "boosting": {"learning_rate": 0.1, "max_depth": 2}}
 
 
 @torch.inference_mode()
@@ -78,7 +86,8 @@ def fit_feature_model(
     """Fit ``model`` on ``cases`` (see the module docstring) and store the fitted numbers in it.
 
     Returns:
-        What was chosen: ``{"C", "inner_auc", "n_features", "n_support" (SVM), "pca_variance" (deep)}``.
+        What was chosen: ``{"C" (logistic, SVM) or "learning_rate" and "max_depth" (boosting), "inner_auc",
+        "n_features", "n_support" (SVM), "pca_variance" (deep)}``.
 
     Raises:
         ValueError: when the training cases hold one class only.
@@ -117,15 +126,24 @@ def fit_feature_model(
         info["pca_variance"] = variance[0] if model.views == 1 else variance
     x = np.hstack(blocks)
     cv = _inner_cv(y, groups, seed)
-    base = LogisticRegression(max_iter=5000) if model.classifier == "logistic" else SVC(kernel="rbf", gamma="scale")
-    if cv is not None:
-        search = GridSearchCV(base, {"C": list(C_GRID[model.classifier])}, cv=cv, scoring="roc_auc")
-        search.fit(x, y, groups=groups)
-        best, info["C"], info["inner_auc"] = search.best_estimator_, search.best_params_["C"], search.best_score_
+    if model.classifier == "boosting":
+        base = GradientBoostingClassifier(n_estimators=BOOSTING_TREES, subsample=0.8, random_state=seed)
+        grid = {k: list(v) for k, v in BOOSTING_GRID.items()}
     else:
-        best = base.set_params(C=1.0).fit(x, y)
-        info["C"], info["inner_auc"] = 1.0, float("nan")
-    if model.classifier == "logistic":
+        base = LogisticRegression(max_iter=5000) if model.classifier == "logistic" else SVC(kernel="rbf", gamma="scale")
+        grid = {"C": list(C_GRID[model.classifier])}
+    if cv is not None:
+        search = GridSearchCV(base, grid, cv=cv, scoring="roc_auc")
+        search.fit(x, y, groups=groups)
+        best, chosen, info["inner_auc"] = search.best_estimator_, search.best_params_, search.best_score_
+    else:
+        chosen = dict(UNTUNED[model.classifier])  # too few groups for an inner cross-validation
+        best = base.set_params(**chosen).fit(x, y)
+        info["inner_auc"] = float("nan")
+    info.update(chosen)
+    if model.classifier == "boosting":
+        params.update(_tree_arrays(best))
+    elif model.classifier == "logistic":
         params["coef"], params["intercept"] = best.coef_[0], np.asarray(best.intercept_[0])
     else:
         params["support"] = best.support_vectors_
@@ -143,7 +161,32 @@ def fit_feature_model(
     model.load_fitted(params)
     info["n_features"] = int(x.shape[1])
     log.info(
-        "fitted %s on %d cases: C=%s, inner-CV AUC %.3f, %d features",
-        model.model_name, len(y), info["C"], info["inner_auc"], info["n_features"],
+        "fitted %s on %d cases: %s, inner-CV AUC %.3f, %d features",
+        model.model_name, len(y), ", ".join(f"{k}={v}" for k, v in chosen.items()), info["inner_auc"],
+        info["n_features"],
     )  # fmt: skip
     return info
+
+
+def _tree_arrays(gb: GradientBoostingClassifier) -> dict[str, np.ndarray]:
+    """A fitted binary GradientBoostingClassifier as the padded arrays :class:`LesionFeatureModel` stores: per tree
+    the split feature, threshold, children and leaf value (times the learning rate), and the prior log-odds as the
+    intercept; its decision function is then the intercept plus the sum of the leaves each row reaches."""
+    trees = [e[0].tree_ for e in gb.estimators_]
+    nodes = 2 ** (BOOSTING_MAX_DEPTH + 1) - 1
+    out = {
+        "tree_feature": np.zeros((len(trees), nodes), np.int64),
+        "tree_threshold": np.zeros((len(trees), nodes)),
+        "tree_left": np.full((len(trees), nodes), -1, np.int64),
+        "tree_right": np.full((len(trees), nodes), -1, np.int64),
+        "tree_value": np.zeros((len(trees), nodes)),
+    }
+    for i, t in enumerate(trees):
+        n = t.node_count
+        out["tree_feature"][i, :n] = np.maximum(t.feature, 0)  # leaves hold -2: any valid column, never compared
+        out["tree_threshold"][i, :n] = t.threshold
+        out["tree_left"][i, :n], out["tree_right"][i, :n] = t.children_left, t.children_right
+        out["tree_value"][i, :n] = gb.learning_rate * t.value[:, 0, 0]
+    prior = float(gb.init_.class_prior_[1])
+    out["intercept"] = np.asarray(np.log(prior / (1 - prior)))
+    return out
