@@ -200,8 +200,8 @@ class LesionFeatureModel(nn.Module):
         view = x[:, :2]
         if self.lesion_size is None or view.shape[-2:] == (self.lesion_size, self.lesion_size):
             return view
-        # Area averaging: the pixels a fixed-size input crop would have given (what cv2.INTER_AREA does in the
-        # preprocessing); the mask keeps the pixels more than half inside the lesion.
+        # Area averaging (torch's adaptive average pooling: exact block means for integer ratios, close to the
+        # preprocessing's cv2.INTER_AREA otherwise); the mask keeps the pixels more than half inside the lesion.
         resized = F.interpolate(view.float(), size=(self.lesion_size,) * 2, mode="area")
         return torch.stack([resized[:, 0], (resized[:, 1] > 0.5).to(resized.dtype)], dim=1).to(view.dtype)
 
