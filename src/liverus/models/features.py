@@ -187,7 +187,8 @@ class LesionFeatureModel(nn.Module):
         Raises:
             ValueError: when an image's lesion mask is (nearly) empty.
         """
-        return self.radiomics(x), self.deep_features(x)
+        lesion = self.lesion_view(x)  # resized once for both feature kinds
+        return self._radiomics_of(lesion), self._deep_features_of(lesion, x)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 2 * self.views:
@@ -208,12 +209,14 @@ class LesionFeatureModel(nn.Module):
     def radiomics(self, x: torch.Tensor) -> torch.Tensor:
         """The :mod:`~liverus.data.radiomics` features (N, R) of the lesion crop of normalised input ``x``
         (N, 2 * views, H, W)."""
-        x = self.lesion_view(x)
+        return self._radiomics_of(self.lesion_view(x))
+
+    def _radiomics_of(self, lesion: torch.Tensor) -> torch.Tensor:
         mean, std = self._norm
-        pixels = ((x[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
-        masks = (x[:, 1].float() > 0.5).cpu().numpy()
+        pixels = ((lesion[:, 0].float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+        masks = (lesion[:, 1].float() > 0.5).cpu().numpy()
         feats = feature_matrix(pixels.cpu().numpy(), masks, run_length=self.run_length)
-        return torch.from_numpy(feats).to(x.device, torch.float32)
+        return torch.from_numpy(feats).to(lesion.device, torch.float32)
 
     def deep_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """The frozen backbone's pooled features (N, D * views) of each view's image channel, or None without a
@@ -224,8 +227,14 @@ class LesionFeatureModel(nn.Module):
         """
         if self.backbone is None:
             return None
+        return self._deep_features_of(self.lesion_view(x), x)
+
+    def _deep_features_of(self, lesion: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Deep features of the lesion view (from :meth:`lesion_view`) and of the other views of ``x``."""
+        if self.backbone is None:
+            return None
         # The lesion crop first: Grad-CAM reads the first forward pass it sees.
-        images = [self.lesion_view(x)[:, :1]] + [x[:, 2 * v : 2 * v + 1] for v in range(1, self.views)]
+        images = [lesion[:, :1]] + [x[:, 2 * v : 2 * v + 1] for v in range(1, self.views)]
         return torch.cat([self._view_features(image) for image in images], dim=1)
 
     def _view_features(self, image: torch.Tensor) -> torch.Tensor:
