@@ -30,6 +30,7 @@ FEATURE_CLASSIFIERS = ("logistic", "svm", "boosting")
 # member of an ensemble, has buffers of one shape whatever depth the inner cross-validation chose.
 BOOSTING_TREES = 200
 BOOSTING_MAX_DEPTH = 3
+BOOSTING_NODES = 2 ** (BOOSTING_MAX_DEPTH + 1) - 1  # a full binary tree of that depth
 
 # The frozen backbone's pooled features of an image depend only on the image, the weights and the arithmetic
 # (device, dtype, autocast), yet a 5-fold x 3-repeat study asks for them 15 times per image (fitting and scoring):
@@ -131,12 +132,12 @@ class LesionFeatureModel(nn.Module):
         elif classifier == "boosting":
             # Each tree as arrays, as scikit-learn's tree_ holds it, padded to a full tree of the maximal depth.
             # Thresholds stay float64: scikit-learn compares float32 features with float64 thresholds.
-            nodes = 2 ** (BOOSTING_MAX_DEPTH + 1) - 1
-            self.register_buffer("tree_feature", torch.zeros(BOOSTING_TREES, nodes, dtype=torch.long))
-            self.register_buffer("tree_threshold", torch.zeros(BOOSTING_TREES, nodes, dtype=torch.float64))
-            self.register_buffer("tree_left", torch.full((BOOSTING_TREES, nodes), -1, dtype=torch.long))
-            self.register_buffer("tree_right", torch.full((BOOSTING_TREES, nodes), -1, dtype=torch.long))
-            self.register_buffer("tree_value", torch.zeros(BOOSTING_TREES, nodes))  # learning rate folded in
+            shape = (BOOSTING_TREES, BOOSTING_NODES)
+            self.register_buffer("tree_feature", torch.zeros(shape, dtype=torch.long))
+            self.register_buffer("tree_threshold", torch.zeros(shape, dtype=torch.float64))
+            self.register_buffer("tree_left", torch.full(shape, -1, dtype=torch.long))
+            self.register_buffer("tree_right", torch.full(shape, -1, dtype=torch.long))
+            self.register_buffer("tree_value", torch.zeros(shape))  # learning rate folded in
         else:
             self.register_buffer("support", torch.zeros(n_support, width))
             self.register_buffer("dual_coef", torch.zeros(n_support))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from liverus.data import Case, CaseCache, UltrasoundDataset
 from liverus.engine.forward import eval_batch_size, model_input
 from liverus.models import LesionFeatureModel, ModelCard
-from liverus.models.features import BOOSTING_MAX_DEPTH, BOOSTING_TREES
+from liverus.models.features import BOOSTING_MAX_DEPTH, BOOSTING_NODES, BOOSTING_TREES
 from liverus.utils import STAGES
 
 __all__ = ["fit_feature_model", "extract_features", "C_GRID", "BOOSTING_GRID"]
@@ -173,13 +173,13 @@ def _tree_arrays(gb: GradientBoostingClassifier) -> dict[str, np.ndarray]:
     the split feature, threshold, children and leaf value (times the learning rate), and the prior log-odds as the
     intercept; its decision function is then the intercept plus the sum of the leaves each row reaches."""
     trees = [e[0].tree_ for e in gb.estimators_]
-    nodes = 2 ** (BOOSTING_MAX_DEPTH + 1) - 1
+    shape = (len(trees), BOOSTING_NODES)
     out = {
-        "tree_feature": np.zeros((len(trees), nodes), np.int64),
-        "tree_threshold": np.zeros((len(trees), nodes)),
-        "tree_left": np.full((len(trees), nodes), -1, np.int64),
-        "tree_right": np.full((len(trees), nodes), -1, np.int64),
-        "tree_value": np.zeros((len(trees), nodes)),
+        "tree_feature": np.zeros(shape, np.int64),
+        "tree_threshold": np.zeros(shape),
+        "tree_left": np.full(shape, -1, np.int64),
+        "tree_right": np.full(shape, -1, np.int64),
+        "tree_value": np.zeros(shape),
     }
     for i, t in enumerate(trees):
         n = t.node_count
