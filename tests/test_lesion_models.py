@@ -324,6 +324,97 @@ def test_boosted_feature_model_is_tuned_inside_the_training_part_and_predicts(tm
     assert ",ok," in (tmp_path / "pred.csv").read_text()
 
 
+def _confounded(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features (scanner, lesion) of cases whose scanner predicts the class: scanner 1 holds 85% malignant cases,
+    scanner 0 15%; the lesion feature carries the class the same way on both scanners."""
+    rng = np.random.default_rng(seed)
+    scanner = rng.integers(0, 2, n)
+    y = (rng.random(n) < np.where(scanner == 1, 0.85, 0.15)).astype(int)
+    x = np.column_stack([scanner + rng.normal(scale=0.1, size=n), y + rng.normal(scale=1.0, size=n)])
+    return x, y, scanner
+
+
+def test_balancing_weights_stop_a_fitted_classifier_riding_the_scanner():
+    from liverus.training.feature_fit import fit_classifier
+
+    x, y, scanner = _confounded(n=400)
+    groups = [str(i) for i in range(len(y))]
+    cells = list(zip(y, scanner, strict=True))
+    weights = np.array([1.0 / cells.count(c) for c in cells])  # balancing_weights' rule
+    plain, _, plain_info = fit_classifier(x, y, groups, "logistic")
+    fair, chosen, info = fit_classifier(x, y, groups, "logistic", sample_weight=weights)
+    # Weighted, class and scanner are independent: the classifier leans on the lesion, no longer on the scanner.
+    assert plain["coef"][0] > 2 * plain["coef"][1] > 0
+    assert fair["coef"][1] > 0 and abs(fair["coef"][0]) < 0.2 * fair["coef"][1]
+    assert "sample_weight_range" not in plain_info
+    lo, hi = info["sample_weight_range"]
+    assert lo < 1.0 < hi and np.isclose(hi / lo, weights.max() / weights.min(), rtol=1e-3)
+    # Only the weights' ratios count (they are rescaled to mean 1 so that the C grid keeps its meaning).
+    again, _, _ = fit_classifier(x, y, groups, "logistic", sample_weight=weights * 37.0)
+    np.testing.assert_allclose(again["coef"], fair["coef"], rtol=1e-6)
+    assert chosen["C"] in (0.01, 0.03, 0.1, 0.3, 1.0)
+    for bad in (weights[:-1], -weights, np.where(np.arange(len(y)) == 3, np.nan, weights)):
+        with pytest.raises(ValueError, match="sample_weight"):
+            fit_classifier(x, y, groups, "logistic", sample_weight=bad)
+
+
+@pytest.mark.parametrize("classifier", ["svm", "boosting"])
+def test_weighted_svm_and_trees_equal_scikit_learns_weighted_fit(classifier):
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from liverus.models.features import BOOSTING_TREES
+    from liverus.training.feature_fit import fit_classifier
+
+    rng = np.random.default_rng(1)
+    n_feat = len(FEATURE_NAMES)
+    x = rng.normal(size=(160, n_feat))
+    y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=2.0, size=160) > 0).astype(int)  # noisy: the margin is soft
+    weights = np.where(y == 1, 3.0, 1.0)
+    groups = [str(i // 2) for i in range(160)]  # pairs of rows share a group
+    params, chosen, _ = fit_classifier(x, y, groups, classifier, sample_weight=weights)
+    model = build_model(f"radiomics_{classifier}", in_chans=2)
+    model.load_fitted({**params, **({"platt": np.array([1.0, 0.0])} if classifier == "svm" else {})})
+    w = weights * (len(weights) / weights.sum())
+    if classifier == "svm":
+        ref = SVC(C=chosen["C"], gamma="scale").fit(x, y, sample_weight=w)
+        unweighted = SVC(C=chosen["C"], gamma="scale").fit(x, y)
+    else:
+        kw = dict(n_estimators=BOOSTING_TREES, subsample=0.8, random_state=0, **chosen)
+        ref = GradientBoostingClassifier(**kw).fit(x, y, sample_weight=w)
+        unweighted = GradientBoostingClassifier(**kw).fit(x, y)
+    got = model.decision(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(got, ref.decision_function(x.astype(np.float32)), atol=1e-4)
+    assert np.abs(ref.decision_function(x) - unweighted.decision_function(x)).max() > 0.05  # the weights mattered
+
+
+@pytest.mark.slow
+def test_balance_by_weighs_a_feature_models_fit_and_is_recorded(tmp_path, radiomics_run):
+    import json
+
+    from liverus.training import train
+
+    run = tmp_path / "balanced"
+    train(apply_overrides(load_config(), [*RADIOMICS_TINY, "data.balance_by=kind"]), run)
+    fitted = json.loads((run / "feature_fit.json").read_text())
+    plain = json.loads((radiomics_run / "feature_fit.json").read_text())
+    assert "sample_weight_range" not in plain
+    train_paths = json.loads((run / "splits.json").read_text())["folds"][0]["train"]
+    plain_paths = json.loads((radiomics_run / "splits.json").read_text())["folds"][0]["train"]
+    assert [p.split("/")[-2:] for p in train_paths] == [p.split("/")[-2:] for p in plain_paths]  # same split
+    from liverus.data import load_task_cases
+
+    cases, _ = load_task_cases(run / "phantom", "binary", "source")
+    by_path = {c.path: c for c in cases}
+    cells = [(by_path[p].label, by_path[p].meta["kind"]) for p in train_paths]
+    raw = np.array([1.0 / cells.count(c) for c in cells])
+    raw *= len(raw) / raw.sum()
+    np.testing.assert_allclose(fitted["sample_weight_range"], [raw.min(), raw.max()], atol=1e-4)
+    weighted, _ = load_model(run / "model.pt")
+    unweighted, _ = load_model(radiomics_run / "model.pt")
+    torch.testing.assert_close(weighted.radiomics_mean, unweighted.radiomics_mean)  # the scaling stays unweighted
+    assert not torch.allclose(weighted.dual_coef[: len(unweighted.dual_coef)], unweighted.dual_coef)
+
+
 def test_feature_model_arguments_and_unfitted_use_raise():
     with pytest.raises(ValueError, match="lesion_channel"):
         build_model("radiomics_svm", in_chans=1)

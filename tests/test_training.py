@@ -465,7 +465,7 @@ def test_balance_by_acquisition_group_draws_every_class_and_group_cell_equally(t
 
     from liverus.data import make_phantom_dataset
     from liverus.training import apply_overrides, load_config
-    from liverus.training.datasets import acquisition_group, prepare_run_data
+    from liverus.training.datasets import acquisition_group, balancing_weights, prepare_run_data
     from liverus.training.distributed import DistInfo
     from liverus.training.run_folder import RunFolder
 
@@ -484,6 +484,16 @@ def test_balance_by_acquisition_group_draws_every_class_and_group_cell_equally(t
             drawn.update(cells[i] for i, _ in batch)
     share = {cell: n / sum(drawn.values()) for cell, n in drawn.items()}
     assert max(share.values()) / min(share.values()) < 1.6  # as stored, the largest cell is 2.2x the smallest
+    # The same weights reach a fitted feature model: every cell weighs the same in total.
+    totals = Counter()
+    for cell, w in zip(cells, data.train_weights, strict=True):
+        totals[cell] += w
+    assert len(totals) == len(set(cells)) and np.allclose(list(totals.values()), 1.0)
+    by_class = apply_overrides(cfg, ["data.balance_by=", "loss.balanced_sampler=true"])
+    weights = balancing_weights(by_class, data.train, data.train_targets)
+    per_class = np.bincount(data.train_targets, weights=weights)
+    assert np.allclose(per_class, 1.0) and balancing_weights(apply_overrides(by_class, ["loss.balanced_sampler=false"]),
+                                                             data.train, data.train_targets) is None  # fmt: skip
     with pytest.raises(Exception, match="no 'scanner' column"):
         acquisition_group(data.train[0], "scanner")
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from torch.utils.data import DataLoader
 
 from liverus.data import (
@@ -38,6 +38,7 @@ __all__ = [
     "log_skipped",
     "usable_cases",
     "acquisition_group",
+    "balancing_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class RunData:
     num_workers: int = 0
     pin_memory: bool = False
     n_groups: int = 0  # acquisition groups in the training part (loss.debias_by)
+    train_weights: list[float] | None = None  # balancing_weights of the training part (sampler; feature-model fit)
 
     @property
     def train(self) -> list[Case]:
@@ -148,6 +150,29 @@ def acquisition_group(case: Case, column: str) -> str:
     if column not in case.meta:
         raise DataError(case.path, f"has no {column!r} column for data.balance_by (columns: {sorted(case.meta)})")
     return str(case.meta[column])
+
+
+def balancing_weights(
+    cfg: TrainConfig, cases: list[Case], targets: list[int], *, log_cells: bool = False
+) -> list[float] | None:
+    """Per-case weights ``1 / (cases in its cell)``, so every cell weighs the same in total: the cells are class x
+    acquisition group with ``data.balance_by`` (the scanner cannot stand in for the class), the classes with
+    ``loss.balanced_sampler``. A CNN draws its batches with these weights; a fitted feature model weighs its
+    classifier's loss with them. None when neither option is set.
+
+    Raises:
+        DataError: naming the image whose manifest lacks the ``data.balance_by`` column.
+    """
+    if cfg.data.balance_by:
+        cells = [(t, acquisition_group(c, cfg.data.balance_by)) for t, c in zip(targets, cases, strict=True)]
+    elif cfg.loss.balanced_sampler:
+        cells = list(targets)
+    else:
+        return None
+    counts = Counter(cells)
+    if log_cells and cfg.data.balance_by:
+        log.info("balanced over class x %s: %s", cfg.data.balance_by, dict(sorted(counts.items())))
+    return [1.0 / counts[cell] for cell in cells]
 
 
 def log_skipped(skipped: list[tuple[str, str]], where: Path) -> None:
@@ -222,17 +247,7 @@ def prepare_run_data(
         groups=group_ids,
     )
     targets = list(train_ds.targets)
-    weights = None
-    if cfg.data.balance_by:
-        # Every (class, acquisition group) cell is drawn equally often, so the scanner cannot stand in for the class.
-        cells = [(t, acquisition_group(c, cfg.data.balance_by)) for t, c in zip(targets, parts["train"], strict=True)]
-        counts = {cell: cells.count(cell) for cell in set(cells)}
-        weights = [1.0 / counts[cell] for cell in cells]
-        if info.is_main:
-            log.info("sampling balanced over class x %s: %s", cfg.data.balance_by, dict(sorted(counts.items())))
-    elif cfg.loss.balanced_sampler:
-        counts = np.bincount(targets, minlength=len(classes))
-        weights = [1.0 / counts[t] for t in targets]
+    weights = balancing_weights(cfg, parts["train"], targets, log_cells=info.is_main)
     gbs = cfg.optim.batch_size
     if len(train_ds) < gbs:
         gbs = max(info.world_size, (len(train_ds) // info.world_size) * info.world_size)
@@ -254,5 +269,15 @@ def prepare_run_data(
         persistent_workers=cfg.data.num_workers > 0,
     )
     return RunData(
-        classes, cache, parts, loader, sampler, targets, info, cfg.data.num_workers, pin_memory, n_groups=n_groups
+        classes,
+        cache,
+        parts,
+        loader,
+        sampler,
+        targets,
+        info,
+        cfg.data.num_workers,
+        pin_memory,
+        n_groups=n_groups,
+        train_weights=weights,
     )

@@ -28,7 +28,7 @@ from liverus.models import LesionFeatureModel, ModelCard
 from liverus.models.features import BOOSTING_MAX_DEPTH, BOOSTING_NODES, BOOSTING_TREES
 from liverus.utils import STAGES
 
-__all__ = ["fit_feature_model", "extract_features", "C_GRID", "BOOSTING_GRID"]
+__all__ = ["fit_feature_model", "fit_classifier", "extract_features", "C_GRID", "BOOSTING_GRID"]
 
 log = logging.getLogger("liverus.training")
 
@@ -82,12 +82,17 @@ def fit_feature_model(
     card: ModelCard,
     *,
     seed: int = 0,
+    sample_weight: list[float] | np.ndarray | None = None,
 ) -> dict:
     """Fit ``model`` on ``cases`` (see the module docstring) and store the fitted numbers in it.
 
+    Args:
+        sample_weight: per-case weights of the classifier's loss (``data.balance_by``: every class x acquisition
+            group cell weighs the same); the standardisation and the PCA stay unweighted.
+
     Returns:
         What was chosen: ``{"C" (logistic, SVM) or "learning_rate" and "max_depth" (boosting), "inner_auc",
-        "n_features", "n_support" (SVM), "pca_variance" (deep)}``.
+        "n_features", "n_support" (SVM), "pca_variance" (deep), "sample_weight_range" (weighted)}``.
 
     Raises:
         ValueError: when the training cases hold one class only.
@@ -125,39 +130,9 @@ def fit_feature_model(
         blocks.append(proj / params["pca_scale"])
         info["pca_variance"] = variance[0] if model.views == 1 else variance
     x = np.hstack(blocks)
-    cv = _inner_cv(y, groups, seed)
-    if model.classifier == "boosting":
-        base = GradientBoostingClassifier(n_estimators=BOOSTING_TREES, subsample=0.8, random_state=seed)
-        grid = {k: list(v) for k, v in BOOSTING_GRID.items()}
-    else:
-        base = LogisticRegression(max_iter=5000) if model.classifier == "logistic" else SVC(kernel="rbf", gamma="scale")
-        grid = {"C": list(C_GRID[model.classifier])}
-    if cv is not None:
-        search = GridSearchCV(base, grid, cv=cv, scoring="roc_auc")
-        search.fit(x, y, groups=groups)
-        best, chosen, info["inner_auc"] = search.best_estimator_, search.best_params_, search.best_score_
-    else:
-        chosen = dict(UNTUNED[model.classifier])  # too few groups for an inner cross-validation
-        best = base.set_params(**chosen).fit(x, y)
-        info["inner_auc"] = float("nan")
-    info.update(chosen)
-    if model.classifier == "boosting":
-        params.update(_tree_arrays(best))
-    elif model.classifier == "logistic":
-        params["coef"], params["intercept"] = best.coef_[0], np.asarray(best.intercept_[0])
-    else:
-        params["support"] = best.support_vectors_
-        params["dual_coef"] = best.dual_coef_[0]
-        params["intercept"] = np.asarray(best.intercept_[0])
-        params["gamma"] = np.asarray(best._gamma)
-        if cv is not None:
-            dv = cross_val_predict(SVC(kernel="rbf", gamma="scale", C=info["C"]), x, y, groups=groups, cv=cv,
-                                   method="decision_function")  # fmt: skip
-        else:
-            dv = best.decision_function(x)
-        platt = LogisticRegression(max_iter=5000).fit(dv[:, None], y)
-        params["platt"] = np.array([platt.coef_[0, 0], platt.intercept_[0]])
-        info["n_support"] = int(best.support_vectors_.shape[0])
+    fitted, chosen, fit_info = fit_classifier(x, y, groups, model.classifier, seed=seed, sample_weight=sample_weight)
+    params.update(fitted)
+    info.update(fit_info)
     model.load_fitted(params)
     info["n_features"] = int(x.shape[1])
     log.info(
@@ -166,6 +141,72 @@ def fit_feature_model(
         info["n_features"],
     )  # fmt: skip
     return info
+
+
+def fit_classifier(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: list[str],
+    classifier: str,
+    *,
+    seed: int = 0,
+    sample_weight: list[float] | np.ndarray | None = None,
+) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """Fit the ``classifier`` (``logistic``, ``svm`` or ``boosting``) on scaled features ``x``, its hyperparameters
+    chosen by the group-aware inner cross-validation.
+
+    With ``sample_weight`` (rescaled to mean 1, so the C grid keeps its meaning) every fit weighs its loss by them;
+    the inner folds are still scored by the plain AUC and the SVM's Platt scaling is fitted unweighted, so its
+    probabilities match the data's own class mix.
+
+    Returns:
+        ``(the arrays LesionFeatureModel.load_fitted takes, the chosen hyperparameters, what to record)``.
+    """
+    w = None
+    fit_params: dict = {}
+    info: dict = {}
+    if sample_weight is not None:
+        w = np.asarray(sample_weight, dtype=float)
+        if w.shape != y.shape or not np.all(np.isfinite(w)) or w.min() <= 0:
+            raise ValueError(f"sample_weight: need one finite positive weight per case ({len(y)}), got {w.shape}")
+        w = w * (len(w) / w.sum())
+        fit_params["sample_weight"] = w
+        info["sample_weight_range"] = [round(float(w.min()), 4), round(float(w.max()), 4)]
+    cv = _inner_cv(y, groups, seed)
+    if classifier == "boosting":
+        base = GradientBoostingClassifier(n_estimators=BOOSTING_TREES, subsample=0.8, random_state=seed)
+        grid = {k: list(v) for k, v in BOOSTING_GRID.items()}
+    else:
+        base = LogisticRegression(max_iter=5000) if classifier == "logistic" else SVC(kernel="rbf", gamma="scale")
+        grid = {"C": list(C_GRID[classifier])}
+    if cv is not None:
+        search = GridSearchCV(base, grid, cv=cv, scoring="roc_auc")
+        search.fit(x, y, groups=groups, **fit_params)
+        best, chosen, info["inner_auc"] = search.best_estimator_, search.best_params_, search.best_score_
+    else:
+        chosen = dict(UNTUNED[classifier])  # too few groups for an inner cross-validation
+        best = base.set_params(**chosen).fit(x, y, **fit_params)
+        info["inner_auc"] = float("nan")
+    info.update(chosen)
+    params: dict[str, np.ndarray] = {}
+    if classifier == "boosting":
+        params.update(_tree_arrays(best))
+    elif classifier == "logistic":
+        params["coef"], params["intercept"] = best.coef_[0], np.asarray(best.intercept_[0])
+    else:
+        params["support"] = best.support_vectors_
+        params["dual_coef"] = best.dual_coef_[0]
+        params["intercept"] = np.asarray(best.intercept_[0])
+        params["gamma"] = np.asarray(best._gamma)
+        if cv is not None:
+            dv = cross_val_predict(SVC(kernel="rbf", gamma="scale", C=info["C"]), x, y, groups=groups, cv=cv,
+                                   method="decision_function", params=fit_params)  # fmt: skip
+        else:
+            dv = best.decision_function(x)
+        platt = LogisticRegression(max_iter=5000).fit(dv[:, None], y)
+        params["platt"] = np.array([platt.coef_[0, 0], platt.intercept_[0]])
+        info["n_support"] = int(best.support_vectors_.shape[0])
+    return params, chosen, info
 
 
 def _tree_arrays(gb: GradientBoostingClassifier) -> dict[str, np.ndarray]:

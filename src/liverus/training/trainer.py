@@ -116,7 +116,9 @@ def train(
     )
     if isinstance(model, LesionFeatureModel):
         # Nothing to descend: the classifier is fitted on the training part's features in one go.
-        fitted = fit_feature_model(model, data.train, data.classes, data.cache, card, seed=cfg.runtime.seed)
+        fitted = fit_feature_model(
+            model, data.train, data.classes, data.cache, card, seed=cfg.runtime.seed, sample_weight=data.train_weights
+        )
         if rt.is_main:
             atomic_write_json(folder / "feature_fit.json", fitted)
         state = TrainState()
