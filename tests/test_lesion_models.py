@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -307,8 +309,6 @@ def test_stored_boosted_trees_reproduce_scikit_learns_decision(depth):
 
 @pytest.mark.slow
 def test_boosted_feature_model_is_tuned_inside_the_training_part_and_predicts(tmp_path):
-    import json
-
     from liverus.training import train
 
     run = tmp_path / "boost"
@@ -389,8 +389,6 @@ def test_weighted_svm_and_trees_equal_scikit_learns_weighted_fit(classifier):
 
 @pytest.mark.slow
 def test_balance_by_weighs_a_feature_models_fit_and_is_recorded(tmp_path, radiomics_run):
-    import json
-
     from liverus.training import train
 
     run = tmp_path / "balanced"
@@ -458,8 +456,6 @@ def radiomics_run(tmp_path_factory):
 
 
 def test_feature_model_is_fitted_on_the_training_part_only(radiomics_run):
-    import json
-
     from liverus.training.feature_fit import extract_features
 
     model, card = load_model(radiomics_run / "model.pt")
@@ -507,8 +503,6 @@ def test_feature_model_round_trip_evaluate_and_predict_from_a_box(radiomics_run,
 
 
 def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_path):
-    import json
-
     phantom = radiomics_run / "phantom" / "manifest.csv"
     p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom), "--out", str(tmp_path / "box"),
                 "--lesion-from", "box", "--box-jitter", "0.2", "--bootstrap", "50")  # fmt: skip
@@ -521,7 +515,7 @@ def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_pa
     assert p.returncode != 0 and "box_jitter" in p.stderr
 
 
-def test_radiomics_only_model_serves_without_heatmaps_and_explain_says_why(radiomics_run, tmp_path):
+def test_radiomics_only_model_serves_and_explains_by_its_feature_groups_not_heatmaps(radiomics_run, tmp_path):
     from fastapi.testclient import TestClient
 
     from liverus.engine.predictor import Predictor
@@ -535,10 +529,29 @@ def test_radiomics_only_model_serves_without_heatmaps_and_explain_says_why(radio
             "/api/predict", files={"file": ("x.png", image.read_bytes(), "image/png")}, data={"box": "30,30,90,90"}
         )
     assert r.status_code == 200, r.text
-    assert "heatmap" not in r.json() and r.json()["lesion_source"] == "user box"
+    body = r.json()
+    assert "heatmap" not in body and body["lesion_source"] == "user box"
+    # No heatmap, but the decision splits into the radiomics groups, which add up to the model's log-odds.
+    assert set(body["contributions"]) == {"shape", "echo pattern", "texture", "halo and posterior acoustics"}
+    p_model, p_base = body["probability_malignant"], body["baseline_probability"]
+    logit = np.log(p_model / (1 - p_model))
+    assert abs(np.log(p_base / (1 - p_base)) + sum(body["contributions"].values()) - logit) < 1e-3
     p = run_cli("explain", str(image), "--box", "30,30,90,90", "--model", str(radiomics_run / "model.pt"),
                 "--out", str(tmp_path / "ex"))  # fmt: skip
-    assert p.returncode != 0 and "no convolutional layers" in p.stderr
+    assert p.returncode == 0, p.stderr
+    assert not list((tmp_path / "ex").glob("*_gradcam.png"))
+    explained = json.loads((tmp_path / "ex" / f"{image.stem}_features.json").read_text())
+    assert explained["contributions"] == body["contributions"] and explained["lesion_source"] == "user box"
+    assert abs(explained["baseline_logit"] + sum(explained["contributions"].values()) - explained["logit"]) < 1e-3
+    assert (tmp_path / "ex" / f"{image.stem}_features.png").stat().st_size > 1000
+    p = run_cli("predict", "--model", str(radiomics_run / "model.pt"), str(image), "--box", "30,30,90,90",
+                "--out", str(tmp_path / "pred.csv"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    import csv
+
+    (row,) = csv.DictReader((tmp_path / "pred.csv").open())
+    cells = dict(part.split("=") for part in row["contributions"].split(";"))
+    assert {k: round(float(v), 4) for k, v in cells.items()} == body["contributions"]
 
 
 @pytest.mark.slow
@@ -912,7 +925,6 @@ def test_intensity_standardisation_with_a_box_leaves_the_box_out_and_blanks_outs
 def test_intensity_setting_is_checked_keys_the_cache_and_travels_with_the_model():
     import dataclasses
     import hashlib
-    import json
 
     with pytest.raises(ValueError, match="intensity must be one of"):
         PreprocessConfig(intensity="zscore")
@@ -1063,8 +1075,6 @@ def test_scan_view_run_fits_a_pca_per_view_and_predicts_explains_from_a_box(tmp_
         rows = block[np.abs(block).sum(1) > 0]
         np.testing.assert_allclose(rows @ rows.T, np.eye(len(rows)), atol=1e-4)
     # The second block is the PCA of the whole scan's features of the training part.
-    import json
-
     cases = {c.path: c for c in load_task_cases(run / "phantom", "binary", "source")[0]}
     train_cases = [cases[p] for p in json.loads((run / "splits.json").read_text())["folds"][0]["train"]]
     _, deep, _ = extract_features(model, train_cases, card.classes, CaseCache(card.preprocess), card)
@@ -1076,4 +1086,8 @@ def test_scan_view_run_fits_a_pca_per_view_and_predicts_explains_from_a_box(tmp_
                     "--out", str(tmp_path / out))  # fmt: skip
         assert p.returncode == 0, p.stderr
     assert ",ok," in (tmp_path / "pred.csv").read_text()
-    assert list((tmp_path / "heat").glob("*.png"))
+    assert (tmp_path / "heat" / f"{image.stem}_gradcam.png").is_file()
+    explained = json.loads((tmp_path / "heat" / f"{image.stem}_features.json").read_text())
+    assert set(explained["contributions"]) == {"shape", "echo pattern", "texture", "halo and posterior acoustics",
+                                               "deep: lesion crop", "deep: whole scan"}  # fmt: skip
+    assert abs(explained["baseline_logit"] + sum(explained["contributions"].values()) - explained["logit"]) < 1e-3

@@ -63,7 +63,8 @@ def predict_files(
     progress: bool = True,
 ) -> list[dict]:
     """Predict every item (an image and, for lesion models, its mask or box); returns one row per item (errors
-    included), in input order.
+    included), in input order. Rows of feature models carry ``contributions``: each feature group's Shapley
+    contribution to the log-odds of malignancy (:mod:`liverus.engine.contributions`).
 
     Args:
         heatmaps: destination of each file's Grad-CAM figure (see :func:`heatmap_names`), or None.
@@ -86,7 +87,8 @@ def predict_files(
                 rows[i] = _error_row(item.path, exc.problem if isinstance(exc, DataError) else str(exc))
         if pre:
             probs = predictor.probabilities(pre)
-            for i, p, pp, img in zip(good, probs, pre, originals, strict=True):
+            shares = predictor.contributions(pre).as_dicts() if predictor.has_contributions else [None] * len(pre)
+            for i, p, pp, img, share in zip(good, probs, pre, originals, shares, strict=True):
                 item = items[i]
                 source = pp.lesion_source if predictor.needs_lesion else "not used (whole image)"
                 row = {
@@ -101,6 +103,8 @@ def predict_files(
                     "model": predictor.name,
                     "error": "",
                 }
+                if share is not None:
+                    row["contributions"] = share
                 if heatmaps is not None:
                     fig = predictor.heatmap_figure(pp, img, float(p), lesion_source=source)
                     row["heatmap"] = str(save_overlay(heatmaps[item.path], fig))
@@ -146,11 +150,17 @@ def run_predict(args: argparse.Namespace) -> int:
         atomic_write_json(out, {"model": predictor.name, "backend": predictor.backend, "predictions": rows})
     else:
         buf = io.StringIO()
-        w = csv.DictWriter(
-            buf, fieldnames=COLUMNS + (["heatmap"] if heatmaps is not None else []), extrasaction="ignore"
-        )
+        extra = ["contributions"] if predictor.has_contributions else []
+        extra += ["heatmap"] if heatmaps is not None else []
+        w = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        # One cell per image: "group=+0.41;group=-0.12", largest magnitude first.
+        w.writerows(
+            {**r, "contributions": ";".join(f"{k}={v:+.4f}" for k, v in r["contributions"].items())}
+            if "contributions" in r
+            else r
+            for r in rows
+        )
         atomic_write_text(out, buf.getvalue())
     bad = [r for r in rows if r["status"] == "error"]
     print(f"{len(rows) - len(bad)} image(s) predicted, {len(bad)} failed -> {printable(out)}")

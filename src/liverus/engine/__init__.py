@@ -4,6 +4,7 @@
 * :mod:`~liverus.engine.forward`: pixels -> normalised input -> probabilities, over a batch or a loader;
 * :mod:`~liverus.engine.predictions`: the per-case predictions CSV (writer and reader);
 * :mod:`~liverus.engine.heatmaps`: Grad-CAM, attention maps and overlays;
+* :mod:`~liverus.engine.contributions`: a feature model's decision split between its feature groups (Shapley);
 * :mod:`~liverus.engine.predictor`: :class:`Predictor`, a loaded model (or ONNX export) with its card.
 """
 

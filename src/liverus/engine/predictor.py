@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from liverus.data.preprocess import PreprocessConfig, Preprocessed, box_to_mask, model_pixels, preprocess
+from liverus.engine.contributions import Contributions, feature_contributions, has_feature_groups
 from liverus.engine.forward import model_input, probabilities
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap, heatmap_figure
 from liverus.engine.runtime import inference_amp
@@ -139,6 +140,23 @@ class Predictor:
         except (ValueError, AttributeError, NotImplementedError):
             return False
         return True
+
+    @property
+    def has_contributions(self) -> bool:
+        """Whether the decision splits into lesion-feature groups: the PyTorch model of a feature model."""
+        return self.model is not None and has_feature_groups(self.model)
+
+    def contributions(self, pre: list[Preprocessed]) -> Contributions:
+        """Each feature group's Shapley contribution to the log-odds of malignancy (:mod:`..contributions`).
+
+        Raises:
+            ValueError: for ONNX exports and for CNNs, saying what to use instead.
+        """
+        if self.model is None:
+            raise ValueError("feature contributions need the PyTorch model (model.pt), not the ONNX export")
+        x = model_input(torch.from_numpy(self._pixels(pre)), self.card)
+        with self._lock:
+            return feature_contributions(self.model, x)
 
     @property
     def needs_lesion(self) -> bool:

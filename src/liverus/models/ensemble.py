@@ -71,6 +71,35 @@ class EnsembleClassifier(nn.Module):
         shared = self._shared_backbone()
         return [m.classify(rad, deep if shared or i == 0 else m.deep_features(x)) for i, m in enumerate(self.members)]
 
+    def feature_groups(self) -> dict[str, list[int]]:
+        """The feature members' :meth:`LesionFeatureModel.feature_groups` (members are built alike).
+
+        Raises:
+            ValueError: for members that are not feature models.
+        """
+        if not self._feature_members():
+            raise ValueError("feature groups exist for ensembles of feature models (radiomics_*) only")
+        return self.members[0].feature_groups()
+
+    def coalition_logits(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The ensemble's log-odds of malignancy with only the ``keep`` (K, G) feature groups present in every member
+        (see :meth:`LesionFeatureModel.coalition_logits`; each member's absent groups take its own training mean).
+        Returns: (K, N)."""
+        self.feature_groups()  # feature members only
+        first = self.members[0]
+        rad, deep = first.raw_features(x)
+        shared = self._shared_backbone()
+        probs = torch.stack(
+            [
+                torch.sigmoid(
+                    m.coalition_decisions(rad, deep if shared or i == 0 else m.deep_features(x), keep)
+                    / self.temperature[i]
+                )  # fmt: skip
+                for i, m in enumerate(self.members)
+            ]
+        ).mean(0)
+        return torch.logit(probs.double(), eps=1e-12).float()
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._shared = None  # new weights: check the backbones again
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -282,6 +282,44 @@ class LesionFeatureModel(nn.Module):
             parts.append((d @ self.pca_components.T) / self.pca_scale)
         return torch.cat(parts, dim=1)
 
+    def feature_groups(self) -> dict[str, list[int]]:
+        """The columns of :meth:`scaled_features` by what they describe: ``shape``, ``echo pattern`` (first-order
+        intensity), ``texture``, ``halo and posterior acoustics`` and, with a backbone, the deep features of each
+        view (``deep: lesion crop``, ``deep: whole scan``)."""
+        names = FEATURE_NAMES + (RUN_LENGTH_NAMES if self.run_length else ())
+        kinds = {"shape": "shape", "first_order": "echo pattern", "texture": "texture",
+                 "ultrasound": "halo and posterior acoustics"}  # fmt: skip
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(next(v for k, v in kinds.items() if name.startswith(k + "_")), []).append(i)
+        if self.backbone is not None:
+            k = self.pca_components.shape[0] // self.views
+            for v, view in enumerate(("lesion crop", "whole scan")[: self.views]):
+                groups[f"deep: {view}"] = list(range(len(names) + v * k, len(names) + (v + 1) * k))
+        return groups
+
+    def coalition_logits(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Logits of malignancy with only some feature groups present: ``keep`` (K, G) says, for each of K
+        coalitions, which of :meth:`feature_groups` keep the image's values; the others take the average training
+        lesion's (0 after the fitted standardisation and PCA). Returns: (K, N) for normalised input ``x``."""
+        rad, deep = self.raw_features(x)
+        return self.coalition_decisions(rad, deep, keep)
+
+    def coalition_decisions(self, rad: torch.Tensor, deep: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+        """:meth:`coalition_logits` from raw features (:meth:`raw_features`). Returns: (K, N)."""
+        if not bool(self.fitted):
+            raise RuntimeError("this feature model has not been fitted; train it with `liverus train`")
+        groups = list(self.feature_groups().values())
+        if keep.ndim != 2 or keep.shape[1] != len(groups):
+            raise ValueError(f"keep must be (coalitions, {len(groups)}) booleans, got {tuple(keep.shape)}")
+        with torch.autocast(rad.device.type, enabled=False):
+            z = self.scaled_features(rad.float(), None if deep is None else deep.float())
+            columns = torch.zeros(keep.shape[0], z.shape[1], dtype=torch.bool, device=z.device)
+            for g, cols in enumerate(groups):
+                columns[:, cols] = keep[:, g : g + 1].to(z.device)
+            masked = z.unsqueeze(0) * columns.unsqueeze(1)  # (K, N, F)
+            return self.decision(masked.reshape(-1, z.shape[1])).reshape(keep.shape[0], z.shape[0])
+
     def decision(self, features: torch.Tensor) -> torch.Tensor:
         """The classifier's logit of malignancy for scaled features (N, F) -> (N,)."""
         if self.classifier == "logistic":

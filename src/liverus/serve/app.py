@@ -3,7 +3,8 @@
 * ``GET /``: the page: upload an image or DICOM, see the probability, the label and the heatmap beside the image.
 * ``POST /api/predict`` (multipart field ``file``, optional field ``box`` = ``x0,y0,x1,y1`` around the lesion in the
   image's pixels, required by lesion-ROI models and refused by whole-image models; ``?heatmap=false`` to skip the
-  heatmap): JSON with the probability of malignancy, label, threshold, model name and version.
+  heatmap): JSON with the probability of malignancy, label, threshold, model name and version; for feature models
+  also ``contributions`` (each feature group's share of the log-odds) and ``baseline_probability``.
 * ``POST /api/image`` (multipart ``file``): the decoded image as PNG with its size, so the page can show any upload,
   DICOM included, and let the user draw the lesion box on it.
 * ``GET /api/health``: liveness, which model is loaded and whether it needs a lesion box (``needs_box``).
@@ -180,6 +181,10 @@ def create_app(
         }
         if result.heatmap is not None:
             out["heatmap"] = _png_b64(overlay(pre.image, result.heatmap))
+        if predictor.has_contributions:
+            found = predictor.contributions([pre])
+            out["contributions"] = found.as_dicts()[0]
+            out["baseline_probability"] = round(float(1 / (1 + np.exp(-found.baseline[0]))), 6)
         return out
 
     @app.post("/api/predict")
