@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -496,6 +497,33 @@ def test_balance_by_acquisition_group_draws_every_class_and_group_cell_equally(t
                                                              data.train, data.train_targets) is None  # fmt: skip
     with pytest.raises(Exception, match="no 'scanner' column"):
         acquisition_group(data.train[0], "scanner")
+
+
+def test_balance_by_reads_auls_derived_size_group_and_warns_about_tiny_cells(caplog):
+    import logging
+
+    from liverus.data import Case
+    from liverus.training import apply_overrides, load_config
+    from liverus.training.datasets import acquisition_group, balancing_weights
+
+    sizes = [("1024", "768")] * 30 + [("720", "576")] * 15 + [("569", "419")]
+    cases = [Case(f"/x/{i}.png", "malignant" if i % 3 else "benign", meta={"orig_width": w, "orig_height": h})
+             for i, (w, h) in enumerate(sizes)]  # fmt: skip
+    targets = [int(c.label == "malignant") for c in cases]
+    assert [acquisition_group(c, "size_group") for c in cases[29:31]] == ["1024x768", "other"]
+    assert acquisition_group(cases[-1], "image_size") == "569x419"
+    fine = apply_overrides(load_config(), ["data.balance_by=size_group"])
+    with caplog.at_level(logging.WARNING, logger="liverus.training.datasets"):
+        weights = balancing_weights(fine, cases, targets, log_cells=True)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    totals = Counter()
+    for c, t, w in zip(cases, targets, weights, strict=True):
+        totals[(t, acquisition_group(c, "size_group"))] += w
+    assert len(totals) == 4 and np.allclose(list(totals.values()), 1.0)
+    with caplog.at_level(logging.WARNING, logger="liverus.training.datasets"):
+        balancing_weights(apply_overrides(fine, ["data.balance_by=image_size"]), cases, targets, log_cells=True)
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "fewer than 5 training cases" in warned and "569x419" in warned and "size_group" in warned
 
 
 def test_attention_supervision_loss_on_known_maps():

@@ -14,6 +14,7 @@ from liverus.data.cases import Case
 from liverus.data.io import DataError, printable, read_image
 
 __all__ = [
+    "derived_columns",
     "audit_cases",
     "shortcut_check",
     "format_audit",
@@ -40,6 +41,18 @@ _NON_FEATURE_COLS = {
     "liver_mask",
     "outline_mask",
 }
+
+
+def derived_columns(meta: dict) -> dict:
+    """A manifest row's columns plus those derived from it: ``orig_size`` (WxH) and ``size_group`` (1024x768 vs
+    other) when the manifest has ``orig_width``/``orig_height`` (AUL), the columns that carry its acquisition
+    shortcut (subgroup tables, ``data.balance_by``)."""
+    out = dict(meta)
+    w, h = meta.get("orig_width"), meta.get("orig_height")
+    if w and h:
+        out["orig_size"] = f"{w}x{h}"
+        out["size_group"] = "1024x768" if (str(w), str(h)) == ("1024", "768") else "other"
+    return out
 
 
 def image_size(path: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from liverus.data.audit import derived_columns
 from liverus.engine.predictions import Predictions, read_predictions
 from liverus.evaluation.metrics import THRESHOLD_METRICS, binary_metrics, bootstrap_ci
 from liverus.evaluation.stats import calibration_summary, delong_ci, delong_test, mcnemar_test
@@ -21,17 +22,6 @@ __all__ = [
     "cv_summary",
     "derived_columns",
 ]
-
-
-def derived_columns(meta: dict) -> dict:
-    """Extra subgroup columns: ``orig_size`` (WxH) and ``size_group`` (1024x768 vs other) when the manifest has
-    ``orig_width``/``orig_height`` (AUL), the columns that carry its acquisition shortcut."""
-    out = dict(meta)
-    w, h = meta.get("orig_width"), meta.get("orig_height")
-    if w and h:
-        out["orig_size"] = f"{w}x{h}"
-        out["size_group"] = "1024x768" if (w, h) == ("1024", "768") else "other"
-    return out
 
 
 def _fmt_ci(ci) -> list[float]:

@@ -360,8 +360,7 @@ def default_subgroups(pr: Predictions, max_groups: int = 12) -> list[str]:
     """The image-size subgroup column, for any dataset: AUL's ``size_group`` from its manifest, else an
     ``image_size`` (WxH) column derived from the files' headers and added to ``pr.meta``, when there are between 2
     and ``max_groups`` sizes (the audit's shortcut warning tells users to check metrics inside each size)."""
-    from liverus.data.audit import image_size
-    from liverus.evaluation.analysis import derived_columns
+    from liverus.data.audit import derived_columns, image_size
 
     if not pr.meta:
         return []

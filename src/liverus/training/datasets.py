@@ -25,6 +25,7 @@ from liverus.data import (
     select_task,
     train_val_test_split,
 )
+from liverus.data.audit import derived_columns, image_size
 from liverus.engine.forward import eval_batch_size
 from liverus.training.config import TrainConfig
 from liverus.training.distributed import DistInfo, ShardedBatchSampler, barrier
@@ -133,8 +134,8 @@ def _choose_split(cfg: TrainConfig, folder: RunFolder, cases: list[Case]) -> dic
 
 
 def acquisition_group(case: Case, column: str) -> str:
-    """A case's acquisition group: the manifest ``column``, or for ``image_size`` the original image's WxH (AUL's
-    manifest records it; other data is read from the file header).
+    """A case's acquisition group: the manifest ``column`` (or one derived from it, such as AUL's ``size_group``), or
+    for ``image_size`` the original image's WxH (AUL's manifest records it; other data is read from the file header).
 
     Raises:
         DataError: naming the image when the manifest has no such column.
@@ -143,13 +144,15 @@ def acquisition_group(case: Case, column: str) -> str:
         w, h = case.meta.get("orig_width"), case.meta.get("orig_height")
         if w and h:
             return f"{w}x{h}"
-        from liverus.data.audit import image_size
-
         w, h = image_size(case.path)
         return f"{w}x{h}"
-    if column not in case.meta:
-        raise DataError(case.path, f"has no {column!r} column for data.balance_by (columns: {sorted(case.meta)})")
-    return str(case.meta[column])
+    meta = derived_columns(case.meta)  # AUL's size_group (1024x768 vs other) from its orig_width/orig_height
+    if column not in meta:
+        raise DataError(case.path, f"has no {column!r} column for data.balance_by (columns: {sorted(meta)})")
+    return str(meta[column])
+
+
+SMALL_CELL = 5  # below this many training cases a balanced cell's few cases dominate (they are drawn/weighed most)
 
 
 def balancing_weights(
@@ -172,6 +175,15 @@ def balancing_weights(
     counts = Counter(cells)
     if log_cells and cfg.data.balance_by:
         log.info("balanced over class x %s: %s", cfg.data.balance_by, dict(sorted(counts.items())))
+        small = sorted(cell for cell, n in counts.items() if n < SMALL_CELL)
+        if small:
+            log.warning(
+                "data.balance_by=%s: %d of %d class x group cells hold fewer than %d training cases (%s), so each of "
+                "their cases weighs up to %.0f times a case of the largest cell; a coarser grouping column balances "
+                "more stably (AUL: size_group, 1024x768 vs other)",
+                cfg.data.balance_by, len(small), len(counts), SMALL_CELL, ", ".join(map(str, small[:4])),
+                max(counts.values()) / min(counts.values()),
+            )  # fmt: skip
     return [1.0 / counts[cell] for cell in cells]
 
 
