@@ -539,3 +539,28 @@ def test_groups_from_near_duplicates_keep_pairs_together_and_name_conflicts(tmp_
         assert not train & val
     with pytest.raises(ValueError, match="unknown grouping"):
         apply_grouping(cases, "patients")
+
+
+def test_write_png_round_trips_gray_and_rgb_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import cv2
+
+    import liverus.utils
+    from liverus.data.io import write_png
+
+    gray = (np.arange(64 * 48) % 256).astype(np.uint8).reshape(48, 64)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 200  # red in RGB order
+    write_png(tmp_path / "sub" / "g.png", gray)
+    write_png(tmp_path / "c.png", rgb, rgb=True)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "sub" / "g.png"), cv2.IMREAD_UNCHANGED), gray)
+    assert tuple(cv2.imread(str(tmp_path / "c.png"))[0, 0]) == (0, 0, 200)  # OpenCV reads BGR: red is last
+    before = (tmp_path / "sub" / "g.png").read_bytes()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(liverus.utils.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_png(tmp_path / "sub" / "g.png", 255 - gray)
+    assert (tmp_path / "sub" / "g.png").read_bytes() == before  # the old file is untouched
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["g.png"]  # and no temporary file is left

@@ -21,6 +21,8 @@ from typing import BinaryIO
 import cv2
 import numpy as np
 
+from liverus.utils import atomic_write_bytes
+
 # Undecodable files are reported as DataError; OpenCV's own log lines about them would only be noise.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
@@ -40,6 +42,7 @@ __all__ = [
     "printable",
     "to_gray_unit",
     "dicom_to_gray",
+    "write_png",
 ]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -400,3 +403,19 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> 
     if shape is not None and arr.shape != tuple(shape):
         raise DataError(p, f"mask is {arr.shape[1]}x{arr.shape[0]} px but its image is {shape[1]}x{shape[0]} px")
     return (arr > 0).astype(np.uint8)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray, *, rgb: bool = False) -> Path:
+    """Write a ``uint8`` gray or colour image as PNG atomically (encoded in memory, then renamed into place), so an
+    interrupted run leaves no half-written file. ``rgb``: the array is in RGB order (OpenCV writes BGR).
+
+    Raises:
+        OSError: when OpenCV cannot encode the array.
+    """
+    path = Path(path)
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb else image)
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data.tobytes())
+    return path

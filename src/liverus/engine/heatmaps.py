@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from liverus.data.io import write_png
+
 __all__ = [
     "gradcam_target_layers",
     "gradcam_heatmap",
@@ -82,12 +84,8 @@ def overlay(gray_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.nd
 
 
 def save_overlay(path: str | Path, rgb: np.ndarray) -> Path:
-    """Save an RGB image as PNG (converted to OpenCV's BGR order for writing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
-    return path
+    """Save an RGB image as PNG, atomically."""
+    return write_png(path, rgb, rgb=True)
 
 
 def heatmap_on_original(heat: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int], *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +14,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from liverus.evaluation.analysis import Predictions  # noqa: E402
+from liverus.utils import atomic_write_bytes  # noqa: E402
 
 __all__ = ["roc_plot", "pr_plot", "confusion_plot", "reliability_plot", "training_curves_plot", "fold_plot"]
 
@@ -22,8 +24,10 @@ _FPR_GRID = np.linspace(0, 1, 101)
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()  # rendered in memory, then renamed into place: no half-written figure
+    fig.savefig(buf, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

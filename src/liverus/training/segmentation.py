@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from liverus import __version__
 from liverus.data import Case, CaseCache, SegmentationDataset, build_train_transform, prepare_cases, save_splits
+from liverus.data.io import write_png
 from liverus.data.splits import check_disjoint, train_val_test_split
 from liverus.engine.forward import normalize_images
 from liverus.engine.runtime import precision_name
@@ -182,7 +183,6 @@ def segment_cross_validation(
     Returns:
         ``{"manifest", "metrics", "not_detected"}``.
     """
-    import cv2
 
     from liverus.data import DataError, kfold_splits, write_manifest
     from liverus.data.io import read_image
@@ -223,7 +223,7 @@ def segment_cross_validation(
             mask_path = None
             if proposal.box is not None:
                 mask_path = out / "masks" / f"{len(predicted):05d}_{Path(c.path).stem}.png"
-                cv2.imwrite(str(mask_path), proposal.mask.astype(np.uint8) * 255)
+                write_png(mask_path, proposal.mask.astype(np.uint8) * 255)
             else:
                 missing.append(c.path)
             predicted.append(dataclasses.replace(c, mask=str(mask_path) if mask_path else None,
