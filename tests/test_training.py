@@ -392,9 +392,12 @@ def test_shipped_configs_are_valid(path):
         # ... with the mirror-averaged deep features and the whole-scan view the study measured with
         # --set model.flip_features=true --set data.scan_view=true
         assert final["model"].pop("flip_features") is True and final["data"].pop("scan_view") is True
+        # ... and the classifier's loss balanced over class x size group (round 9: --set data.balance_by=size_group)
+        assert final["data"].pop("balance_by") == "size_group"
         for key in ("ensemble", "flip_features"):
             studied["model"].pop(key)
-        studied["data"].pop("scan_view")
+        for key in ("scan_view", "balance_by"):
+            studied["data"].pop(key)
         assert final == studied
 
 
