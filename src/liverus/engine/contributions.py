@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from liverus.engine.heatmaps import figure_rgb
+
 __all__ = ["Contributions", "contributions_figure", "feature_contributions", "has_feature_groups", "shapley_weights"]
 
 
@@ -127,7 +129,4 @@ def contributions_figure(contributions: dict[str, float], *, probability: float,
         f"p(malignant) = {probability:.3f}; average training lesion {1 / (1 + math.exp(-baseline)):.3f}", fontsize=10
     )
     fig.tight_layout()
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return rgb
+    return figure_rgb(fig)

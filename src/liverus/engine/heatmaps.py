@@ -18,6 +18,7 @@ __all__ = [
     "attention_heatmap",
     "overlay",
     "save_overlay",
+    "figure_rgb",
     "heatmap_on_original",
     "heatmap_figure",
 ]
@@ -159,6 +160,13 @@ def heatmap_figure(
         ax2.set_title(f"original image, analysed region outlined{where}", fontsize=9)
         ax2.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.035, pad=0.02, label="heatmap (1 = most influential)")
+    return figure_rgb(fig)
+
+
+def figure_rgb(fig) -> np.ndarray:
+    """A drawn matplotlib figure as an RGB ``uint8`` image (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
     fig.canvas.draw()
     rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
