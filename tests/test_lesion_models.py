@@ -554,6 +554,44 @@ def test_radiomics_only_model_serves_and_explains_by_its_feature_groups_not_heat
     assert {k: round(float(v), 4) for k, v in cells.items()} == body["contributions"]
 
 
+@pytest.fixture(scope="module")
+def radiomics_server(radiomics_run):
+    from test_serve import _serve
+
+    yield from _serve(radiomics_run / "model.pt")
+
+
+def test_browser_shows_what_drove_a_feature_models_score(radiomics_server, radiomics_run):
+    from playwright.sync_api import sync_playwright
+
+    from test_serve import _chromium
+
+    image = sorted((radiomics_run / "phantom" / "malignant").glob("*.png"))[0]
+    with sync_playwright() as pw:
+        browser = _chromium(pw)
+        page = browser.new_page()
+        page.goto(radiomics_server + "/")
+        page.wait_for_selector("#box-panel:not(.hidden)", timeout=30_000)
+        page.set_input_files("#file", str(image))
+        page.wait_for_function("document.getElementById('preview').naturalWidth > 0", timeout=30_000)
+        js = "img => { const b = img.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; }"
+        r = page.eval_on_selector("#preview", js)
+        page.mouse.move(r[0] + 0.2 * r[2], r[1] + 0.2 * r[3])
+        page.mouse.down()
+        page.mouse.move(r[0] + 0.7 * r[2], r[1] + 0.7 * r[3], steps=4)
+        page.mouse.up()
+        page.click("#submit")
+        page.wait_for_selector("#result:not(.hidden)", timeout=60_000)
+        assert page.is_visible("#contributions") and not page.is_visible("#heatmap")
+        rows = page.eval_on_selector_all("#contribution-rows tr", "rs => rs.map(r => r.innerText.split('\\t'))")
+        names = [row[0].strip() for row in rows]
+        assert sorted(names) == sorted(["shape", "echo pattern", "texture", "halo and posterior acoustics"])
+        values = [float(row[-1]) for row in rows]
+        assert [abs(v) for v in values] == sorted((abs(v) for v in values), reverse=True)  # largest first
+        assert "% malignant" in page.inner_text("#baseline")
+        browser.close()
+
+
 @pytest.mark.slow
 def test_compare_studies_gives_the_repeated_cv_test_of_a_single_study(tmp_path):
     from liverus.evaluation.study import compare_studies
