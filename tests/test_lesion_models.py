@@ -564,7 +564,7 @@ def radiomics_server(radiomics_run):
 def test_browser_shows_what_drove_a_feature_models_score(radiomics_server, radiomics_run):
     from playwright.sync_api import sync_playwright
 
-    from test_serve import _chromium
+    from test_serve import _chromium, _drag_box
 
     image = sorted((radiomics_run / "phantom" / "malignant").glob("*.png"))[0]
     with sync_playwright() as pw:
@@ -574,12 +574,7 @@ def test_browser_shows_what_drove_a_feature_models_score(radiomics_server, radio
         page.wait_for_selector("#box-panel:not(.hidden)", timeout=30_000)
         page.set_input_files("#file", str(image))
         page.wait_for_function("document.getElementById('preview').naturalWidth > 0", timeout=30_000)
-        js = "img => { const b = img.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; }"
-        r = page.eval_on_selector("#preview", js)
-        page.mouse.move(r[0] + 0.2 * r[2], r[1] + 0.2 * r[3])
-        page.mouse.down()
-        page.mouse.move(r[0] + 0.7 * r[2], r[1] + 0.7 * r[3], steps=4)
-        page.mouse.up()
+        _drag_box(page, 0.2, 0.7)
         page.click("#submit")
         page.wait_for_selector("#result:not(.hidden)", timeout=60_000)
         assert page.is_visible("#contributions") and not page.is_visible("#heatmap")

@@ -156,7 +156,7 @@ def test_browser_shows_the_proposed_box_and_lets_the_user_replace_it(roi_segment
     import httpx
     from playwright.sync_api import sync_playwright
 
-    from test_serve import _chromium
+    from test_serve import _chromium, _drag_box
 
     assert httpx.get(roi_segment_server + "/api/health").json()["proposes_box"] is True
     # An image on which the segmenter proposes a lesion.
@@ -183,12 +183,7 @@ def test_browser_shows_the_proposed_box_and_lets_the_user_replace_it(roi_segment
         assert shown == pytest.approx(proposed, abs=1.0)
         assert page.is_visible("#box-rect")
         # The radiologist redraws it.
-        js = "img => { const b = img.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; }"
-        r = page.eval_on_selector("#preview", js)
-        page.mouse.move(r[0] + 0.1 * r[2], r[1] + 0.1 * r[3])
-        page.mouse.down()
-        page.mouse.move(r[0] + 0.5 * r[2], r[1] + 0.5 * r[3], steps=4)
-        page.mouse.up()
+        _drag_box(page, 0.1, 0.5)
         redrawn = [float(v) for v in page.inner_text("#box-text").split(",")]
         assert redrawn != pytest.approx(proposed, abs=1.0)
         page.click("#submit")

@@ -178,6 +178,18 @@ def _chromium(pw):
     )
 
 
+def _drag_box(page, start: float, end: float, *, via: float | None = None) -> None:
+    """Drag on the page's preview image from ``start`` to ``end`` (fractions of its width and height), as a
+    radiologist draws the lesion box; ``via`` adds a stop on the way."""
+    js = "img => { const b = img.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; }"
+    x, y, w, h = page.eval_on_selector("#preview", js)
+    page.mouse.move(x + start * w, y + start * h)
+    page.mouse.down()
+    for f in ([via] if via is not None else []) + [end]:
+        page.mouse.move(x + f * w, y + f * h, steps=4)
+    page.mouse.up()
+
+
 def test_browser_upload_shows_probability_label_and_heatmap(server, images, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -221,13 +233,7 @@ def test_browser_roi_model_lets_the_user_draw_the_lesion_box(roi_server, roi_run
         page.click("#submit")
         assert "Draw a box around the lesion" in page.inner_text("#error")
         # Drag from 20% to 60% of the displayed image: the box is sent in the image's own pixels.
-        js = "img => { const b = img.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; }"
-        r = page.eval_on_selector("#preview", js)
-        page.mouse.move(r[0] + 0.2 * r[2], r[1] + 0.2 * r[3])
-        page.mouse.down()
-        page.mouse.move(r[0] + 0.4 * r[2], r[1] + 0.4 * r[3], steps=4)
-        page.mouse.move(r[0] + 0.6 * r[2], r[1] + 0.6 * r[3], steps=4)
-        page.mouse.up()
+        _drag_box(page, 0.2, 0.6, via=0.4)
         box = [float(v) for v in page.inner_text("#box-text").split(",")]
         assert box == pytest.approx([0.2 * w, 0.2 * h, 0.6 * w, 0.6 * h], abs=2.5)
         page.click("#submit")
