@@ -66,10 +66,14 @@ class EnsembleClassifier(nn.Module):
         so those are computed once rather than once per member."""
         if not self._feature_members():
             return [m(x) for m in self.members]
-        first = self.members[0]
-        rad, deep = first.raw_features(x)
+        return [m.classify(*features) for m, features in zip(self.members, self._member_features(x), strict=True)]
+
+    def _member_features(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each feature member's raw features: the first member's radiomics for all, and its deep features for all
+        members whose backbones share its weights."""
+        rad, deep = self.members[0].raw_features(x)
         shared = self._shared_backbone()
-        return [m.classify(rad, deep if shared or i == 0 else m.deep_features(x)) for i, m in enumerate(self.members)]
+        return [(rad, deep if shared or i == 0 else m.deep_features(x)) for i, m in enumerate(self.members)]
 
     def feature_groups(self) -> dict[str, list[int]]:
         """The feature members' :meth:`LesionFeatureModel.feature_groups` (members are built alike).
@@ -86,16 +90,10 @@ class EnsembleClassifier(nn.Module):
         (see :meth:`LesionFeatureModel.coalition_logits`; each member's absent groups take its own training mean).
         Returns: (K, N)."""
         self.feature_groups()  # feature members only
-        first = self.members[0]
-        rad, deep = first.raw_features(x)
-        shared = self._shared_backbone()
         probs = torch.stack(
             [
-                torch.sigmoid(
-                    m.coalition_decisions(rad, deep if shared or i == 0 else m.deep_features(x), keep)
-                    / self.temperature[i]
-                )  # fmt: skip
-                for i, m in enumerate(self.members)
+                torch.sigmoid(m.coalition_decisions(*features, keep) / self.temperature[i])
+                for i, (m, features) in enumerate(zip(self.members, self._member_features(x), strict=True))
             ]
         ).mean(0)
         return torch.logit(probs.double(), eps=1e-12).float()
