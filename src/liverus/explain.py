@@ -64,7 +64,9 @@ def run_explain(args: argparse.Namespace) -> int:
                 "baseline_logit": round(float(found.baseline[0]), 6), "logit": round(float(found.logit[0]), 6),
                 "contributions": shares, "lesion_source": source,
             })  # fmt: skip
-            chart = contributions_figure(shares, probability=prob, baseline=float(found.baseline[0]))
+            chart = contributions_figure(
+                shares, probability=prob, baseline_probability=float(found.baseline_probability[0])
+            )
             dest = save_overlay(stem.with_suffix(".png"), chart)
             top = ", ".join(f"{k} {v:+.2f}" for k, v in list(shares.items())[:3])
             print(f"{item.path}: p(malignant)={prob:.3f}; log-odds from {top} -> {dest}")

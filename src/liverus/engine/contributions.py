@@ -43,6 +43,11 @@ class Contributions:
     baseline: np.ndarray
     logit: np.ndarray
 
+    @property
+    def baseline_probability(self) -> np.ndarray:
+        """(N,) probability of malignancy of the average training lesion."""
+        return 1.0 / (1.0 + np.exp(-self.baseline))
+
     def as_dicts(self, digits: int = 4) -> list[dict[str, float]]:
         """One ``{group: contribution}`` per image, largest magnitude first."""
         out = []
@@ -111,7 +116,9 @@ def feature_contributions(model: torch.nn.Module, x: torch.Tensor) -> Contributi
     return Contributions(groups, values, v[0], v[-1])
 
 
-def contributions_figure(contributions: dict[str, float], *, probability: float, baseline: float) -> np.ndarray:
+def contributions_figure(
+    contributions: dict[str, float], *, probability: float, baseline_probability: float
+) -> np.ndarray:
     """A bar chart of one image's contributions (red: towards malignant, blue: towards benign) with the probability
     and that of the average training lesion. Returns: an RGB ``uint8`` image."""
     import matplotlib
@@ -125,8 +132,6 @@ def contributions_figure(contributions: dict[str, float], *, probability: float,
     ax.barh(names, values, color=["#c0392b" if v > 0 else "#2471a3" for v in values])
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("contribution to the log-odds of malignancy")
-    ax.set_title(
-        f"p(malignant) = {probability:.3f}; average training lesion {1 / (1 + math.exp(-baseline)):.3f}", fontsize=10
-    )
+    ax.set_title(f"p(malignant) = {probability:.3f}; average training lesion {baseline_probability:.3f}", fontsize=10)
     fig.tight_layout()
     return figure_rgb(fig)

@@ -184,7 +184,7 @@ def create_app(
         if predictor.has_contributions:
             found = predictor.contributions([pre])
             out["contributions"] = found.as_dicts()[0]
-            out["baseline_probability"] = round(float(1 / (1 + np.exp(-found.baseline[0]))), 6)
+            out["baseline_probability"] = round(float(found.baseline_probability[0]), 6)
         return out
 
     @app.post("/api/predict")

@@ -162,7 +162,6 @@ def fit_classifier(
     Returns:
         ``(the arrays LesionFeatureModel.load_fitted takes, the chosen hyperparameters, what to record)``.
     """
-    w = None
     fit_params: dict = {}
     info: dict = {}
     if sample_weight is not None:
