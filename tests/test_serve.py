@@ -252,7 +252,11 @@ def test_serve_runs_on_the_onnx_export(onnx_file, run, images):
     from liverus.serve.app import create_app
 
     pt = Predictor.from_path(run / "model.pt")
-    with TestClient(create_app(Predictor.from_path(onnx_file))) as c:
+    onnx = Predictor.from_path(onnx_file)
+    assert not onnx.has_contributions
+    with pytest.raises(ValueError, match="not the ONNX export"):
+        onnx.contributions([onnx.prepare(read_image(images[1]))])
+    with TestClient(create_app(onnx)) as c:
         assert c.get("/api/health").json()["backend"] == "onnxruntime"
         r = c.post("/api/predict", files={"file": ("x.png", Path(images[1]).read_bytes(), "image/png")})
     assert r.status_code == 200, r.text

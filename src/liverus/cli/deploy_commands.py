@@ -54,10 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on (they are always listed)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("explain", help="Grad-CAM and spatial-attention heatmaps overlaid on images")
+    p = sub.add_parser(
+        "explain",
+        help="Grad-CAM and spatial-attention heatmaps overlaid on images; for feature models (radiomics_*) also each "
+        "feature group's contribution to the score",
+    )
     p.add_argument("inputs", nargs="+", help="image files, folders, DICOM files, or manifest CSVs (path, mask, box)")
     p.add_argument("--model", required=True, help="model.pt of a run")
-    p.add_argument("--out", required=True, help="folder for the PNG figures")
+    p.add_argument("--out", required=True, help="folder for the PNG figures (and STEM_features.json of feature models)")
     p.add_argument("--method", choices=["gradcam", "attention", "both"], default="both")
     p.add_argument("--mask", help="lesion mask (single input) for lesion models")
     p.add_argument("--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models")
