@@ -433,6 +433,13 @@ def test_train_val_test_split_and_reuse(phantom_dir, tmp_path):
     assert load_splits(path, cases)["folds"][0] == split
     with pytest.raises(DataError, match="not in the data"):
         load_splits(path, cases[:5])
+    # No validation part (a feature model's run): the same test part, every other case in training.
+    no_val = train_val_test_split(cases, 0.0, 0.2, seed=0)
+    assert no_val["val"] == [] and no_val["test"] == split["test"]
+    assert sorted(no_val["train"]) == sorted(split["train"] + split["val"])
+    for bad in (-0.1, 1.0, 0.9):
+        with pytest.raises(ValueError, match="bad split fractions"):
+            train_val_test_split(cases, bad, 0.2, seed=0)
 
 
 # ---------------------------------------------------------------- audit

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC
 
 from helpers import run_cli
@@ -341,8 +342,8 @@ def test_balancing_weights_stop_a_fitted_classifier_riding_the_scanner():
     groups = [str(i) for i in range(len(y))]
     cells = list(zip(y, scanner, strict=True))
     weights = np.array([1.0 / cells.count(c) for c in cells])  # balancing_weights' rule
-    plain, _, plain_info = fit_classifier(x, y, groups, "logistic")
-    fair, chosen, info = fit_classifier(x, y, groups, "logistic", sample_weight=weights)
+    plain, _, plain_info, _ = fit_classifier(x, y, groups, "logistic")
+    fair, chosen, info, _ = fit_classifier(x, y, groups, "logistic", sample_weight=weights)
     # Weighted, class and scanner are independent: the classifier leans on the lesion, no longer on the scanner.
     assert plain["coef"][0] > 2 * plain["coef"][1] > 0
     assert fair["coef"][1] > 0 and abs(fair["coef"][0]) < 0.2 * fair["coef"][1]
@@ -350,7 +351,7 @@ def test_balancing_weights_stop_a_fitted_classifier_riding_the_scanner():
     lo, hi = info["sample_weight_range"]
     assert lo < 1.0 < hi and np.isclose(hi / lo, weights.max() / weights.min(), rtol=1e-3)
     # Only the weights' ratios count (they are rescaled to mean 1 so that the C grid keeps its meaning).
-    again, _, _ = fit_classifier(x, y, groups, "logistic", sample_weight=weights * 37.0)
+    again = fit_classifier(x, y, groups, "logistic", sample_weight=weights * 37.0).params
     np.testing.assert_allclose(again["coef"], fair["coef"], rtol=1e-6)
     assert chosen["C"] in (0.01, 0.03, 0.1, 0.3, 1.0)
     for bad in (weights[:-1], -weights, np.where(np.arange(len(y)) == 3, np.nan, weights)):
@@ -371,7 +372,7 @@ def test_weighted_svm_and_trees_equal_scikit_learns_weighted_fit(classifier):
     y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=2.0, size=160) > 0).astype(int)  # noisy: the margin is soft
     weights = np.where(y == 1, 3.0, 1.0)
     groups = [str(i // 2) for i in range(160)]  # pairs of rows share a group
-    params, chosen, _ = fit_classifier(x, y, groups, classifier, sample_weight=weights)
+    params, chosen, _, _ = fit_classifier(x, y, groups, classifier, sample_weight=weights)
     model = build_model(f"radiomics_{classifier}", in_chans=2)
     model.load_fitted({**params, **({"platt": np.array([1.0, 0.0])} if classifier == "svm" else {})})
     w = weights * (len(weights) / weights.sum())
@@ -385,6 +386,78 @@ def test_weighted_svm_and_trees_equal_scikit_learns_weighted_fit(classifier):
     got = model.decision(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
     np.testing.assert_allclose(got, ref.decision_function(x.astype(np.float32)), atol=1e-4)
     assert np.abs(ref.decision_function(x) - unweighted.decision_function(x)).max() > 0.05  # the weights mattered
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "svm", "boosting"])
+def test_inner_probabilities_are_out_of_fold_predictions_of_the_chosen_classifier(classifier):
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_predict
+
+    from liverus.training.feature_fit import _inner_cv, fit_classifier
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(150, 4))
+    y = (x[:, 0] + rng.normal(scale=1.5, size=150) > 0).astype(int)
+    groups = [str(i // 3) for i in range(150)]  # triples share a group
+    fit = fit_classifier(x, y, groups, classifier)
+    base = {"logistic": LogisticRegression(max_iter=5000), "svm": SVC(kernel="rbf", gamma="scale")}
+    cv = _inner_cv(y, groups, 0)
+    if classifier == "svm":
+        dv = cross_val_predict(SVC(gamma="scale", C=fit.chosen["C"]), x, y, groups=groups, cv=cv,
+                               method="decision_function")  # fmt: skip
+        a, b = fit.params["platt"]
+        expected = 1 / (1 + np.exp(-(a * dv + b)))
+    else:
+        from sklearn.ensemble import GradientBoostingClassifier
+
+        from liverus.models.features import BOOSTING_TREES
+
+        est = base.get(classifier) or GradientBoostingClassifier(n_estimators=BOOSTING_TREES, subsample=0.8,
+                                                                 random_state=0)  # fmt: skip
+        expected = cross_val_predict(clone(est).set_params(**fit.chosen), x, y, groups=groups, cv=cv,
+                                     method="predict_proba")[:, 1]  # fmt: skip
+    np.testing.assert_allclose(fit.inner_probabilities, expected, atol=1e-6)
+    # Out of fold: a model fitted on every case scores its own training cases differently.
+    if classifier != "svm":
+        in_sample = clone(base.get(classifier) or est).set_params(**fit.chosen).fit(x, y).predict_proba(x)[:, 1]
+        assert np.abs(in_sample - fit.inner_probabilities).max() > 0.01
+    # Too few groups for an inner cross-validation: no such probabilities.
+    assert fit_classifier(x, y, ["one scan"] * 150, classifier).inner_probabilities is None
+
+
+@pytest.mark.slow
+def test_feature_model_without_validation_fits_every_case_and_takes_its_threshold_from_the_inner_cv(tmp_path):
+    from liverus.evaluation.metrics import operating_points
+    from liverus.training import train
+    from liverus.training.feature_fit import _inner_cv
+
+    run = tmp_path / "no_val"
+    result = train(apply_overrides(load_config(), [*RADIOMICS_TINY, "data.val_fraction=0"]), run)
+    split = json.loads((run / "splits.json").read_text())["folds"][0]
+    from liverus.data import load_task_cases
+
+    cases, _ = load_task_cases(run / "phantom", "binary", "source")
+    assert split["val"] == [] and len(split["train"]) == len(cases)
+    assert not (run / "predictions_val.csv").exists()
+    model, card = load_model(run / "model.pt")
+    assert "inner cross-validation" in card.threshold_method and f"{len(cases)} training" in card.threshold_method
+    assert set(card.operating_points) == {"youden", "rule_out", "rule_in"}
+    assert card.threshold == card.operating_points["youden"] == result.threshold
+    # The threshold is the Youden point of the inner folds' probabilities, rebuilt here from the stored features.
+    from liverus.training.feature_fit import extract_features
+
+    by_path = {c.path: c for c in cases}
+    train_cases = [by_path[p] for p in split["train"]]
+    rad, _, y = extract_features(model, train_cases, card.classes, CaseCache(card.preprocess), card)
+    x = (rad - model.radiomics_mean.numpy()) / model.radiomics_scale.numpy()
+    from sklearn.model_selection import cross_val_predict
+
+    groups = [c.group_key for c in train_cases]
+    dv = cross_val_predict(SVC(gamma="scale", C=json.loads((run / "feature_fit.json").read_text())["C"]), x, y,
+                           groups=groups, cv=_inner_cv(y, groups, 0), method="decision_function")  # fmt: skip
+    a, b = model.platt.numpy()
+    youden = operating_points(y, 1 / (1 + np.exp(-(a * dv + b))))["youden"]["threshold"]
+    assert card.threshold == pytest.approx(youden, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -61,12 +61,14 @@ def train_val_test_split(
     """Group-aware stratified train / validation (/ test) split.
 
     The test part is one fold of a ``round(1 / test_fraction)``-fold split; the validation part is then taken the same
-    way from the rest.
+    way from the rest. ``val_fraction`` 0 keeps no validation part (a model that needs none: a feature model, whose
+    hyperparameters and threshold come from an inner cross-validation of its training cases).
 
     Returns:
-        ``{"train": [...], "val": [...], "test": [...]}`` (``test`` empty when ``test_fraction`` is 0).
+        ``{"train": [...], "val": [...], "test": [...]}`` (``val`` empty when ``val_fraction`` is 0, ``test`` when
+        ``test_fraction`` is).
     """
-    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(f"bad split fractions val={val_fraction}, test={test_fraction}")
     rest, test = list(cases), []
     if test_fraction > 0:
@@ -74,6 +76,8 @@ def train_val_test_split(
         test_set = set(fold["val"])
         test = [c for c in rest if c.path in test_set]
         rest = [c for c in rest if c.path not in test_set]
+    if val_fraction == 0:
+        return {"train": [c.path for c in rest], "val": [], "test": [c.path for c in test]}
     k_val = max(2, round((1 - test_fraction) / val_fraction))
     fold = kfold_splits(rest, k_val, seed + 1)[0]
     return {"train": fold["train"], "val": fold["val"], "test": [c.path for c in test]}

@@ -34,6 +34,7 @@ from liverus.evaluation.report import (
     subgroup_html,
     table_html,
 )
+from liverus.models import is_feature_model
 from liverus.utils import STAGES, atomic_write_json
 
 __all__ = [
@@ -163,7 +164,10 @@ def summarize_study(
     if len(fold_runs(out, labels[0])) > 1:  # a single split (the demo) has no pooled out-of-fold threshold to offer
         lines.append("")
         lines += [
-            f"{label}: final model on every case: --set data.val_fraction=0 --set model.threshold="
+            f"{label}: final model on every case: --set data.val_fraction=0 (its inner cross-validation chooses the "
+            f"threshold; the pooled out-of-fold Youden threshold is {recipe[label]['threshold']:.4f})"
+            if is_feature_model(label.partition("@")[0])
+            else f"{label}: final model on every case: --set data.val_fraction=0 --set model.threshold="
             f"{recipe[label]['threshold']:.4f} (pooled out-of-fold Youden threshold; or model.ensemble: K)"
             for label in labels
         ]

@@ -220,6 +220,7 @@ class TrainConfig:
             and self.model.threshold is None
             and not self.data.splits
             and not self.model.ensemble
+            and not is_feature_model(self.model.name)  # its inner cross-validation chooses the threshold
         ):
             raise ConfigError(
                 "data.val_fraction: 0 trains on every case with no validation split, so the operating threshold "

@@ -27,6 +27,7 @@ from liverus.data import (
 )
 from liverus.data.audit import derived_columns, image_size
 from liverus.engine.forward import eval_batch_size
+from liverus.models import is_feature_model
 from liverus.training.config import TrainConfig
 from liverus.training.distributed import DistInfo, ShardedBatchSampler, barrier
 from liverus.training.run_folder import RunFolder
@@ -239,7 +240,7 @@ def prepare_run_data(
     check_disjoint(cases, {k: [c.path for c in v] for k, v in parts.items()})
     if info.is_main and not folder.splits_file.is_file():
         save_splits(folder.splits_file, {"folds": [{k: [c.path for c in v] for k, v in parts.items()}]})
-    if not parts["val"] and cfg.model.threshold is None:
+    if not parts["val"] and cfg.model.threshold is None and not is_feature_model(cfg.model.name):
         raise DataError(None, "no validation cases: set model.threshold to train without validation")
     if not parts["train"]:
         raise DataError(None, f"empty split: {len(parts['train'])} training and {len(parts['val'])} validation cases")

@@ -6,15 +6,20 @@ the finished model like any network's. The hyperparameters (C; for boosted trees
 depth) are chosen by an inner cross-validation that keeps each group (patient, or near-duplicate frames) on one
 side; Platt scaling of the SVM is fitted on that inner cross-validation's decision values, not on the training
 decisions (which an SVM separates too well). Boosted trees are fitted on log-loss, so their log-odds need no
-rescaling.
+rescaling. The same inner cross-validation gives every training case an out-of-fold probability, from which a run
+without a validation split (``data.val_fraction: 0``) chooses its operating points: a feature model needs no
+validation split, so all the training cases can go into the fit.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -28,7 +33,8 @@ from liverus.models import LesionFeatureModel, ModelCard
 from liverus.models.features import BOOSTING_MAX_DEPTH, BOOSTING_NODES, BOOSTING_TREES
 from liverus.utils import STAGES
 
-__all__ = ["fit_feature_model", "fit_classifier", "extract_features", "C_GRID", "BOOSTING_GRID"]
+__all__ = ["fit_feature_model", "fit_classifier", "extract_features", "FeatureFit", "ClassifierFit", "C_GRID",
+           "BOOSTING_GRID"]  # fmt: skip
 
 log = logging.getLogger("liverus.training")
 
@@ -37,6 +43,33 @@ C_GRID = {"logistic": (0.01, 0.03, 0.1, 0.3, 1.0), "svm": (0.3, 1.0, 3.0, 10.0)}
 # gradient boosting) against overfitting; the inner cross-validation picks among these.
 BOOSTING_GRID = {"learning_rate": (0.03, 0.1), "max_depth": (2, BOOSTING_MAX_DEPTH)}
 UNTUNED = {"logistic": {"C": 1.0}, "svm": {"C": 1.0}, "boosting": {"learning_rate": 0.1, "max_depth": 2}}
+
+
+class ClassifierFit(NamedTuple):
+    """What :func:`fit_classifier` fitted.
+
+    Attributes:
+        params: the arrays :meth:`LesionFeatureModel.load_fitted` takes.
+        chosen: the chosen hyperparameters.
+        info: what to record (``feature_fit.json``).
+        inner_probabilities: each training case's probability from the inner fold that did not fit on it (the
+            chosen hyperparameters; the SVM's after Platt scaling), or None without an inner cross-validation.
+    """
+
+    params: dict[str, np.ndarray]
+    chosen: dict
+    info: dict
+    inner_probabilities: np.ndarray | None
+
+
+@dataclass
+class FeatureFit:
+    """What :func:`fit_feature_model` fitted: ``info`` to record, and the training cases' targets and inner
+    out-of-fold probabilities (see :class:`ClassifierFit`) to choose operating points on without a validation split."""
+
+    info: dict
+    targets: np.ndarray
+    inner_probabilities: np.ndarray | None = field(default=None, repr=False)
 
 
 @torch.inference_mode()
@@ -83,7 +116,7 @@ def fit_feature_model(
     *,
     seed: int = 0,
     sample_weight: list[float] | np.ndarray | None = None,
-) -> dict:
+) -> FeatureFit:
     """Fit ``model`` on ``cases`` (see the module docstring) and store the fitted numbers in it.
 
     Args:
@@ -91,8 +124,9 @@ def fit_feature_model(
             group cell weighs the same); the standardisation and the PCA stay unweighted.
 
     Returns:
-        What was chosen: ``{"C" (logistic, SVM) or "learning_rate" and "max_depth" (boosting), "inner_auc",
-        "n_features", "n_support" (SVM), "pca_variance" (deep), "sample_weight_range" (weighted)}``.
+        The :class:`FeatureFit`; its ``info`` says what was chosen: ``{"C" (logistic, SVM) or "learning_rate" and
+        "max_depth" (boosting), "inner_auc", "n_features", "n_support" (SVM), "pca_variance" (deep),
+        "sample_weight_range" (weighted)}``.
 
     Raises:
         ValueError: when the training cases hold one class only.
@@ -130,17 +164,17 @@ def fit_feature_model(
         blocks.append(proj / params["pca_scale"])
         info["pca_variance"] = variance[0] if model.views == 1 else variance
     x = np.hstack(blocks)
-    fitted, chosen, fit_info = fit_classifier(x, y, groups, model.classifier, seed=seed, sample_weight=sample_weight)
-    params.update(fitted)
-    info.update(fit_info)
+    fit = fit_classifier(x, y, groups, model.classifier, seed=seed, sample_weight=sample_weight)
+    params.update(fit.params)
+    info.update(fit.info)
     model.load_fitted(params)
     info["n_features"] = int(x.shape[1])
     log.info(
         "fitted %s on %d cases: %s, inner-CV AUC %.3f, %d features",
-        model.model_name, len(y), ", ".join(f"{k}={v}" for k, v in chosen.items()), info["inner_auc"],
+        model.model_name, len(y), ", ".join(f"{k}={v}" for k, v in fit.chosen.items()), info["inner_auc"],
         info["n_features"],
     )  # fmt: skip
-    return info
+    return FeatureFit(info, y, fit.inner_probabilities)
 
 
 def fit_classifier(
@@ -151,7 +185,7 @@ def fit_classifier(
     *,
     seed: int = 0,
     sample_weight: list[float] | np.ndarray | None = None,
-) -> tuple[dict[str, np.ndarray], dict, dict]:
+) -> ClassifierFit:
     """Fit the ``classifier`` (``logistic``, ``svm`` or ``boosting``) on scaled features ``x``, its hyperparameters
     chosen by the group-aware inner cross-validation.
 
@@ -160,7 +194,7 @@ def fit_classifier(
     probabilities match the data's own class mix.
 
     Returns:
-        ``(the arrays LesionFeatureModel.load_fitted takes, the chosen hyperparameters, what to record)``.
+        The :class:`ClassifierFit`.
     """
     fit_params: dict = {}
     info: dict = {}
@@ -188,6 +222,11 @@ def fit_classifier(
         info["inner_auc"] = float("nan")
     info.update(chosen)
     params: dict[str, np.ndarray] = {}
+    inner = None
+    if classifier in ("boosting", "logistic") and cv is not None:
+        inner = cross_val_predict(
+            clone(base).set_params(**chosen), x, y, groups=groups, cv=cv, method="predict_proba", params=fit_params
+        )[:, 1]
     if classifier == "boosting":
         params.update(_tree_arrays(best))
     elif classifier == "logistic":
@@ -205,7 +244,9 @@ def fit_classifier(
         platt = LogisticRegression(max_iter=5000).fit(dv[:, None], y)
         params["platt"] = np.array([platt.coef_[0, 0], platt.intercept_[0]])
         info["n_support"] = int(best.support_vectors_.shape[0])
-    return params, chosen, info
+        if cv is not None:
+            inner = platt.predict_proba(dv[:, None])[:, 1]
+    return ClassifierFit(params, chosen, info, inner)
 
 
 def _tree_arrays(gb: GradientBoostingClassifier) -> dict[str, np.ndarray]:

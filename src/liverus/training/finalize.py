@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from liverus.data import DataError
 from liverus.engine.predictions import write_predictions
 from liverus.engine.runtime import precision_name
 from liverus.evaluation.metrics import operating_points
@@ -45,6 +46,7 @@ def finalize(
     folder: RunFolder,
     *,
     fixed_threshold: float | None,
+    inner: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FinalModel | None:
     """Score the best weights (already loaded into ``model``) on validation and test, choose the precision and the
     operating points, and write ``predictions_*.csv`` and ``model.pt``.
@@ -53,8 +55,10 @@ def finalize(
     everything that follows (thresholds, stored predictions, and later ``predict``, ``evaluate`` and ``serve``) only
     when the largest difference is below :data:`PRECISION_TOLERANCE`, so that the numbers a run validates are the
     numbers deployment delivers. Operating points (binary): Youden, rule-out (sensitivity >= 0.95) and rule-in
-    (specificity >= 0.90) on the validation predictions; ``fixed_threshold`` without validation. Every rank scores its
-    shard; rank 0 writes and returns the result (None elsewhere).
+    (specificity >= 0.90) on the validation predictions. Without validation, ``fixed_threshold`` (the config's), or
+    else the same points on ``inner``: a feature model's ``(out-of-fold probabilities, targets)`` of its training
+    cases from its inner cross-validation. Every rank scores its shard; rank 0 writes and returns the result (None
+    elsewhere).
     """
     val = evaluate_loader(model, data.eval_loader(data.val), len(data.val), card, rt) if data.val else None
     gap = None
@@ -85,8 +89,19 @@ def finalize(
         val_metrics = score(*val, classes, threshold)
         write_predictions(folder / "predictions_val.csv", data.val, *val, classes, threshold)
         method = "youden (validation)"
-    else:
+    elif fixed_threshold is not None:
         threshold, val_metrics, method = float(fixed_threshold), {"auc": math.nan}, "model.threshold (config)"
+    elif inner is not None and len(classes) == 2:
+        p_inner, y_inner = inner
+        points = {k: v["threshold"] for k, v in operating_points(y_inner, p_inner).items()}
+        threshold, val_metrics = points["youden"], {"auc": math.nan}
+        method = f"youden (inner cross-validation: out-of-fold probabilities of the {len(y_inner)} training cases)"
+    else:
+        raise DataError(
+            None,
+            "no validation cases and no threshold: set model.threshold, keep a validation split "
+            "(data.val_fraction > 0), or give the inner cross-validation at least two groups per class",
+        )
     test_metrics = None
     if test is not None:
         test_metrics = score(*test, classes, threshold)

@@ -114,13 +114,16 @@ def train(
         precision=rt.precision,
         version=__version__,
     )
+    inner = None
     if isinstance(model, LesionFeatureModel):
         # Nothing to descend: the classifier is fitted on the training part's features in one go.
         fitted = fit_feature_model(
             model, data.train, data.classes, data.cache, card, seed=cfg.runtime.seed, sample_weight=data.train_weights
         )
         if rt.is_main:
-            atomic_write_json(folder / "feature_fit.json", fitted)
+            atomic_write_json(folder / "feature_fit.json", fitted.info)
+        if fitted.inner_probabilities is not None:
+            inner = (fitted.inner_probabilities, fitted.targets)
         state = TrainState()
     else:
         state = _train_epochs(cfg, model, data, card, rt, folder, resumed=resumed, max_steps=max_steps)
@@ -132,6 +135,7 @@ def train(
         rt,
         folder,
         fixed_threshold=cfg.model.threshold,
+        inner=inner,
     )
     result = None
     if rt.is_main:
