@@ -461,6 +461,48 @@ def test_feature_model_without_validation_fits_every_case_and_takes_its_threshol
 
 
 @pytest.mark.slow
+def test_test_lesion_from_gives_only_the_held_out_part_its_lesion_from_boxes(tmp_path):
+    import csv
+    import dataclasses
+
+    from liverus.data import load_task_cases, train_val_test_split
+    from liverus.engine.forward import predict_probs
+    from liverus.training import train
+
+    base = apply_overrides(load_config(), [*RADIOMICS_TINY, "data.box_jitter=0.2"])
+    mask_run, box_run = tmp_path / "mask", tmp_path / "box"
+    train(base, mask_run)  # makes the phantom; both runs then share its cases and one split with a test part
+    cases, _ = load_task_cases(mask_run / "phantom", "binary", "source")
+    split = train_val_test_split(cases, 0.2, 0.25, seed=0)
+    cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, source=str(mask_run / "phantom")))
+    train(cfg, tmp_path / "mask_split", cases=cases, split=split)
+    boxed = apply_overrides(cfg, ["data.test_lesion_from=box"])
+    train(boxed, box_run, cases=cases, split=split)
+
+    def probs(run, part):
+        with open(run / f"predictions_{part}.csv") as f:
+            return np.array([float(r["p_malignant"]) for r in csv.DictReader(f)])
+
+    np.testing.assert_array_equal(probs(tmp_path / "mask_split", "val"), probs(box_run, "val"))  # same fit
+    assert np.abs(probs(tmp_path / "mask_split", "test") - probs(box_run, "test")).max() > 1e-3
+    # The test part is scored as `evaluate --lesion-from box --box-jitter 0.2` would score it, from the same model.
+    model, card = load_model(box_run / "model.pt")
+    assert card.preprocess.lesion_from == "mask"  # the model was trained on masks; only its scoring used boxes
+    by_path = {c.path: c for c in cases}
+    test = [by_path[p] for p in split["test"]]
+    cache = CaseCache(dataclasses.replace(card.preprocess, lesion_from="box", box_jitter=0.2))
+    from torch.utils.data import DataLoader
+
+    from liverus.data import UltrasoundDataset
+
+    loader = DataLoader(UltrasoundDataset(test, card.classes, cache), batch_size=8)
+    p, _ = predict_probs(model, loader, card, device=torch.device("cpu"))
+    np.testing.assert_allclose(probs(box_run, "test"), p[:, 1], atol=1e-5)
+    with pytest.raises(ConfigError, match="test_lesion_from"):
+        apply_overrides(load_config(), ["data.test_lesion_from=outline"]).validate()
+
+
+@pytest.mark.slow
 def test_balance_by_weighs_a_feature_models_fit_and_is_recorded(tmp_path, radiomics_run):
     from liverus.training import train
 

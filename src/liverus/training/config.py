@@ -57,6 +57,7 @@ class DataConfig:
     letterbox: bool = True
     lesion_channel: bool = False  # the lesion mask as a second input channel (needed by radiomics_* models)
     lesion_from: str = "mask"  # mask | box: use the expert mask, or a box around it as a user would draw
+    test_lesion_from: str = ""  # mask | box for the held-out test part (a study's folds); empty: as lesion_from
     box_loosen: float = 0.0  # the derived box grows by this fraction of its size on every side
     box_jitter: float = 0.0  # each edge of the derived box moves by up to this fraction of its size (seeded)
     box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
@@ -95,6 +96,11 @@ class DataConfig:
             intensity=self.intensity,
             scan_view=self.scan_view,
         )
+
+    def test_preprocess(self) -> PreprocessConfig:
+        """What the held-out test part is scored on: :meth:`preprocess` with the lesion from ``test_lesion_from``
+        (a model trained on expert masks, scored on the boxes a user draws, as it will be used)."""
+        return dataclasses.replace(self.preprocess(), lesion_from=self.test_lesion_from or self.lesion_from)
 
 
 @dataclass
@@ -172,6 +178,7 @@ class TrainConfig:
             ("data", "augment"): AUGMENT_LEVELS,
             ("data", "group_by"): GROUPINGS,
             ("data", "lesion_from"): LESION_SOURCES,
+            ("data", "test_lesion_from"): ("", *LESION_SOURCES),
             ("data", "box_mask"): BOX_MASKS,
             ("optim", "optimizer"): OPTIMIZERS,
             ("loss", "name"): LOSSES,

@@ -94,6 +94,12 @@ class RunData:
     pin_memory: bool = False
     n_groups: int = 0  # acquisition groups in the training part (loss.debias_by)
     train_weights: list[float] | None = None  # balancing_weights of the training part (sampler; feature-model fit)
+    test_cache: CaseCache | None = None  # the test part's, when data.test_lesion_from gives its lesion another way
+
+    @property
+    def test_loader(self) -> DataLoader:
+        """The test part's :meth:`eval_loader`, preprocessed as ``data.test_lesion_from`` says."""
+        return self.eval_loader(self.test, self.test_cache)
 
     @property
     def train(self) -> list[Case]:
@@ -107,9 +113,10 @@ class RunData:
     def test(self) -> list[Case]:
         return self.parts.get("test", [])
 
-    def eval_loader(self, cases: list[Case]) -> DataLoader:
-        """Unaugmented batches of :func:`~liverus.engine.forward.eval_batch_size`, this rank's share of them."""
-        ds = UltrasoundDataset(cases, self.classes, self.cache, None)
+    def eval_loader(self, cases: list[Case], cache: CaseCache | None = None) -> DataLoader:
+        """Unaugmented batches of :func:`~liverus.engine.forward.eval_batch_size`, this rank's share of them (from
+        ``cache``, default the run's)."""
+        ds = UltrasoundDataset(cases, self.classes, cache or self.cache, None)
         sampler = ShardedBatchSampler(
             len(ds),
             eval_batch_size(self.dist.world_size),
@@ -293,4 +300,34 @@ def prepare_run_data(
         pin_memory,
         n_groups=n_groups,
         train_weights=weights,
+        test_cache=held_out_cache(cfg, folder.path, parts.get("test", []), info),
     )
+
+
+def held_out_cache(
+    cfg: TrainConfig, folder: str | Path, test: list[Case], info: DistInfo | None = None
+) -> CaseCache | None:
+    """The cache the held-out ``test`` cases are scored from when ``data.test_lesion_from`` gives their lesion
+    another way than training had it (None otherwise: the run's own cache serves).
+
+    Raises:
+        DataError: naming a test image whose lesion cannot be given that way.
+    """
+    pre = cfg.data.test_preprocess()
+    if not test or pre == cfg.data.preprocess():
+        return None
+    cache = CaseCache(pre, cache_dir(cfg, folder))
+
+    def fill() -> None:
+        _, bad = prepare_cases(test, cache, skip_bad=True)
+        if bad:
+            path, problem = bad[0]
+            raise DataError(path, f"cannot be scored with data.test_lesion_from={cfg.data.test_lesion_from}: {problem}")
+
+    if info is None or info.is_main:
+        fill()
+    if info is not None:
+        barrier(info)
+        if not info.is_main:
+            fill()  # from the files rank 0 wrote (or, for an in-memory cache, decoded again)
+    return cache

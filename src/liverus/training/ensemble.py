@@ -29,7 +29,7 @@ from liverus.evaluation.metrics import operating_points
 from liverus.evaluation.stats import apply_temperature, fit_temperature
 from liverus.models import EnsembleClassifier, load_model, save_model
 from liverus.training.config import TrainConfig, config_to_dict
-from liverus.training.datasets import cache_dir, usable_cases
+from liverus.training.datasets import cache_dir, held_out_cache, usable_cases
 from liverus.training.loop import score
 from liverus.training.run_folder import RunFolder, TrainResult
 from liverus.utils import to_plain
@@ -129,7 +129,8 @@ def train_ensemble(
     )
     test_metrics = None
     if test:
-        loader = DataLoader(UltrasoundDataset(test, classes, cache), batch_size=eval_batch_size(1))
+        test_cache = held_out_cache(cfg, folder.path, test) or cache
+        loader = DataLoader(UltrasoundDataset(test, classes, test_cache), batch_size=eval_batch_size(1))
         cpu = torch.device("cpu")
         tprobs, ttg = predict_probs(ensemble, loader, card, device=cpu, amp=inference_amp(card.precision, cpu))
         write_predictions(folder / "predictions_test.csv", test, tprobs, ttg, classes, threshold)

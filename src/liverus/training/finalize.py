@@ -77,7 +77,7 @@ def finalize(
             )
         if not broadcast_object(keep, rt.dist):
             rt, val = fp32, val32
-    test = evaluate_loader(model, data.eval_loader(data.test), len(data.test), card, rt) if data.test else None
+    test = evaluate_loader(model, data.test_loader, len(data.test), card, rt) if data.test else None
     if not rt.is_main:
         return None
     classes = data.classes
