@@ -703,6 +703,23 @@ def test_browser_shows_what_drove_a_feature_models_score(radiomics_server, radio
 
 
 @pytest.mark.slow
+def test_a_study_without_validation_fits_each_fold_on_its_whole_training_part(tmp_path):
+    from liverus.training.experiments import run_study
+
+    cfg = apply_overrides(load_config(), [*RADIOMICS_TINY, "data.image_size=64", "data.val_fraction=0"])
+    summary = run_study(cfg, tmp_path / "s", models=["radiomics_svm"], k=2, repeats=1, n_boot=20)
+    folds = json.loads((tmp_path / "s" / "splits.json").read_text())["folds"]
+    for i, fold in enumerate(folds):
+        run = tmp_path / "s" / "radiomics_svm" / f"fold{i}"
+        used = json.loads((run / "splits.json").read_text())["folds"][0]
+        assert used["val"] == [] and sorted(used["train"]) == sorted(fold["train"]) and used["test"] == fold["val"]
+        card = load_model(run / "model.pt")[1]
+        assert "inner cross-validation" in card.threshold_method
+    assert "its inner cross-validation chooses the threshold" in summary["text"]
+    assert "--set model.threshold" not in summary["text"]
+
+
+@pytest.mark.slow
 def test_compare_studies_gives_the_repeated_cv_test_of_a_single_study(tmp_path):
     from liverus.evaluation.study import compare_studies
     from liverus.training.experiments import run_study
