@@ -136,9 +136,7 @@ def _choose_split(cfg: TrainConfig, folder: RunFolder, cases: list[Case]) -> dic
         if cfg.data.fold >= len(folds):
             raise DataError(cfg.data.splits, f"has {len(folds)} folds; data.fold={cfg.data.fold} does not exist")
         return folds[cfg.data.fold]
-    if cfg.data.val_fraction == 0:
-        return {"train": [c.path for c in cases], "val": []}  # final model: every case, fixed epochs
-    return train_val_test_split(cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)
+    return train_val_test_split(cases, cfg.data.val_fraction, 0.0, seed=cfg.runtime.seed)  # val_fraction 0: every case
 
 
 def acquisition_group(case: Case, column: str) -> str:
