@@ -421,8 +421,12 @@ def test_inner_probabilities_are_out_of_fold_predictions_of_the_chosen_classifie
     if classifier != "svm":
         in_sample = clone(base.get(classifier) or est).set_params(**fit.chosen).fit(x, y).predict_proba(x)[:, 1]
         assert np.abs(in_sample - fit.inner_probabilities).max() > 0.01
-    # Too few groups for an inner cross-validation: no such probabilities.
+    # Too few groups for an inner cross-validation, or not asked for: no such probabilities, the same classifier.
     assert fit_classifier(x, y, ["one scan"] * 150, classifier).inner_probabilities is None
+    unasked = fit_classifier(x, y, groups, classifier, inner_probabilities=False)
+    assert unasked.inner_probabilities is None and unasked.chosen == fit.chosen
+    for k, v in fit.params.items():
+        np.testing.assert_array_equal(unasked.params[k], v)
 
 
 @pytest.mark.slow

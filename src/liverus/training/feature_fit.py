@@ -53,7 +53,8 @@ class ClassifierFit(NamedTuple):
         chosen: the chosen hyperparameters.
         info: what to record (``feature_fit.json``).
         inner_probabilities: each training case's probability from the inner fold that did not fit on it (the
-            chosen hyperparameters; the SVM's after Platt scaling), or None without an inner cross-validation.
+            chosen hyperparameters; the SVM's after Platt scaling), or None without an inner cross-validation or when
+            not asked for.
     """
 
     params: dict[str, np.ndarray]
@@ -116,12 +117,15 @@ def fit_feature_model(
     *,
     seed: int = 0,
     sample_weight: list[float] | np.ndarray | None = None,
+    inner_probabilities: bool = True,
 ) -> FeatureFit:
     """Fit ``model`` on ``cases`` (see the module docstring) and store the fitted numbers in it.
 
     Args:
         sample_weight: per-case weights of the classifier's loss (``data.balance_by``: every class x acquisition
             group cell weighs the same); the standardisation and the PCA stay unweighted.
+        inner_probabilities: also return the inner cross-validation's out-of-fold probabilities (see
+            :func:`fit_classifier`); a run that has a validation split or a fixed threshold does not need them.
 
     Returns:
         The :class:`FeatureFit`; its ``info`` says what was chosen: ``{"C" (logistic, SVM) or "learning_rate" and
@@ -164,7 +168,9 @@ def fit_feature_model(
         blocks.append(proj / params["pca_scale"])
         info["pca_variance"] = variance[0] if model.views == 1 else variance
     x = np.hstack(blocks)
-    fit = fit_classifier(x, y, groups, model.classifier, seed=seed, sample_weight=sample_weight)
+    fit = fit_classifier(
+        x, y, groups, model.classifier, seed=seed, sample_weight=sample_weight, inner_probabilities=inner_probabilities
+    )
     params.update(fit.params)
     info.update(fit.info)
     model.load_fitted(params)
@@ -185,6 +191,7 @@ def fit_classifier(
     *,
     seed: int = 0,
     sample_weight: list[float] | np.ndarray | None = None,
+    inner_probabilities: bool = True,
 ) -> ClassifierFit:
     """Fit the ``classifier`` (``logistic``, ``svm`` or ``boosting``) on scaled features ``x``, its hyperparameters
     chosen by the group-aware inner cross-validation.
@@ -193,8 +200,13 @@ def fit_classifier(
     the inner folds are still scored by the plain AUC and the SVM's Platt scaling is fitted unweighted, so its
     probabilities match the data's own class mix.
 
+    With ``inner_probabilities`` the fit also returns each case's out-of-fold probability from the inner folds, at
+    the chosen hyperparameters. The SVM has them anyway (its Platt scaling is fitted on them); logistic regression
+    and boosting refit every inner fold for them (boosting's fit time grows by about a quarter), so they are skipped
+    when not asked for.
+
     Returns:
-        The :class:`ClassifierFit`.
+        The :class:`ClassifierFit` (``inner_probabilities`` None when not asked for or without inner folds).
     """
     fit_params: dict = {}
     info: dict = {}
@@ -223,7 +235,7 @@ def fit_classifier(
     info.update(chosen)
     params: dict[str, np.ndarray] = {}
     inner = None
-    if classifier in ("boosting", "logistic") and cv is not None:
+    if inner_probabilities and classifier in ("boosting", "logistic") and cv is not None:
         inner = cross_val_predict(
             clone(base).set_params(**chosen), x, y, groups=groups, cv=cv, method="predict_proba", params=fit_params
         )[:, 1]
@@ -244,7 +256,7 @@ def fit_classifier(
         platt = LogisticRegression(max_iter=5000).fit(dv[:, None], y)
         params["platt"] = np.array([platt.coef_[0, 0], platt.intercept_[0]])
         info["n_support"] = int(best.support_vectors_.shape[0])
-        if cv is not None:
+        if inner_probabilities and cv is not None:
             inner = platt.predict_proba(dv[:, None])[:, 1]
     return ClassifierFit(params, chosen, info, inner)
 

@@ -38,6 +38,11 @@ class FinalModel:
     test_metrics: dict | None
 
 
+def _thresholds(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """The thresholds of the binary operating points (Youden, rule-out, rule-in) on these probabilities."""
+    return {k: v["threshold"] for k, v in operating_points(targets, probabilities).items()}
+
+
 def finalize(
     model: torch.nn.Module,
     data: RunData,
@@ -84,7 +89,7 @@ def finalize(
     points = {}
     if val is not None:
         if len(classes) == 2:
-            points = {k: v["threshold"] for k, v in operating_points(val[1], val[0][:, 1]).items()}
+            points = _thresholds(val[1], val[0][:, 1])
         threshold = points.get("youden", 0.5)
         val_metrics = score(*val, classes, threshold)
         write_predictions(folder / "predictions_val.csv", data.val, *val, classes, threshold)
@@ -93,7 +98,7 @@ def finalize(
         threshold, val_metrics, method = float(fixed_threshold), {"auc": math.nan}, "model.threshold (config)"
     elif inner is not None and len(classes) == 2:
         p_inner, y_inner = inner
-        points = {k: v["threshold"] for k, v in operating_points(y_inner, p_inner).items()}
+        points = _thresholds(y_inner, p_inner)
         threshold, val_metrics = points["youden"], {"auc": math.nan}
         method = f"youden (inner cross-validation: out-of-fold probabilities of the {len(y_inner)} training cases)"
     else:

@@ -118,7 +118,15 @@ def train(
     if isinstance(model, LesionFeatureModel):
         # Nothing to descend: the classifier is fitted on the training part's features in one go.
         fitted = fit_feature_model(
-            model, data.train, data.classes, data.cache, card, seed=cfg.runtime.seed, sample_weight=data.train_weights
+            model,
+            data.train,
+            data.classes,
+            data.cache,
+            card,
+            seed=cfg.runtime.seed,
+            sample_weight=data.train_weights,
+            # The inner folds choose the operating points only when neither a validation split nor the config does.
+            inner_probabilities=not data.val and cfg.model.threshold is None,
         )
         if rt.is_main:
             atomic_write_json(folder / "feature_fit.json", fitted.info)
