@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,11 +12,23 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC
 
 from helpers import run_cli
-from liverus.data import Case, CaseCache, PreprocessConfig, box_to_mask, lesion_box, model_pixels
+from liverus.data import (
+    Case,
+    CaseCache,
+    PreprocessConfig,
+    box_to_mask,
+    box_variants,
+    lesion_box,
+    load_cases,
+    model_pixels,
+    select_task,
+)
 from liverus.data.augment import apply_transform
+from liverus.data.preprocess import shifted_box
 from liverus.data.radiomics import ALL_FEATURE_NAMES, FEATURE_NAMES, RUN_LENGTH_NAMES, lesion_features
-from liverus.engine.forward import normalize_images
+from liverus.engine.forward import average_probabilities, normalize_images
 from liverus.engine.heatmaps import gradcam_heatmap
+from liverus.engine.predictions import read_predictions
 from liverus.models import (
     EnsembleClassifier,
     LesionFeatureModel,
@@ -220,6 +233,46 @@ def test_box_jitter_is_seeded_and_stays_inside_the_image():
     for x0, y0, x1, y1 in boxes:
         assert 0 <= x0 < x1 <= 120 and 0 <= y0 < y1 <= 100
     assert lesion_box(lesion) == (90.0, 0.0, 120.0, 30.0)
+
+
+def test_averaged_boxes_are_seeded_by_the_box_stay_inside_the_image_and_start_with_the_box():
+    box, shape = (90.0, 2.0, 120.0, 30.0), (100, 120)  # at the image's corner
+    assert shifted_box(box, shape, shift=0.1, variant=0) == box
+    shifted = [shifted_box(box, shape, shift=0.1, variant=k) for k in range(1, 9)]
+    assert shifted == [shifted_box(box, shape, shift=0.1, variant=k) for k in range(1, 9)]  # one box, one answer
+    assert len(set(shifted)) == 8
+    for x0, y0, x1, y1 in shifted:
+        assert 0 <= x0 < x1 <= 120 and 0 <= y0 < y1 <= 100
+        assert max(abs(x0 - 90), abs(x1 - 120)) <= 3.0 + 1e-9 and max(abs(y0 - 2), abs(y1 - 30)) <= 2.8 + 1e-9
+    assert shifted_box((20.0, 20.0, 60.0, 50.0), shape, shift=0.1, variant=1) != shifted_box(
+        (21.0, 20.0, 60.0, 50.0), shape, shift=0.1, variant=1
+    )
+
+
+def test_box_average_settings_are_checked_and_only_the_box_used_keys_the_cache():
+    for bad in ({"box_average": 0}, {"box_average": 17}, {"box_shift": 0.0}, {"box_shift": 0.6},
+                {"box_average": 2, "box_variant": 2}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad)) if "box_variant" not in bad else "box_variant"):
+            PreprocessConfig(**bad)
+    base = PreprocessConfig(crop="roi", lesion_from="box")
+    four = PreprocessConfig(crop="roi", lesion_from="box", box_average=4)
+    assert base.key() == four.key()  # how many boxes are averaged does not change one box's preprocessing
+    variants = box_variants(four)
+    assert [v.box_variant for v in variants] == [0, 1, 2, 3] and variants[0].key() == base.key()
+    assert len({v.key() for v in variants}) == 4
+    assert box_variants(PreprocessConfig(crop="roi", box_average=4)) == (PreprocessConfig(crop="roi", box_average=4),)
+    with pytest.raises(ConfigError, match="data.box_average"):
+        apply_overrides(load_config(), ["data.box_average=0"]).validate()
+
+
+def test_averaged_probabilities_are_the_mean_log_odds():
+    p = np.array([[0.9, 0.6, 0.2], [0.5, 0.99, 0.7]])  # two boxes, three cases: p(malignant)
+    got = average_probabilities([np.stack([1 - q, q], 1) for q in p])
+    logit = np.log(p / (1 - p)).mean(0)
+    np.testing.assert_allclose(got[:, 1], 1 / (1 + np.exp(-logit)), rtol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1, rtol=1e-6)
+    one = np.array([[0.3, 0.7]], np.float32)
+    assert average_probabilities([one]) is one
 
 
 @pytest.mark.parametrize("method", ["box", "ellipse", "grabcut"])
@@ -502,6 +555,18 @@ def test_test_lesion_from_gives_only_the_held_out_part_its_lesion_from_boxes(tmp
     loader = DataLoader(UltrasoundDataset(test, card.classes, cache), batch_size=8)
     p, _ = predict_probs(model, loader, card, device=torch.device("cpu"))
     np.testing.assert_allclose(probs(box_run, "test"), p[:, 1], atol=1e-5)
+    # Averaged over boxes, a run's test part and an ensemble's are what evaluate --box-average computes later.
+    averaged = apply_overrides(boxed, ["data.box_average=2"])
+    for name, overrides in (("avg", []), ("avg_ens", ["model.ensemble=2"])):
+        train(apply_overrides(averaged, overrides), tmp_path / name, cases=cases, split=split)
+        model, card = load_model(tmp_path / name / "model.pt")
+        assert card.preprocess.box_average == 2 and card.preprocess.lesion_from == "mask"
+        pre = dataclasses.replace(card.preprocess, lesion_from="box", box_jitter=0.2)
+        per_box = [_scored(model, card, test, CaseCache(v)) for v in box_variants(pre)]
+        logit = np.mean([np.log(q / (1 - q)) for q in per_box], 0)
+        np.testing.assert_allclose(probs(tmp_path / name, "test"), 1 / (1 + np.exp(-logit)), atol=1e-5)
+    np.testing.assert_array_equal(probs(tmp_path / "avg", "val"), probs(box_run, "val"))
+    assert np.abs(probs(tmp_path / "avg", "test") - probs(box_run, "test")).max() > 1e-4
     with pytest.raises(ConfigError, match="test_lesion_from"):
         apply_overrides(load_config(), ["data.test_lesion_from=outline"]).validate()
 
@@ -627,11 +692,76 @@ def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_pa
                 "--lesion-from", "box", "--box-jitter", "0.2", "--bootstrap", "50")  # fmt: skip
     assert p.returncode == 0, p.stderr
     metrics = json.loads((tmp_path / "box" / "metrics.json").read_text())
-    assert metrics["lesion"] == {"from": "box", "box_jitter": 0.2, "box_loosen": 0.0}
+    assert metrics["lesion"] == {"from": "box", "box_jitter": 0.2, "box_loosen": 0.0, "box_average": 1}
     assert "as a user would draw them" in (tmp_path / "box" / "report.html").read_text()
+    # Averaged over three boxes: per case, the mean log-odds of its three boxes' probabilities.
+    p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom), "--out", str(tmp_path / "avg"),
+                "--lesion-from", "box", "--box-jitter", "0.2", "--box-average", "3", "--bootstrap", "50")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "avg" / "metrics.json").read_text())["lesion"]["box_average"] == 3
+    assert "averages 3 boxes" in (tmp_path / "avg" / "report.html").read_text()
+    model, card = load_model(radiomics_run / "model.pt")
+    cases, _ = select_task(load_cases(phantom), card.task)
+    pre = dataclasses.replace(card.preprocess, lesion_from="box", box_jitter=0.2, box_average=3)
+    per_box = [_scored(model, card, cases, CaseCache(v)) for v in box_variants(pre)]
+    assert np.abs(per_box[1] - per_box[0]).max() > 1e-3  # the boxes differ
+    logit = np.mean([np.log(q / (1 - q)) for q in per_box], 0)
+    want = dict(zip([c.path for c in cases], 1 / (1 + np.exp(-logit)), strict=True))
+    got = read_predictions([tmp_path / "avg" / "predictions.csv"])
+    np.testing.assert_allclose(got.p, [want[path] for path in got.paths], atol=2e-6)
     p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom), "--out", str(tmp_path / "bad"),
                 "--lesion-from", "box", "--box-jitter", "0.9")  # fmt: skip
     assert p.returncode != 0 and "box_jitter" in p.stderr
+
+
+def _scored(model, card, cases, cache) -> np.ndarray:
+    """p(malignant) of ``cases`` preprocessed by ``cache``, scored as every path of the tool scores them."""
+    from torch.utils.data import DataLoader
+
+    from liverus.data import UltrasoundDataset
+    from liverus.engine.forward import predict_probs
+
+    loader = DataLoader(UltrasoundDataset(cases, card.classes, cache), batch_size=64)
+    return predict_probs(model, loader, card, device=torch.device("cpu"))[0][:, 1].astype(np.float64)
+
+
+def test_box_average_predicts_the_mean_log_odds_of_the_boxes_and_contributions_add_up(radiomics_run, tmp_path):
+    from liverus.data import read_image
+    from liverus.data.preprocess import preprocess
+    from liverus.engine.predictor import Predictor
+
+    image_path = sorted((radiomics_run / "phantom" / "malignant").glob("*.png"))[0]
+    image, box = read_image(image_path), (30.0, 30.0, 90.0, 90.0)
+    single, averaged = (
+        Predictor.from_path(radiomics_run / "model.pt"),
+        Predictor.from_path(radiomics_run / "model.pt", box_average=3),
+    )
+    pre = averaged.prepare(image, box=box)
+    assert len(pre.variants) == 2 and pre.lesion_source == "user box, averaged over 3 boxes"
+    per_box = [
+        single.probabilities([preprocess(image, dataclasses.replace(averaged.preprocess_cfg, box_variant=k), box=box)])
+        for k in range(3)
+    ]
+    assert per_box[0] == single.probabilities([single.prepare(image, box=box)])
+    logit = float(np.mean([np.log(q / (1 - q)) for q in per_box]))
+    prob = float(averaged.probabilities([pre, single.prepare(image, box=box)])[0])  # a batch: each its own boxes
+    assert prob == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-5)
+    found = averaged.contributions([pre])
+    assert found.baseline[0] + found.values[0].sum() == pytest.approx(np.log(prob / (1 - prob)), abs=1e-4)
+    # A mask is the lesion itself: nothing to average.
+    lesion = np.zeros(image.shape, np.uint8)
+    lesion[40:80, 40:80] = 1
+    assert averaged.prepare(image, lesion=lesion).variants == ()
+    # The command line says the same, and checks the number.
+    p = run_cli("predict", "--model", str(radiomics_run / "model.pt"), str(image_path), "--box", "30,30,90,90",
+                "--box-average", "3", "--out", str(tmp_path / "p.json"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["predictions"][0]["p_malignant"] == pytest.approx(
+        prob, abs=1e-5
+    )
+    p = run_cli("predict", "--model", str(radiomics_run / "model.pt"), str(image_path), "--box", "30,30,90,90",
+                "--box-average", "40", "--out", str(tmp_path / "bad.json"))  # fmt: skip
+    assert p.returncode != 0 and "box_average" in p.stderr
 
 
 def test_radiomics_only_model_serves_and_explains_by_its_feature_groups_not_heatmaps(radiomics_run, tmp_path):

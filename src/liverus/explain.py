@@ -24,7 +24,9 @@ __all__ = ["run_explain"]
 def run_explain(args: argparse.Namespace) -> int:
     """Write one overlay PNG per image and method (and, for feature models, ``STEM_features.png`` and ``.json``);
     print each image's probability. Returns: the exit code."""
-    predictor = Predictor.from_path(args.model, segmenter=getattr(args, "segmenter", None))
+    predictor = Predictor.from_path(
+        args.model, segmenter=getattr(args, "segmenter", None), box_average=getattr(args, "box_average", None)
+    )
     if predictor.model is None:
         raise ValueError("liverus explain needs the PyTorch model.pt (ONNX exports carry no gradients)")
     features = predictor.has_contributions

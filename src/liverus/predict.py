@@ -127,7 +127,7 @@ def run_predict(args: argparse.Namespace) -> int:
     input_errors: list[tuple[str, str]] = []
     items = input_items(args.inputs, mask=args.mask, box=box, errors=input_errors)
     files = [it.path for it in items]
-    predictor = Predictor.from_path(args.model, segmenter=args.segmenter)
+    predictor = Predictor.from_path(args.model, segmenter=args.segmenter, box_average=args.box_average)
     heatmaps = None
     if args.heatmaps:
         if not predictor.has_heatmaps:

@@ -37,6 +37,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _box_average_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--box-average",
+        type=int,
+        metavar="K",
+        help="lesion models given a box: average the probability over K boxes around it (default: the model's, "
+        "data.box_average when it was trained)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="probability of malignancy for images, folders or DICOM")
     p.add_argument(
@@ -50,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--segmenter", help="lesion segmenter model.pt (liverus segment train): finds the lesion where none is given"
     )
+    _box_average_option(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on (they are always listed)")
     p.set_defaults(func=cmd_predict)
@@ -66,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", help="lesion mask (single input) for lesion models")
     p.add_argument("--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models")
     p.add_argument("--segmenter", help="lesion segmenter model.pt: finds the lesion where none is given")
+    _box_average_option(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("serve", help="web page and REST API for radiologists (research use only)")
@@ -75,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")
     p.add_argument("--api-docs", action="store_true", help="also serve /docs and /openapi.json (off by default)")
     p.add_argument("--segmenter", help="lesion segmenter model.pt: the page proposes a lesion box to accept or redraw")
+    _box_average_option(p)
     p.add_argument("--max-batch", type=int, default=16, help="dynamic batching: largest batch (1 disables; default 16)")
     p.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="dynamic batching: how long a batch waits (default 5 ms)"

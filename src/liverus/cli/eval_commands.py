@@ -20,6 +20,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lesion_from=args.lesion_from,
         box_jitter=args.box_jitter,
         box_loosen=args.box_loosen,
+        box_average=args.box_average,
     )
     print(out["text"])
     return 0
@@ -40,4 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--box-jitter", type=float, help="with --lesion-from box: edge jitter, fraction of the box size")
     p.add_argument("--box-loosen", type=float, help="with --lesion-from box: margin added, fraction of the box size")
+    p.add_argument(
+        "--box-average",
+        type=int,
+        metavar="K",
+        help="with boxes: average each probability over K boxes around the one drawn (default: the model's, "
+        "set by data.box_average when it was trained)",
+    )
     p.set_defaults(func=cmd_evaluate)

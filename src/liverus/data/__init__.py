@@ -33,6 +33,7 @@ from liverus.data.phantom import make_phantom_dataset, render_phantom
 from liverus.data.preprocess import (
     PreprocessConfig,
     box_to_mask,
+    box_variants,
     detect_scan_area,
     lesion_box,
     model_pixels,
@@ -51,6 +52,7 @@ __all__ = [
     "apply_grouping",
     "audit_cases",
     "box_to_mask",
+    "box_variants",
     "build_train_transform",
     "cases_from_aul_release",
     "cases_from_folder",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
@@ -24,6 +24,8 @@ __all__ = [
     "LESION_SOURCES",
     "BOX_MASKS",
     "lesion_box",
+    "shifted_box",
+    "box_variants",
     "box_to_mask",
     "model_pixels",
     "VIEW_PLANES",
@@ -44,6 +46,8 @@ MIN_BACKGROUND_PIXELS = 64
 # Larger images (legal up to the reader's pixel limit) are shrunk to this side before the fan detection, whose
 # morphology kernel grows with the image: ultrasound frames are at most about 1-2 k pixels a side anyway.
 MAX_WORK_SIDE = 2048
+# Each averaged box costs one more preprocessing and forward pass per image.
+MAX_BOX_AVERAGE = 16
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,13 @@ class PreprocessConfig:
             gray levels mapped linearly so that its liver background (the scan area outside the lesion) has a fixed
             mean and spread; the scanner's gain and dynamic-range settings cancel, the lesion's echogenicity relative
             to the liver stays. Outside the scan area becomes black.
+        box_average: when a case's lesion is given by a box alone (a user's box, or ``lesion_from="box"``), the
+            model's probability is the average over this many boxes: the box itself and ``box_average - 1`` copies
+            with each edge moved by up to ``box_shift`` of the box size (seeded by the box, so one input always gives
+            one answer). Log-odds are averaged. 1: the box alone. How a user draws the box moves a lesion model's
+            probability; averaging over nearby boxes takes part of that out.
+        box_shift: how far (fraction of the box size) each edge of an averaged box moves.
+        box_variant: which of those boxes this preprocessing uses (0: the box itself); set by :func:`box_variants`.
     """
 
     image_size: int = 224
@@ -89,6 +100,9 @@ class PreprocessConfig:
     context_margin: float = 0.0
     intensity: str = "raw"
     scan_view: bool = False
+    box_average: int = 1
+    box_shift: float = 0.1
+    box_variant: int = 0
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
@@ -103,6 +117,12 @@ class PreprocessConfig:
             raise ValueError(f"box_jitter must be in [0, 0.5], got {self.box_jitter}")
         if not 0 <= self.box_loosen <= 1:
             raise ValueError(f"box_loosen must be in [0, 1], got {self.box_loosen}")
+        if not 1 <= self.box_average <= MAX_BOX_AVERAGE:
+            raise ValueError(f"box_average must be in [1, {MAX_BOX_AVERAGE}] boxes, got {self.box_average}")
+        if not 0 < self.box_shift <= 0.5:
+            raise ValueError(f"box_shift must be in (0, 0.5], got {self.box_shift}")
+        if not 0 <= self.box_variant < self.box_average:
+            raise ValueError(f"box_variant must be in [0, box_average={self.box_average}), got {self.box_variant}")
         if not 32 <= self.image_size <= 2048:
             raise ValueError(f"image_size must be in [32, 2048], got {self.image_size}")
         if not 0 <= self.roi_margin <= 5:
@@ -136,6 +156,11 @@ class PreprocessConfig:
             d.pop("intensity")
         if not self.scan_view:
             d.pop("scan_view")
+        # How many boxes are averaged does not change one box's preprocessing; which box it is does.
+        d.pop("box_average")
+        if not self.box_variant:
+            d.pop("box_variant")
+            d.pop("box_shift")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -153,6 +178,8 @@ class Preprocessed:
     # Where the lesion came from (user mask, user box, predicted), set by the predictor for its outputs.
     lesion_source: str = ""
     context: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # The other boxes the probability is averaged over (PreprocessConfig.box_average), set by the predictor.
+    variants: tuple[Preprocessed, ...] = ()
 
     def stacked(self) -> np.ndarray:
         """Returns: ``(3 * views, S, S)``: image, scan, lesion of the (tight) crop, then those of the context crop."""
@@ -202,6 +229,37 @@ def lesion_box(
     if y1 - y0 < 2:
         y0, y1 = max(0.0, min(y0, H - 2.0)), min(float(H), max(y0, H - 2.0) + 2)
     return float(x0), float(y0), float(x1), float(y1)
+
+
+def shifted_box(
+    box: tuple[float, ...], shape: tuple[int, int], *, shift: float, variant: int
+) -> tuple[float, float, float, float]:
+    """The ``variant``-th box averaged over for ``box`` (:attr:`PreprocessConfig.box_average`): variant 0 is ``box``
+    itself; the others have each edge moved by up to ``shift`` of the box size, uniformly, from a generator seeded
+    by the box's coordinates and the variant, clipped to the ``shape`` (H, W) image. A copy that would be thinner
+    than 2 pixels is the box itself.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if variant == 0:
+        return x0, y0, x1, y1
+    w, h = x1 - x0, y1 - y0
+    seed = [*np.round(np.array([x0, y0, x1, y1]) * 16).astype(np.int64).tolist(), variant]
+    d = np.random.default_rng([abs(v) for v in seed]).uniform(-shift, shift, 4) * np.array([w, h, w, h])
+    H, W = shape[:2]
+    a0, a1 = np.clip([x0 + d[0], x1 + d[2]], 0, W)
+    b0, b1 = np.clip([y0 + d[1], y1 + d[3]], 0, H)
+    if a1 - a0 < 2 or b1 - b0 < 2:
+        return x0, y0, x1, y1
+    return float(a0), float(b0), float(a1), float(b1)
+
+
+def box_variants(cfg: PreprocessConfig) -> tuple[PreprocessConfig, ...]:
+    """The preprocessing of every box a case's probability is averaged over (``cfg.box_average`` of them), or
+    ``(cfg,)`` alone when its lesions do not come from boxes (``lesion_from="mask"``), where there is nothing to
+    average."""
+    if cfg.lesion_from != "box" or cfg.box_average == 1:
+        return (cfg,)
+    return tuple(replace(cfg, box_variant=k) for k in range(cfg.box_average))
 
 
 def box_to_mask(image_u8: np.ndarray, box: tuple[float, ...], method: str = "grabcut") -> np.ndarray:
@@ -366,11 +424,14 @@ def preprocess(
         img: gray float image in [0, 1], shape (H, W).
         cfg: the settings.
         lesion: optional lesion mask (H, W), needed (or ``box``) for ``crop="roi"``.
-        box: optional lesion box ``(x0, y0, x1, y1)`` in pixels.
+        box: optional lesion box ``(x0, y0, x1, y1)`` in pixels; without ``lesion``, ``cfg.box_variant`` picks
+            which of its averaged boxes (:func:`shifted_box`) is used.
 
     Returns:
         The preprocessed image and masks.
     """
+    if box is not None and cfg.box_variant and (lesion is None or not lesion.any()):
+        box = shifted_box(box, img.shape, shift=cfg.box_shift, variant=cfg.box_variant)
     shrink = min(1.0, MAX_WORK_SIDE / max(img.shape))
     if shrink < 1.0:
         size = (max(1, round(img.shape[1] * shrink)), max(1, round(img.shape[0] * shrink)))

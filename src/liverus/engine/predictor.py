@@ -4,6 +4,7 @@ validated."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 
 from liverus.data.preprocess import PreprocessConfig, Preprocessed, box_to_mask, model_pixels, preprocess
 from liverus.engine.contributions import Contributions, feature_contributions, has_feature_groups
-from liverus.engine.forward import model_input, probabilities
+from liverus.engine.forward import average_probabilities, model_input, probabilities
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap, heatmap_figure
 from liverus.engine.runtime import inference_amp
 from liverus.engine.segment import propose_lesion
@@ -63,18 +64,30 @@ class Predictor:
     version = property(lambda self: self.card.version)
 
     @classmethod
-    def from_path(cls, path: str | Path, *, segmenter: str | Path | None = None) -> Predictor:
+    def from_path(
+        cls, path: str | Path, *, segmenter: str | Path | None = None, box_average: int | None = None
+    ) -> Predictor:
         """Load ``model.pt`` or an exported ``.onnx`` (and optionally a lesion segmenter's ``model.pt``).
 
+        Args:
+            path: the model.
+            segmenter: a lesion segmenter's ``model.pt``, to find the lesion where none is given.
+            box_average: average each probability from a box over this many boxes around it (None: as the model's
+                card says, see :attr:`~liverus.data.preprocess.PreprocessConfig.box_average`).
+
         Raises:
-            ValueError: if a file is not a liverus model, ONNX export or segmenter.
+            ValueError: if a file is not a liverus model, ONNX export or segmenter, or ``box_average`` is out of
+                range.
         """
         path = Path(path)
-        if segmenter is not None:
-            from liverus.models.segmentation import load_segmenter
-
+        if segmenter is not None or box_average is not None:
             pred = cls.from_path(path)
-            pred.segmenter = load_segmenter(segmenter)
+            if segmenter is not None:
+                from liverus.models.segmentation import load_segmenter
+
+                pred.segmenter = load_segmenter(segmenter)
+            if box_average is not None:
+                pred.preprocess_cfg = dataclasses.replace(pred.preprocess_cfg, box_average=box_average)
             return pred
         if path.suffix.lower() == ".onnx":
             import onnxruntime as ort
@@ -127,6 +140,11 @@ class Predictor:
             raise ValueError(self.lesion_hint)
         pre = preprocess(image, cfg, lesion=lesion, box=box)
         pre.lesion_source = source if self.needs_lesion else ""
+        if self.needs_lesion and box is not None and lesion is None and cfg.box_average > 1:
+            pre.variants = tuple(
+                preprocess(image, dataclasses.replace(cfg, box_variant=k), box=box) for k in range(1, cfg.box_average)
+            )
+            pre.lesion_source += f", averaged over {cfg.box_average} boxes"
         return pre
 
     @property
@@ -154,9 +172,18 @@ class Predictor:
         """
         if self.model is None:
             raise ValueError("feature contributions need the PyTorch model (model.pt), not the ONNX export")
-        x = model_input(torch.from_numpy(self._pixels(pre)), self.card)
+        expanded, owner = _with_variants(pre)
+        x = model_input(torch.from_numpy(self._pixels(expanded)), self.card)
         with self._lock:
-            return feature_contributions(self.model, x)
+            per_input = feature_contributions(self.model, x)
+
+        # Shapley values are linear in the game: those of the mean log-odds over a case's boxes are their mean.
+        def per_case(a: np.ndarray) -> np.ndarray:
+            return np.stack([a[owner == i].mean(0) for i in range(len(pre))])
+
+        return Contributions(
+            per_input.groups, per_case(per_input.values), per_case(per_input.baseline), per_case(per_input.logit)
+        )
 
     @property
     def needs_lesion(self) -> bool:
@@ -175,14 +202,17 @@ class Predictor:
         return model_pixels(np.stack([p.stacked() for p in pre]), self.preprocess_cfg.lesion_channel)
 
     def probabilities(self, pre: list[Preprocessed]) -> np.ndarray:
-        """Returns: malignancy probabilities for preprocessed images."""
-        pixels = self._pixels(pre)
+        """Returns: malignancy probabilities for preprocessed images, each averaged over its boxes
+        (:attr:`Preprocessed.variants`) where it has them."""
+        expanded, owner = _with_variants(pre)
+        pixels = self._pixels(expanded)
         with self._lock:
             if self.session is not None:
-                x = pixels.astype(np.float32) / 255.0
-                return self.session.run(["probabilities"], {"image": x})[0][:, 1]
-            with torch.inference_mode():
-                return probabilities(self.model, torch.from_numpy(pixels), self.card, amp=self.amp)[:, 1].numpy()
+                probs = self.session.run(["probabilities"], {"image": pixels.astype(np.float32) / 255.0})[0]
+            else:
+                with torch.inference_mode():
+                    probs = probabilities(self.model, torch.from_numpy(pixels), self.card, amp=self.amp).numpy()
+        return np.array([average_probabilities(list(probs[owner == i, None]))[0, 1] for i in range(len(pre))])
 
     def predict(self, images: list[np.ndarray], *, lesions=None, boxes=None) -> list[Prediction]:
         pre = [
@@ -222,3 +252,10 @@ class Predictor:
             if method == "attention":
                 return attention_heatmap(self.model, x)
             return gradcam_heatmap(self.model, x)
+
+
+def _with_variants(pre: list[Preprocessed]) -> tuple[list[Preprocessed], np.ndarray]:
+    """Each case followed by the other boxes it is averaged over, and for every input the index of its case."""
+    expanded = [p for case in pre for p in (case, *case.variants)]
+    owner = np.repeat(np.arange(len(pre)), [1 + len(case.variants) for case in pre])
+    return expanded, owner

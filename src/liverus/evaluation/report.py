@@ -18,8 +18,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from liverus.data import CaseCache, UltrasoundDataset, load_cases, load_task_cases, prepare_cases, select_task
-from liverus.engine.forward import eval_batch_size, predict_probs
+from liverus.data import (
+    CaseCache,
+    UltrasoundDataset,
+    box_variants,
+    load_cases,
+    load_task_cases,
+    prepare_cases,
+    select_task,
+)
+from liverus.engine.forward import average_probabilities, eval_batch_size, predict_probs
 from liverus.engine.predictions import Predictions, read_predictions, write_predictions
 from liverus.engine.runtime import inference_amp
 from liverus.evaluation.analysis import evaluate_binary
@@ -391,13 +399,15 @@ def evaluate_checkpoint(
     lesion_from: str | None = None,
     box_jitter: float | None = None,
     box_loosen: float | None = None,
+    box_average: int | None = None,
 ) -> dict:
     """``liverus evaluate``: score labelled data with a trained model at its stored threshold and write
     ``predictions.csv``, ``metrics.json`` and ``report.html`` to ``out``.
 
     For lesion models, ``lesion_from="box"`` scores them as a user would use them: from a box around each expert
     mask (grown by ``box_loosen``, each edge moved by up to ``box_jitter`` of the box size, seeded per image), not
-    from the outline itself; ``None`` keeps what the model was trained with.
+    from the outline itself; ``None`` keeps what the model was trained with. ``box_average`` (default: the model's
+    card) averages each lesion's probability over that many boxes around the one derived.
 
     Raises:
         ValueError: if the output folder holds an earlier evaluation (never overwritten silently).
@@ -411,17 +421,21 @@ def evaluate_checkpoint(
     model, card = load_model(model_path)
     cases, _ = select_task(load_cases(data), card.task)
     pre = card.require_preprocess(model_path)
-    changes = {"lesion_from": lesion_from, "box_jitter": box_jitter, "box_loosen": box_loosen}
+    changes = dict(lesion_from=lesion_from, box_jitter=box_jitter, box_loosen=box_loosen, box_average=box_average)
     pre = dataclasses.replace(pre, **{k: v for k, v in changes.items() if v is not None})
-    cache = CaseCache(pre)
-    cases, skipped = prepare_cases(cases, cache, skip_bad=skip_bad)
+    caches = [CaseCache(variant) for variant in box_variants(pre)]
+    cases, skipped = prepare_cases(cases, caches[0], skip_bad=skip_bad)
     out.mkdir(parents=True, exist_ok=True)
     if skipped:
         atomic_write_json(out / "skipped.json", [{"path": p, "problem": q} for p, q in skipped])
     # Batches and precision as the training run scored its validation and test cases: one numerical path.
-    loader = DataLoader(UltrasoundDataset(cases, card.classes, cache), batch_size=eval_batch_size(1))
     cpu = torch.device("cpu")
-    probs, tg = predict_probs(model, loader, card, device=cpu, amp=inference_amp(card.precision, cpu))
+    scored = [
+        predict_probs(model, DataLoader(UltrasoundDataset(cases, card.classes, cache), batch_size=eval_batch_size(1)),
+                      card, device=cpu, amp=inference_amp(card.precision, cpu))
+        for cache in caches
+    ]  # fmt: skip
+    probs, tg = average_probabilities([p for p, _ in scored]), scored[0][1]
     threshold = card.threshold
     write_predictions(out / "predictions.csv", cases, probs, tg, card.classes, threshold)
     if not card.is_binary:
@@ -437,7 +451,12 @@ def evaluate_checkpoint(
             "model": str(model_path),
             "data": str(data),
             "threshold": threshold,
-            "lesion": {"from": pre.lesion_from, "box_jitter": pre.box_jitter, "box_loosen": pre.box_loosen},
+            "lesion": {
+                "from": pre.lesion_from,
+                "box_jitter": pre.box_jitter,
+                "box_loosen": pre.box_loosen,
+                "box_average": len(caches),
+            },
             "skipped": skipped,
             "evaluation": ev,
         },
@@ -471,6 +490,11 @@ def _lesion_words(pre) -> str:
         return (
             f"Lesions from boxes around the expert masks (grown {pre.box_loosen:.0%}, edges jittered up to "
             f"{pre.box_jitter:.0%}; mask channel from {pre.box_mask}), as a user would draw them."
+            + (
+                f" Each probability averages {pre.box_average} boxes (edges moved up to {pre.box_shift:.0%})."
+                if pre.box_average > 1
+                else ""
+            )
         )
     return "Lesions from the expert masks (an optimistic stand-in for what a user draws; see --lesion-from box)."
 

@@ -201,7 +201,7 @@ def create_app(
 def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
-    predictor = Predictor.from_path(args.model, segmenter=args.segmenter)
+    predictor = Predictor.from_path(args.model, segmenter=args.segmenter, box_average=args.box_average)
     app = create_app(
         predictor,
         max_upload_bytes=int(args.max_upload_mb * 2**20),

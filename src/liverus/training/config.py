@@ -61,6 +61,8 @@ class DataConfig:
     box_loosen: float = 0.0  # the derived box grows by this fraction of its size on every side
     box_jitter: float = 0.0  # each edge of the derived box moves by up to this fraction of its size (seeded)
     box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
+    box_average: int = 1  # from a box: average the probability over this many boxes (test part, evaluate, predict)
+    box_shift: float = 0.1  # how far each edge of an averaged box moves, fraction of the box size
     context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
     intensity: str = "raw"  # raw | liver: per-image standardisation to the liver background (gain cancels)
     scan_view: bool = False  # two views: the lesion crop and the whole scan area (crop: roi; feature models)
@@ -92,6 +94,8 @@ class DataConfig:
             box_loosen=self.box_loosen,
             box_jitter=self.box_jitter,
             box_mask=self.box_mask,
+            box_average=self.box_average,
+            box_shift=self.box_shift,
             context_margin=self.context_margin,
             intensity=self.intensity,
             scan_view=self.scan_view,

@@ -14,6 +14,7 @@ from liverus.data import (
     CaseCache,
     DataError,
     UltrasoundDataset,
+    box_variants,
     build_train_transform,
     check_disjoint,
     default_cache_dir,
@@ -94,12 +95,14 @@ class RunData:
     pin_memory: bool = False
     n_groups: int = 0  # acquisition groups in the training part (loss.debias_by)
     train_weights: list[float] | None = None  # balancing_weights of the training part (sampler; feature-model fit)
-    test_cache: CaseCache | None = None  # the test part's, when data.test_lesion_from gives its lesion another way
+    # The test part's, one per averaged box, when data.test_lesion_from or data.box_average score it another way.
+    test_caches: list[CaseCache] | None = None
 
     @property
-    def test_loader(self) -> DataLoader:
-        """The test part's :meth:`eval_loader`, preprocessed as ``data.test_lesion_from`` says."""
-        return self.eval_loader(self.test, self.test_cache)
+    def test_loaders(self) -> list[DataLoader]:
+        """The test part's :meth:`eval_loader`, preprocessed as ``data.test_lesion_from`` says: one per box its
+        probabilities are averaged over (``data.box_average``)."""
+        return [self.eval_loader(self.test, cache) for cache in self.test_caches or [None]]
 
     @property
     def train(self) -> list[Case]:
@@ -298,29 +301,32 @@ def prepare_run_data(
         pin_memory,
         n_groups=n_groups,
         train_weights=weights,
-        test_cache=held_out_cache(cfg, folder.path, parts.get("test", []), info),
+        test_caches=held_out_caches(cfg, folder.path, parts.get("test", []), info),
     )
 
 
-def held_out_cache(
+def held_out_caches(
     cfg: TrainConfig, folder: str | Path, test: list[Case], info: DistInfo | None = None
-) -> CaseCache | None:
-    """The cache the held-out ``test`` cases are scored from when ``data.test_lesion_from`` gives their lesion
-    another way than training had it (None otherwise: the run's own cache serves).
+) -> list[CaseCache] | None:
+    """The caches the held-out ``test`` cases are scored from when ``data.test_lesion_from`` gives their lesion
+    another way than training had it, one per box their probability is averaged over (``data.box_average``); None
+    when the run's own cache serves.
 
     Raises:
         DataError: naming a test image whose lesion cannot be given that way.
     """
-    pre = cfg.data.test_preprocess()
-    if not test or pre == cfg.data.preprocess():
+    variants = box_variants(cfg.data.test_preprocess())
+    if not test or variants == (cfg.data.preprocess(),):
         return None
-    cache = CaseCache(pre, cache_dir(cfg, folder))
+    caches = [CaseCache(pre, cache_dir(cfg, folder)) for pre in variants]
 
     def fill() -> None:
-        _, bad = prepare_cases(test, cache, skip_bad=True)
-        if bad:
-            path, problem = bad[0]
-            raise DataError(path, f"cannot be scored with data.test_lesion_from={cfg.data.test_lesion_from}: {problem}")
+        for cache in caches:
+            _, bad = prepare_cases(test, cache, skip_bad=True)
+            if bad:
+                path, problem = bad[0]
+                how = f"data.test_lesion_from={cfg.data.test_lesion_from or cfg.data.lesion_from}"
+                raise DataError(path, f"cannot be scored with {how}: {problem}")
 
     if info is None or info.is_main:
         fill()
@@ -328,4 +334,4 @@ def held_out_cache(
         barrier(info)
         if not info.is_main:
             fill()  # from the files rank 0 wrote (or, for an in-memory cache, decoded again)
-    return cache
+    return caches

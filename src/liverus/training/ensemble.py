@@ -22,14 +22,14 @@ from torch.utils.data import DataLoader
 
 from liverus import __version__
 from liverus.data import Case, UltrasoundDataset, kfold_splits
-from liverus.engine.forward import eval_batch_size, predict_probs
+from liverus.engine.forward import average_probabilities, eval_batch_size, predict_probs
 from liverus.engine.predictions import read_predictions, write_predictions
 from liverus.engine.runtime import inference_amp
 from liverus.evaluation.metrics import operating_points
 from liverus.evaluation.stats import apply_temperature, fit_temperature
 from liverus.models import EnsembleClassifier, load_model, save_model
 from liverus.training.config import TrainConfig, config_to_dict
-from liverus.training.datasets import cache_dir, held_out_cache, usable_cases
+from liverus.training.datasets import cache_dir, held_out_caches, usable_cases
 from liverus.training.loop import score
 from liverus.training.run_folder import RunFolder, TrainResult
 from liverus.utils import to_plain
@@ -129,10 +129,14 @@ def train_ensemble(
     )
     test_metrics = None
     if test:
-        test_cache = held_out_cache(cfg, folder.path, test) or cache
-        loader = DataLoader(UltrasoundDataset(test, classes, test_cache), batch_size=eval_batch_size(1))
         cpu = torch.device("cpu")
-        tprobs, ttg = predict_probs(ensemble, loader, card, device=cpu, amp=inference_amp(card.precision, cpu))
+        amp = inference_amp(card.precision, cpu)
+        scored = [  # one pass per box the probabilities are averaged over (data.box_average), else one
+            predict_probs(ensemble, DataLoader(UltrasoundDataset(test, classes, c), batch_size=eval_batch_size(1)),
+                          card, device=cpu, amp=amp)
+            for c in held_out_caches(cfg, folder.path, test) or [cache]
+        ]  # fmt: skip
+        tprobs, ttg = average_probabilities([p for p, _ in scored]), scored[0][1]
         write_predictions(folder / "predictions_test.csv", test, tprobs, ttg, classes, threshold)
         test_metrics = score(tprobs, ttg, classes, threshold)
     save_model(ensemble, folder.model_file, card)

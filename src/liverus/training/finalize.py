@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from liverus.data import DataError
+from liverus.engine.forward import average_probabilities
 from liverus.engine.predictions import write_predictions
 from liverus.engine.runtime import precision_name
 from liverus.evaluation.metrics import operating_points
@@ -82,7 +83,10 @@ def finalize(
             )
         if not broadcast_object(keep, rt.dist):
             rt, val = fp32, val32
-    test = evaluate_loader(model, data.test_loader, len(data.test), card, rt) if data.test else None
+    test = None
+    if data.test:  # one pass per box the probabilities are averaged over (data.box_average), else one
+        scored = [evaluate_loader(model, loader, len(data.test), card, rt) for loader in data.test_loaders]
+        test = (average_probabilities([p for p, _ in scored]), scored[0][1]) if rt.is_main else None
     if not rt.is_main:
         return None
     classes = data.classes
