@@ -482,6 +482,17 @@ def test_inner_probabilities_are_out_of_fold_predictions_of_the_chosen_classifie
         np.testing.assert_array_equal(unasked.params[k], v)
 
 
+def test_operating_points_come_from_validation_then_the_config_then_the_inner_cv():
+    from types import SimpleNamespace
+
+    from liverus.training.finalize import threshold_source
+
+    with_val, without = SimpleNamespace(val=["a.png"]), SimpleNamespace(val=[])
+    assert threshold_source(with_val, 0.3) == threshold_source(with_val, None) == "validation"
+    assert threshold_source(without, 0.3) == "fixed"
+    assert threshold_source(without, None) == "inner"
+
+
 @pytest.mark.slow
 def test_feature_model_without_validation_fits_every_case_and_takes_its_threshold_from_the_inner_cv(tmp_path):
     from liverus.evaluation.metrics import operating_points

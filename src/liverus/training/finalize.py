@@ -44,6 +44,15 @@ def _thresholds(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, flo
     return {k: v["threshold"] for k, v in operating_points(targets, probabilities).items()}
 
 
+def threshold_source(data: RunData, fixed_threshold: float | None) -> str:
+    """Where :func:`finalize` takes the operating points from, in this order: the ``validation`` predictions, the
+    config's ``fixed`` threshold, or else a feature model's ``inner`` cross-validation (which the fit then has to
+    provide). One definition, so that the fit computes the inner predictions exactly when they will be used."""
+    if data.val:
+        return "validation"
+    return "fixed" if fixed_threshold is not None else "inner"
+
+
 def finalize(
     model: torch.nn.Module,
     data: RunData,
@@ -91,14 +100,15 @@ def finalize(
         return None
     classes = data.classes
     points = {}
-    if val is not None:
+    source = threshold_source(data, fixed_threshold)
+    if source == "validation":
         if len(classes) == 2:
             points = _thresholds(val[1], val[0][:, 1])
         threshold = points.get("youden", 0.5)
         val_metrics = score(*val, classes, threshold)
         write_predictions(folder / "predictions_val.csv", data.val, *val, classes, threshold)
         method = "youden (validation)"
-    elif fixed_threshold is not None:
+    elif source == "fixed":
         threshold, val_metrics, method = float(fixed_threshold), {"auc": math.nan}, "model.threshold (config)"
     elif inner is not None and len(classes) == 2:
         p_inner, y_inner = inner

@@ -28,7 +28,7 @@ from liverus.training.datasets import RunData, prepare_run_data
 from liverus.training.distributed import barrier, broadcast_object, gather_objects
 from liverus.training.ensemble import train_ensemble
 from liverus.training.feature_fit import fit_feature_model
-from liverus.training.finalize import finalize
+from liverus.training.finalize import finalize, threshold_source
 from liverus.training.handlers import EarlyStopping, MetricsLogger
 from liverus.training.loop import EpochStats, evaluate_loader, score, selection_score, train_one_epoch
 from liverus.training.losses import (
@@ -125,8 +125,7 @@ def train(
             card,
             seed=cfg.runtime.seed,
             sample_weight=data.train_weights,
-            # The inner folds choose the operating points only when neither a validation split nor the config does.
-            inner_probabilities=not data.val and cfg.model.threshold is None,
+            inner_probabilities=threshold_source(data, cfg.model.threshold) == "inner",
         )
         if rt.is_main:
             atomic_write_json(folder / "feature_fit.json", fitted.info)
