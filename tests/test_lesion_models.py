@@ -261,6 +261,16 @@ def test_box_average_settings_are_checked_and_only_the_box_used_keys_the_cache()
     assert [v.box_variant for v in variants] == [0, 1, 2, 3] and variants[0].key() == base.key()
     assert len({v.key() for v in variants}) == 4
     assert box_variants(PreprocessConfig(crop="roi", box_average=4)) == (PreprocessConfig(crop="roi", box_average=4),)
+    # The setting travels with the weights; a card written before it existed averages nothing.
+    from liverus.models.card import ModelCard
+
+    card = ModelCard(model_name="radiomics_svm", classes=("benign", "malignant"), in_chans=2,
+                     normalization=(0.5, 0.25), preprocess=four)  # fmt: skip
+    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))).preprocess == four
+    old = card.to_dict()
+    for key in ("box_average", "box_shift", "box_variant"):
+        del old["preprocess"][key]
+    assert ModelCard.from_dict(old).preprocess.box_average == 1
     with pytest.raises(ConfigError, match="data.box_average"):
         apply_overrides(load_config(), ["data.box_average=0"]).validate()
 
@@ -1255,7 +1265,8 @@ def test_intensity_setting_is_checked_keys_the_cache_and_travels_with_the_model(
     # Raw keeps the cache key of earlier versions; standardised crops are cached apart.
     assert PreprocessConfig(crop="roi").key() != PreprocessConfig(crop="roi", intensity="liver").key()
     legacy = dataclasses.asdict(PreprocessConfig(crop="roi"))
-    legacy.pop("intensity"), legacy.pop("context_margin"), legacy.pop("scan_view")
+    for later in ("intensity", "context_margin", "scan_view", "box_average", "box_shift", "box_variant"):
+        legacy.pop(later)
     assert (
         PreprocessConfig(crop="roi").key()
         == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
