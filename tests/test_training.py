@@ -394,9 +394,11 @@ def test_shipped_configs_are_valid(path):
         assert final["model"].pop("flip_features") is True and final["data"].pop("scan_view") is True
         # ... and the classifier's loss balanced over class x size group (round 9: --set data.balance_by=size_group)
         assert final["data"].pop("balance_by") == "size_group"
+        # ... and a box scored as the mean of four boxes around it (round 12: --set data.box_average=4)
+        assert final["data"].pop("box_average") == 4 and final["data"].pop("box_shift") == 0.1
         for key in ("ensemble", "flip_features"):
             studied["model"].pop(key)
-        for key in ("scan_view", "balance_by"):
+        for key in ("scan_view", "balance_by", "box_average", "box_shift"):
             studied["data"].pop(key)
         assert final == studied
 
