@@ -1,8 +1,9 @@
 """What averaging over boxes (``--box-average K``) costs per prediction, against the box alone, in one run.
 
 One image with a lesion box goes through ``Predictor.prepare`` and ``Predictor.probabilities`` (what ``predict`` and
-``serve`` do per image: the fan detection, GrabCut inside each box, the crops, the forward passes) with K = 1 and the
-other K given; the median over ``--reps`` and the ratio to K = 1 are printed. Give the trained recommended model
+``serve`` do per image: the fan detection, GrabCut inside each box, the crops, the radiomics and the forward passes,
+with the per-image feature memos emptied before each call, as for an image not seen before) with K = 1 and the other
+K given; the median over ``--reps`` and the ratio to K = 1 are printed. Give the trained recommended model
 (``liverus train --config configs/aul_final.yaml``), whose GrabCut and radiomics are what K multiplies; the image is a
 phantom frame unless ``--image`` and ``--box`` are given.
 
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name  # noqa: E402
 from liverus.data import read_image  # noqa: E402
 from liverus.data.phantom import render_phantom  # noqa: E402
+from liverus.data.radiomics import FEATURE_MEMO  # noqa: E402
 from liverus.engine.predictor import Predictor  # noqa: E402
+from liverus.models.features import DEEP_FEATURE_MEMO  # noqa: E402
 
 
 def _image_and_box(args: argparse.Namespace) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -54,6 +57,8 @@ def main() -> None:
         probs[k] = float(pred.probabilities([pred.prepare(image, box=box)])[0])  # warm-up (and the answer)
         times = []
         for _ in range(args.reps):
+            # A new image each time: the per-image feature memos (which a server keeps) would answer a repeat.
+            DEEP_FEATURE_MEMO.clear(), FEATURE_MEMO.clear()
             t = time.perf_counter()
             pred.probabilities([pred.prepare(image, box=box)])
             times.append((time.perf_counter() - t) * 1000)
