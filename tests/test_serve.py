@@ -239,6 +239,7 @@ def test_browser_roi_model_lets_the_user_draw_the_lesion_box(roi_server, roi_run
         page.click("#submit")
         page.wait_for_selector("#result:not(.hidden)", timeout=60_000)
         shown = float(page.inner_text("#probability").rstrip(" %")) / 100
+        assert page.inner_text("#source") == "lesion: user box"  # where the lesion came from (and how it was read)
         assert not page.is_visible("#contributions")  # a CNN's score has no feature groups to show
         page.screenshot(path=str(tmp_path / "roi_page.png"), full_page=True)
         browser.close()
