@@ -141,7 +141,8 @@ class Predictor:
         if self.needs_lesion and box is None and not given:
             raise ValueError(self.lesion_hint)
         boxes = [cfg]
-        if self.needs_lesion and box is not None and lesion is None and cfg.box_average > 1:
+        outlined = lesion is not None and lesion.any()  # given, or predicted inside the box: nothing to average
+        if self.needs_lesion and box is not None and not outlined and cfg.box_average > 1:
             boxes += [dataclasses.replace(cfg, box_variant=k) for k in range(1, cfg.box_average)]
         if len(boxes) == 1:
             pre = preprocess(image, cfg, lesion=lesion, box=box)
