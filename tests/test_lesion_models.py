@@ -679,6 +679,48 @@ def test_feature_model_is_fitted_on_the_training_part_only(radiomics_run):
     assert card.precision == "fp32" and card.precision_gap is None  # fitted on fp32 features, scored on them
 
 
+@pytest.mark.slow
+def test_box_copies_fit_on_each_training_case_from_its_mask_and_its_boxes(radiomics_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    from liverus.data import load_task_cases
+    from liverus.training import feature_fit, train
+    from liverus.training.feature_fit import extract_features
+
+    seen = {}
+    real = feature_fit.fit_classifier
+
+    def spy(x, y, groups, classifier, **kw):
+        seen.update(x=x, y=y, groups=groups, weight=kw.get("sample_weight"))
+        return real(x, y, groups, classifier, **kw)
+
+    monkeypatch.setattr(feature_fit, "fit_classifier", spy)
+    source = str(radiomics_run / "phantom")
+    run = tmp_path / "copies"
+    overrides = [*RADIOMICS_TINY, f"data.source={source}", "data.box_jitter=0.2", "data.box_copies=2",
+                 "data.balance_by=kind"]  # fmt: skip
+    train(apply_overrides(load_config(), overrides), run)
+    model, card = load_model(run / "model.pt")
+    assert card.preprocess.lesion_from == "mask"  # scored as trained: the copies only add training samples
+    assert json.loads((run / "feature_fit.json").read_text())["box_copies"] == 2
+    cases, _ = load_task_cases(source, "binary", "source")
+    by_path = {c.path: c for c in cases}
+    train_cases = [by_path[p] for p in json.loads((run / "splits.json").read_text())["folds"][0]["train"]]
+    n = len(train_cases)
+    # Each case three times (its mask, its jittered box, a box moved from that), with its group and weight each time.
+    assert len(seen["y"]) == 3 * n and seen["groups"] == [c.group_key for c in train_cases] * 3
+    np.testing.assert_array_equal(seen["y"][:n], seen["y"][n : 2 * n])
+    np.testing.assert_array_equal(seen["weight"][:n], seen["weight"][2 * n :])
+    boxed = dataclasses.replace(card.preprocess, lesion_from="box", box_jitter=0.2, box_average=2)
+    rads = [extract_features(model, train_cases, card.classes, CaseCache(pre), card)[0]
+            for pre in (card.preprocess, *box_variants(boxed))]  # fmt: skip
+    assert not np.allclose(rads[1], rads[2])  # the two box copies are different boxes
+    np.testing.assert_allclose(model.radiomics_mean.numpy(), np.concatenate(rads).mean(0), rtol=1e-4, atol=1e-5)
+    for bad, match in (("data.box_copies=-1", r"\[0, 16\]"), ("model.name=custom_resnet50", "is a CNN")):
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(load_config(), [*RADIOMICS_TINY, "data.box_copies=1", bad]).validate()
+
+
 def test_feature_model_round_trip_evaluate_and_predict_from_a_box(radiomics_run, tmp_path):
     model, card = load_model(radiomics_run / "model.pt")
     assert card.preprocess.lesion_channel and card.in_chans == 2

@@ -20,7 +20,7 @@ import yaml
 from liverus.data.audit import GROUPINGS
 from liverus.data.augment import AUGMENT_LEVELS
 from liverus.data.cases import CLASS_SETS
-from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES, PreprocessConfig
+from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES, MAX_BOX_AVERAGE, PreprocessConfig
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
 from liverus.models import has_frozen_backbone, is_feature_model, list_models
 from liverus.models.registry import ALIASES
@@ -63,6 +63,7 @@ class DataConfig:
     box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
     box_average: int = 1  # from a box: average the probability over this many boxes (test part, evaluate, predict)
     box_shift: float = 0.1  # how far each edge of an averaged box moves, fraction of the box size
+    box_copies: int = 0  # feature models: also fit on each training case from this many boxes around its mask
     context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
     intensity: str = "raw"  # raw | liver: per-image standardisation to the liver background (gain cancels)
     scan_view: bool = False  # two views: the lesion crop and the whole scan area (crop: roi; feature models)
@@ -297,6 +298,14 @@ class TrainConfig:
                     f"({self.data.image_size}) down to this size; it must be in [32, {self.data.image_size}], got "
                     f"{self.model.lesion_size} (raise data.image_size to prepare the views at more pixels)"
                 )
+        if not 0 <= self.data.box_copies <= MAX_BOX_AVERAGE:
+            raise ConfigError(f"data.box_copies: must be in [0, {MAX_BOX_AVERAGE}], got {self.data.box_copies}")
+        if self.data.box_copies and not is_feature_model(self.model.name):
+            raise ConfigError(
+                f"data.box_copies: adds box-derived copies of the training cases to a fitted feature model's "
+                f"training features; {self.model.name} is a CNN (train it on boxes with data.lesion_from: box, "
+                "or set box_copies: 0)"
+            )
         if self.data.scan_view and not has_frozen_backbone(self.model.name):
             kind = "a radiomics-only model" if is_feature_model(self.model.name) else "a CNN"
             raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from liverus.data import (
     Case,
     CaseCache,
     DataError,
+    PreprocessConfig,
     UltrasoundDataset,
     box_variants,
     build_train_transform,
@@ -97,6 +99,8 @@ class RunData:
     train_weights: list[float] | None = None  # balancing_weights of the training part (sampler; feature-model fit)
     # The test part's, one per averaged box, when data.test_lesion_from or data.box_average score it another way.
     test_caches: list[CaseCache] | None = None
+    # The training part's box-derived copies (data.box_copies; feature models fit on them too).
+    train_box_caches: list[CaseCache] | None = None
 
     @property
     def test_loaders(self) -> list[DataLoader]:
@@ -302,6 +306,7 @@ def prepare_run_data(
         n_groups=n_groups,
         train_weights=weights,
         test_caches=held_out_caches(cfg, folder.path, parts.get("test", []), info),
+        train_box_caches=box_copy_caches(cfg, folder.path, parts["train"], info),
     )
 
 
@@ -318,15 +323,44 @@ def held_out_caches(
     variants = box_variants(cfg.data.test_preprocess())
     if not test or variants == (cfg.data.preprocess(),):
         return None
+    how = f"data.test_lesion_from={cfg.data.test_lesion_from or cfg.data.lesion_from}"
+    return _filled_caches(cfg, folder, variants, test, info, f"cannot be scored with {how}")
+
+
+def box_copy_caches(
+    cfg: TrainConfig, folder: str | Path, train: list[Case], info: DistInfo | None = None
+) -> list[CaseCache] | None:
+    """The caches of the ``data.box_copies`` box-derived copies of the training cases (a feature model fits on the
+    cases as ``data.lesion_from`` gives them and on these): copy ``k`` is the box a test case's ``k``-th averaged
+    box would be (the jittered box around the mask, then boxes with each edge moved by up to ``data.box_shift``),
+    so the copies share the test part's cache files. None without copies.
+
+    Raises:
+        DataError: naming a training image whose lesion cannot be given by a box.
+    """
+    if not cfg.data.box_copies or not train:
+        return None
+    boxed = dataclasses.replace(cfg.data.preprocess(), lesion_from="box", box_average=cfg.data.box_copies)
+    return _filled_caches(cfg, folder, box_variants(boxed), train, info, "cannot be given by a box (data.box_copies)")
+
+
+def _filled_caches(
+    cfg: TrainConfig,
+    folder: str | Path,
+    variants: tuple[PreprocessConfig, ...],
+    cases: list[Case],
+    info: DistInfo | None,
+    problem_prefix: str,
+) -> list[CaseCache]:
+    """One cache per preprocessing in ``variants``, each filled with ``cases`` (by rank 0 first under DDP)."""
     caches = [CaseCache(pre, cache_dir(cfg, folder)) for pre in variants]
 
     def fill() -> None:
         for cache in caches:
-            _, bad = prepare_cases(test, cache, skip_bad=True)
+            _, bad = prepare_cases(cases, cache, skip_bad=True)
             if bad:
                 path, problem = bad[0]
-                how = f"data.test_lesion_from={cfg.data.test_lesion_from or cfg.data.lesion_from}"
-                raise DataError(path, f"cannot be scored with {how}: {problem}")
+                raise DataError(path, f"{problem_prefix}: {problem}")
 
     if info is None or info.is_main:
         fill()

@@ -14,6 +14,7 @@ validation split, so all the training cases can go into the fit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -118,6 +119,7 @@ def fit_feature_model(
     seed: int = 0,
     sample_weight: list[float] | np.ndarray | None = None,
     inner_probabilities: bool = True,
+    copies: Sequence[CaseCache] = (),
 ) -> FeatureFit:
     """Fit ``model`` on ``cases`` (see the module docstring) and store the fitted numbers in it.
 
@@ -126,6 +128,10 @@ def fit_feature_model(
             group cell weighs the same); the standardisation and the PCA stay unweighted.
         inner_probabilities: also return the inner cross-validation's out-of-fold probabilities (see
             :func:`fit_classifier`); a run that has a validation split or a fixed threshold does not need them.
+        copies: caches that give the same ``cases`` another way (``data.box_copies``: from boxes around their
+            masks); every copy is one more training sample of its case, with the case's group (so the inner folds
+            keep a case and its copies on one side) and weight. The returned ``targets`` and inner probabilities are
+            those of ``cache``'s samples.
 
     Returns:
         The :class:`FeatureFit`; its ``info`` says what was chosen: ``{"C" (logistic, SVM) or "learning_rate" and
@@ -135,10 +141,16 @@ def fit_feature_model(
     Raises:
         ValueError: when the training cases hold one class only.
     """
-    rad, deep, y = extract_features(model, cases, classes, cache, card)
+    parts = [extract_features(model, cases, classes, c, card) for c in (cache, *copies)]
+    rad = np.concatenate([p[0] for p in parts])
+    deep = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+    y = np.concatenate([p[2] for p in parts])
+    n = len(cases)
     if len(np.unique(y)) < 2:
         raise ValueError(f"the training part holds one class only ({classes[int(y[0])]}); cannot fit a classifier")
-    groups = [c.group_key for c in cases]
+    groups = [c.group_key for c in cases] * len(parts)
+    if sample_weight is not None:
+        sample_weight = np.tile(np.asarray(sample_weight, dtype=float), len(parts))
     params: dict[str, np.ndarray] = {}
     params["radiomics_mean"], params["radiomics_scale"] = _scale(rad)
     blocks = [(rad - params["radiomics_mean"]) / params["radiomics_scale"]]
@@ -175,12 +187,16 @@ def fit_feature_model(
     info.update(fit.info)
     model.load_fitted(params)
     info["n_features"] = int(x.shape[1])
+    if copies:
+        info["box_copies"] = len(copies)
+    also = f" and {len(copies)} box cop{'y' if len(copies) == 1 else 'ies'} of each" if copies else ""
     log.info(
-        "fitted %s on %d cases: %s, inner-CV AUC %.3f, %d features",
-        model.model_name, len(y), ", ".join(f"{k}={v}" for k, v in fit.chosen.items()), info["inner_auc"],
-        info["n_features"],
+        "fitted %s on %d cases%s: %s, inner-CV AUC %.3f, %d features",
+        model.model_name, n, also,
+        ", ".join(f"{k}={v}" for k, v in fit.chosen.items()), info["inner_auc"], info["n_features"],
     )  # fmt: skip
-    return FeatureFit(info, y, fit.inner_probabilities)
+    inner = None if fit.inner_probabilities is None else fit.inner_probabilities[:n]
+    return FeatureFit(info, y[:n], inner)
 
 
 def fit_classifier(

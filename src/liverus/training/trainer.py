@@ -126,6 +126,7 @@ def train(
             seed=cfg.runtime.seed,
             sample_weight=data.train_weights,
             inner_probabilities=threshold_source(data, cfg.model.threshold) == "inner",
+            copies=data.train_box_caches or (),
         )
         if rt.is_main:
             atomic_write_json(folder / "feature_fit.json", fitted.info)
