@@ -697,11 +697,13 @@ def test_box_copies_fit_on_each_training_case_from_its_mask_and_its_boxes(radiom
     monkeypatch.setattr(feature_fit, "fit_classifier", spy)
     source = str(radiomics_run / "phantom")
     run = tmp_path / "copies"
-    overrides = [*RADIOMICS_TINY, f"data.source={source}", "data.box_jitter=0.2", "data.box_copies=2",
+    overrides = [*RADIOMICS_TINY, f"data.source={source}", "data.box_copy_jitter=0.3", "data.box_copies=2",
                  "data.balance_by=kind"]  # fmt: skip
     train(apply_overrides(load_config(), overrides), run)
     model, card = load_model(run / "model.pt")
-    assert card.preprocess.lesion_from == "mask"  # scored as trained: the copies only add training samples
+    # Scored as trained: the copies only add training samples, and their jitter stays out of the card's box_jitter
+    # (which `evaluate --lesion-from box` would apply).
+    assert card.preprocess.lesion_from == "mask" and card.preprocess.box_jitter == 0
     assert json.loads((run / "feature_fit.json").read_text())["box_copies"] == 2
     cases, _ = load_task_cases(source, "binary", "source")
     by_path = {c.path: c for c in cases}
@@ -711,12 +713,14 @@ def test_box_copies_fit_on_each_training_case_from_its_mask_and_its_boxes(radiom
     assert len(seen["y"]) == 3 * n and seen["groups"] == [c.group_key for c in train_cases] * 3
     np.testing.assert_array_equal(seen["y"][:n], seen["y"][n : 2 * n])
     np.testing.assert_array_equal(seen["weight"][:n], seen["weight"][2 * n :])
-    boxed = dataclasses.replace(card.preprocess, lesion_from="box", box_jitter=0.2, box_average=2)
+    boxed = dataclasses.replace(card.preprocess, lesion_from="box", box_jitter=0.3, box_average=2)
     rads = [extract_features(model, train_cases, card.classes, CaseCache(pre), card)[0]
             for pre in (card.preprocess, *box_variants(boxed))]  # fmt: skip
     assert not np.allclose(rads[1], rads[2])  # the two box copies are different boxes
     np.testing.assert_allclose(model.radiomics_mean.numpy(), np.concatenate(rads).mean(0), rtol=1e-4, atol=1e-5)
-    for bad, match in (("data.box_copies=-1", r"\[0, 16\]"), ("model.name=custom_resnet50", "is a CNN")):
+    bad_settings = (("data.box_copies=-1", r"\[0, 16\]"), ("model.name=custom_resnet50", "is a CNN"),
+                    ("data.box_copy_jitter=0.7", "box_copy_jitter"))  # fmt: skip
+    for bad, match in bad_settings:
         with pytest.raises(ConfigError, match=match):
             apply_overrides(load_config(), [*RADIOMICS_TINY, "data.box_copies=1", bad]).validate()
 

@@ -396,9 +396,12 @@ def test_shipped_configs_are_valid(path):
         assert final["data"].pop("balance_by") == "size_group"
         # ... and a box scored as the mean of four boxes around it (round 12: --set data.box_average=4)
         assert final["data"].pop("box_average") == 4 and final["data"].pop("box_shift") == 0.1
+        # ... fitted on two box copies of every training lesion too (round 13: --set data.box_copies=2, the copies
+        # jittered as the studies' boxes, --set data.box_jitter=0.2, by their own setting)
+        assert final["data"].pop("box_copies") == 2 and final["data"].pop("box_copy_jitter") == 0.2
         for key in ("ensemble", "flip_features"):
             studied["model"].pop(key)
-        for key in ("scan_view", "balance_by", "box_average", "box_shift"):
+        for key in ("scan_view", "balance_by", "box_average", "box_shift", "box_copies", "box_copy_jitter"):
             studied["data"].pop(key)
         assert final == studied
 

@@ -64,6 +64,7 @@ class DataConfig:
     box_average: int = 1  # from a box: average the probability over this many boxes (test part, evaluate, predict)
     box_shift: float = 0.1  # how far each edge of an averaged box moves, fraction of the box size
     box_copies: int = 0  # feature models: also fit on each training case from this many boxes around its mask
+    box_copy_jitter: float = 0.2  # each edge of a copy's box moves by up to this fraction of its size (seeded)
     context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
     intensity: str = "raw"  # raw | liver: per-image standardisation to the liver background (gain cancels)
     scan_view: bool = False  # two views: the lesion crop and the whole scan area (crop: roi; feature models)
@@ -300,6 +301,8 @@ class TrainConfig:
                 )
         if not 0 <= self.data.box_copies <= MAX_BOX_AVERAGE:
             raise ConfigError(f"data.box_copies: must be in [0, {MAX_BOX_AVERAGE}], got {self.data.box_copies}")
+        if not 0 <= self.data.box_copy_jitter <= 0.5:
+            raise ConfigError(f"data.box_copy_jitter: must be in [0, 0.5], got {self.data.box_copy_jitter}")
         if self.data.box_copies and not is_feature_model(self.model.name):
             raise ConfigError(
                 f"data.box_copies: adds box-derived copies of the training cases to a fitted feature model's "

@@ -331,16 +331,21 @@ def box_copy_caches(
     cfg: TrainConfig, folder: str | Path, train: list[Case], info: DistInfo | None = None
 ) -> list[CaseCache] | None:
     """The caches of the ``data.box_copies`` box-derived copies of the training cases (a feature model fits on the
-    cases as ``data.lesion_from`` gives them and on these): copy ``k`` is the box a test case's ``k``-th averaged
-    box would be (the jittered box around the mask, then boxes with each edge moved by up to ``data.box_shift``),
-    so the copies share the test part's cache files. None without copies.
+    cases as ``data.lesion_from`` gives them and on these): copy 0 is the box around the mask with each edge moved by
+    up to ``data.box_copy_jitter`` (seeded per image), copy ``k`` that box with each edge moved by up to
+    ``data.box_shift`` more (the ``k``-th averaged box), so with ``data.box_jitter`` equal to ``box_copy_jitter`` the
+    copies share the test part's cache files. The copies' jitter is their own setting, so a model trained with
+    copies keeps ``box_jitter`` (which its card carries into ``evaluate --lesion-from box``) as chosen. None without
+    copies.
 
     Raises:
         DataError: naming a training image whose lesion cannot be given by a box.
     """
     if not cfg.data.box_copies or not train:
         return None
-    boxed = dataclasses.replace(cfg.data.preprocess(), lesion_from="box", box_average=cfg.data.box_copies)
+    boxed = dataclasses.replace(
+        cfg.data.preprocess(), lesion_from="box", box_jitter=cfg.data.box_copy_jitter, box_average=cfg.data.box_copies
+    )
     return _filled_caches(cfg, folder, box_variants(boxed), train, info, "cannot be given by a box (data.box_copies)")
 
 
