@@ -253,11 +253,17 @@ def shifted_box(
     return float(a0), float(b0), float(a1), float(b1)
 
 
-def box_variants(cfg: PreprocessConfig) -> tuple[PreprocessConfig, ...]:
+def box_variants(cfg: PreprocessConfig, *, from_box: bool | None = None) -> tuple[PreprocessConfig, ...]:
     """The preprocessing of every box a case's probability is averaged over (``cfg.box_average`` of them), or
-    ``(cfg,)`` alone when its lesions do not come from boxes (``lesion_from="mask"``), where there is nothing to
-    average."""
-    if cfg.lesion_from != "box" or cfg.box_average == 1:
+    ``(cfg,)`` alone when its lesion does not come from a box alone, where there is nothing to average.
+
+    Args:
+        from_box: whether the lesion is given by a box alone (a user's box without an outline); default: whether
+            ``cfg.lesion_from`` derives boxes from the cases' masks.
+    """
+    if from_box is None:
+        from_box = cfg.lesion_from == "box"
+    if not from_box or cfg.box_average == 1:
         return (cfg,)
     return tuple(replace(cfg, box_variant=k) for k in range(cfg.box_average))
 

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liverus.data.preprocess import PreprocessConfig, Preprocessed, box_to_mask, model_pixels, preprocess
+from liverus.data.preprocess import (
+    PreprocessConfig,
+    Preprocessed,
+    box_to_mask,
+    box_variants,
+    model_pixels,
+    preprocess,
+)
 from liverus.engine.contributions import Contributions, feature_contributions, has_feature_groups
 from liverus.engine.forward import average_probabilities, model_input, probabilities
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap, heatmap_figure
@@ -140,10 +147,8 @@ class Predictor:
                     lesion, source = inside, "user box + predicted mask"
         if self.needs_lesion and box is None and not given:
             raise ValueError(self.lesion_hint)
-        boxes = [cfg]
         outlined = lesion is not None and lesion.any()  # given, or predicted inside the box: nothing to average
-        if self.needs_lesion and box is not None and not outlined and cfg.box_average > 1:
-            boxes += [dataclasses.replace(cfg, box_variant=k) for k in range(1, cfg.box_average)]
+        boxes = box_variants(cfg, from_box=self.needs_lesion and box is not None and not outlined)
         if len(boxes) == 1:
             pre = preprocess(image, cfg, lesion=lesion, box=box)
         else:
