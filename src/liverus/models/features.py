@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from liverus.data.radiomics import FEATURE_NAMES, RUN_LENGTH_NAMES, feature_matrix
@@ -51,6 +52,14 @@ class LesionFeatureModel(nn.Module):
         flip_features: the deep features are the mean of those of the crop and of its left-right mirror image (a
             lesion's echo pattern has no left or right; up and down differ in ultrasound, so no vertical mirror).
             Part of the model: fitting and scoring both see the mean.
+        rotate_features: degrees; when above 0 the lesion crop's deep features are also averaged over the crop
+            rotated by plus and minus this angle (a lesion's texture and margin have no preferred small tilt;
+            the probe's does). Corners the rotation uncovers hold the normalisation mean (0). The whole-scan view
+            is not rotated (its fan's orientation is the scanner's). Part of the model, as ``flip_features``.
+        zoom_features: when above 0, the lesion crop's deep features are also averaged over the crop zoomed by
+            ``1 - zoom_features`` and ``1 + zoom_features`` about its centre (how tight a user's box is varies).
+            With both, the mean is over five crops (the crop, two rotations, two zooms), each mirror-averaged with
+            ``flip_features``; round 14 of docs/results.md measures them.
         run_length: add the grey-level run-length features (:data:`~liverus.data.radiomics.RUN_LENGTH_NAMES`) to
             the default radiomics.
         views: 1, or 2 when the input also holds a second view (the whole scan, ``data.scan_view``): its frozen
@@ -64,7 +73,8 @@ class LesionFeatureModel(nn.Module):
 
     Raises:
         ValueError: for an unknown classifier, another class count, input without the mask channel, or a second
-            view without a backbone, or a ``lesion_size`` outside [32, 1024].
+            view without a backbone, or a ``lesion_size`` outside [32, 1024], or ``rotate_features`` outside
+            [0, 45] or ``zoom_features`` outside [0, 0.5], or either without a backbone.
     """
 
     def __init__(
@@ -76,6 +86,8 @@ class LesionFeatureModel(nn.Module):
         in_chans: int = 2,
         pca_dim: int = 32,
         flip_features: bool = False,
+        rotate_features: float = 0.0,
+        zoom_features: float = 0.0,
         run_length: bool = False,
         views: int = 1,
         lesion_size: int | None = None,
@@ -97,6 +109,14 @@ class LesionFeatureModel(nn.Module):
             raise ValueError(f"n_support must be at least 1, got {n_support}")
         if flip_features and backbone is None:
             raise ValueError("flip_features averages the backbone's features; a radiomics-only model has none")
+        if not 0 <= rotate_features <= 45:
+            raise ValueError(f"rotate_features must be in [0, 45] degrees, got {rotate_features}")
+        if not 0 <= zoom_features <= 0.5:
+            raise ValueError(f"zoom_features must be in [0, 0.5], got {zoom_features}")
+        if (rotate_features or zoom_features) and backbone is None:
+            raise ValueError(
+                "rotate_features and zoom_features average the backbone's features; a radiomics-only model has none"
+            )
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
         if views == 2 and backbone is None:
@@ -109,6 +129,8 @@ class LesionFeatureModel(nn.Module):
         self.backbone = backbone
         self.lesion_size = lesion_size
         self.flip_features = bool(flip_features)
+        self.rotate_features = float(rotate_features)
+        self.zoom_features = float(zoom_features)
         self.views = views
         if backbone is not None:
             backbone.requires_grad_(False)
@@ -235,23 +257,41 @@ class LesionFeatureModel(nn.Module):
         if self.backbone is None:
             return None
         # The lesion crop first: Grad-CAM reads the first forward pass it sees.
-        images = [lesion[:, :1]] + [x[:, 2 * v : 2 * v + 1] for v in range(1, self.views)]
-        return torch.cat([self._view_features(image) for image in images], dim=1)
+        parts = [self._view_features(lesion[:, :1], self.lesion_transforms())]
+        parts += [self._view_features(x[:, 2 * v : 2 * v + 1], ()) for v in range(1, self.views)]
+        return torch.cat(parts, dim=1)
 
-    def _view_features(self, image: torch.Tensor) -> torch.Tensor:
+    def lesion_transforms(self) -> tuple[tuple[float, float], ...]:
+        """The ``(angle in degrees, scale)`` pairs, besides the crop itself, whose deep features the lesion crop's
+        are averaged with (``rotate_features``, ``zoom_features``)."""
+        turns = ((self.rotate_features, 1.0), (-self.rotate_features, 1.0)) if self.rotate_features else ()
+        zooms = ((0.0, 1.0 - self.zoom_features), (0.0, 1.0 + self.zoom_features)) if self.zoom_features else ()
+        return turns + zooms
+
+    def _view_features(self, image: torch.Tensor, transforms: tuple[tuple[float, float], ...]) -> torch.Tensor:
         if torch.is_grad_enabled() or self.training or _has_hooks(self.backbone):
-            return self._pooled(image)
-        salt = self._arithmetic_salt(image)
+            return self._transformed_mean(image, transforms)
+        salt = self._arithmetic_salt(image) + (f"|{transforms}".encode() if transforms else b"")
         rows = image.detach().cpu().contiguous().reshape(image.shape[0], -1).view(torch.uint8).numpy()
         keys = [DEEP_FEATURE_MEMO.key(row, salt=salt) for row in rows]
         found = [DEEP_FEATURE_MEMO.get(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            computed = self._pooled(image[missing]).cpu().numpy()
+            computed = self._transformed_mean(image[missing], transforms).cpu().numpy()
             for i, value in zip(missing, computed, strict=True):
                 DEEP_FEATURE_MEMO.put(keys[i], value)
                 found[i] = value
         return torch.from_numpy(np.stack(found)).to(image.device)
+
+    def _transformed_mean(self, image: torch.Tensor, transforms: tuple[tuple[float, float], ...]) -> torch.Tensor:
+        """Mean pooled features of ``image`` and of its ``transforms``; the untransformed pass first (Grad-CAM)."""
+        pooled = self._pooled(image)
+        for angle, scale in transforms:
+            # torchvision's affine (bilinear, about the centre); uncovered pixels are 0, the normalised mean.
+            moved = TF.affine(image, angle=angle, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
+                              interpolation=TF.InterpolationMode.BILINEAR)  # fmt: skip
+            pooled = pooled + self._pooled(moved)
+        return pooled / (1 + len(transforms))
 
     def _pooled(self, image: torch.Tensor) -> torch.Tensor:
         pooled = self.backbone(image).float().mean(dim=(2, 3))

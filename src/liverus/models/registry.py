@@ -108,6 +108,8 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
         in_chans: int = 2,
         pca_dim: int = 32,
         flip_features: bool = False,
+        rotate_features: float = 0.0,
+        zoom_features: float = 0.0,
         run_length: bool = False,
         views: int = 1,
         lesion_size: int | None = None,
@@ -118,8 +120,8 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
         bb = build_backbone(backbone, weights=weights, in_chans=1) if backbone else None
         return LesionFeatureModel(
             classifier, bb, num_classes=num_classes, in_chans=in_chans, pca_dim=pca_dim,
-            flip_features=flip_features, run_length=run_length, views=views, lesion_size=lesion_size,
-            n_support=n_support,
+            flip_features=flip_features, rotate_features=rotate_features, zoom_features=zoom_features,
+            run_length=run_length, views=views, lesion_size=lesion_size, n_support=n_support,
         )  # fmt: skip
 
     return build

@@ -123,6 +123,8 @@ class ModelConfig:
     spatial_kernel: int = 7
     pca_dim: int = 32  # radiomics_*_<backbone> models: principal components kept of the frozen deep features
     flip_features: bool = False  # radiomics_*_<backbone>: deep features averaged with those of the mirrored crop
+    rotate_features: float = 0.0  # radiomics_*_<backbone>: lesion-crop deep features also averaged over +-this angle
+    zoom_features: float = 0.0  # radiomics_*_<backbone>: ... and over the crop zoomed by 1 -+ this
     run_length: bool = False  # radiomics_*: add the grey-level run-length (GLRLM) texture features
     lesion_size: int | None = None  # radiomics_*: lesion crop resized to this (data.image_size: the scan view)
 
@@ -287,6 +289,15 @@ class TrainConfig:
                 f"model.flip_features: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
                 f"model; {self.model.name} has no frozen backbone features (set it to false)"
             )
+        for name in ("rotate_features", "zoom_features"):
+            value, top = getattr(self.model, name), (45.0 if name == "rotate_features" else 0.5)
+            if not 0 <= value <= top:
+                raise ConfigError(f"model.{name}: must be in [0, {top:g}], got {value} (0 turns it off)")
+            if value and not has_frozen_backbone(self.model.name):
+                raise ConfigError(
+                    f"model.{name}: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
+                    f"model's lesion crop; {self.model.name} has no frozen backbone features (set it to 0)"
+                )
         if self.model.lesion_size is not None:
             if not is_feature_model(self.model.name):
                 raise ConfigError(

@@ -253,6 +253,7 @@ def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | Le
             views=2 if cfg.data.scan_view else 1,
             # Only when set: the build arguments of models from earlier versions stay what they were.
             **({"lesion_size": cfg.model.lesion_size} if cfg.model.lesion_size is not None else {}),
+            **{k: getattr(cfg.model, k) for k in ("rotate_features", "zoom_features") if getattr(cfg.model, k)},
         )  # fmt: skip
     head_kwargs = {"drop_rate": cfg.model.drop_rate}
     if cfg.data.context_margin:
