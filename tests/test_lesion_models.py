@@ -1042,6 +1042,75 @@ def test_flip_features_are_the_mean_over_the_mirror_and_travel_with_the_file(tmp
     DEEP_FEATURE_MEMO.clear()
 
 
+def test_rotate_and_zoom_features_average_the_lesion_crop_over_turns_and_zooms_and_travel_with_the_file(tmp_path):
+    import torchvision.transforms.v2.functional as TF
+
+    from liverus.models.features import DEEP_FEATURE_MEMO
+
+    DEEP_FEATURE_MEMO.clear()
+    torch.manual_seed(0)
+    kwargs = {"in_chans": 2, "flip_features": True, "views": 2}
+    plain = build_model("radiomics_svm_efficientnet_lite0", **kwargs).eval()
+    moved = build_model("radiomics_svm_efficientnet_lite0", **kwargs, rotate_features=10, zoom_features=0.1).eval()
+    moved.backbone.load_state_dict(plain.backbone.state_dict())
+    assert moved.lesion_transforms() == ((10.0, 1.0), (-10.0, 1.0), (0.0, 0.9), (0.0, 1.1))
+    x = torch.randn(2, 4, 64, 64)  # lesion crop and mask, whole scan and its mask
+    width = plain.backbone.spec.out_channels
+    with torch.no_grad():
+        expected = [plain.deep_features(x)]
+        for angle, scale in ((10, 1.0), (-10, 1.0), (0, 0.9), (0, 1.1)):
+            turned = x.clone()
+            turned[:, :1] = TF.affine(x[:, :1], angle=angle, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
+                                      interpolation=TF.InterpolationMode.BILINEAR)  # fmt: skip
+            expected.append(plain.deep_features(turned))
+        averaged = moved.deep_features(x)  # the same pixels and weights as expected[0]: not from the memo
+        # (A randomly initialised backbone's pooled features are ~1e-8: compared relatively.)
+        lesion_mean = torch.stack([e[:, :width] for e in expected]).mean(0)
+        torch.testing.assert_close(averaged[:, :width], lesion_mean, rtol=1e-4, atol=0)
+        assert (averaged[:, :width] - expected[0][:, :width]).abs().max() > 0.05 * expected[0].abs().max()
+        # The whole-scan view is neither turned nor zoomed.
+        torch.testing.assert_close(averaged[:, width:], expected[0][:, width:], rtol=1e-4, atol=0)
+        # A second call is answered from the memo, with the same numbers.
+        torch.testing.assert_close(moved.deep_features(x), averaged)
+    # Part of the model: rebuilt from the file; a model without them keeps its build arguments as they were.
+    assert "rotate_features" not in plain.build_kwargs
+    moved.load_fitted({"support": np.zeros((3, len(FEATURE_NAMES) + 64)), "dual_coef": np.ones(3)})
+    save_model(moved, tmp_path / "m.pt")
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert (loaded.rotate_features, loaded.zoom_features) == (10.0, 0.1)
+    torch.testing.assert_close(loaded(x), moved(x))
+    # Grad-CAM maps the untransformed pass (the first) onto the image.
+    heat = gradcam_heatmap(loaded.eval(), x[:1])
+    assert heat.shape == (1, 64, 64) and np.isfinite(heat).all() and 0 <= heat.min() <= heat.max() <= 1
+    DEEP_FEATURE_MEMO.clear()
+
+
+@pytest.mark.parametrize("option, bad", [("rotate_features", 50), ("rotate_features", -1), ("zoom_features", 0.6)])
+def test_rotate_and_zoom_features_reject_bad_values_and_a_model_without_backbone(option, bad):
+    with pytest.raises(ValueError, match=option):
+        build_model("radiomics_svm_efficientnet_lite0", in_chans=2, **{option: bad})
+    with pytest.raises(ValueError, match="radiomics-only"):
+        build_model("radiomics_svm", in_chans=2, **{option: 5 if option == "rotate_features" else 0.1})
+    with pytest.raises(ConfigError, match=f"model.{option}: must be in"):
+        apply_overrides(load_config(), [*RADIOMICS_TINY, "model.name=radiomics_svm_efficientnet_lite0",
+                                        f"model.{option}={bad}"]).validate()  # fmt: skip
+    with pytest.raises(ConfigError, match=f"model.{option}: averages"):
+        apply_overrides(load_config(), [f"model.{option}=0.1"]).validate()
+
+
+def test_the_trainer_builds_the_model_with_the_configs_rotations_and_zooms():
+    from liverus.training.trainer import build_run_model
+
+    base = [*RADIOMICS_TINY, "model.name=radiomics_svm_efficientnet_lite0"]
+    cfg = apply_overrides(load_config(), [*base, "model.rotate_features=15", "model.zoom_features=0.2"])
+    cfg.validate()
+    model = build_run_model(cfg, 2)
+    assert model.lesion_transforms() == ((15.0, 1.0), (-15.0, 1.0), (0.0, 0.8), (0.0, 1.2))
+    assert model.build_kwargs["rotate_features"] == 15 and model.build_kwargs["zoom_features"] == 0.2
+    off = build_run_model(apply_overrides(load_config(), base), 2)
+    assert off.lesion_transforms() == () and "zoom_features" not in off.build_kwargs
+
+
 def test_run_length_option_widens_the_radiomics_and_travels_with_the_file(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.integers(60, 140, (1, 64, 64)).astype(np.float32) / 255
