@@ -399,7 +399,10 @@ def test_shipped_configs_are_valid(path):
         # ... fitted on two box copies of every training lesion too (round 13: --set data.box_copies=2, the copies
         # jittered as the studies' boxes, --set data.box_jitter=0.2, by their own setting)
         assert final["data"].pop("box_copies") == 2 and final["data"].pop("box_copy_jitter") == 0.2
-        for key in ("ensemble", "flip_features"):
+        # ... and the lesion crop's deep features averaged over turns and zooms too (round 14:
+        # --set model.rotate_features=10 --set model.zoom_features=0.1)
+        assert final["model"].pop("rotate_features") == 10 and final["model"].pop("zoom_features") == 0.1
+        for key in ("ensemble", "flip_features", "rotate_features", "zoom_features"):
             studied["model"].pop(key)
         for key in ("scan_view", "balance_by", "box_average", "box_shift", "box_copies", "box_copy_jitter"):
             studied["data"].pop(key)
