@@ -78,7 +78,7 @@ def faithfulness_for_model(model_path: str | Path, cases: list, *, max_cases: in
     cams, atts, masks = [], [], []
     # Four images per Grad-CAM pass: each map depends on its own image only, and the autograd graph of a feature
     # model that averages its backbone over turns, zooms and mirrors (twelve passes per image, five ensemble members)
-    # took 17 GB at 16 images per pass, 4 GB at four.
+    # took 17 GB at 16 images per pass, 5 GB at four.
     for start in range(0, len(usable), 4):
         arrs = np.stack([cache.get(c) for c in usable[start : start + 4]])
         x = model_input(torch.from_numpy(np.ascontiguousarray(model_pixels(arrs, cache.cfg.lesion_channel))), card)

@@ -22,9 +22,14 @@ from liverus.data.radiomics import FEATURE_NAMES, RUN_LENGTH_NAMES, feature_matr
 from liverus.models.backbones import Backbone, WeightsInfo
 from liverus.utils import DigestMemo
 
-__all__ = ["LesionFeatureModel", "FEATURE_CLASSIFIERS", "DEEP_FEATURE_MEMO"]
+__all__ = ["LesionFeatureModel", "FEATURE_CLASSIFIERS", "DEEP_FEATURE_MEMO", "MAX_FEATURE_ROTATION", "MAX_FEATURE_ZOOM"]
 
 FEATURE_CLASSIFIERS = ("logistic", "svm", "boosting")
+
+# The largest turn (degrees) and zoom (fraction) the lesion crop's deep features are averaged over
+# (rotate_features, zoom_features); the config checks against the same bounds.
+MAX_FEATURE_ROTATION = 45.0
+MAX_FEATURE_ZOOM = 0.5
 
 # The shape of a gradient-boosted model (scikit-learn's GradientBoostingClassifier, fitted in
 # liverus.training.feature_fit): a fixed number of trees of at most this depth, so every fitted model, and every
@@ -109,10 +114,10 @@ class LesionFeatureModel(nn.Module):
             raise ValueError(f"n_support must be at least 1, got {n_support}")
         if flip_features and backbone is None:
             raise ValueError("flip_features averages the backbone's features; a radiomics-only model has none")
-        if not 0 <= rotate_features <= 45:
-            raise ValueError(f"rotate_features must be in [0, 45] degrees, got {rotate_features}")
-        if not 0 <= zoom_features <= 0.5:
-            raise ValueError(f"zoom_features must be in [0, 0.5], got {zoom_features}")
+        if not 0 <= rotate_features <= MAX_FEATURE_ROTATION:
+            raise ValueError(f"rotate_features must be in [0, {MAX_FEATURE_ROTATION:g}] degrees, got {rotate_features}")
+        if not 0 <= zoom_features <= MAX_FEATURE_ZOOM:
+            raise ValueError(f"zoom_features must be in [0, {MAX_FEATURE_ZOOM:g}], got {zoom_features}")
         if (rotate_features or zoom_features) and backbone is None:
             raise ValueError(
                 "rotate_features and zoom_features average the backbone's features; a radiomics-only model has none"

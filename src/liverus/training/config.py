@@ -23,6 +23,7 @@ from liverus.data.cases import CLASS_SETS
 from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES, MAX_BOX_AVERAGE, PreprocessConfig
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
 from liverus.models import has_frozen_backbone, is_feature_model, list_models
+from liverus.models.features import MAX_FEATURE_ROTATION, MAX_FEATURE_ZOOM
 from liverus.models.registry import ALIASES
 from liverus.models.segmentation import SEGMENTERS
 from liverus.training.losses import LOSSES
@@ -289,8 +290,8 @@ class TrainConfig:
                 f"model.flip_features: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
                 f"model; {self.model.name} has no frozen backbone features (set it to false)"
             )
-        for name in ("rotate_features", "zoom_features"):
-            value, top = getattr(self.model, name), (45.0 if name == "rotate_features" else 0.5)
+        for name, top in (("rotate_features", MAX_FEATURE_ROTATION), ("zoom_features", MAX_FEATURE_ZOOM)):
+            value = getattr(self.model, name)
             if not 0 <= value <= top:
                 raise ConfigError(f"model.{name}: must be in [0, {top:g}], got {value} (0 turns it off)")
             if value and not has_frozen_backbone(self.model.name):
