@@ -949,9 +949,9 @@ def test_compare_studies_gives_the_repeated_cv_test_of_a_single_study(tmp_path):
     assert "both" in result["pooled"] and "both" in across["comparisons"]
 
 
-def _fitted(name: str, seed: int) -> LesionFeatureModel:
+def _fitted(name: str, seed: int, **kwargs) -> LesionFeatureModel:
     torch.manual_seed(seed)
-    model = build_model(name, in_chans=2, pca_dim=4).eval()
+    model = build_model(name, in_chans=2, pca_dim=4, **kwargs).eval()
     rng = np.random.default_rng(seed)
     width = len(FEATURE_NAMES) + 4
     model.load_fitted({"coef": rng.normal(size=width) * 0.1, "intercept": np.asarray(0.2),
@@ -976,6 +976,59 @@ def test_feature_ensemble_shares_features_only_where_members_agree(same_backbone
         torch.testing.assert_close(ens(x).exp(), want, rtol=1e-5, atol=1e-6)
     assert ens._shared_backbone() is same_backbone
     assert len(ens.gradcam_layers()) == (1 if same_backbone else 2)
+
+
+def _first_pass_gradcam(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Grad-CAM of malignancy by hand: each target layer's *first* call (the untransformed lesion crop) paired with
+    the gradient of that same output; pytorch-grad-cam's own scaling and averaging over layers."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    layers, first = model.gradcam_layers(), {}
+
+    def keep_first(i):
+        def hook(module, inputs, output):
+            if i not in first:
+                first[i] = output
+                output.retain_grad()
+
+        return hook
+
+    handles = [layer.register_forward_hook(keep_first(i)) for i, layer in enumerate(layers)]
+    with torch.enable_grad():
+        model(x.detach().requires_grad_(True))[:, 1].sum().backward()
+    for h in handles:
+        h.remove()
+    size = (x.shape[-1], x.shape[-2])
+    cams = []
+    for i in range(len(layers)):
+        act, grad = first[i].detach(), first[i].grad
+        cams.append(scale_cam_image((grad.mean(dim=(2, 3), keepdim=True) * act).sum(1).clamp_min(0).numpy(), size))
+    return scale_cam_image(np.maximum(np.mean(cams, axis=0), 0))
+
+
+@pytest.mark.parametrize("members", ["one", "shared backbone", "own backbones"])
+def test_gradcam_of_multi_pass_feature_models_pairs_each_layer_with_its_first_pass(members):
+    # Mirror, turns and the whole-scan view run each backbone several times per image; members with their own
+    # backbones run one after another. Each target layer's map must come from its own first call (the lesion crop
+    # as the user sees it) and that call's gradient, not from whichever recorded call has the same index.
+    from liverus.models.features import DEEP_FEATURE_MEMO
+
+    kwargs = {"flip_features": True, "rotate_features": 10}
+    a = _fitted("radiomics_logistic_efficientnet_lite0", 0, **kwargs)
+    b = _fitted("radiomics_logistic_efficientnet_lite0", 1, **kwargs)
+    if members == "shared backbone":
+        b.backbone.load_state_dict(a.backbone.state_dict())
+    model = a if members == "one" else EnsembleClassifier([a, b], temperatures=[1.0, 2.0]).eval()
+    assert len(model.gradcam_layers()) == (2 if members == "own backbones" else 1)
+    pixels = torch.zeros(2, 2, 64, 64, dtype=torch.uint8)
+    pixels[:, 0] = torch.randint(60, 200, (2, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    pixels[:, 1, 20:44, 16:40] = 255
+    x = normalize_images(pixels, 0.5, 0.5, 2)
+    DEEP_FEATURE_MEMO.clear()
+    want = _first_pass_gradcam(model, x)
+    assert want.std() > 0.05  # a map with structure, so the comparison can fail
+    np.testing.assert_allclose(gradcam_heatmap(model, x), want, atol=1e-4)
+    DEEP_FEATURE_MEMO.clear()
 
 
 def test_deep_features_are_remembered_per_image_weights_and_arithmetic(monkeypatch):

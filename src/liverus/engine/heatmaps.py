@@ -37,8 +37,63 @@ def gradcam_target_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ValueError(f"no Grad-CAM target layer known for {type(model).__name__}") from None
 
 
+class _FirstCallRecorder:
+    """For each Grad-CAM target layer, its first output in a forward pass and the gradient of exactly that output.
+
+    pytorch-grad-cam's own recorder (``ActivationsAndGradients``) pairs the i-th target layer with the i-th output
+    recorded and the i-th gradient to arrive, which is right when every target layer runs once per forward pass. A
+    feature model runs its backbone several times per image (mirror, turns, zooms, the whole-scan view), and an
+    ensemble of such members with their own backbones runs them one after another: the second layer's map was then
+    the first member's mirrored pass. Keyed by layer, the pairing no longer depends on call or autograd order. The
+    first call is the untransformed lesion crop (``LesionFeatureModel`` runs it first), so the map is in image
+    coordinates. Same interface as the recorder it replaces (``activations``, ``gradients``, call, ``release``).
+    """
+
+    def __init__(self, model: torch.nn.Module, target_layers: list[torch.nn.Module]) -> None:
+        self.model = model
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._grads: dict[int, torch.Tensor] = {}
+        self._count = len(target_layers)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(target_layers)]
+
+    def _hook(self, index: int):
+        def record(module, inputs, output):
+            if index in self._outputs:
+                return
+            self._outputs[index] = output.detach()
+            if output.requires_grad:
+                output.register_hook(lambda grad: self._grads.__setitem__(index, grad.detach()))
+
+        return record
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.clear()
+        return self.model(x)
+
+    def _in_layer_order(self, found: dict[int, torch.Tensor], what: str) -> list[torch.Tensor]:
+        missing = [i for i in range(self._count) if i not in found]
+        if missing:
+            raise RuntimeError(f"Grad-CAM recorded no {what} for target layer(s) {missing}: the model did not run "
+                               "them with gradients")  # fmt: skip
+        return [found[i].cpu() for i in range(self._count)]
+
+    activations = property(lambda self: self._in_layer_order(self._outputs, "activation"))
+    gradients = property(lambda self: self._in_layer_order(self._grads, "gradient"))
+
+    def clear(self) -> None:
+        self._outputs.clear()
+        self._grads.clear()
+
+    def release(self) -> None:
+        self.clear()
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
 def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int = 1) -> np.ndarray:
-    """Grad-CAM of ``target_class`` (1 = malignant) for normalised model inputs ``x`` (N, C, H, W).
+    """Grad-CAM of ``target_class`` (1 = malignant) for normalised model inputs ``x`` (N, C, H, W). For a model
+    that runs a target layer more than once per image, each layer's first call is the one mapped.
 
     Returns:
         (N, H, W) heatmaps in [0, 1].
@@ -49,7 +104,10 @@ def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int =
     was_training = model.training
     # Gradients reach the target layer through the input too, so a frozen backbone (feature models) has a map.
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), GradCAM(model=model, target_layers=gradcam_target_layers(model)) as cam:
+    layers = gradcam_target_layers(model)
+    with torch.enable_grad(), GradCAM(model=model, target_layers=layers) as cam:
+        cam.activations_and_grads.release()  # replaced by a recorder that pairs by layer (see _FirstCallRecorder)
+        cam.activations_and_grads = _FirstCallRecorder(model, layers)
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)] * len(x))
     model.train(was_training)
     return np.clip(np.asarray(maps, dtype=np.float32), 0, 1)
