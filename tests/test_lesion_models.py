@@ -1025,9 +1025,25 @@ def test_gradcam_of_multi_pass_feature_models_pairs_each_layer_with_its_first_pa
     pixels[:, 1, 20:44, 16:40] = 255
     x = normalize_images(pixels, 0.5, 0.5, 2)
     DEEP_FEATURE_MEMO.clear()
-    want = _first_pass_gradcam(model, x)
+    want = _first_pass_gradcam(model, x)  # every pass with its autograd graph
     assert want.std() > 0.05  # a map with structure, so the comparison can fail
-    np.testing.assert_allclose(gradcam_heatmap(model, x), want, atol=1e-4)
+    np.testing.assert_allclose(gradcam_heatmap(model, x), want, atol=1e-4)  # inside gradcam_context
+    # Grad-CAM's context keeps the graph of each target layer's first call only, and changes no output.
+    with_graph = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: with_graph.append(o.requires_grad))
+             for layer in model.gradcam_layers()]  # fmt: skip
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        full = model(xg)
+        assert all(with_graph) and len(with_graph) == 6 * len(model.gradcam_layers())  # (crop, two turns) x mirror
+        with_graph.clear()
+        with model.gradcam_context():
+            mapped = model(xg)
+        assert sum(with_graph) == len(model.gradcam_layers()) and len(with_graph) == 6 * len(model.gradcam_layers())
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(mapped, full)
+    assert not a._mapped_pass_only  # the context is left as it was found
     DEEP_FEATURE_MEMO.clear()
 
 

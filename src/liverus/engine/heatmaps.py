@@ -3,6 +3,7 @@ and colour overlays for people to look at."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import cv2
@@ -91,6 +92,12 @@ class _FirstCallRecorder:
         self.handles.clear()
 
 
+def _gradcam_context(model: torch.nn.Module) -> AbstractContextManager[None]:
+    """The model's own setting for Grad-CAM (a feature model keeps the autograd graph of the mapped pass only)."""
+    context = getattr(model, "gradcam_context", None)
+    return context() if context is not None else nullcontext()
+
+
 def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int = 1) -> np.ndarray:
     """Grad-CAM of ``target_class`` (1 = malignant) for normalised model inputs ``x`` (N, C, H, W). For a model
     that runs a target layer more than once per image, each layer's first call is the one mapped.
@@ -105,7 +112,7 @@ def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int =
     # Gradients reach the target layer through the input too, so a frozen backbone (feature models) has a map.
     x = x.detach().requires_grad_(True)
     layers = gradcam_target_layers(model)
-    with torch.enable_grad(), GradCAM(model=model, target_layers=layers) as cam:
+    with torch.enable_grad(), _gradcam_context(model), GradCAM(model=model, target_layers=layers) as cam:
         cam.activations_and_grads.release()  # replaced by a recorder that pairs by layer (see _FirstCallRecorder)
         cam.activations_and_grads = _FirstCallRecorder(model, layers)
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)] * len(x))

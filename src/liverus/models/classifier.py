@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 
@@ -99,6 +101,11 @@ class LesionClassifier(nn.Module):
         """The layers Grad-CAM looks at: the backbone's last convolutional stage (with two views, the fused map, which
         lies on the lesion crop's grid since the views share a centre)."""
         return [self.fusion] if self.fusion is not None else [self.backbone.gradcam_layer()]
+
+    def gradcam_context(self) -> AbstractContextManager[None]:
+        """What Grad-CAM runs the model in (see :meth:`LesionFeatureModel.gradcam_context`): nothing to change for a
+        network, whose target layer runs once per image."""
+        return nullcontext()
 
     @property
     def normalization(self) -> tuple[float, float]:

@@ -9,7 +9,8 @@ mean.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -135,6 +136,14 @@ class EnsembleClassifier(nn.Module):
             if self._shared_backbone():
                 return self.members[0].gradcam_layers()
         return [m.backbone.gradcam_layer() for m in self.members]
+
+    @contextmanager
+    def gradcam_context(self) -> Iterator[None]:
+        """Every member's :meth:`~LesionClassifier.gradcam_context` at once."""
+        with ExitStack() as stack:
+            for member in self.members:
+                stack.enter_context(member.gradcam_context())
+            yield
 
     @torch.no_grad()
     def spatial_attention_map(self, x: torch.Tensor) -> torch.Tensor | None:
