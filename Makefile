@@ -3,18 +3,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The PyTorch build to install; override e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" on aarch64.
+# Installs come from the lock file: the full dependency set pinned (Linux x86_64, CPython 3.11; the CUDA build of
+# PyTorch, which runs on the CPU too). `make lock` regenerates it from pyproject.toml's ranges. Elsewhere, install
+# from the ranges with another PyTorch build: make LOCK= TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" (aarch64).
+LOCK ?= requirements.lock
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DATA ?=
 OUT ?= runs/demo
 
-.PHONY: venv demo test test-fast lint browser clean
+.PHONY: venv demo test test-fast lint docs browser lock clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+ifneq ($(LOCK),)
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+else
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+endif
 	touch $@
 
 venv: $(BIN)/.installed
@@ -26,6 +34,16 @@ lint: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# The user guide's topic pages (docs/, mkdocs.yml); --strict fails on a broken link or a page missing from the nav.
+docs: venv
+	@site=$$(mktemp -d) && $(BIN)/mkdocs build --strict --quiet --site-dir $$site && rm -rf $$site
+
+# Regenerate the lock file from pyproject.toml (needs the package index).
+lock: venv
+	$(BIN)/python -m pip install --quiet "pip-tools>=7.4,<8"
+	$(BIN)/pip-compile --quiet --extra test --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file $(LOCK) pyproject.toml
+
 # Browser tests drive Debian's Chromium through Playwright; install it when missing (needs root or sudo).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -33,7 +51,7 @@ browser:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # Every test, slow and real-data ones included (plain `pytest` runs the fast selection only).
-test: venv browser lint
+test: venv browser lint docs
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 
 test-fast: venv
