@@ -510,18 +510,43 @@ def test_balance_by_acquisition_group_draws_every_class_and_group_cell_equally(t
         acquisition_group(data.train[0], "scanner")
 
 
+def test_size_groups_are_few_and_well_filled_on_any_dataset(tmp_path):
+    import cv2
+
+    from liverus.data import Case
+    from liverus.data.audit import size_groups
+    from liverus.training.datasets import acquisition_groups
+
+    # A common size is a group of its own against the rest (AUL: 1024x768 vs other) ...
+    assert size_groups([(1024, 768)] * 3 + [(720, 576), (800, 600)]) == ["1024x768"] * 3 + ["other"] * 2
+    # ... many sizes with none common (BUSI-like) split at the median pixel area, one size is one group.
+    busi = [(500, 400 + i) for i in range(10)]
+    assert size_groups(busi) == ["small"] * 5 + ["large"] * 5
+    assert size_groups([(64, 64)] * 4) == ["all"] * 4 and size_groups([]) == []
+    # Without orig_width/orig_height in a manifest the sizes come from the files.
+    cases = []
+    for i, (w, h) in enumerate([(40, 30)] * 3 + [(60, 50), (70, 50)]):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), np.zeros((h, w), np.uint8))
+        cases.append(Case(str(path), "benign"))
+    assert acquisition_groups(cases, "size_group") == ["40x30"] * 3 + ["other"] * 2
+    with pytest.raises(Exception, match="no 'scanner' column.*size_group"):
+        acquisition_groups(cases, "scanner")
+
+
 def test_balance_by_reads_auls_derived_size_group_and_warns_about_tiny_cells(caplog):
     import logging
 
     from liverus.data import Case
     from liverus.training import apply_overrides, load_config
-    from liverus.training.datasets import acquisition_group, balancing_weights
+    from liverus.training.datasets import acquisition_group, acquisition_groups, balancing_weights
 
     sizes = [("1024", "768")] * 30 + [("720", "576")] * 15 + [("569", "419")]
     cases = [Case(f"/x/{i}.png", "malignant" if i % 3 else "benign", meta={"orig_width": w, "orig_height": h})
              for i, (w, h) in enumerate(sizes)]  # fmt: skip
     targets = [int(c.label == "malignant") for c in cases]
     assert [acquisition_group(c, "size_group") for c in cases[29:31]] == ["1024x768", "other"]
+    assert acquisition_groups(cases, "size_group")[29:31] == ["1024x768", "other"]  # the same, from the sizes
     assert acquisition_group(cases[-1], "image_size") == "569x419"
     fine = apply_overrides(load_config(), ["data.balance_by=size_group"])
     with caplog.at_level(logging.WARNING, logger="liverus.training.datasets"):

@@ -12,9 +12,11 @@ from liverus.data.augment import build_train_transform
 from liverus.data.cases import (
     CLASS_SETS,
     Case,
+    any_box_only,
     cases_from_aul_release,
     cases_from_folder,
     cases_from_manifest,
+    lesion_source_counts,
     load_cases,
     select_task,
     write_manifest,
@@ -42,6 +44,8 @@ from liverus.data.preprocess import (
 from liverus.data.splits import check_disjoint, kfold_splits, load_splits, save_splits, train_val_test_split
 
 __all__ = [
+    "any_box_only",
+    "lesion_source_counts",
     "CLASS_SETS",
     "Case",
     "CaseCache",

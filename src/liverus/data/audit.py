@@ -15,6 +15,8 @@ from liverus.data.io import DataError, printable, read_image
 
 __all__ = [
     "derived_columns",
+    "size_groups",
+    "case_size",
     "audit_cases",
     "shortcut_check",
     "format_audit",
@@ -53,6 +55,45 @@ def derived_columns(meta: dict) -> dict:
         out["orig_size"] = f"{w}x{h}"
         out["size_group"] = "1024x768" if (str(w), str(h)) == ("1024", "768") else "other"
     return out
+
+
+# size_groups: the most common image size is a group of its own when it holds at least this share of the images.
+MODAL_SIZE_SHARE = 0.2
+
+
+def size_groups(sizes: list[tuple[int, int]]) -> list[str]:
+    """Each image's acquisition group from its size alone, for any dataset: few, well-filled groups.
+
+    Image size is what every file carries of the scanner and its settings, and it can predict the label (on AUL
+    1024x768 images are mostly malignant). The groups: the most common size against every other size when it holds
+    at least ``MODAL_SIZE_SHARE`` of the images (AUL: ``1024x768`` against ``other``, 56% of the benign and malignant
+    images); otherwise (many sizes, none common) ``small`` and ``large`` at the median pixel area; ``all`` when
+    every image has one size.
+    """
+    if not sizes:
+        return []
+    counts = Counter(sizes)
+    (w, h), n = counts.most_common(1)[0]
+    if n == len(sizes):
+        return ["all"] * len(sizes)
+    if n >= MODAL_SIZE_SHARE * len(sizes):
+        return [f"{w}x{h}" if s == (w, h) else "other" for s in sizes]
+    areas = np.array([sw * sh for sw, sh in sizes])
+    cut = float(np.median(areas))
+    return ["small" if a <= cut else "large" for a in areas]
+
+
+def case_size(case: Case) -> tuple[int, int]:
+    """The original image's ``(width, height)``: the manifest's ``orig_width``/``orig_height`` where it records
+    them (AUL's compact copy is resized), else the file's header.
+
+    Raises:
+        DataError: for an unreadable file.
+    """
+    w, h = case.meta.get("orig_width"), case.meta.get("orig_height")
+    if w and h:
+        return int(w), int(h)
+    return image_size(case.path)
 
 
 def image_size(path: str) -> tuple[int, int]:

@@ -5,7 +5,9 @@ Three sources, one result (a list of :class:`Case`):
 * a folder per class (``benign/``, ``malignant/``, optionally ``normal/``) with optional masks in a parallel
   ``masks/`` tree or beside the image with a ``_mask`` suffix; further outlines of the same image as ``_mask_1``,
   ``_mask_2``, ... (the layout of the common public breast-ultrasound release) are masks of that image too;
-* a CSV manifest ``path,label[,group][,mask][,...]``; extra columns are kept as metadata for subgroup analysis;
+* a CSV manifest ``path,label[,group][,mask][,box][,...]``; a ``box`` (``x0,y0,x1,y1`` in pixels, or four columns
+  ``x0``, ``y0``, ``x1``, ``y1``) gives the lesion of an image without a mask, as a user gives it at inference;
+  extra columns are kept as metadata for subgroup analysis;
 * the AUL dataset, either its public release layout (``Benign/image/*.jpg`` + ``segmentation/mass/*.json``) or the
   compact copy with ``manifest.csv`` (``../shared/data/aul``).
 """
@@ -32,6 +34,8 @@ __all__ = [
     "cases_from_aul_release",
     "select_task",
     "write_manifest",
+    "any_box_only",
+    "lesion_source_counts",
 ]
 
 CLASS_SETS = {
@@ -52,6 +56,8 @@ class Case:
         mask: lesion mask path, if any.
         extra_masks: further outlines of lesions in the same image; the lesion mask is the union of all of them.
         polygon: lesion polygon in image pixels (AUL release import), used when there is no mask file.
+        box: lesion box ``(x0, y0, x1, y1)`` in image pixels, used when there is no mask or polygon: the lesion then
+            comes from the box as at inference (GrabCut's outline inside it, ``data.box_mask``).
         meta: any other manifest columns (kept as strings).
     """
 
@@ -61,12 +67,30 @@ class Case:
     mask: str | None = None
     extra_masks: tuple[str, ...] = ()
     polygon: list[list[float]] | None = None
+    box: tuple[float, float, float, float] | None = None
     meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def lesion_source(self) -> str:
+        """Where the case's lesion comes from: ``mask`` (a mask file or polygon), ``box`` (a box alone) or ``none``."""
+        if self.mask or self.extra_masks or self.polygon:
+            return "mask"
+        return "box" if self.box is not None else "none"
 
     @property
     def group_key(self) -> str:
         """The split group: ``group``, or the image path when it has none (its own group)."""
         return self.group or f"__own__:{self.path}"
+
+
+def any_box_only(cases: list[Case]) -> bool:
+    """Whether some case gives its lesion by a box alone (it is then scored averaged over boxes, as at inference)."""
+    return any(c.lesion_source == "box" for c in cases)
+
+
+def lesion_source_counts(cases: list[Case]) -> dict[str, int]:
+    """How many cases give their lesion by a ``mask``, a ``box`` alone, or ``none`` (what runs and reports say)."""
+    return dict(Counter(c.lesion_source for c in cases if c.label != "normal"))
 
 
 def _check_cases(cases: list[Case], source: Path) -> list[Case]:
@@ -173,14 +197,35 @@ def cases_from_folder(root: str | os.PathLike, *, ignored: list[tuple[str, str]]
     return _check_cases(cases, root)
 
 
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
+
+def _row_box(row: dict, manifest: Path, lineno: int) -> tuple[float, float, float, float] | None:
+    """A manifest row's lesion box: its ``box`` cell or its four ``x0``..``y1`` cells; None when empty."""
+    from liverus.data.inputs import parse_box
+
+    text = (row.get("box") or "").strip()
+    if not text and all((row.get(k) or "").strip() for k in BOX_COLUMNS):
+        text = ",".join(row[k].strip() for k in BOX_COLUMNS)
+    try:
+        box = parse_box(text)
+    except ValueError as exc:
+        raise DataError(manifest, f"line {lineno}: {exc}") from exc
+    if box is not None and not (box[2] > box[0] and box[3] > box[1]):
+        raise DataError(manifest, f"line {lineno}: the box {text!r} is empty (x1 must exceed x0 and y1 exceed y0)")
+    return box
+
+
 def cases_from_manifest(manifest: str | os.PathLike) -> list[Case]:
-    """Read a CSV manifest with columns ``path,label`` and optional ``group``, ``mask`` and metadata columns.
+    """Read a CSV manifest with columns ``path,label`` and optional ``group``, ``mask``, ``box`` and metadata
+    columns.
 
     Relative paths are resolved against the manifest's folder. For the AUL compact copy the ``near_dup_group``
-    column is the group and ``mass_mask`` the lesion mask.
+    column is the group and ``mass_mask`` the lesion mask. A row's ``box`` (or ``x0,y0,x1,y1`` columns) is its
+    lesion where it has no mask.
 
     Raises:
-        DataError: for a missing column, an unknown label, an empty table or duplicate paths.
+        DataError: for a missing column, an unknown label, a malformed box, an empty table or duplicate paths.
     """
     manifest = Path(manifest).resolve()
     if not manifest.is_file():
@@ -212,10 +257,10 @@ def cases_from_manifest(manifest: str | os.PathLike) -> list[Case]:
             if group_col == "near_dup_group" and not group and row.get("patient_id"):
                 group = row["patient_id"].strip()
             mask_raw = (row.get(mask_col) or "").strip() if mask_col else ""
-            meta = {k: v for k, v in row.items() if k not in ("path", "label") and k is not None}
-            cases.append(
-                Case(str(path), label, group, str((base / mask_raw).resolve()) if mask_raw else None, meta=meta)
-            )
+            box = _row_box(row, manifest, lineno)
+            meta = {k: v for k, v in row.items() if k not in ("path", "label", "box") and k is not None}
+            mask = str((base / mask_raw).resolve()) if mask_raw else None
+            cases.append(Case(str(path), label, group, mask, box=box, meta=meta))
     return _check_cases(cases, manifest)
 
 
@@ -296,14 +341,16 @@ def write_manifest(cases: list[Case], path: str | os.PathLike) -> None:
     from liverus.utils import atomic_write_text
 
     path = Path(path)
-    meta_cols = sorted({k for c in cases for k in c.meta if k not in ("group", "mask")})
+    meta_cols = sorted({k for c in cases for k in c.meta if k not in ("group", "mask", "box")})
     import io
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "label", "group", "mask", *meta_cols])
+    with_box = any(c.box is not None for c in cases)
+    w.writerow(["path", "label", "group", "mask", *(["box"] if with_box else []), *meta_cols])
     for c in cases:
         rel = os.path.relpath(c.path, path.parent.resolve())
         mrel = os.path.relpath(c.mask, path.parent.resolve()) if c.mask else ""
-        w.writerow([rel, c.label, c.group, mrel, *[c.meta.get(k, "") for k in meta_cols]])
+        box = [",".join(f"{v:g}" for v in c.box) if c.box is not None else ""] if with_box else []
+        w.writerow([rel, c.label, c.group, mrel, *box, *[c.meta.get(k, "") for k in meta_cols]])
     atomic_write_text(path, buf.getvalue())

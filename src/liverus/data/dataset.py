@@ -83,6 +83,18 @@ def _polygon_mask(poly: list[list[float]], shape: tuple[int, int]) -> np.ndarray
     return mask
 
 
+def _checked_box(case: Case, shape: tuple[int, ...]) -> tuple[float, float, float, float]:
+    """The case's box clipped to its image. Raises: DataError when the box does not overlap the image."""
+    h, w = shape[:2]
+    x0, y0, x1, y1 = case.box
+    cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+    if cx1 - cx0 < 2 or cy1 - cy0 < 2:
+        raise DataError(
+            case.path, f"the manifest's box {x0:g},{y0:g},{x1:g},{y1:g} does not lie inside the {w}x{h} image"
+        )
+    return cx0, cy0, cx1, cy1
+
+
 def load_preprocessed(case: Case, cfg: PreprocessConfig) -> Preprocessed:
     """Decode and preprocess one case (no cache).
 
@@ -98,11 +110,19 @@ def load_preprocessed(case: Case, cfg: PreprocessConfig) -> Preprocessed:
     elif case.polygon:
         lesion = _polygon_mask(case.polygon, img.shape)
     box = None
+    seed = int.from_bytes(hashlib.sha256(Path(case.path).name.encode()).digest()[:4], "little")
     if cfg.lesion_from == "box" and lesion is not None and lesion.any():
         # Score (or train) as a user would use the model: from a box around the lesion, not its expert outline.
-        seed = int.from_bytes(hashlib.sha256(Path(case.path).name.encode()).digest()[:4], "little")
         box = lesion_box(lesion, loosen=cfg.box_loosen, jitter=cfg.box_jitter, seed=seed)
         lesion = None
+    elif lesion is None and case.box is not None:
+        # A box and no outline (a box-only dataset): the lesion comes from the box as at inference. Loosening and
+        # jitter (box copies, data.box_jitter) move the given box as they move a box derived from a mask.
+        box = _checked_box(case, img.shape)
+        if cfg.box_loosen or cfg.box_jitter:
+            filled = np.zeros(img.shape[:2], np.uint8)
+            filled[int(box[1]) : int(np.ceil(box[3])), int(box[0]) : int(np.ceil(box[2]))] = 1
+            box = lesion_box(filled, loosen=cfg.box_loosen, jitter=cfg.box_jitter, seed=seed)
     try:
         return preprocess(img, cfg, lesion=lesion, box=box)
     except ValueError as exc:
@@ -133,6 +153,8 @@ class CaseCache:
             h.update(b"|")
         if case.polygon:
             h.update(json.dumps(case.polygon).encode())
+        if case.box is not None:
+            h.update(f"box{case.box}".encode())
         return h.hexdigest()
 
     def get(self, case: Case) -> np.ndarray:
@@ -145,7 +167,7 @@ class CaseCache:
             st = os.stat(case.path)
         except OSError as exc:
             raise DataError(case.path, "file does not exist") from exc
-        mkey = (case.path, st.st_mtime_ns, st.st_size, case.mask)
+        mkey = (case.path, st.st_mtime_ns, st.st_size, case.mask, case.box)
         arr = self._memory.get(mkey)
         if arr is not None:
             self.hits += 1

@@ -21,7 +21,9 @@ import yaml
 from liverus.data import (
     CaseCache,
     UltrasoundDataset,
+    any_box_only,
     box_variants,
+    lesion_source_counts,
     load_cases,
     load_task_cases,
     prepare_cases,
@@ -423,7 +425,9 @@ def evaluate_checkpoint(
     pre = card.require_preprocess(model_path)
     changes = dict(lesion_from=lesion_from, box_jitter=box_jitter, box_loosen=box_loosen, box_average=box_average)
     pre = dataclasses.replace(pre, **{k: v for k, v in changes.items() if v is not None})
-    caches = [CaseCache(variant) for variant in box_variants(pre)]
+    # Box-only cases are scored as a user's box is at inference: averaged over the card's box_average boxes.
+    from_box = pre.lesion_from == "box" or any_box_only(cases)
+    caches = [CaseCache(variant) for variant in box_variants(pre, from_box=from_box)]
     cases, skipped = prepare_cases(cases, caches[0], skip_bad=skip_bad)
     out.mkdir(parents=True, exist_ok=True)
     if skipped:
@@ -453,6 +457,7 @@ def evaluate_checkpoint(
             "threshold": threshold,
             "lesion": {
                 "from": pre.lesion_from,
+                "sources": lesion_source_counts(cases),
                 "box_jitter": pre.box_jitter,
                 "box_loosen": pre.box_loosen,
                 "box_average": len(caches),
@@ -465,7 +470,7 @@ def evaluate_checkpoint(
     sections = [
         (
             "Metrics",
-            f"<p>Stored threshold {threshold:.4f} applied unchanged. {_lesion_words(pre)}</p>"
+            f"<p>Stored threshold {threshold:.4f} applied unchanged. {_lesion_words(pre, cases)}</p>"
             + metrics_table_html({name: ev}),
         ),
         ("Figures", figures_html({name: pr}, {name: ev}, out / "figures")),
@@ -483,9 +488,16 @@ def evaluate_checkpoint(
     return {"evaluation": ev, "text": text}
 
 
-def _lesion_words(pre) -> str:
+def _lesion_words(pre, cases=()) -> str:
     if pre.crop != "roi" and not pre.lesion_channel:
         return ""
+    counts = lesion_source_counts(list(cases))
+    if counts.get("box"):
+        return (
+            f"Lesions of {counts['box']} of {sum(counts.values())} cases from the boxes in the manifest alone "
+            f"(outlined inside the box by {pre.box_mask}, as at inference; each probability averages "
+            f"{pre.box_average} boxes)" + (f"; {counts['mask']} from their masks." if counts.get("mask") else ".")
+        )
     if pre.lesion_from == "box":
         return (
             f"Lesions from boxes around the expert masks (grown {pre.box_loosen:.0%}, edges jittered up to "

@@ -69,7 +69,7 @@ class DataConfig:
     context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
     intensity: str = "raw"  # raw | liver: per-image standardisation to the liver background (gain cancels)
     scan_view: bool = False  # two views: the lesion crop and the whole scan area (crop: roi; feature models)
-    balance_by: str = ""  # sample evenly over class x this acquisition group (a manifest column, or image_size)
+    balance_by: str = ""  # weigh every class x acquisition group evenly: size_group (any dataset), image_size, a column
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
     group_by: str = "source"  # source | near_duplicates (merge groups of exact and near-duplicate images)
@@ -118,7 +118,7 @@ class ModelConfig:
     drop_rate: float = 0.5
     drop_path_rate: float | None = None  # stochastic depth (EfficientNet-Lite0 only; None: its default 0.2)
     threshold: float | None = None  # operating threshold when training without validation (data.val_fraction: 0)
-    ensemble: int = 0  # K >= 2: the model is the ensemble of K fold models (see liverus.training.ensemble)
+    ensemble: int = 0  # K >= 2: the model is the ensemble of K fold models (liverus.training.ensemble); 0 or 1: one
     se_reduction: int = 16
     ca_reduction: int = 16
     spatial_kernel: int = 7
@@ -244,10 +244,12 @@ class TrainConfig:
             )
         if not 0 <= self.model.drop_rate < 1:
             raise ConfigError(f"model.drop_rate: must be in [0, 1), got {self.model.drop_rate}")
-        if self.model.ensemble == 1 or self.model.ensemble < 0:
+        if self.model.ensemble < 0:
             raise ConfigError(
-                f"model.ensemble: 0 (one model) or the number of fold members (>= 2), got {self.model.ensemble}"
+                f"model.ensemble: the number of fold members (>= 2), or 0 or 1 for one model; got {self.model.ensemble}"
             )
+        if self.model.ensemble == 1:  # one member is one model: train it as such (no inner folds)
+            self.model.ensemble = 0
         if self.model.in_chans not in (1, 3):
             raise ConfigError(f"model.in_chans: must be 1 or 3, got {self.model.in_chans}")
         if (

@@ -16,10 +16,12 @@ from liverus.data import (
     DataError,
     PreprocessConfig,
     UltrasoundDataset,
+    any_box_only,
     box_variants,
     build_train_transform,
     check_disjoint,
     default_cache_dir,
+    lesion_source_counts,
     load_splits,
     load_task_cases,
     make_phantom_dataset,
@@ -28,7 +30,7 @@ from liverus.data import (
     select_task,
     train_val_test_split,
 )
-from liverus.data.audit import derived_columns, image_size
+from liverus.data.audit import case_size, derived_columns, size_groups
 from liverus.engine.forward import eval_batch_size
 from liverus.models import is_feature_model
 from liverus.training.config import TrainConfig
@@ -43,6 +45,7 @@ __all__ = [
     "log_skipped",
     "usable_cases",
     "acquisition_group",
+    "acquisition_groups",
     "balancing_weights",
 ]
 
@@ -65,6 +68,7 @@ def resolve_cases(cfg: TrainConfig, run_dir: str | Path, info: DistInfo | None =
             )
         barrier(info)
     cases, conflicts = load_task_cases(source, cfg.data.task, cfg.data.group_by)
+    check_lesions(cfg, cases)
     if cfg.data.group_by != "source":
         log.info("grouped by %s: %d groups", cfg.data.group_by, len({c.group_key for c in cases}))
     for c in conflicts:
@@ -73,6 +77,31 @@ def resolve_cases(cfg: TrainConfig, run_dir: str | Path, info: DistInfo | None =
             c["a"], c["label_a"], c["b"], c["label_b"], c["correlation"],
         )  # fmt: skip
     return cases
+
+
+def check_lesions(cfg: TrainConfig, cases: list[Case]) -> None:
+    """Say where a lesion model's lesions come from (masks, boxes alone), and stop before any work when some image
+    has neither, naming the fix.
+
+    Raises:
+        DataError: naming the first image without a lesion (unless ``data.skip_bad`` leaves such images out).
+    """
+    if cfg.data.crop != "roi" and not cfg.data.lesion_channel:
+        return
+    counts = lesion_source_counts(cases)
+    if counts.get("box"):
+        log.info(
+            "lesions: %d from masks, %d from boxes alone (outlined inside the box by %s, as at inference)",
+            counts.get("mask", 0), counts["box"], cfg.data.box_mask,
+        )  # fmt: skip
+    missing = [c for c in cases if c.label != "normal" and c.lesion_source == "none"]
+    if missing and not cfg.data.skip_bad:
+        raise DataError(
+            missing[0].path,
+            f"has neither a lesion mask nor a box ({len(missing)} of {len(cases)} images): a lesion model "
+            "(data.crop: roi or data.lesion_channel) needs one; add a mask or a box column (x0,y0,x1,y1) to the "
+            "manifest, or set data.skip_bad: true to leave such images out (they are listed)",
+        )
 
 
 def cache_dir(cfg: TrainConfig, folder: str | Path) -> Path | None:
@@ -147,22 +176,37 @@ def _choose_split(cfg: TrainConfig, folder: RunFolder, cases: list[Case]) -> dic
 
 
 def acquisition_group(case: Case, column: str) -> str:
-    """A case's acquisition group: the manifest ``column`` (or one derived from it, such as AUL's ``size_group``), or
-    for ``image_size`` the original image's WxH (AUL's manifest records it; other data is read from the file header).
+    """A case's acquisition group from a manifest ``column`` (or one derived from it), or for ``image_size`` the
+    original image's WxH (AUL's manifest records it; other data is read from the file header). The dataset-wide
+    ``size_group`` needs every case: see :func:`acquisition_groups`.
 
     Raises:
         DataError: naming the image when the manifest has no such column.
     """
     if column == "image_size":
-        w, h = case.meta.get("orig_width"), case.meta.get("orig_height")
-        if w and h:
-            return f"{w}x{h}"
-        w, h = image_size(case.path)
+        w, h = case_size(case)
         return f"{w}x{h}"
-    meta = derived_columns(case.meta)  # AUL's size_group (1024x768 vs other) from its orig_width/orig_height
+    meta = derived_columns(case.meta)
     if column not in meta:
-        raise DataError(case.path, f"has no {column!r} column for data.balance_by (columns: {sorted(meta)})")
+        raise DataError(
+            case.path,
+            f"has no {column!r} column for data.balance_by / loss.debias_by (columns: {sorted(meta)}); "
+            "size_group (groups from the image sizes) works on every dataset",
+        )
     return str(meta[column])
+
+
+def acquisition_groups(cases: list[Case], column: str) -> list[str]:
+    """Every case's acquisition group: ``size_group`` (from the image sizes of these cases, any dataset; see
+    :func:`liverus.data.audit.size_groups`: on AUL 1024x768 against the other sizes), ``image_size`` (WxH) or a
+    manifest column.
+
+    Raises:
+        DataError: naming the image when the manifest has no such column, or a file whose size cannot be read.
+    """
+    if column == "size_group":
+        return size_groups([case_size(c) for c in cases])
+    return [acquisition_group(c, column) for c in cases]
 
 
 SMALL_CELL = 5  # below this many training cases a balanced cell's few cases dominate (they are drawn/weighed most)
@@ -180,7 +224,7 @@ def balancing_weights(
         DataError: naming the image whose manifest lacks the ``data.balance_by`` column.
     """
     if cfg.data.balance_by:
-        cells = [(t, acquisition_group(c, cfg.data.balance_by)) for t, c in zip(targets, cases, strict=True)]
+        cells = list(zip(targets, acquisition_groups(cases, cfg.data.balance_by), strict=True))
     elif cfg.loss.balanced_sampler:
         cells = list(targets)
     else:
@@ -193,7 +237,7 @@ def balancing_weights(
             log.warning(
                 "data.balance_by=%s: %d of %d class x group cells hold fewer than %d training cases (%s), so each of "
                 "their cases weighs up to %.0f times a case of the largest cell; a coarser grouping column balances "
-                "more stably (AUL: size_group, 1024x768 vs other)",
+                "more stably (size_group: the most common image size against the rest)",
                 cfg.data.balance_by, len(small), len(counts), SMALL_CELL, ", ".join(map(str, small[:4])),
                 max(counts.values()) / min(counts.values()),
             )  # fmt: skip
@@ -259,7 +303,7 @@ def prepare_run_data(
 
     group_ids, n_groups = None, 0
     if cfg.loss.debias_by:
-        names = [acquisition_group(c, cfg.loss.debias_by) for c in parts["train"]]
+        names = acquisition_groups(parts["train"], cfg.loss.debias_by)
         index = {g: i for i, g in enumerate(sorted(set(names)))}
         group_ids, n_groups = [index[g] for g in names], len(index)
     train_ds = UltrasoundDataset(
@@ -320,7 +364,9 @@ def held_out_caches(
     Raises:
         DataError: naming a test image whose lesion cannot be given that way.
     """
-    variants = box_variants(cfg.data.test_preprocess())
+    test_pre = cfg.data.test_preprocess()
+    # Box-only cases are scored as a user's box is at inference: averaged over data.box_average boxes.
+    variants = box_variants(test_pre, from_box=test_pre.lesion_from == "box" or any_box_only(test))
     if not test or variants == (cfg.data.preprocess(),):
         return None
     how = f"data.test_lesion_from={cfg.data.test_lesion_from or cfg.data.lesion_from}"
