@@ -258,3 +258,37 @@ def test_offline_imagenet_efficientnet_loads_pretrained():
     assert model.weights_info.kind == "imagenet"
     # Pretrained BatchNorm statistics are not the defaults of a fresh layer.
     assert not torch.allclose(model.backbone.net._bn0.running_var, torch.ones_like(model.backbone.net._bn0.running_var))
+
+
+def test_an_ensemble_file_stores_its_shared_frozen_backbone_once_and_earlier_files_still_load(tmp_path):
+    from liverus.models import EnsembleClassifier
+
+    members = [build_model("radiomics_svm_efficientnet_lite0", weights="imagenet", in_chans=2) for _ in range(3)]
+    with torch.no_grad():  # members differ where fitted members differ: their classifier parameters
+        for i, m in enumerate(members):
+            for name, buf in m.named_buffers():
+                if not name.startswith("backbone") and buf.is_floating_point() and buf.numel():
+                    buf.add_(i)
+    ens = EnsembleClassifier(members)
+    save_model(members[0], tmp_path / "one.pt")
+    save_model(ens, tmp_path / "ens.pt")
+    one, three = (tmp_path / "one.pt").stat().st_size, (tmp_path / "ens.pt").stat().st_size
+    assert three < 1.2 * one  # the backbone once, not three times
+    loaded, _ = load_model(tmp_path / "ens.pt")
+    want = ens.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    # The members' own parameters stay their own after loading (no storage shared between modules).
+    first, second = (dict(m.named_buffers()) for m in loaded.members[:2])
+    differing = [k for k in first if not k.startswith("backbone") and first[k].is_floating_point() and first[k].numel()]
+    assert differing and not any(torch.equal(first[k], second[k]) for k in differing)
+    p0 = next(loaded.members[0].backbone.parameters())
+    assert p0.data_ptr() != next(loaded.members[1].backbone.parameters()).data_ptr()
+    # A file written before (every member's backbone stored in full) loads to the same model.
+    old = torch.load(tmp_path / "ens.pt", weights_only=True)
+    old["model"] = {k: v.clone() for k, v in old["model"].items()}
+    torch.save(old, tmp_path / "old.pt")
+    assert (tmp_path / "old.pt").stat().st_size > 2.5 * one
+    again, _ = load_model(tmp_path / "old.pt")
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, want[key]), key
