@@ -367,3 +367,30 @@ def test_three_class_prediction_files_must_agree_on_classes(tmp_path):
         read_class_probabilities([a, b])
     with pytest.raises(ValueError, match="missing.csv is missing"):
         read_class_probabilities([a, tmp_path / "missing.csv"])
+
+
+def test_the_cli_reference_page_lists_every_command_with_its_options():
+    from liverus.cli import build_parser
+    from liverus.cli.reference import cli_reference_markdown, iter_commands
+
+    parser = build_parser()
+    page = cli_reference_markdown(parser)
+    names = [" ".join(p) for p, _, _ in iter_commands(parser)]
+    assert {"train", "cv", "predict", "evaluate", "serve", "export", "data audit", "segment train"} <= set(names)
+    for name in names:
+        assert f"## `liverus {name}`" in page
+    # Each command's options as its --help prints them, an option added later included.
+    for option in ("--box", "--box-average", "--lesion-from", "--config"):
+        assert option in page
+    parser._subparsers._group_actions[0].choices["predict"].add_argument("--brand-new-flag")
+    assert "--brand-new-flag" in cli_reference_markdown(parser)
+
+
+def test_a_box_reaching_past_the_left_edge_is_one_argument():
+    from liverus.cli import _attach_box_values, build_parser
+
+    argv = _attach_box_values(["predict", "img.png", "--model", "m.pt", "--out", "o", "--box", "-5,-5.5,40,40"])
+    assert argv[-1] == "--box=-5,-5.5,40,40"
+    assert build_parser().parse_args(argv).box == "-5,-5.5,40,40"
+    assert _attach_box_values(["predict", "--box", "5,5,40,40"]) == ["predict", "--box", "5,5,40,40"]
+    assert _attach_box_values(["predict", "--box", "-q"]) == ["predict", "--box", "-q"]  # not a box: argparse decides

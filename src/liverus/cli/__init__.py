@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from liverus.cli import (
@@ -56,10 +57,29 @@ def _configure_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
+# A box value that starts with a minus sign (a box reaching past the image's left or top edge).
+_BOX_VALUE = re.compile(r"^-\d*\.?\d+(?:,-?\d*\.?\d+){3}$")
+
+
+def _attach_box_values(argv: list[str]) -> list[str]:
+    """``--box -5,-5,40,40`` as ``--box=-5,-5,40,40``: argparse reads a value that starts with ``-`` (and is not a
+    plain negative number) as an option and stops with "expected one argument"."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--box" and i + 1 < len(argv) and _BOX_VALUE.match(argv[i + 1]):
+            out.append(f"--box={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from liverus.training.run_folder import RunExistsError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_box_values(sys.argv[1:] if argv is None else list(argv)))
     _configure_logging(args.quiet)
     if args.max_pixels is not None:
         if args.max_pixels <= 0:

@@ -56,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .csv or .json")
     p.add_argument("--heatmaps", help="folder for one Grad-CAM overlay PNG per image")
     p.add_argument("--mask", help="lesion mask (single input) for lesion models (crop=roi or mask channel)")
-    p.add_argument("--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models")
+    p.add_argument(
+        "--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models; may start with a minus sign"
+    )
     p.add_argument(
         "--segmenter", help="lesion segmenter model.pt (liverus segment train): finds the lesion where none is given"
     )
@@ -75,7 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for the PNG figures (and STEM_features.json of feature models)")
     p.add_argument("--method", choices=["gradcam", "attention", "both"], default="both")
     p.add_argument("--mask", help="lesion mask (single input) for lesion models")
-    p.add_argument("--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models")
+    p.add_argument(
+        "--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models; may start with a minus sign"
+    )
     p.add_argument("--segmenter", help="lesion segmenter model.pt: finds the lesion where none is given")
     _box_average_option(p)
     p.set_defaults(func=cmd_explain)
