@@ -310,7 +310,7 @@ def load_cases(source: str | os.PathLike, *, ignored: list[tuple[str, str]] | No
     if p.is_file():
         return cases_from_manifest(p)
     if not p.exists():
-        raise DataError(p, "data path does not exist")
+        raise DataError(p, "data path does not exist (give the data with --data PATH or data.source in the config)")
     if (p / "manifest.csv").is_file():
         return cases_from_manifest(p / "manifest.csv")
     subdirs = {d.name.lower() for d in p.iterdir() if d.is_dir()}
