@@ -36,7 +36,7 @@ lint: venv
 
 # The user guide's topic pages (docs/, mkdocs.yml); --strict fails on a broken link or a page missing from the nav.
 docs: venv
-	@site=$$(mktemp -d) && $(BIN)/mkdocs build --strict --quiet --site-dir $$site && rm -rf $$site
+	@site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$site && rm -rf $$site
 
 # Regenerate the lock file from pyproject.toml (needs the package index).
 lock: venv
