@@ -23,7 +23,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name:32s} {count_parameters(model):12,d} {macs}  {MODELS[name].description}")
     print(
         "\naliases: custom -> custom_resnet50, baseline -> baseline_resnet50. GMACs: multiply-accumulates of one "
-        "forward pass (torchvision's 'GFLOPS' convention); 1-channel input."
+        "forward pass (torchvision's 'GFLOPS' convention); 1-channel input.\n"
+        "Every family also runs on any timm CNN or hybrid: FAMILY_timm_<timm model>, e.g. custom_timm_convnext_tiny, "
+        "baseline_timm_resnet50.a1_in1k, radiomics_svm_timm_efficientnet_b3 (--weights imagenet downloads timm's "
+        "pretrained weights; --weights FILE.safetensors loads your own)."
     )
     return 0
 

