@@ -753,6 +753,35 @@ def test_feature_model_round_trip_evaluate_and_predict_from_a_box(radiomics_run,
     assert p.returncode != 0 and "radiomics" in (p.stderr + p.stdout)
 
 
+def test_a_manifest_rows_problem_is_that_rows_error_and_the_other_rows_are_answered(radiomics_run, tmp_path):
+    import csv
+
+    import cv2
+
+    phantom = radiomics_run / "phantom"
+    images = sorted((phantom / "malignant").glob("*.png"))[:3]
+    tiny = tmp_path / "tiny_mask.png"  # a mask that does not fit this image's lesion nor its box (two pixels)
+    mask = np.zeros(cv2.imread(str(images[1]), cv2.IMREAD_GRAYSCALE).shape, np.uint8)
+    mask[5, 5:7] = 255
+    cv2.imwrite(str(tiny), mask)
+    manifest = tmp_path / "hostile.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "mask", "box"])
+        w.writerow([images[0], "", "30,30,90,90"])
+        w.writerow([images[1], tiny, "30,30,90,90"])
+        w.writerow([images[2], "", "30,30,90"])  # malformed box
+        w.writerow([images[0], "", "35,35,85,85"])
+    out = tmp_path / "pred.csv"
+    p = run_cli("predict", str(manifest), "--model", str(radiomics_run / "model.pt"), "--out", str(out))
+    assert p.returncode == 1, p.stderr  # some rows failed; none stopped the batch
+    rows = list(csv.DictReader(out.open()))
+    assert [r["status"] for r in rows] == ["ok", "error", "error", "ok"]
+    assert "radiomics needs a lesion of at least" in rows[1]["error"]
+    assert "line 4: the lesion box must be x0,y0,x1,y1" in rows[2]["error"]
+    assert 0 <= float(rows[0]["p_malignant"]) <= 1 and 0 <= float(rows[3]["p_malignant"]) <= 1
+
+
 def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_path):
     phantom = radiomics_run / "phantom" / "manifest.csv"
     p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom), "--out", str(tmp_path / "box"),

@@ -120,9 +120,12 @@ def test_input_manifest_errors_name_the_file_and_line(tmp_path):
     bad.write_text("image,mask\na.png,\n")
     with pytest.raises(DataError, match="no 'path' column"):
         read_input_manifest(bad)
-    bad.write_text("path,box\na.png,1,2\n")
-    with pytest.raises(DataError, match="line 2"):
-        read_input_manifest(bad)
+    # A malformed box is that row's problem: the row is answered with it, the other rows are analysed.
+    bad.write_text('path,box\na.png,"1,2"\nb.png,"1,2,30,40"\n,\n')
+    first, second, empty = read_input_manifest(bad)
+    assert first.problem.startswith("m.csv line 2: the lesion box must be x0,y0,x1,y1")
+    assert second.problem is None and second.box == (1.0, 2.0, 30.0, 40.0)
+    assert empty.problem == "m.csv line 4: empty path"
     ok = tmp_path / "ok.csv"
     ok.write_text("path,x0,y0,x1,y1\nsub/a.png,1,2,30,40\n")
     (item,) = read_input_manifest(ok)

@@ -43,6 +43,10 @@ def run_explain(args: argparse.Namespace) -> int:
     bad = 0
     items = input_items(args.inputs, mask=getattr(args, "mask", None), box=parse_box(getattr(args, "box", None)))
     for item in items:
+        if item.problem:
+            print(f"skipped {item.path}: {item.problem}", file=sys.stderr)
+            bad += 1
+            continue
         try:
             img = read_image(item.path)
             lesion = read_mask(item.mask, img.shape) if item.mask else None

@@ -77,6 +77,9 @@ def predict_files(
         good, pre, originals = [], [], []
         for i in range(start, min(start + batch_size, len(items))):
             item = items[i]
+            if item.problem:
+                rows[i] = _error_row(item.path, item.problem)
+                continue
             try:
                 img = read_image(item.path)
                 lesion = read_mask(item.mask, img.shape) if item.mask else None
@@ -86,9 +89,11 @@ def predict_files(
             except (DataError, ValueError) as exc:
                 rows[i] = _error_row(item.path, exc.problem if isinstance(exc, DataError) else str(exc))
         if pre:
-            probs = predictor.probabilities(pre)
-            shares = predictor.contributions(pre).as_dicts() if predictor.has_contributions else [None] * len(pre)
-            for i, p, pp, img, share in zip(good, probs, pre, originals, shares, strict=True):
+            scored = _score(predictor, pre)
+            for i, (pp, img, (p, share, problem)) in zip(good, zip(pre, originals, scored, strict=True), strict=True):
+                if problem is not None:
+                    rows[i] = _error_row(items[i].path, problem)
+                    continue
                 item = items[i]
                 source = pp.lesion_source if predictor.needs_lesion else "not used (whole image)"
                 row = {
@@ -112,6 +117,24 @@ def predict_files(
         bar.update(min(batch_size, len(items) - start))
     bar.close()
     return [rows[i] for i in range(len(items))]
+
+
+def _score(predictor: Predictor, pre: list) -> list[tuple[float | None, dict | None, str | None]]:
+    """``(probability, contributions, problem)`` per prepared image. A batch is scored at once; when the model
+    refuses one of its images (a lesion too small for radiomics, say), each is scored alone, so that only that image
+    gets the error and the others their answers."""
+
+    def batch(part: list) -> list[tuple[float, dict | None, None]]:
+        probs = predictor.probabilities(part)
+        shares = predictor.contributions(part).as_dicts() if predictor.has_contributions else [None] * len(part)
+        return [(float(p), s, None) for p, s in zip(probs, shares, strict=True)]
+
+    try:
+        return batch(pre)
+    except (DataError, ValueError) as exc:
+        if len(pre) == 1:
+            return [(None, None, exc.problem if isinstance(exc, DataError) else str(exc))]
+    return [answer for one in pre for answer in _score(predictor, [one])]
 
 
 def _error_row(path: str, problem: str) -> dict:

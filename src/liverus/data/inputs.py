@@ -21,11 +21,14 @@ class InputItem:
         path: the image.
         mask: a lesion-mask file of the image's size, or None.
         box: a lesion box ``(x0, y0, x1, y1)`` in the image's pixels, or None.
+        problem: what is wrong with this manifest row (a malformed box), or None: the row is answered with this
+            error and the other rows are analysed.
     """
 
     path: str
     mask: str | None = None
     box: tuple[float, float, float, float] | None = None
+    problem: str | None = None
 
     @property
     def lesion_source(self) -> str:
@@ -37,8 +40,11 @@ def read_input_manifest(path: str | os.PathLike) -> list[InputItem]:
     """A CSV of images to analyse: a ``path`` column, and optionally ``mask`` (a mask file) or ``box``
     (``x0,y0,x1,y1``; or four columns ``x0``, ``y0``, ``x1``, ``y1``). Relative paths are relative to the CSV.
 
+    A row's own problem (an empty path, a malformed box) is that row's: it comes back with ``problem`` set, so the
+    other rows are still analysed.
+
     Raises:
-        DataError: naming the CSV (and the row) for a missing ``path`` column, an empty path or a malformed box.
+        DataError: naming the CSV when it cannot be read as a manifest or has no ``path`` column.
     """
     p = Path(path)
     base = p.resolve().parent
@@ -56,18 +62,19 @@ def read_input_manifest(path: str | os.PathLike) -> list[InputItem]:
     for i, row in enumerate(rows, start=2):  # line numbers as an editor shows them (header is line 1)
         raw = (row.get("path") or "").strip()
         if not raw:
-            raise DataError(p, f"line {i}: empty path")
+            items.append(InputItem(f"{p}:{i}", problem=f"{p.name} line {i}: empty path"))
+            continue
         mask = (row.get("mask") or "").strip() or None
         box_text = (row.get("box") or "").strip()
         if not box_text and all((row.get(k) or "").strip() for k in ("x0", "y0", "x1", "y1")):
             box_text = ",".join(row[k].strip() for k in ("x0", "y0", "x1", "y1"))
+        box, problem = None, None
         try:
             box = parse_box(box_text)
         except ValueError as exc:
-            raise DataError(p, f"line {i}: {exc}") from exc
-        items.append(
-            InputItem(str(base / raw), str(base / mask) if mask else None, box)  # absolute paths stay absolute
-        )
+            problem = f"{p.name} line {i}: {exc}"
+        # Absolute paths stay absolute.
+        items.append(InputItem(str(base / raw), str(base / mask) if mask else None, box, problem))
     return items
 
 
