@@ -291,6 +291,11 @@ def test_repeated_cv_draws_new_group_disjoint_folds_and_compares_validly(tmp_pat
     transfer = summary["operating_point_transfer"][models[1]]
     assert set(transfer) == {"youden", "rule_out", "rule_in"} and len(transfer["rule_out"]["per_repeat"]) == 2
     assert all(0 <= x["sensitivity"] <= 1 for x in transfer["rule_out"]["per_repeat"])
+    # ... with the coverage of each target: repeats (pooled) and folds whose held-out rate reached it.
+    out = transfer["rule_out"]
+    assert out["folds"] == 4 and out["repeats_met"] == sum(x["met"] for x in out["per_repeat"])
+    assert [x["met"] for x in out["per_repeat"]] == [x["sensitivity"] >= 0.95 for x in out["per_repeat"]]
+    assert 0 <= out["folds_met"] <= 4 and "folds" not in transfer["youden"]
     with pytest.raises(ValueError, match=r"optim\.lr \(0\.0003 -> 0\.002\)"):
         run_study(apply_overrides(cfg, ["optim.lr=0.002"]), study, models=models, k=2, resume=True)
     again = run_study(cfg, study, models=models, k=2, repeats=2, resume=True, n_boot=50)  # nothing retrained

@@ -255,8 +255,43 @@ def test_operating_points_on_a_known_roc():
     pts = operating_points(y, p)
     assert pts["rule_out"]["sensitivity"] >= 0.95 and pts["rule_in"]["specificity"] >= 0.90
     assert pts["rule_out"]["threshold"] == pytest.approx(0.5 / 1.4)  # the highest threshold keeping every malignant
-    assert pts["rule_in"]["threshold"] == pytest.approx(0.9 / 1.4)  # the lowest with at most one benign above
+    # Ten benign cases cannot promise a specificity of 0.90 with 95% confidence (10 of 10: lower bound 0.74): the
+    # closest is the lowest threshold with no benign case above it, and the point says that its target is not held.
+    assert pts["rule_in"]["threshold"] == pytest.approx(1.0 / 1.4) and pts["rule_in"]["specificity"] == 1.0
+    assert not pts["rule_in"]["target_held"] and not pts["rule_out"]["target_held"]
+    assert pts["rule_in"]["specificity_ci95"][0] == pytest.approx(0.025 ** (1 / 10))  # exact: (alpha / 2)^(1 / n)
     assert pts["youden"]["sensitivity"] + pts["youden"]["specificity"] - 1 == pytest.approx(0.5)
+    # Without the confidence bound the point estimate decides (one benign above the rule-in point).
+    assert choose_threshold(y, p, "specificity", 0.90) == pytest.approx(0.9 / 1.4)
+
+
+def test_rule_out_and_rule_in_hold_at_their_lower_confidence_bound():
+    from scipy.stats import beta
+
+    from liverus.evaluation.metrics import operating_points, proportion_interval
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(300), np.ones(400)].astype(int)
+    p = 1 / (1 + np.exp(-(rng.normal(0, 1, 700) + 2.0 * y)))
+    pts = operating_points(y, p)
+    pos, neg = p[y == 1], p[y == 0]
+
+    def lower(k: int, n: int) -> float:
+        return float(beta.ppf(0.05, k, n - k + 1))
+
+    out, inn = pts["rule_out"], pts["rule_in"]
+    k = int((pos >= out["threshold"]).sum())
+    assert lower(k, 400) >= 0.95 and out["target_held"]
+    # The next higher threshold would not promise it: the point is the highest that does.
+    higher = np.sort(pos[pos > out["threshold"]])[0]
+    assert lower(int((pos >= higher).sum()), 400) < 0.95
+    # So its sensitivity on these data sits above the target, by the margin the bound asks for.
+    assert out["sensitivity"] > 0.96 and out["sensitivity_ci95"] == pytest.approx(list(proportion_interval(k, 400)))
+    k = int((neg < inn["threshold"]).sum())
+    assert lower(k, 300) >= 0.90 and inn["target_held"]
+    lower_t = np.sort(p[p < inn["threshold"]])[-1]
+    assert lower(int((neg < lower_t).sum()), 300) < 0.90
+    assert out["threshold"] < pts["youden"]["threshold"] < inn["threshold"]
 
 
 def test_corrected_resampled_ttest_against_a_hand_computation():

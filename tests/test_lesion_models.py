@@ -780,6 +780,12 @@ def test_a_manifest_rows_problem_is_that_rows_error_and_the_other_rows_are_answe
     assert "radiomics needs a lesion of at least" in rows[1]["error"]
     assert "line 4: the lesion box must be x0,y0,x1,y1" in rows[2]["error"]
     assert 0 <= float(rows[0]["p_malignant"]) <= 1 and 0 <= float(rows[3]["p_malignant"]) <= 1
+    # The JSON output says what each operating point is expected to give on new cases, with its interval.
+    p = run_cli("predict", str(manifest), "--model", str(radiomics_run / "model.pt"), "--out", str(tmp_path / "p.json"))
+    points = json.loads((tmp_path / "p.json").read_text())["operating_points"]
+    assert set(points) == {"youden", "rule_out", "rule_in"}
+    low, high = points["rule_out"]["sensitivity_ci95"]
+    assert low <= points["rule_out"]["sensitivity"] <= high and "95% confidence" in points["rule_out"]["target"]
 
 
 def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_path):

@@ -206,6 +206,10 @@ def test_browser_upload_shows_probability_label_and_heatmap(server, images, tmp_
         assert page.inner_text("#label") in ("benign", "malignant")
         assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
         assert page.eval_on_selector("#heatmap", "img => img.naturalWidth") == 64
+        # Where the probability sits against the operating points, and what each is expected to give, in words.
+        points = page.inner_text("#points")
+        assert points.startswith(("At or above", "Below every operating point")), points
+        assert "Operating points: rule-out" in points and "sensitivity" in points and "specificity" in points
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         # A corrupt upload shows a clear message on the page.
         bad = tmp_path / "bad.png"

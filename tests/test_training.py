@@ -423,6 +423,14 @@ def test_ensemble_of_fold_models_with_calibrated_operating_points(tmp_path):
     assert card.operating_points["rule_out"] <= card.operating_points["youden"] <= card.operating_points["rule_in"]
     # Every development case has one out-of-fold probability: its member's, calibrated by that member's temperature.
     oof = read_predictions([tmp_path / "ens" / "predictions_val.csv"])
+    # The card says what each point is expected to give on new cases: the rates on those predictions, with intervals.
+    from liverus.evaluation.metrics import operating_points
+
+    chosen = operating_points(oof.y, oof.p)
+    for name, rates in card.operating_point_rates.items():
+        assert rates["sensitivity"] == pytest.approx(chosen[name]["sensitivity"])
+        low, high = rates["specificity_ci95"]
+        assert low <= rates["specificity"] <= high and isinstance(rates["target_held"], bool)
     members = [read_predictions([tmp_path / "ens" / "members" / f"member{i}" / "predictions_val.csv"]) for i in (0, 1)]
     assert len(oof) == sum(len(m) for m in members) and not set(members[0].paths) & set(members[1].paths)
     t0 = float(ens.temperature[0])

@@ -170,7 +170,14 @@ def run_predict(args: argparse.Namespace) -> int:
         predictor, items, batch_size=args.batch_size, heatmaps=heatmaps
     )
     if out.suffix.lower() == ".json":
-        atomic_write_json(out, {"model": predictor.name, "backend": predictor.backend, "predictions": rows})
+        points = {
+            name: {"threshold": t, **predictor.card.operating_point_rates.get(name, {})}
+            for name, t in predictor.card.operating_points.items()
+        }
+        atomic_write_json(
+            out,
+            {"model": predictor.name, "backend": predictor.backend, "operating_points": points, "predictions": rows},
+        )
     else:
         buf = io.StringIO()
         extra = ["contributions"] if predictor.has_contributions else []

@@ -163,7 +163,32 @@ def multiclass_metrics(y_true: Sequence, probs: Sequence, classes: Sequence[str]
     }
 
 
-def choose_threshold(y_true: Sequence, p_pos: Sequence, method: str = "youden", target: float = 0.95) -> float:
+def proportion_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) two-sided ``level`` interval of a proportion ``k / n``; ``(nan, nan)`` for
+    ``n = 0``."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return math.nan, math.nan
+    a = (1 - level) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return low, high
+
+
+def proportion_lower_bound(k: np.ndarray, n: int, confidence: float) -> np.ndarray:
+    """The exact one-sided lower ``confidence`` bound of proportions ``k / n`` (0 where ``k = 0``)."""
+    from scipy.stats import beta
+
+    k = np.asarray(k, dtype=float)
+    with np.errstate(invalid="ignore"):
+        bound = beta.ppf(1 - confidence, k, n - k + 1)
+    return np.where(k > 0, np.nan_to_num(bound), 0.0)
+
+
+def choose_threshold(
+    y_true: Sequence, p_pos: Sequence, method: str = "youden", target: float = 0.95, *, confidence: float | None = None
+) -> float:
     """Choose the operating threshold on validation data.
 
     Args:
@@ -171,37 +196,53 @@ def choose_threshold(y_true: Sequence, p_pos: Sequence, method: str = "youden", 
             sensitivity is at least ``target``, for rule-out use) or ``specificity`` (the lowest threshold whose
             specificity is at least ``target``, for rule-in use).
         target: target sensitivity or specificity.
+        confidence: for ``sensitivity`` and ``specificity``: the target must hold with this one-sided confidence,
+            i.e. the exact (Clopper-Pearson) lower bound of the rate, not the rate itself, must reach ``target``,
+            so that the point holds on new cases drawn like these. Where no threshold makes the bound reach it (too
+            few cases), the threshold whose bound comes closest. ``None``: the point estimate.
 
     Returns:
         The threshold (predict malignant when ``p >= threshold``); 0.5 when only one class is present.
 
     Raises:
-        ValueError: for an unknown method or a target outside (0, 1].
+        ValueError: for an unknown method, a target outside (0, 1] or a confidence outside (0, 1).
     """
     y, p = check_inputs(y_true, p_pos)
     if method not in ("youden", "sensitivity", "specificity"):
         raise ValueError(f"unknown threshold method {method!r}; use youden, sensitivity or specificity")
     if not 0 < target <= 1:
         raise ValueError(f"target {method} must be in (0, 1], got {target}")
+    if confidence is not None and not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if len(np.unique(y)) < 2:
         return 0.5
     fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
     # roc_curve's first point (threshold +inf: call nothing malignant) is not an operating point anyone would use.
     fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     if method == "youden":
         return float(thr[int(np.argmax(tpr - fpr))])
     if method == "specificity":
-        ok = np.nonzero(1 - fpr >= target)[0]
-        # Without any finite threshold that specific enough, the strictest one is the closest there is.
-        return float(thr[ok[-1]]) if ok.size else float(thr[0])
-    ok = np.nonzero(tpr >= target)[0]
-    return float(thr[ok[0]])
+        spec = 1 - fpr
+        reached = spec if confidence is None else proportion_lower_bound(np.round(spec * n_neg), n_neg, confidence)
+        ok = np.nonzero(reached >= target - 1e-12)[0]
+        if ok.size:
+            return float(thr[ok[-1]])
+        # None specific enough: the lowest threshold of the highest (bound of the) specificity is the closest.
+        return float(thr[np.nonzero(reached == reached.max())[0][-1]])
+    reached = tpr if confidence is None else proportion_lower_bound(np.round(tpr * n_pos), n_pos, confidence)
+    ok = np.nonzero(reached >= target - 1e-12)[0]
+    return float(thr[ok[0]]) if ok.size else float(thr[int(np.argmax(reached))])
 
 
+# The targets of the rule-out and rule-in points hold with this one-sided confidence on the predictions they are
+# chosen on (the lower bound of the rate, not the rate): chosen on the point estimate, AUL's rule-out point gave
+# sensitivity 0.90 on new images where the out-of-fold estimate said 0.95.
+OPERATING_CONFIDENCE = 0.95
 OPERATING_POINTS = {
     "youden": ("youden", 0.0, "maximises sensitivity + specificity"),
-    "rule_out": ("sensitivity", 0.95, "sensitivity >= 0.95: below it, malignancy is unlikely"),
-    "rule_in": ("specificity", 0.90, "specificity >= 0.90: above it, malignancy is likely"),
+    "rule_out": ("sensitivity", 0.95, "sensitivity >= 0.95 with 95% confidence: below it, malignancy is unlikely"),
+    "rule_in": ("specificity", 0.90, "specificity >= 0.90 with 95% confidence: above it, malignancy is likely"),
 }
 
 
@@ -209,20 +250,33 @@ def operating_points(y_true: Sequence, p_pos: Sequence) -> dict[str, dict]:
     """The named operating points of a binary model, chosen on (pooled, out-of-fold or validation) predictions.
 
     Returns:
-        ``{name: {"threshold", "sensitivity", "specificity", "target"}}`` for ``youden``, ``rule_out`` (sensitivity
-        >= 0.95) and ``rule_in`` (specificity >= 0.90), with the sensitivity and specificity reached on these data.
+        ``{name: {"threshold", "sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "target",
+        "target_held"}}`` for ``youden``, ``rule_out`` (sensitivity >= 0.95 at its lower 95% confidence bound) and
+        ``rule_in`` (specificity >= 0.90 likewise): the rates reached on these data with their exact 95% intervals
+        (what to expect on new cases like these), and whether the lower bound reached the target (False where
+        there are too few cases to promise it).
     """
     y, p = check_inputs(y_true, p_pos)
     out = {}
+    pos, neg = y == 1, y == 0
     for name, (method, target, meaning) in OPERATING_POINTS.items():
-        t = choose_threshold(y, p, method, target or 0.95)
+        confidence = None if method == "youden" else OPERATING_CONFIDENCE
+        t = choose_threshold(y, p, method, target or 0.95, confidence=confidence)
         pred = p >= t
-        pos, neg = y == 1, y == 0
+        tp, tn = int(pred[pos].sum()), int((~pred[neg]).sum())
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        held = True
+        if method != "youden":
+            k, n = (tp, n_pos) if method == "sensitivity" else (tn, n_neg)
+            held = bool(n and proportion_lower_bound(np.array([k]), n, OPERATING_CONFIDENCE)[0] >= target - 1e-12)
         out[name] = {
             "threshold": t,
-            "sensitivity": float(pred[pos].mean()) if pos.any() else float("nan"),
-            "specificity": float((~pred[neg]).mean()) if neg.any() else float("nan"),
+            "sensitivity": tp / n_pos if n_pos else float("nan"),
+            "sensitivity_ci95": list(proportion_interval(tp, n_pos)),
+            "specificity": tn / n_neg if n_neg else float("nan"),
+            "specificity_ci95": list(proportion_interval(tn, n_neg)),
             "target": meaning,
+            "target_held": held,
         }
     return out
 

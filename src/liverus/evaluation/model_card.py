@@ -126,6 +126,7 @@ def write_model_card(run_dir: str | Path, metrics: dict, cases: list, data_summa
             "label_threshold": card.threshold,
             "how": card.threshold_method,
             "named": card.operating_points,
+            "expected_on_new_cases": card.operating_point_rates,
             "precision": card.precision,
         },
         "performance_with_95pct_intervals (TRIPOD+AI 23a; CLAIM 29-32)": performance,

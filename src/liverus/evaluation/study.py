@@ -341,13 +341,21 @@ def _repeated_html(repeated: dict | None) -> str:
 
 def operating_point_transfer(study: Path, model: str) -> dict:
     """Whether operating points chosen on validation hold on unseen cases: each fold model's own rule-out, Youden and
-    rule-in thresholds (from its card, chosen on its validation part) applied to its held-out fold, pooled per repeat.
+    rule-in thresholds (from its card, chosen on its validation part) applied to its held-out fold, pooled per repeat,
+    and the coverage of each point's target: in how many repeats (pooled) and folds the held-out rate reached it.
 
     Returns:
-        ``{point: {"target": ..., "per_repeat": [{"sensitivity", "specificity"}, ...]}}``.
+        ``{point: {"target": ..., "per_repeat": [{"sensitivity", "specificity", "met"}, ...], "repeats_met",
+        "folds_met", "folds"}}`` (``met`` and the counts only for points with a target rate).
     """
     from liverus.evaluation.metrics import OPERATING_POINTS
     from liverus.models import load_card
+
+    def rates(y: np.ndarray, pred: np.ndarray) -> dict:
+        return {
+            "sensitivity": float(pred[y == 1].mean()) if (y == 1).any() else math.nan,
+            "specificity": float((~pred[y == 0]).mean()) if (y == 0).any() else math.nan,
+        }
 
     out: dict = {}
     for r in range(n_repeats(study)):
@@ -358,25 +366,32 @@ def operating_point_transfer(study: Path, model: str) -> dict:
             for name, t in card.operating_points.items():
                 hits.setdefault(name, []).append((pr.y, pr.p >= t))
         for name, parts in hits.items():
-            y = np.concatenate([a for a, _ in parts])
-            pred = np.concatenate([b for _, b in parts])
-            entry = out.setdefault(name, {"target": OPERATING_POINTS[name][2], "per_repeat": []})
-            entry["per_repeat"].append(
-                {
-                    "sensitivity": float(pred[y == 1].mean()) if (y == 1).any() else math.nan,
-                    "specificity": float((~pred[y == 0]).mean()) if (y == 0).any() else math.nan,
-                }
-            )
+            method, target, meaning = OPERATING_POINTS[name]
+            entry = out.setdefault(name, {"target": meaning, "per_repeat": []})
+            pooled = rates(np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts]))
+            if method in ("sensitivity", "specificity"):  # a target rate to cover
+                pooled["met"] = bool(pooled[method] >= target)
+                folds = [rates(a, b)[method] >= target for a, b in parts]
+                entry["folds_met"] = entry.get("folds_met", 0) + sum(folds)
+                entry["folds"] = entry.get("folds", 0) + len(folds)
+                entry["repeats_met"] = entry.get("repeats_met", 0) + int(pooled["met"])
+            entry["per_repeat"].append(pooled)
     return out
 
 
 def _transfer_html(transfer: dict) -> str:
+    def coverage(v: dict) -> str:
+        if "folds" not in v:
+            return ""
+        return f"{v['repeats_met']} of {len(v['per_repeat'])} repeats, {v['folds_met']} of {v['folds']} folds"
+
     rows = [
         [
             model,
             name,
             v["target"],
             ", ".join(f"{fmt(x['sensitivity'])} / {fmt(x['specificity'])}" for x in v["per_repeat"]),
+            coverage(v),
         ]
         for model, points in transfer.items()
         for name, v in points.items()
@@ -386,7 +401,12 @@ def _transfer_html(transfer: dict) -> str:
     return (
         "<p>Each fold model's operating points, chosen on its own validation part, applied to its held-out fold: the "
         "sensitivity / specificity they reach on cases no choice saw, per repeat, next to what they were chosen "
-        "for.</p>" + table_html(["model", "operating point", "chosen for", "held-out sensitivity / specificity"], rows)
+        "for, and how often the target was reached (the coverage; a point chosen at its lower 95% bound should "
+        "reach it in most).</p>"
+        + table_html(
+            ["model", "operating point", "chosen for", "held-out sensitivity / specificity", "target reached in"],
+            rows,
+        )
     )
 
 

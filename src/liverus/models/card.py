@@ -36,6 +36,9 @@ class ModelCard:
         task: ``binary`` or ``three_class``.
         operating_points: named thresholds on p(malignant) (``youden``, ``rule_out``, ``rule_in``), chosen on the
             validation or pooled out-of-fold predictions; ``threshold`` is the one the label uses.
+        operating_point_rates: what each named point is expected to give on new cases like those it was chosen on:
+            ``{name: {"sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "target",
+            "target_held"}}`` (exact 95% intervals; rule-out and rule-in hold their targets at the lower bound).
         precision: numeric precision the stored probabilities and the thresholds were computed in, and that
             inference uses (bf16 only where it moved validation probabilities by less than 0.005).
         precision_gap: the largest bf16-vs-fp32 probability difference measured on the validation cases.
@@ -56,6 +59,7 @@ class ModelCard:
     threshold_method: str = "default (0.5)"
     task: str = "binary"
     operating_points: dict = field(default_factory=dict)
+    operating_point_rates: dict = field(default_factory=dict)
     precision: str = "fp32"
     precision_gap: float | None = None
     members: int = 1

@@ -169,6 +169,7 @@ def create_app(
             "label": predictor.card.label(prob),
             "threshold": round(predictor.threshold, 6),
             "operating_points": {k: round(v, 6) for k, v in predictor.card.operating_points.items()},
+            "operating_point_rates": predictor.card.operating_point_rates,
             "crossed": predictor.card.crossed(prob),
             "model": predictor.name,
             "version": predictor.version,

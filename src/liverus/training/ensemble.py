@@ -25,11 +25,11 @@ from liverus.data import Case, UltrasoundDataset, kfold_splits
 from liverus.engine.forward import average_probabilities, eval_batch_size, predict_probs
 from liverus.engine.predictions import read_predictions, write_predictions
 from liverus.engine.runtime import inference_amp
-from liverus.evaluation.metrics import operating_points
 from liverus.evaluation.stats import apply_temperature, fit_temperature
 from liverus.models import EnsembleClassifier, load_model, save_model
 from liverus.training.config import TrainConfig, config_to_dict
 from liverus.training.datasets import cache_dir, held_out_caches, usable_cases
+from liverus.training.finalize import chosen_points
 from liverus.training.loop import score
 from liverus.training.run_folder import RunFolder, TrainResult
 from liverus.utils import to_plain
@@ -100,7 +100,7 @@ def train_ensemble(
     # Pooled, calibrated out-of-fold predictions: each development case scored by the member that never saw it.
     oof = read_predictions(oof_files)
     p_cal = np.concatenate([apply_temperature(v.p, t) for v, t in zip(vals, temps, strict=True)])
-    points = {name: v["threshold"] for name, v in operating_points(oof.y, p_cal).items()}
+    points, rates = chosen_points(oof.y, p_cal)
     threshold = points["youden"]
     classes = card.classes
     probs = np.stack([1 - p_cal, p_cal], axis=1)
@@ -119,6 +119,7 @@ def train_ensemble(
         threshold=threshold,
         threshold_method=f"youden (pooled calibrated out-of-fold predictions of {len(oof)} cases, {k} members)",
         operating_points=points,
+        operating_point_rates=rates,
         members=k,
         precision=precisions.pop() if len(precisions) == 1 else "fp32",
         precision_gap=None,

@@ -39,9 +39,12 @@ class FinalModel:
     test_metrics: dict | None
 
 
-def _thresholds(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """The thresholds of the binary operating points (Youden, rule-out, rule-in) on these probabilities."""
-    return {k: v["threshold"] for k, v in operating_points(targets, probabilities).items()}
+def chosen_points(targets: np.ndarray, probabilities: np.ndarray) -> tuple[dict[str, float], dict[str, dict]]:
+    """The binary operating points (Youden, rule-out, rule-in) on these probabilities: their thresholds, and the
+    rates each is expected to give on new cases with their intervals (the model card's ``operating_point_rates``)."""
+    points = operating_points(targets, probabilities)
+    rates = {k: {m: v for m, v in p.items() if m != "threshold"} for k, p in points.items()}
+    return {k: v["threshold"] for k, v in points.items()}, rates
 
 
 def threshold_source(data: RunData, fixed_threshold: float | None) -> str:
@@ -99,11 +102,11 @@ def finalize(
     if not rt.is_main:
         return None
     classes = data.classes
-    points = {}
+    points, rates = {}, {}
     source = threshold_source(data, fixed_threshold)
     if source == "validation":
         if len(classes) == 2:
-            points = _thresholds(val[1], val[0][:, 1])
+            points, rates = chosen_points(val[1], val[0][:, 1])
         threshold = points.get("youden", 0.5)
         val_metrics = score(*val, classes, threshold)
         write_predictions(folder / "predictions_val.csv", data.val, *val, classes, threshold)
@@ -112,7 +115,7 @@ def finalize(
         threshold, val_metrics, method = float(fixed_threshold), {"auc": math.nan}, "model.threshold (config)"
     elif inner is not None and len(classes) == 2:
         p_inner, y_inner = inner
-        points = _thresholds(y_inner, p_inner)
+        points, rates = chosen_points(y_inner, p_inner)
         threshold, val_metrics = points["youden"], {"auc": math.nan}
         method = f"youden (inner cross-validation: out-of-fold probabilities of the {len(y_inner)} training cases)"
     else:
@@ -129,6 +132,7 @@ def finalize(
         threshold=float(threshold),
         threshold_method=method,
         operating_points=points,
+        operating_point_rates=rates,
         val_auc=float(val_metrics["auc"]),
         precision=precision_name(rt.amp),
         precision_gap=gap,
