@@ -381,3 +381,35 @@ def test_repeated_subgroups_read_image_sizes_from_the_files_for_every_repeat(tmp
     assert set(out) == {"40x30", "60x50"} and out["40x30"]["n"] == 24
     for r, pr in enumerate(repeats):
         assert out["60x50"]["auc_per_repeat"][r] == pytest.approx(skm.roc_auc_score(y[24:], pr.p[24:]))
+
+
+def test_one_answer_per_lesion_is_the_mean_log_odds_and_per_patient_the_highest_lesion():
+    from liverus.engine.predictions import Predictions
+    from liverus.evaluation.aggregate import aggregate_predictions, mean_log_odds
+
+    p = np.array([0.9, 0.6, 0.2, 0.3, 0.8])
+    y = np.array([1, 1, 0, 0, 1])
+    meta = [
+        {"patient_id": "a", "lesion_id": "1"},
+        {"patient_id": "a", "lesion_id": "1"},
+        {"patient_id": "a", "lesion_id": "2"},
+        {"patient_id": "b", "lesion_id": "1"},  # patient b's lesion 1 is not patient a's
+        {"patient_id": "b", "lesion_id": ""},  # no lesion id: a lesion of its own
+    ]
+    pr = Predictions([f"i{i}" for i in range(5)], y, p, (p >= 0.5).astype(int), meta)
+    lesions = aggregate_predictions(pr, "lesion", 0.5)
+    assert lesions.paths == ["lesion:a/1", "lesion:a/2", "lesion:b/1", "lesion:image:i4"]
+    logit = np.log(p / (1 - p))
+    assert lesions.p[0] == pytest.approx(1 / (1 + np.exp(-(logit[0] + logit[1]) / 2)))
+    assert mean_log_odds([0.9, 0.6]) == pytest.approx(lesions.p[0]) and lesions.y.tolist() == [1, 0, 0, 1]
+    assert [m["n_images"] for m in lesions.meta] == ["2", "1", "1", "1"]
+    patients = aggregate_predictions(pr, "patient", 0.5)
+    assert patients.paths == ["patient:a", "patient:b"] and patients.y.tolist() == [1, 1]
+    assert patients.p.tolist() == pytest.approx([lesions.p[0], 0.8]) and patients.pred.tolist() == [1, 1]
+    assert [m["n_lesions"] for m in patients.meta] == ["2", "2"]
+    # Without ids there is nothing to aggregate; a lesion whose images disagree on the label is a manifest error.
+    plain = Predictions(pr.paths, y, p, pr.pred, [{} for _ in range(5)])
+    assert aggregate_predictions(plain, "lesion", 0.5) is None
+    clash = Predictions(pr.paths, np.array([1, 0, 0, 0, 1]), p, pr.pred, meta)
+    with pytest.raises(ValueError, match="lesion 'a/1' has images labelled both"):
+        aggregate_predictions(clash, "lesion", 0.5)

@@ -788,6 +788,49 @@ def test_a_manifest_rows_problem_is_that_rows_error_and_the_other_rows_are_answe
     assert low <= points["rule_out"]["sensitivity"] <= high and "95% confidence" in points["rule_out"]["target"]
 
 
+def test_several_images_per_lesion_get_one_answer_in_predict_and_evaluate(radiomics_run, tmp_path):
+    import csv
+
+    from liverus.evaluation.aggregate import mean_log_odds
+
+    # The phantom has one to three frames of each lesion; two lesions make a patient.
+    phantom = radiomics_run / "phantom"
+    rows = list(csv.DictReader((phantom / "manifest.csv").open()))
+    lesions = sorted({r["group"] for r in rows})
+    patient = {g: f"pt{i // 2}" for i, g in enumerate(lesions)}
+    manifest = tmp_path / "lesions.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "mask", "lesion_id", "patient_id"])
+        for r in rows:
+            w.writerow([phantom / r["path"], r["label"], phantom / r["mask"] if r["mask"] else "", r["group"],
+                        patient[r["group"]]])  # fmt: skip
+    assert any(sum(r["group"] == g for r in rows) > 1 for g in lesions)  # several images of some lesion
+    p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(manifest), "--out", str(tmp_path / "ev"),
+                "--bootstrap", "50")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    n_lesions = len({r["group"] for r in rows if r["label"] != "normal"})
+    assert metrics["per_lesion"]["n"] == n_lesions
+    assert metrics["per_patient"]["n"] == len({patient[r["group"]] for r in rows if r["label"] != "normal"})
+    assert "per lesion" in p.stdout and "Per lesion and per patient" in (tmp_path / "ev" / "report.html").read_text()
+    # predict: one row per image, and one per lesion (the mean log-odds of its images) and per patient.
+    out = tmp_path / "pred.csv"
+    p = run_cli("predict", str(manifest), "--model", str(radiomics_run / "model.pt"), "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    images = list(csv.DictReader(out.open()))
+    per_lesion = {r["lesion"]: r for r in csv.DictReader((tmp_path / "pred_lesions.csv").open())}
+    per_patient = {r["patient"]: r for r in csv.DictReader((tmp_path / "pred_patients.csv").open())}
+    for key, answer in per_lesion.items():
+        pt, lesion = key.split("/")
+        mine = [float(r["p_malignant"]) for r in images if r["lesion_id"] == lesion and r["patient_id"] == pt]
+        assert int(answer["n_images"]) == len(mine)
+        assert float(answer["p_malignant"]) == pytest.approx(mean_log_odds(mine), abs=2e-6)
+    for pt, answer in per_patient.items():
+        highest = max(float(r["p_malignant"]) for k, r in per_lesion.items() if k.startswith(pt + "/"))
+        assert float(answer["p_malignant"]) == pytest.approx(highest, abs=1e-6)
+
+
 def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_path):
     phantom = radiomics_run / "phantom" / "manifest.csv"
     p = run_cli("evaluate", str(radiomics_run / "model.pt"), "--data", str(phantom), "--out", str(tmp_path / "box"),

@@ -20,7 +20,9 @@ import numpy as np
 from liverus.data.inputs import InputItem, input_items, parse_box
 from liverus.data.io import DataError, printable, read_image, read_mask
 from liverus.engine.heatmaps import save_overlay
+from liverus.engine.predictions import Predictions
 from liverus.engine.predictor import Predictor
+from liverus.evaluation.aggregate import LEVELS, aggregate_predictions
 from liverus.utils import atomic_write_json, atomic_write_text, check_new_file
 
 __all__ = ["predict_files", "heatmap_names", "run_predict", "COLUMNS"]
@@ -107,6 +109,8 @@ def predict_files(
                     "lesion_source": source,
                     "model": predictor.name,
                     "error": "",
+                    "lesion_id": item.lesion_id,
+                    "patient_id": item.patient_id,
                 }
                 if share is not None:
                     row["contributions"] = share
@@ -135,6 +139,36 @@ def _score(predictor: Predictor, pre: list) -> list[tuple[float | None, dict | N
         if len(pre) == 1:
             return [(None, None, exc.problem if isinstance(exc, DataError) else str(exc))]
     return [answer for one in pre for answer in _score(predictor, [one])]
+
+
+def aggregated_rows(rows: list[dict], predictor: Predictor) -> dict[str, list[dict]]:
+    """One row per lesion and per patient (``liverus.evaluation.aggregate``: a lesion's probability is the mean
+    log-odds of its images, a patient's the highest of their lesions'), from the images answered; empty where the
+    inputs name no lesions (patients)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return {}
+    p = np.array([r["p_malignant"] for r in ok])
+    meta = [{"lesion_id": r.get("lesion_id", ""), "patient_id": r.get("patient_id", "")} for r in ok]
+    pr = Predictions([r["path"] for r in ok], np.zeros(len(ok), int), p, np.zeros(len(ok), int), meta)
+    out = {}
+    for level in LEVELS:
+        agg = aggregate_predictions(pr, level, predictor.threshold)
+        if agg is None:
+            continue
+        out[level] = [
+            {
+                level: key.split(":", 1)[1].removeprefix("/") if level == "lesion" else key.split(":", 1)[1],
+                "patient_id": m["patient_id"],
+                "n_images": int(m["n_images"]),
+                "n_lesions": int(m["n_lesions"]),
+                "p_malignant": round(float(q), 6),
+                "label": predictor.card.label(q),
+                "operating_points": ";".join(predictor.card.crossed(q)),
+            }
+            for key, q, m in zip(agg.paths, agg.p, agg.meta, strict=True)
+        ]
+    return out
 
 
 def _error_row(path: str, problem: str) -> dict:
@@ -166,9 +200,15 @@ def run_predict(args: argparse.Namespace) -> int:
         if taken:
             raise ValueError(f"{len(taken)} heatmap file(s) already exist, first: {taken[0]}; choose another folder")
         folder.mkdir(parents=True, exist_ok=True)
+    ids = any(it.lesion_id or it.patient_id for it in items)
+    siblings = {level: out.with_name(f"{out.stem}_{level}s.csv") for level in LEVELS} if ids else {}
+    if out.suffix.lower() == ".csv":
+        for level, path in siblings.items():
+            check_new_file(path, f"--out's per-{level} file")
     rows = [_error_row(p, q) for p, q in input_errors] + predict_files(
         predictor, items, batch_size=args.batch_size, heatmaps=heatmaps
     )
+    grouped = aggregated_rows(rows, predictor) if ids else {}
     if out.suffix.lower() == ".json":
         points = {
             name: {"threshold": t, **predictor.card.operating_point_rates.get(name, {})}
@@ -176,11 +216,18 @@ def run_predict(args: argparse.Namespace) -> int:
         }
         atomic_write_json(
             out,
-            {"model": predictor.name, "backend": predictor.backend, "operating_points": points, "predictions": rows},
+            {
+                "model": predictor.name,
+                "backend": predictor.backend,
+                "operating_points": points,
+                "predictions": rows,
+                **{f"{level}s": v for level, v in grouped.items()},
+            },
         )
     else:
         buf = io.StringIO()
-        extra = ["contributions"] if predictor.has_contributions else []
+        extra = ["lesion_id", "patient_id"] if ids else []
+        extra += ["contributions"] if predictor.has_contributions else []
         extra += ["heatmap"] if heatmaps is not None else []
         w = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
         w.writeheader()
@@ -192,6 +239,15 @@ def run_predict(args: argparse.Namespace) -> int:
             for r in rows
         )
         atomic_write_text(out, buf.getvalue())
+        for level, answers in grouped.items():
+            sub = io.StringIO()
+            w = csv.DictWriter(sub, fieldnames=list(answers[0]))
+            w.writeheader()
+            w.writerows(answers)
+            atomic_write_text(siblings[level], sub.getvalue())
+    for level, answers in grouped.items():
+        print(f"{len(answers)} {level}(s): one answer each (mean log-odds of a lesion's images; a patient's highest "
+              f"lesion){' -> ' + printable(siblings[level]) if out.suffix.lower() == '.csv' else ''}")  # fmt: skip
     bad = [r for r in rows if r["status"] == "error"]
     print(f"{len(rows) - len(bad)} image(s) predicted, {len(bad)} failed -> {printable(out)}")
     for r in bad:

@@ -240,6 +240,8 @@ def cases_from_manifest(manifest: str | os.PathLike) -> list[Case]:
         group_col = "group" if "group" in cols else ("near_dup_group" if "near_dup_group" in cols else None)
         if group_col is None and "patient_id" in cols:
             group_col = "patient_id"
+        if group_col is None and "lesion_id" in cols:  # a lesion's images stay on one side of a split
+            group_col = "lesion_id"
         mask_col = "mask" if "mask" in cols else ("mass_mask" if "mass_mask" in cols else None)
         cases = []
         for lineno, row in enumerate(reader, start=2):

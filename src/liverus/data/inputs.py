@@ -23,12 +23,16 @@ class InputItem:
         box: a lesion box ``(x0, y0, x1, y1)`` in the image's pixels, or None.
         problem: what is wrong with this manifest row (a malformed box), or None: the row is answered with this
             error and the other rows are analysed.
+        lesion_id, patient_id: the manifest's ids (empty when it has none): a lesion's images get one answer, a
+            patient's lesions another.
     """
 
     path: str
     mask: str | None = None
     box: tuple[float, float, float, float] | None = None
     problem: str | None = None
+    lesion_id: str = ""
+    patient_id: str = ""
 
     @property
     def lesion_source(self) -> str:
@@ -38,7 +42,8 @@ class InputItem:
 
 def read_input_manifest(path: str | os.PathLike) -> list[InputItem]:
     """A CSV of images to analyse: a ``path`` column, and optionally ``mask`` (a mask file) or ``box``
-    (``x0,y0,x1,y1``; or four columns ``x0``, ``y0``, ``x1``, ``y1``). Relative paths are relative to the CSV.
+    (``x0,y0,x1,y1``; or four columns ``x0``, ``y0``, ``x1``, ``y1``), ``lesion_id`` and ``patient_id``. Relative
+    paths are relative to the CSV.
 
     A row's own problem (an empty path, a malformed box) is that row's: it comes back with ``problem`` set, so the
     other rows are still analysed.
@@ -74,7 +79,8 @@ def read_input_manifest(path: str | os.PathLike) -> list[InputItem]:
         except ValueError as exc:
             problem = f"{p.name} line {i}: {exc}"
         # Absolute paths stay absolute.
-        items.append(InputItem(str(base / raw), str(base / mask) if mask else None, box, problem))
+        ids = {k: (row.get(k) or "").strip() for k in ("lesion_id", "patient_id")}
+        items.append(InputItem(str(base / raw), str(base / mask) if mask else None, box, problem, **ids))
     return items
 
 

@@ -32,6 +32,7 @@ from liverus.data import (
 from liverus.engine.forward import average_probabilities, eval_batch_size, predict_probs
 from liverus.engine.predictions import Predictions, read_predictions, write_predictions
 from liverus.engine.runtime import inference_amp
+from liverus.evaluation.aggregate import LEVELS, aggregate_predictions
 from liverus.evaluation.analysis import evaluate_binary
 from liverus.evaluation.faithfulness import faithfulness_for_model
 from liverus.evaluation.model_card import write_model_card
@@ -447,6 +448,12 @@ def evaluate_checkpoint(
     pr = read_predictions([out / "predictions.csv"])
     cols = list(subgroup) or default_subgroups(pr)
     ev = evaluate_binary(pr, threshold, n_boot=n_boot, subgroups=cols)
+    # One answer per lesion (mean log-odds of its images) and per patient, where the manifest names them.
+    per_level = {}
+    for level in LEVELS:
+        agg = aggregate_predictions(pr, level, threshold)
+        if agg is not None and len(set(agg.y.tolist())) == 2:
+            per_level[level] = evaluate_binary(agg, threshold, n_boot=n_boot)
     faith = faithfulness_for_model(model_path, cases)
     atomic_write_json(
         out / "metrics.json",
@@ -464,6 +471,7 @@ def evaluate_checkpoint(
             },
             "skipped": skipped,
             "evaluation": ev,
+            **{f"per_{level}": v for level, v in per_level.items()},
         },
     )
     name = model.model_name
@@ -474,6 +482,16 @@ def evaluate_checkpoint(
             + metrics_table_html({name: ev}),
         ),
         ("Figures", figures_html({name: pr}, {name: ev}, out / "figures")),
+        (
+            "Per lesion and per patient",
+            (
+                "<p>A lesion's probability is the mean log-odds of its images; a patient's, the highest of their "
+                "lesions' (malignant when any lesion is).</p>"
+                + metrics_table_html({f"{name} per {level}": v for level, v in per_level.items()})
+            )
+            if per_level
+            else "",
+        ),
         ("Subgroups", subgroup_html({name: ev})),
         ("Heatmap faithfulness", faithfulness_html({name: faith})),
         ("Data", data_html(data_summary(cases))),
@@ -483,7 +501,12 @@ def evaluate_checkpoint(
     text = (
         f"{name} on {len(cases)} cases: AUC {_ci(m['auc'], ev['auc_delong']['ci95'])}, sensitivity "
         f"{_ci(m['sensitivity'], ev['ci95_bootstrap']['sensitivity'])}, specificity "
-        f"{_ci(m['specificity'], ev['ci95_bootstrap']['specificity'])}\nreport: {out / 'report.html'}"
+        f"{_ci(m['specificity'], ev['ci95_bootstrap']['specificity'])}"
+        + "".join(
+            f"\nper {level} ({v['n']}): AUC {_ci(v['metrics']['auc'], v['auc_delong']['ci95'])}"
+            for level, v in per_level.items()
+        )
+        + f"\nreport: {out / 'report.html'}"
     )
     return {"evaluation": ev, "text": text}
 
