@@ -837,6 +837,7 @@ def test_evaluate_scores_lesion_models_from_jittered_boxes(radiomics_run, tmp_pa
                 "--lesion-from", "box", "--box-jitter", "0.2", "--bootstrap", "50")  # fmt: skip
     assert p.returncode == 0, p.stderr
     metrics = json.loads((tmp_path / "box" / "metrics.json").read_text())
+    assert set(metrics["lesion"].pop("sources")) == {"mask"}  # boxes derived from the masks, not given alone
     assert metrics["lesion"] == {"from": "box", "box_jitter": 0.2, "box_loosen": 0.0, "box_average": 1}
     assert "as a user would draw them" in (tmp_path / "box" / "report.html").read_text()
     # Averaged over three boxes: per case, the mean log-odds of its three boxes' probabilities.
