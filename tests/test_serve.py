@@ -119,6 +119,34 @@ def test_api_roi_model_uses_the_drawn_box(roi_client, roi_run, images):
     assert r2.json()["probability_malignant"] == pytest.approx(expected2.probability, abs=1e-5)
 
 
+def test_api_gives_one_answer_for_several_images_of_a_lesion(roi_client, roi_run, images):
+    from liverus.evaluation.aggregate import mean_log_odds
+
+    pred = Predictor.from_path(roi_run / "model.pt")
+    boxes, files, want = [], [], []
+    for i, path in enumerate(images[:3]):
+        h, w = read_image(path).shape
+        box = (w * 0.3, h * 0.3, w * (0.6 + 0.05 * i), h * 0.7)
+        boxes.append(("box", (None, ",".join(map(str, box)))))
+        files.append(("file", (f"{i}.png", Path(path).read_bytes(), "image/png")))
+        want.append(pred.predict([read_image(path)], boxes=[box])[0].probability)
+    r = roi_client.post("/api/predict_lesion", files=files + boxes)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n_images"] == 3 and body["aggregation"] == "mean log-odds of the lesion's images"
+    assert [im["probability_malignant"] for im in body["images"]] == pytest.approx(want, abs=1e-5)
+    assert body["probability_malignant"] == pytest.approx(mean_log_odds(want), abs=1e-5)
+    assert body["label"] == pred.card.label(body["probability_malignant"])
+    # One box per image, in order; an image that fails names itself.
+    r = roi_client.post("/api/predict_lesion", files=files + boxes[:2])
+    assert r.status_code == 400 and "one box per image" in r.json()["detail"]
+    bad = files[:1] + [("file", ("x.png", b"\x89PNG\r\n\x1a\ncorrupt", "image/png"))]
+    r = roi_client.post("/api/predict_lesion", files=bad + boxes[:2])
+    assert r.status_code in (400, 415) and r.json()["detail"].startswith("image 2: ")
+    r = roi_client.post("/api/predict_lesion", files=files * 3 + boxes * 3)
+    assert r.status_code == 400 and "at most 8 images" in r.json()["detail"]
+
+
 @pytest.mark.parametrize(
     "box, match",
     [

@@ -7,6 +7,9 @@
   also ``contributions`` (each feature group's share of the log-odds) and ``baseline_probability``.
 * ``POST /api/image`` (multipart ``file``): the decoded image as PNG with its size, so the page can show any upload,
   DICOM included, and let the user draw the lesion box on it.
+* ``POST /api/predict_lesion`` (field ``file`` repeated, up to eight images of one lesion, and for lesion models
+  ``box`` repeated in the same order): one answer for the lesion, the mean log-odds of its images'
+  (``liverus.evaluation.aggregate``), with each image's own probability.
 * ``GET /api/health``: liveness, which model is loaded and whether it needs a lesion box (``needs_box``).
 * ``/docs`` and ``/openapi.json`` only with ``--api-docs``.
 
@@ -34,10 +37,14 @@ from liverus.data.uploads import ALLOWED_KINDS, decode_upload, sniff_kind
 from liverus.engine.heatmaps import overlay
 from liverus.engine.predictor import Predictor
 from liverus.engine.segment import propose_lesion
+from liverus.evaluation.aggregate import mean_log_odds
 from liverus.serve.batching import DynamicBatcher
 from liverus.serve.forms import Form, FormError, read_form
 
 __all__ = ["create_app", "run_server", "DISCLAIMER"]
+
+# Images of one lesion in one /api/predict_lesion request (each within the upload limit).
+MAX_LESION_IMAGES = 8
 
 DISCLAIMER = (
     "Research tool, not a diagnosis. liverus is not a medical device; its output must not be used on its own for "
@@ -187,6 +194,49 @@ def create_app(
             out["contributions"] = found.as_dicts()[0]
             out["baseline_probability"] = round(float(found.baseline_probability[0]), 6)
         return out
+
+    def analyse_lesion(form: Form) -> dict:
+        files, boxes = form.lists.get("file", []), form.lists.get("box", [])
+        if not files:
+            raise HTTPException(400, "no file: send the lesion's images in repeated multipart fields 'file'")
+        if len(files) > MAX_LESION_IMAGES:
+            raise HTTPException(400, f"at most {MAX_LESION_IMAGES} images of one lesion, got {len(files)}")
+        if boxes and len(boxes) != len(files):
+            raise HTTPException(400, f"give one box per image, in order: {len(files)} images, {len(boxes)} boxes")
+        images = []
+        for i, raw in enumerate(files):
+            one = Form(fields={"file": raw, **({"box": boxes[i]} if boxes else {})})
+            try:
+                answer = analyse(one, heatmap=False)
+            except HTTPException as exc:
+                raise HTTPException(exc.status_code, f"image {i + 1}: {exc.detail}") from None
+            images.append({k: answer[k] for k in ("probability_malignant", "lesion_source", "box", "file_type")})
+        prob = mean_log_odds([im["probability_malignant"] for im in images])
+        return {
+            "probability_malignant": round(prob, 6),
+            "label": predictor.card.label(prob),
+            "threshold": round(predictor.threshold, 6),
+            "operating_points": {k: round(v, 6) for k, v in predictor.card.operating_points.items()},
+            "operating_point_rates": predictor.card.operating_point_rates,
+            "crossed": predictor.card.crossed(prob),
+            "aggregation": "mean log-odds of the lesion's images",
+            "n_images": len(images),
+            "images": images,
+            "model": predictor.name,
+            "version": predictor.version,
+            "backend": predictor.backend,
+            "disclaimer": DISCLAIMER,
+        }
+
+    @app.post("/api/predict_lesion")
+    async def predict_lesion(request: Request) -> dict:
+        form = await read_form(
+            request,
+            max_upload_bytes * MAX_LESION_IMAGES,
+            max_fields=2 * MAX_LESION_IMAGES + 2,  # room to refuse a ninth image in words
+            repeated=("file", "box"),
+        )
+        return await run_in_threadpool(analyse_lesion, form)
 
     @app.post("/api/predict")
     async def predict(request: Request) -> dict:

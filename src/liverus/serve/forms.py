@@ -28,8 +28,11 @@ class FormError(Exception):
 
 @dataclass
 class Form:
+    """A parsed form: one value per field, and for the fields a request may repeat, every value in order."""
+
     fields: dict[str, bytes] = field(default_factory=dict)
     filenames: dict[str, str] = field(default_factory=dict)
+    lists: dict[str, list[bytes]] = field(default_factory=dict)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -45,8 +48,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_form(body: bytes, content_type: str, max_fields: int = 8) -> Form:
-    """Parse a ``multipart/form-data`` body held in memory.
+def parse_form(body: bytes, content_type: str, max_fields: int = 8, repeated: tuple[str, ...] = ()) -> Form:
+    """Parse a ``multipart/form-data`` body held in memory. Fields named in ``repeated`` may come several times
+    (``Form.lists``, in order); any other field only once.
 
     Raises:
         FormError: 400 for anything that is not a well-formed multipart form.
@@ -102,6 +106,9 @@ def parse_form(body: bytes, content_type: str, max_fields: int = 8) -> Form:
     for name, filename, data in parts:
         if not name:
             continue
+        if name in repeated:
+            form.lists.setdefault(name, []).append(data)
+            continue
         if name in form.fields:
             raise FormError(400, f"form field {name!r} is given twice")
         form.fields[name] = data
@@ -110,7 +117,9 @@ def parse_form(body: bytes, content_type: str, max_fields: int = 8) -> Form:
     return form
 
 
-async def read_form(request: Request, max_upload_bytes: int) -> Form:
+async def read_form(
+    request: Request, max_upload_bytes: int, *, max_fields: int = 8, repeated: tuple[str, ...] = ()
+) -> Form:
     """Read and parse the request's form; FormError (413, 400) for bodies that are too large or malformed."""
     body = await read_body(request, max_upload_bytes + FRAMING_ALLOWANCE)
-    return parse_form(body, request.headers.get("content-type", ""))
+    return parse_form(body, request.headers.get("content-type", ""), max_fields, repeated)
