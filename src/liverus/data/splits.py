@@ -25,7 +25,13 @@ def _check_groups(cases: list[Case], k: int) -> None:
         groups_per_class[c.label].add(c.group_key)
     for label, groups in sorted(groups_per_class.items()):
         if len(groups) < k:
-            raise DataError(None, f"class {label!r} has only {len(groups)} group(s); {k} folds need at least {k}")
+            raise DataError(
+                None,
+                f"class {label!r} has only {len(groups)} group(s) (patients, or images merged as near duplicates); "
+                f"{k} folds need at least {k}: use fewer folds (--k for cv/compare, model.ensemble for an "
+                "ensemble, data.val_fraction for a validation split), data.group_by: source if near-duplicate "
+                "merging joined too many images, or more data",
+            )
 
 
 def kfold_splits(cases: list[Case], k: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
