@@ -164,3 +164,16 @@ def test_lesion_models_cross_validate_and_evaluate_from_boxes_alone(tmp_path):
     assert metrics["lesion"]["sources"] == {"box": sum(c.label != "normal" for c in cases)}
     assert metrics["lesion"]["box_average"] == 2
     assert "from the boxes in the manifest alone" in (tmp_path / "eval" / "report.html").read_text()
+    # ... and a box-only case gets from evaluate what predict gives its image and box.
+    import csv
+
+    from liverus.data import cases_from_manifest
+    from liverus.engine.predictor import Predictor
+
+    case = next(c for c in cases_from_manifest(boxes) if c.box is not None)
+    scored = {
+        r["path"]: float(r["p_malignant"]) for r in csv.DictReader((tmp_path / "eval" / "predictions.csv").open())
+    }
+    image = cv2.imread(case.path, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    (answer,) = Predictor.from_path(model).predict([image], boxes=[case.box])
+    assert answer.probability == pytest.approx(scored[case.path], abs=1e-5)

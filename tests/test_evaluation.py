@@ -398,7 +398,7 @@ def test_one_answer_per_lesion_is_the_mean_log_odds_and_per_patient_the_highest_
     ]
     pr = Predictions([f"i{i}" for i in range(5)], y, p, (p >= 0.5).astype(int), meta)
     lesions = aggregate_predictions(pr, "lesion", 0.5)
-    assert lesions.paths == ["lesion:a/1", "lesion:a/2", "lesion:b/1", "lesion:image:i4"]
+    assert lesions.paths == ["lesion:a/1", "lesion:a/2", "lesion:b/1", "lesion:image 5:i4"]
     logit = np.log(p / (1 - p))
     assert lesions.p[0] == pytest.approx(1 / (1 + np.exp(-(logit[0] + logit[1]) / 2)))
     assert mean_log_odds([0.9, 0.6]) == pytest.approx(lesions.p[0]) and lesions.y.tolist() == [1, 0, 0, 1]
@@ -408,6 +408,13 @@ def test_one_answer_per_lesion_is_the_mean_log_odds_and_per_patient_the_highest_
     assert patients.p.tolist() == pytest.approx([lesions.p[0], 0.8]) and patients.pred.tolist() == [1, 1]
     assert [m["n_lesions"] for m in patients.meta] == ["2", "2"]
     # Without ids there is nothing to aggregate; a lesion whose images disagree on the label is a manifest error.
+    # One image listed twice (two boxes: two lesions) without lesion ids: two lesions, the patient's highest wins.
+    twice = Predictions(["s", "s"], np.array([0, 1]), np.array([0.1, 0.9]), np.array([0, 1]),
+                        [{"patient_id": "c"}, {"patient_id": "c"}])  # fmt: skip
+    (patient,) = aggregate_predictions(twice, "patient", 0.5).meta
+    assert (
+        aggregate_predictions(twice, "patient", 0.5).p.tolist() == pytest.approx([0.9]) and patient["n_lesions"] == "2"
+    )
     plain = Predictions(pr.paths, y, p, pr.pred, [{} for _ in range(5)])
     assert aggregate_predictions(plain, "lesion", 0.5) is None
     clash = Predictions(pr.paths, np.array([1, 0, 0, 0, 1]), p, pr.pred, meta)

@@ -56,6 +56,13 @@ def test_every_cnn_family_runs_on_timm_backbones_trains_and_round_trips(tmp_path
     assert card.model_name == f"{family}_{backbone}" and card.normalization == pytest.approx(model.normalization)
     assert loaded.weights_info.pretrained_cfg["architecture"] == arch
     assert loaded.weights_info.pretrained_cfg["mean"] == list(reference.pretrained_cfg["mean"])
+    if family == "custom" and backbone == SMALL[0]:
+        # A timm whose config of this name gives other statistics than the model was trained with is refused.
+        obj = torch.load(tmp_path / "model.pt", weights_only=True)
+        obj["weights_info"]["pretrained_cfg"]["mean"] = [0.5, 0.5, 0.5]
+        torch.save(obj, tmp_path / "other.pt")
+        with pytest.raises(ValueError, match=r"was trained with mean \[0.5, 0.5, 0.5\].*install the timm version"):
+            load_model(tmp_path / "other.pt")
 
 
 def test_the_family_colon_spelling_and_the_mask_channel_stem():

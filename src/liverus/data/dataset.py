@@ -116,13 +116,10 @@ def load_preprocessed(case: Case, cfg: PreprocessConfig) -> Preprocessed:
         box = lesion_box(lesion, loosen=cfg.box_loosen, jitter=cfg.box_jitter, seed=seed)
         lesion = None
     elif lesion is None and case.box is not None:
-        # A box and no outline (a box-only dataset): the lesion comes from the box as at inference. Loosening and
-        # jitter (box copies, data.box_jitter) move the given box as they move a box derived from a mask.
+        # A box and no outline (a box-only dataset): the lesion comes from the box exactly as predict and serve take
+        # a user's box. Loosening and jitter stand in for a user's box around an expert outline; a given box is
+        # already a user's, so it is not moved (its averaged boxes, data.box_average, are moved as at inference).
         box = _checked_box(case, img.shape)
-        if cfg.box_loosen or cfg.box_jitter:
-            filled = np.zeros(img.shape[:2], np.uint8)
-            filled[int(box[1]) : int(np.ceil(box[3])), int(box[0]) : int(np.ceil(box[2]))] = 1
-            box = lesion_box(filled, loosen=cfg.box_loosen, jitter=cfg.box_jitter, seed=seed)
     try:
         return preprocess(img, cfg, lesion=lesion, box=box)
     except ValueError as exc:

@@ -28,21 +28,24 @@ def mean_log_odds(p: Sequence[float]) -> float:
 
 
 def group_ids(meta: Sequence[dict], paths: Sequence[str], level: str) -> list[str] | None:
-    """Each image's lesion or patient key, or None when no image names one. A lesion is keyed within its patient
-    (two patients' ``lesion_id`` 1 are two lesions); an image without a ``lesion_id`` is a lesion of its own."""
+    """Each row's lesion or patient key, or None when no row names one. A lesion is keyed within its patient (two
+    patients' ``lesion_id`` 1 are two lesions); a row without a ``lesion_id`` is a lesion of its own (keyed by its
+    row, since one image may be listed twice with two boxes: two lesions); a row without a ``patient_id`` is a
+    patient of its own, or its lesion's."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
     column = LEVELS[level]
     if not any(str(m.get(column) or "").strip() for m in meta):
         return None
     keys = []
-    for m, path in zip(meta, paths, strict=True):
+    for i, (m, path) in enumerate(zip(meta, paths, strict=True)):
         patient = str(m.get("patient_id") or "").strip()
+        lesion = str(m.get("lesion_id") or "").strip()
+        own = f"image {i + 1}:{path}"
         if level == "patient":
-            keys.append(patient or f"image:{path}")
+            keys.append(patient or (f"/{lesion}" if lesion else own))
         else:
-            lesion = str(m.get("lesion_id") or "").strip()
-            keys.append(f"{patient}/{lesion}" if lesion else f"image:{path}")
+            keys.append(f"{patient}/{lesion}" if lesion else own)
     return keys
 
 
@@ -56,7 +59,7 @@ def aggregate_predictions(pr: Predictions, level: str, threshold: float) -> Pred
     keys = group_ids(pr.meta, pr.paths, level)
     if keys is None:
         return None
-    lesions = group_ids(pr.meta, pr.paths, "lesion") or [f"image:{p}" for p in pr.paths]
+    lesions = group_ids(pr.meta, pr.paths, "lesion") or [f"image {i + 1}:{p}" for i, p in enumerate(pr.paths)]
     per_lesion: dict[str, list[int]] = {}
     for i, lesion in enumerate(lesions):
         per_lesion.setdefault(lesion, []).append(i)

@@ -252,9 +252,10 @@ def operating_points(y_true: Sequence, p_pos: Sequence) -> dict[str, dict]:
     Returns:
         ``{name: {"threshold", "sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "target",
         "target_held"}}`` for ``youden``, ``rule_out`` (sensitivity >= 0.95 at its lower 95% confidence bound) and
-        ``rule_in`` (specificity >= 0.90 likewise): the rates reached on these data with their exact 95% intervals
-        (what to expect on new cases like these), and whether the lower bound reached the target (False where
-        there are too few cases to promise it).
+        ``rule_in`` (specificity >= 0.90 likewise): the rates reached on these data with their exact two-sided 95%
+        intervals (what to expect on new cases like these), and whether the one-sided 95% lower bound reached the
+        target (False where there are too few cases to promise it). The two-sided interval's lower end lies below
+        the one-sided bound, so it can dip under a target that is held.
     """
     y, p = check_inputs(y_true, p_pos)
     out = {}

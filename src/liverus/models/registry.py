@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from liverus.models.backbones import (
@@ -342,11 +343,32 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     for m in members:
         if wi and m.backbone is not None:
             m.backbone.weights_info = WeightsInfo(**wi)
+            _check_backbone_stats(m.backbone, wi.get("pretrained_cfg") or {}, p)
     model.eval()
     # Files of liverus 0.1 carry an untyped "extra" dict instead of a card; defaults come from the weights.
     stored = obj.get("card") or obj.get("extra") or {}
     card = ModelCard.from_dict({**default_card(model).to_dict(), **stored}, source=p)
     return model, card
+
+
+def _check_backbone_stats(backbone, stored: dict, path: Path) -> None:
+    """A timm backbone is rebuilt from the installed timm's config of its name; the normalisation the model was
+    trained with is stored in the file. They must agree (a timm release could change a name's default pretrained
+    tag, and with it the statistics a feature model undoes before its radiomics).
+
+    Raises:
+        ValueError: naming the file, both statistics and the timm version the model was trained with.
+    """
+    if not stored.get("mean") or not stored.get("std"):
+        return
+    spec = backbone.spec
+    if not (np.allclose(stored["mean"], spec.mean) and np.allclose(stored["std"], spec.std)):
+        raise ValueError(
+            f"model file {path}: its backbone {stored.get('architecture', spec.name)} was trained with mean "
+            f"{stored['mean']} / std {stored['std']}, but the installed timm builds it with {list(spec.mean)} / "
+            f"{list(spec.std)}; install the timm version it was trained with ({stored.get('timm_version', '?')}) "
+            "or name the pretrained tag explicitly (e.g. _timm_resnet50.a1_in1k)"
+        )
 
 
 def _read_model_file(p: Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:

@@ -26,6 +26,7 @@ from liverus.data import (
 )
 from liverus.evaluation.multiclass_study import summarize_multiclass_study
 from liverus.evaluation.study import repeat_dir, summarize_study
+from liverus.models import canonical_model_name
 from liverus.training.config import ConfigError, TrainConfig, config_to_dict
 from liverus.training.datasets import usable_cases
 from liverus.training.run_folder import RunExistsError, changed_keys, move_aside
@@ -40,6 +41,8 @@ __all__ = ["run_study", "run_holdout_comparison", "parse_model_spec"]
 def parse_model_spec(spec: str) -> tuple[str, str | None, str]:
     """``name`` or ``name@weights`` (weights: ``imagenet``, ``random`` or a file). Returns (name, weights, label)."""
     name, _, weights = spec.partition("@")
+    if ":" in name:  # family:timm/model -> family_timm_model, a folder name (aliases keep the name they were given)
+        name = canonical_model_name(name)
     if not weights:
         return name, None, name
     w = None if weights == "random" else weights

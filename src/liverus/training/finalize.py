@@ -43,7 +43,13 @@ def chosen_points(targets: np.ndarray, probabilities: np.ndarray) -> tuple[dict[
     """The binary operating points (Youden, rule-out, rule-in) on these probabilities: their thresholds, and the
     rates each is expected to give on new cases with their intervals (the model card's ``operating_point_rates``)."""
     points = operating_points(targets, probabilities)
-    rates = {k: {m: v for m, v in p.items() if m != "threshold"} for k, p in points.items()}
+
+    def plain(v):  # a rate a validation split of one class leaves undefined is null, not NaN (JSON has no NaN)
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    rates = {k: {m: plain(v) for m, v in p.items() if m != "threshold"} for k, p in points.items()}
     return {k: v["threshold"] for k, v in points.items()}, rates
 
 
