@@ -162,6 +162,20 @@ def create_app(
             out["proposed_box"] = [round(v, 1) for v in proposal.box] if proposal.box else None
         return out
 
+    def verdict(prob: float) -> dict:
+        """What every answer says of a probability: label, threshold, operating points and the model."""
+        return {
+            "probability_malignant": round(prob, 6),
+            "label": predictor.card.label(prob),
+            "threshold": round(predictor.threshold, 6),
+            "operating_points": {k: round(v, 6) for k, v in predictor.card.operating_points.items()},
+            "operating_point_rates": predictor.card.operating_point_rates,
+            "crossed": predictor.card.crossed(prob),
+            "model": predictor.name,
+            "version": predictor.version,
+            "backend": predictor.backend,
+        }
+
     def analyse(form: Form, heatmap: bool) -> dict:
         image, kind = image_of(form)
         lesion_box = box_of(form, image)
@@ -172,15 +186,7 @@ def create_app(
         result = batcher.submit(pre, heatmap=heatmap and predictor.has_heatmaps).result()
         prob = result.probability
         out = {
-            "probability_malignant": round(prob, 6),
-            "label": predictor.card.label(prob),
-            "threshold": round(predictor.threshold, 6),
-            "operating_points": {k: round(v, 6) for k, v in predictor.card.operating_points.items()},
-            "operating_point_rates": predictor.card.operating_point_rates,
-            "crossed": predictor.card.crossed(prob),
-            "model": predictor.name,
-            "version": predictor.version,
-            "backend": predictor.backend,
+            **verdict(prob),
             "file_type": kind,
             "box": list(lesion_box) if lesion_box else None,
             "lesion_source": pre.lesion_source,
@@ -213,18 +219,10 @@ def create_app(
             images.append({k: answer[k] for k in ("probability_malignant", "lesion_source", "box", "file_type")})
         prob = mean_log_odds([im["probability_malignant"] for im in images])
         return {
-            "probability_malignant": round(prob, 6),
-            "label": predictor.card.label(prob),
-            "threshold": round(predictor.threshold, 6),
-            "operating_points": {k: round(v, 6) for k, v in predictor.card.operating_points.items()},
-            "operating_point_rates": predictor.card.operating_point_rates,
-            "crossed": predictor.card.crossed(prob),
+            **verdict(prob),
             "aggregation": "mean log-odds of the lesion's images",
             "n_images": len(images),
             "images": images,
-            "model": predictor.name,
-            "version": predictor.version,
-            "backend": predictor.backend,
             "disclaimer": DISCLAIMER,
         }
 
