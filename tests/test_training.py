@@ -799,6 +799,9 @@ def test_default_config_lists_every_key():
     listed = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
     for section, keys in config_to_dict(TrainConfig()).items():
         assert set(keys) == set(listed[section]), section
+        # ... with the dataclasses' default values, so the file cannot say another default than the code.
+        differ = {k: (listed[section][k], v) for k, v in keys.items() if listed[section][k] != v}
+        assert not differ, f"configs/default.yaml {section}: (file, code) {differ}"
 
 
 def test_resume_check_compares_paths_by_where_they_point_and_new_keys_by_default(tmp_path, monkeypatch):

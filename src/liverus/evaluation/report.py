@@ -2,7 +2,8 @@
 
 * :func:`report_for_run`: after ``liverus train`` (validation, and test when the run had one);
 * :func:`evaluate_checkpoint`: ``liverus evaluate`` on any labelled data with a model's stored threshold;
-* :func:`study_report`: ``liverus cv`` / ``compare`` (pooled out-of-fold results, paired tests, per-fold spread).
+* the ``liverus cv`` / ``compare`` reports (pooled out-of-fold results, paired tests, per-fold spread) are built in
+  :mod:`liverus.evaluation.study` from the helpers here.
 """
 
 from __future__ import annotations
