@@ -236,7 +236,12 @@ def cases_from_manifest(manifest: str | os.PathLike) -> list[Case]:
         cols = reader.fieldnames or []
         missing = {"path", "label"} - set(cols)
         if missing:
-            raise DataError(manifest, f"missing column(s) {sorted(missing)}; found {cols}")
+            raise DataError(
+                manifest,
+                f"missing column(s) {sorted(missing)}; found {cols}. A manifest names each image in a 'path' column "
+                "(relative to the CSV) and its class in a 'label' column (benign, malignant or normal); rename "
+                "your columns to these",
+            )
         group_col = "group" if "group" in cols else ("near_dup_group" if "near_dup_group" in cols else None)
         if group_col is None and "patient_id" in cols:
             group_col = "patient_id"
