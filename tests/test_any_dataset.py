@@ -177,3 +177,29 @@ def test_lesion_models_cross_validate_and_evaluate_from_boxes_alone(tmp_path):
     image = cv2.imread(case.path, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
     (answer,) = Predictor.from_path(model).predict([image], boxes=[case.box])
     assert answer.probability == pytest.approx(scored[case.path], abs=1e-5)
+
+
+def test_class_folders_with_images_and_masks_sub_folders(tmp_path):
+    """A common public layout: ``class/images/x.png`` with ``class/masks/x.png`` (or ``x_mask.png``), and masks
+    beside the images in ``class/masks/``: the masks are masks, never images of the class."""
+    from liverus.data import load_cases
+
+    cases = _phantom(tmp_path)
+    root = tmp_path / "kaggle"
+    for i, case in enumerate(c for c in cases if c.label != "normal"):
+        images, masks = root / case.label / "images", root / case.label / "masks"
+        images.mkdir(parents=True, exist_ok=True)
+        masks.mkdir(parents=True, exist_ok=True)
+        shutil.copy(case.path, images / f"case{i}.png")
+        shutil.copy(case.mask, masks / (f"case{i}_mask.png" if i % 2 else f"case{i}.png"))
+    loaded = load_cases(root)
+    assert len(loaded) == sum(c.label != "normal" for c in cases)  # no mask read as an image
+    assert all(c.mask and "/masks/" in c.mask and Path(c.mask).stem.startswith(Path(c.path).stem) for c in loaded)
+    # Masks beside the images (no images/ sub-folder) work the same.
+    flat = tmp_path / "flat" / "benign"
+    (flat / "masks").mkdir(parents=True)
+    one = next(c for c in cases if c.label == "benign")
+    shutil.copy(one.path, flat / "a.png")
+    shutil.copy(one.mask, flat / "masks" / "a.png")
+    (case,) = load_cases(tmp_path / "flat")
+    assert case.mask == str(flat / "masks" / "a.png")

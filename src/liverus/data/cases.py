@@ -3,7 +3,8 @@
 Three sources, one result (a list of :class:`Case`):
 
 * a folder per class (``benign/``, ``malignant/``, optionally ``normal/``) with optional masks in a parallel
-  ``masks/`` tree or beside the image with a ``_mask`` suffix; further outlines of the same image as ``_mask_1``,
+  ``masks/`` tree, beside the image with a ``_mask`` suffix, or in a ``masks/`` sub-folder of the class folder
+  (beside the images or beside an ``images/`` sub-folder); further outlines of the same image as ``_mask_1``,
   ``_mask_2``, ... (the layout of the common public breast-ultrasound release) are masks of that image too;
 * a CSV manifest ``path,label[,group][,mask][,box][,...]``; a ``box`` (``x0,y0,x1,y1`` in pixels, or four columns
   ``x0``, ``y0``, ``x1``, ``y1``) gives the lesion of an image without a mask, as a user gives it at inference;
@@ -104,6 +105,10 @@ def _check_cases(cases: list[Case], source: Path) -> list[Case]:
 
 
 MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<n>\d+))?$")
+# Inside a class folder, masks may sit in a sub-folder of these names beside the images (or beside an images/
+# sub-folder of the names below): a common layout of public ultrasound datasets.
+MASK_FOLDERS = {"mask", "masks", "label", "labels", "annotation", "annotations", "segmentation", "segmentations"}
+IMAGE_FOLDERS = {"image", "images", "img", "imgs"}
 
 
 def _find_masks_for(img: Path, root: Path, siblings: list[Path]) -> tuple[str | None, tuple[str, ...]]:
@@ -158,11 +163,20 @@ def _scan_class_folder(folder: Path, ignored: list[tuple[str, str]]) -> tuple[li
                 ignored.append((str(p), f"not an image or DICOM file ({p.suffix or 'no extension'})"))
                 continue
             m = MASK_NAME.match(p.stem)
-            if m:
+            if Path(dirpath).name.lower() in MASK_FOLDERS and Path(dirpath) != folder:
+                # class/masks/x.png (or x_mask.png) is the mask of class/x.png or class/images/x.png.
+                masks.setdefault(p.parent.parent / (m.group("stem") if m else p.stem), []).append(p)
+            elif m:
                 masks.setdefault(p.parent / m.group("stem"), []).append(p)
             else:
                 images.append(p)
     return images, masks
+
+
+def _mask_key(img: Path) -> Path:
+    """Where an image's masks are keyed: its folder and stem, or for ``class/images/x.png`` the folder above, where
+    a sibling ``masks/`` folder keys them."""
+    return (img.parent.parent if img.parent.name.lower() in IMAGE_FOLDERS else img.parent) / img.stem
 
 
 def cases_from_folder(root: str | os.PathLike, *, ignored: list[tuple[str, str]] | None = None) -> list[Case]:
@@ -190,9 +204,10 @@ def cases_from_folder(root: str | os.PathLike, *, ignored: list[tuple[str, str]]
             raise DataError(d, f"unknown class folder {d.name!r}; expected one of {sorted(KNOWN_LABELS)}")
         images, masks = _scan_class_folder(d, ignored)
         for img in images:
-            mask, extra = _find_masks_for(img, root, masks.get(img.parent / img.stem, []))
+            keys = dict.fromkeys([img.parent / img.stem, _mask_key(img)])  # one or two places, in order
+            mask, extra = _find_masks_for(img, root, [m for key in keys for m in masks.get(key, [])])
             cases.append(Case(str(img), label, mask=mask, extra_masks=extra))
-        stems = {img.parent / img.stem for img in images}
+        stems = {img.parent / img.stem for img in images} | {_mask_key(img) for img in images}
         ignored += [(str(p), "mask without its image") for key, ps in masks.items() if key not in stems for p in ps]
     return _check_cases(cases, root)
 
