@@ -128,19 +128,22 @@ def test_pretrained_weights_without_a_network_say_how_to_pass_a_file():
         build_model("custom_timm_resnet10t", weights="imagenet")
 
 
+def _train_tiny(run, *overrides: str) -> None:
+    """Train on the phantom at 64 px, quietly, with these config overrides."""
+    from liverus.training import apply_overrides, load_config, train
+
+    base = ["data.image_size=64", "data.augment=none", "runtime.progress=false", "runtime.tensorboard=false"]
+    train(apply_overrides(load_config(), [*base, *overrides]), run)
+
+
 @pytest.mark.slow
 def test_a_timm_cnn_trains_predicts_explains_and_exports(tmp_path):
     from liverus.engine.predictor import Predictor
     from liverus.export import export_onnx
-    from liverus.training import apply_overrides, load_config, train
 
-    cfg = apply_overrides(
-        load_config(),
-        ["data.image_size=64", "data.phantom_patients=16", "data.phantom_size=96", "data.augment=none",
-         "model.name=custom_timm_mobilenetv3_small_050", "optim.batch_size=8", "optim.epochs=1",
-         "optim.warmup_epochs=0", "runtime.progress=false", "runtime.tensorboard=false"],
-    )  # fmt: skip
-    train(cfg, tmp_path / "run")
+    _train_tiny(tmp_path / "run", "data.phantom_patients=16", "data.phantom_size=96",
+                "model.name=custom_timm_mobilenetv3_small_050", "optim.batch_size=8", "optim.epochs=1",
+                "optim.warmup_epochs=0")  # fmt: skip
     pred = Predictor.from_path(tmp_path / "run" / "model.pt")
     pre = pred.prepare(np.random.default_rng(0).random((90, 90)).astype(np.float32))
     p = pred.probabilities([pre])[0]
@@ -155,16 +158,10 @@ def test_a_timm_cnn_trains_predicts_explains_and_exports(tmp_path):
 @pytest.mark.slow
 def test_the_feature_family_on_a_timm_backbone_fits_and_predicts_from_a_box(tmp_path):
     from liverus.engine.predictor import Predictor
-    from liverus.training import apply_overrides, load_config, train
 
-    cfg = apply_overrides(
-        load_config(),
-        ["data.image_size=64", "data.crop=roi", "data.lesion_channel=true", "data.phantom_patients=30",
-         "data.phantom_size=128", "data.augment=none", "data.scan_view=true",
-         "model.name=radiomics_svm_timm_mobilenetv3_small_050", "model.flip_features=true",
-         "runtime.progress=false", "runtime.tensorboard=false"],
-    )  # fmt: skip
-    train(cfg, tmp_path / "run")
+    _train_tiny(tmp_path / "run", "data.crop=roi", "data.lesion_channel=true", "data.phantom_patients=30",
+                "data.phantom_size=128", "data.scan_view=true", "model.name=radiomics_svm_timm_mobilenetv3_small_050",
+                "model.flip_features=true")  # fmt: skip
     model, card = load_model(tmp_path / "run" / "model.pt")
     assert card.model_name == "radiomics_svm_timm_mobilenetv3_small_050"
     assert model.backbone.weights_info.pretrained_cfg["architecture"] == "mobilenetv3_small_050"

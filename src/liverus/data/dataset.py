@@ -110,9 +110,9 @@ def load_preprocessed(case: Case, cfg: PreprocessConfig) -> Preprocessed:
     elif case.polygon:
         lesion = _polygon_mask(case.polygon, img.shape)
     box = None
-    seed = int.from_bytes(hashlib.sha256(Path(case.path).name.encode()).digest()[:4], "little")
     if cfg.lesion_from == "box" and lesion is not None and lesion.any():
         # Score (or train) as a user would use the model: from a box around the lesion, not its expert outline.
+        seed = int.from_bytes(hashlib.sha256(Path(case.path).name.encode()).digest()[:4], "little")
         box = lesion_box(lesion, loosen=cfg.box_loosen, jitter=cfg.box_jitter, seed=seed)
         lesion = None
     elif lesion is None and case.box is not None:

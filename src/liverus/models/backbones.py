@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import urllib.error
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -110,11 +110,14 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return image
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | os.PathLike, *, wrappers: tuple[str, ...] = ("model",)) -> dict[str, torch.Tensor]:
     """Load a state dict from a file without unpickling arbitrary objects.
 
     Args:
-        path: a ``.pt``/``.pth`` file holding a state dict (or a liverus checkpoint with a ``model`` entry).
+        path: a ``.safetensors`` file (a format that cannot hold code) or a ``.pt``/``.pth`` file holding a state dict,
+            read with ``weights_only=True``.
+        wrappers: entries a checkpoint may wrap its state dict in (a liverus checkpoint's ``model``); the first one
+            present is taken off.
 
     Returns:
         The state dict.
@@ -126,14 +129,28 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise ValueError(f"weights file {p} does not exist")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise several types for corrupt or unsafe files
         raise ValueError(f"weights file {p} could not be read as a state dict: {exc}") from exc
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    for key in wrappers:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"weights file {p} does not hold a state dict of tensors")
     return obj
+
+
+def _adapt_stem(conv: nn.Conv2d, in_chans: int) -> None:
+    """Give a stem convolution ``in_chans`` input channels in place (:func:`adapt_input_conv`). Swapping the weight,
+    not the module, keeps a subclass's own padding logic (EfficientNet-Lite's and timm's "same" padding)."""
+    conv.weight = nn.Parameter(adapt_input_conv(conv.weight.detach(), in_chans).contiguous())
+    conv.in_channels = in_chans
 
 
 def _sha256(path: Path) -> str:
@@ -281,10 +298,7 @@ def _efficientnet_lite0(
         info = _load_strict(net, path, "an EfficientNet-Lite0", kind)
     feats = EfficientNetLite0Features(net)
     if in_chans != 3:
-        # The stem is the package's "same"-padding Conv2d subclass; swapping its weight keeps that padding logic.
-        conv = feats.stem()
-        conv.weight = nn.Parameter(adapt_input_conv(conv.weight.detach(), in_chans).contiguous())
-        conv.in_channels = in_chans
+        _adapt_stem(feats.stem(), in_chans)
     feats.weights_info = info
     return feats
 
@@ -411,38 +425,12 @@ def _first_conv_name(net: nn.Module) -> str:
     raise ValueError(f"found no stem convolution (3 input channels) in timm model {type(net).__name__}")
 
 
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` (never pickled) or a ``.pt``/``.pth`` file (read with
-    ``weights_only=True``); common wrappers (``state_dict``, ``model``, ``module.`` prefixes) are taken off."""
-    if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise ValueError(f"weights file {path} could not be read as safetensors: {exc}") from exc
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"weights file {path} could not be read as a state dict: {exc}") from exc
-        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict of tensors")
-    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
-
-
 def _load_timm_file(net: nn.Module, path: Path, name: str) -> None:
     """Load a user's weights into a timm model: every backbone key must match; the classifier's keys (another
     number of classes, or none) may be missing or extra. Raises: ValueError listing what does not match."""
-    state = _read_weights_file(path)
+    state = load_state_dict_file(path, wrappers=("state_dict", "model", "state_dict_ema", "model_ema"))
+    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     classifier = net.pretrained_cfg.get("classifier") or ()
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     own = net.state_dict()
@@ -497,11 +485,9 @@ def _timm_backbone(
             info = WeightsInfo("file", str(path), _sha256(path))
     feats = TimmFeatures(net, name)
     cfg = net.pretrained_cfg
-    feats.weights_info = WeightsInfo(
-        info.kind,
-        info.source,
-        info.sha256,
-        {
+    feats.weights_info = replace(
+        info,
+        pretrained_cfg={
             "architecture": arch,
             "hub_id": str(cfg.get("hf_hub_id") or ""),
             "mean": list(feats.spec.mean),
@@ -511,7 +497,5 @@ def _timm_backbone(
         },
     )
     if in_chans != 3:
-        conv = feats.stem()
-        conv.weight = nn.Parameter(adapt_input_conv(conv.weight.detach(), in_chans).contiguous())
-        conv.in_channels = in_chans
+        _adapt_stem(feats.stem(), in_chans)
     return feats

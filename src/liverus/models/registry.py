@@ -102,14 +102,6 @@ def _make_baseline_builder(backbone: str) -> Callable[..., LesionClassifier]:
     return build
 
 
-for _bb in BACKBONES:
-    for _variant, (_desc, _fixed) in VARIANTS.items():
-        register_model(f"{_variant}_{_bb}", f"{_bb}: {_desc}")(_make_custom_builder(_bb, _fixed))
-    register_model(f"baseline_{_bb}", f"{_bb}: baseline, plain backbone + new linear classifier")(
-        _make_baseline_builder(_bb)
-    )
-
-
 def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[..., LesionFeatureModel]:
     def build(
         *,
@@ -138,15 +130,37 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
 
 
 _CLASSIFIER_NAMES = {"logistic": "logistic regression", "svm": "RBF SVM", "boosting": "gradient-boosted trees"}
+# Every family that runs on a backbone: the seed's head and its ablations, the baseline, the frozen-feature models.
+FAMILIES = (*VARIANTS, "baseline", *(f"radiomics_{clf}" for clf in FEATURE_CLASSIFIERS))
+
+
+def _family_entry(family: str, backbone: str) -> ModelEntry | None:
+    """The model ``{family}_{backbone}``: its name, description and builder; None for an unknown family. One table
+    for the built-in backbones (registered below) and timm's (made on demand by :func:`_model_entry`)."""
+    name = f"{family}_{backbone}"
+    if family in VARIANTS:
+        desc, fixed = VARIANTS[family]
+        return ModelEntry(name, f"{backbone}: {desc}", _make_custom_builder(backbone, fixed))
+    if family == "baseline":
+        desc = f"{backbone}: baseline, plain backbone + new linear classifier"
+        return ModelEntry(name, desc, _make_baseline_builder(backbone))
+    clf = family.removeprefix("radiomics_")
+    if family.startswith("radiomics_") and clf in FEATURE_CLASSIFIERS:
+        desc = (
+            f"lesion radiomics + frozen {backbone} features of the crop -> {_CLASSIFIER_NAMES[clf]} "
+            "(needs data.lesion_channel)"
+        )
+        return ModelEntry(name, desc, _make_feature_builder(clf, backbone))
+    return None
+
+
 for _clf in FEATURE_CLASSIFIERS:
     _desc = f"lesion radiomics -> {_CLASSIFIER_NAMES[_clf]} (needs data.lesion_channel)"
     register_model(f"radiomics_{_clf}", _desc)(_make_feature_builder(_clf, None))
-    for _bb in BACKBONES:
-        register_model(
-            f"radiomics_{_clf}_{_bb}",
-            f"lesion radiomics + frozen {_bb} features of the crop -> {_CLASSIFIER_NAMES[_clf]} "
-            "(needs data.lesion_channel)",
-        )(_make_feature_builder(_clf, _bb))
+for _bb in BACKBONES:
+    for _family in FAMILIES:
+        _entry = _family_entry(_family, _bb)
+        register_model(_entry.name, _entry.description)(_entry.builder)
 
 
 def canonical_model_name(name: str) -> str:
@@ -160,17 +174,6 @@ def canonical_model_name(name: str) -> str:
     return name
 
 
-def _families() -> dict[str, Callable[[str], Callable[..., LesionClassifier]]]:
-    """Every model family and the builder it makes for a backbone name."""
-    out: dict[str, Callable[[str], Callable[..., LesionClassifier]]] = {
-        variant: (lambda bb, fixed=fixed: _make_custom_builder(bb, fixed)) for variant, (_, fixed) in VARIANTS.items()
-    }
-    out["baseline"] = _make_baseline_builder
-    for clf in FEATURE_CLASSIFIERS:
-        out[f"radiomics_{clf}"] = lambda bb, clf=clf: _make_feature_builder(clf, bb)
-    return out
-
-
 def _model_entry(name: str) -> ModelEntry:
     """The registry entry of ``name``; a family with a timm backbone (``custom_timm_convnext_tiny``) is made on
     demand, since timm has more models than a registry should list.
@@ -182,15 +185,13 @@ def _model_entry(name: str) -> ModelEntry:
     if key in MODELS:
         return MODELS[key]
     family, sep, arch = key.partition("_" + TIMM_PREFIX)
-    families = _families()
-    if sep and family in families:
-        backbone = TIMM_PREFIX + arch
-        if not is_backbone_name(backbone):
+    if sep and family in FAMILIES:
+        if not is_backbone_name(TIMM_PREFIX + arch):
             raise ValueError(f"unknown model {name!r}: timm has no model {arch!r} (see timm.list_models())")
-        return ModelEntry(key, f"{family} on timm's {arch}", families[family](backbone))
+        return _family_entry(family, TIMM_PREFIX + arch)
     raise ValueError(
         f"unknown model {name!r}; available: {', '.join(list_models())}, or FAMILY_timm_<timm model> with FAMILY "
-        f"one of {', '.join(sorted(families))} (e.g. custom_timm_convnext_tiny)"
+        f"one of {', '.join(sorted(FAMILIES))} (e.g. custom_timm_convnext_tiny)"
     )
 
 
