@@ -11,7 +11,7 @@ from liverus.engine.contributions import feature_contributions, has_feature_grou
 from liverus.engine.forward import normalize_images
 from liverus.models import EnsembleClassifier, build_model
 
-RADIOMICS_GROUPS = ("shape", "echo pattern", "texture", "halo and posterior acoustics")
+RADIOMICS_GROUPS = ("shape and margin", "echo pattern", "texture", "halo and posterior acoustics")
 
 
 def test_shapley_weights_give_the_known_values_of_a_game_with_an_interaction():
@@ -129,3 +129,68 @@ def test_cnns_and_bad_coalitions_are_refused():
         EnsembleClassifier(
             [build_model("baseline_efficientnet_lite0", num_classes=2, weights=None) for _ in range(2)]
         ).feature_groups()
+
+
+def _with_reference(model, seed: int = 0):
+    """``model`` with reference lesions from 200 synthetic training lesions whose echo-pattern columns say the class
+    (malignant ones +1.5 standard deviations) and everything else is noise."""
+    from liverus.training.feature_fit import set_contribution_reference
+
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], 100)
+    z = rng.normal(size=(200, model.reference_lesions.shape[1]))
+    z[:, model.feature_groups()["echo pattern"]] += 1.5 * y[:, None]
+    set_contribution_reference(model, z, y, seed=seed)
+    return model
+
+
+def test_contributions_against_reference_lesions_add_up_and_place_the_case_among_each_class():
+    model = _fitted("radiomics_logistic")
+    cols = model.feature_groups()["echo pattern"]
+    coef = np.zeros(model.coef.shape[0])
+    coef[cols] = 0.8  # only the echo pattern decides
+    model.load_fitted({"coef": coef})
+    _with_reference(model)
+    assert bool(model.has_reference) and model.reference_lesions.abs().sum() > 0
+    x = _lesion_input()
+    found = feature_contributions(model, x)
+    with torch.no_grad():
+        logits = model(x)
+        z_ref = model.reference_lesions.double()
+        p_ref = torch.sigmoid(z_ref @ model.coef.double() + model.intercept.double()).mean()
+    np.testing.assert_allclose(found.logit, (logits[:, 1] - logits[:, 0]).double().numpy(), atol=1e-4)
+    np.testing.assert_allclose(found.baseline + found.values.sum(1), found.logit, atol=1e-6)
+    # Every group absent: the probability averaged over the reference lesions, half of each class.
+    np.testing.assert_allclose(found.baseline_probability, float(p_ref), atol=1e-6)
+    others = [g for g in found.groups if g != "echo pattern"]
+    assert np.abs(found.values[:, [found.groups.index(g) for g in others]]).max() < 1e-6  # they do not decide
+    context = found.training_context()
+    assert set(context) == set(found.groups)
+    benign, malignant = context["echo pattern"]["benign"], context["echo pattern"]["malignant"]
+    assert benign == sorted(benign) and malignant == sorted(malignant)  # quartiles in order
+    assert malignant[1] > 1.0 > -1.0 > benign[1]  # the malignant lesions' echo pattern pushes towards malignant
+    assert max(abs(v) for g in others for c in context[g].values() for v in c) < 1e-6
+
+
+def test_models_saved_before_the_reference_existed_load_and_explain_against_the_training_mean():
+    model = _fitted("radiomics_svm")
+    state = {k: v for k, v in model.state_dict().items()
+             if k not in ("has_reference", "reference_lesions", "group_quantiles")}  # fmt: skip
+    older = build_model("radiomics_svm", in_chans=2, n_support=6).eval()
+    older.load_state_dict(state, strict=True)
+    assert not bool(older.has_reference) and older.contribution_quantiles() is None
+    found = feature_contributions(older, _lesion_input())
+    assert found.quantiles is None and found.training_context() is None
+    np.testing.assert_allclose(found.baseline + found.values.sum(1), found.logit, atol=1e-6)
+    with_ref = feature_contributions(_with_reference(model), _lesion_input())
+    assert with_ref.quantiles.shape == (2, 4, 3)
+    assert not np.allclose(with_ref.baseline, found.baseline)
+
+
+def test_ensemble_quantiles_are_the_members_scaled_by_their_temperatures():
+    members = [_with_reference(_fitted("radiomics_svm", seed), seed) for seed in (0, 1)]
+    ensemble = EnsembleClassifier(members, temperatures=[1.0, 2.0]).eval()
+    expected = (members[0].group_quantiles + members[1].group_quantiles / 2) / 2
+    torch.testing.assert_close(ensemble.contribution_quantiles(), expected)
+    found = feature_contributions(ensemble, _lesion_input())
+    np.testing.assert_allclose(found.baseline + found.values.sum(1), found.logit, atol=1e-6)

@@ -925,9 +925,15 @@ def test_radiomics_only_model_serves_and_explains_by_its_feature_groups_not_heat
         )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert "heatmap" not in body and body["lesion_source"] == "user box"
-    # No heatmap, but the decision splits into the radiomics groups, which add up to the model's log-odds.
-    assert set(body["contributions"]) == {"shape", "echo pattern", "texture", "halo and posterior acoustics"}
+    assert body["lesion_source"] == "user box"
+    # No Grad-CAM (no convolutional layer), but an occlusion map, and the decision splits into the radiomics groups,
+    # which add up to the model's log-odds, each placed among the training lesions of each class.
+    assert body["heatmap_method"] == "occlusion" and body["heatmap"].startswith("data:image/png;base64,")
+    assert "blue lowered it" in body["heatmap_caption"]
+    context = body["training_lesions"]
+    assert set(context) == set(body["contributions"])
+    assert all(q == sorted(q) and len(q) == 3 for group in context.values() for q in group.values())
+    assert set(body["contributions"]) == {"shape and margin", "echo pattern", "texture", "halo and posterior acoustics"}
     p_model, p_base = body["probability_malignant"], body["baseline_probability"]
     logit = np.log(p_model / (1 - p_model))
     assert abs(np.log(p_base / (1 - p_base)) + sum(body["contributions"].values()) - logit) < 1e-3
@@ -935,6 +941,10 @@ def test_radiomics_only_model_serves_and_explains_by_its_feature_groups_not_heat
                 "--out", str(tmp_path / "ex"))  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert not list((tmp_path / "ex").glob("*_gradcam.png"))
+    assert (tmp_path / "ex" / f"{image.stem}_occlusion.png").stat().st_size > 1000
+    p = run_cli("explain", str(image), "--box", "30,30,90,90", "--model", str(radiomics_run / "model.pt"),
+                "--method", "gradcam", "--out", str(tmp_path / "ex2"))  # fmt: skip
+    assert p.returncode != 0 and "has no gradcam map; it has: occlusion" in p.stderr
     explained = json.loads((tmp_path / "ex" / f"{image.stem}_features.json").read_text())
     assert explained["contributions"] == body["contributions"] and explained["lesion_source"] == "user box"
     assert abs(explained["baseline_logit"] + sum(explained["contributions"].values()) - explained["logit"]) < 1e-3
@@ -972,11 +982,16 @@ def test_browser_shows_what_drove_a_feature_models_score(radiomics_server, radio
         _drag_box(page, 0.2, 0.7)
         page.click("#submit")
         page.wait_for_selector("#result:not(.hidden)", timeout=60_000)
-        assert page.is_visible("#contributions") and not page.is_visible("#heatmap")
-        rows = page.eval_on_selector_all("#contribution-rows tr", "rs => rs.map(r => r.innerText.split('\\t'))")
+        assert page.is_visible("#contributions") and page.is_visible("#heatmap")
+        assert "Occlusion" in page.inner_text("#heatmap-caption")
+        heads = page.eval_on_selector_all("#contribution-rows th", "hs => hs.map(h => h.innerText)")
+        assert "looks like" in heads and "malignant training lesions" in heads
+        rows = page.eval_on_selector_all("#contribution-rows tbody tr",
+                                          "rs => rs.map(r => Array.from(r.cells).map(c => c.innerText))")  # fmt: skip
         names = [row[0].strip() for row in rows]
-        assert sorted(names) == sorted(["shape", "echo pattern", "texture", "halo and posterior acoustics"])
-        values = [float(row[-1]) for row in rows]
+        assert sorted(names) == sorted(["shape and margin", "echo pattern", "texture", "halo and posterior acoustics"])
+        assert all(row[3] in ("benign lesions", "malignant lesions") for row in rows)
+        values = [float(row[2]) for row in rows]
         assert [abs(v) for v in values] == sorted((abs(v) for v in values), reverse=True)  # largest first
         assert "% malignant" in page.inner_text("#baseline")
         browser.close()
@@ -1670,8 +1685,9 @@ def test_scan_view_run_fits_a_pca_per_view_and_predicts_explains_from_a_box(tmp_
                     "--out", str(tmp_path / out))  # fmt: skip
         assert p.returncode == 0, p.stderr
     assert ",ok," in (tmp_path / "pred.csv").read_text()
-    assert (tmp_path / "heat" / f"{image.stem}_gradcam.png").is_file()
+    assert (tmp_path / "heat" / f"{image.stem}_occlusion.png").is_file()
     explained = json.loads((tmp_path / "heat" / f"{image.stem}_features.json").read_text())
-    assert set(explained["contributions"]) == {"shape", "echo pattern", "texture", "halo and posterior acoustics",
-                                               "deep: lesion crop", "deep: whole scan"}  # fmt: skip
+    assert set(explained["contributions"]) == {"shape and margin", "echo pattern", "texture",
+                                               "halo and posterior acoustics", "deep: lesion crop",
+                                               "deep: whole scan"}  # fmt: skip
     assert abs(explained["baseline_logit"] + sum(explained["contributions"].values()) - explained["logit"]) < 1e-3

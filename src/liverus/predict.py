@@ -30,8 +30,8 @@ __all__ = ["predict_files", "heatmap_names", "run_predict", "COLUMNS"]
 COLUMNS = ["path", "status", "p_malignant", "label", "threshold", "operating_points", "lesion_source", "model", "error"]
 
 
-def heatmap_names(files: list[str], folder: str | Path) -> dict[str, Path]:
-    """One heatmap file per input, never two for the same name: ``STEM_gradcam.png``, or, where stems collide
+def heatmap_names(files: list[str], folder: str | Path, method: str = "gradcam") -> dict[str, Path]:
+    """One heatmap file per input, never two for the same name: ``STEM_METHOD.png``, or, where stems collide
     (``a/scan.png`` and ``b/scan.png``), the path below the inputs' common folder joined with ``__``."""
     folder = Path(folder)
     stems: dict[str, int] = {}
@@ -42,11 +42,16 @@ def heatmap_names(files: list[str], folder: str | Path) -> dict[str, Path]:
     for f in files:
         p = Path(f)
         if stems[p.stem] == 1:
-            names[f] = folder / f"{p.stem}_gradcam.png"
+            names[f] = folder / f"{p.stem}_{method}.png"
         else:
             rel = p.resolve().relative_to(common) if common != Path() else p
-            names[f] = folder / ("__".join(rel.with_suffix("").parts) + "_gradcam.png")
+            names[f] = folder / ("__".join(rel.with_suffix("").parts) + f"_{method}.png")
     return names
+
+
+def _chart_name(heatmap: Path) -> Path:
+    """Where a feature model's contributions chart goes beside its map: ``STEM_features.png``."""
+    return heatmap.with_name(heatmap.name.rsplit("_", 1)[0] + "_features.png")
 
 
 def _common_parent(files: list[str]) -> str:
@@ -62,6 +67,7 @@ def predict_files(
     *,
     batch_size: int = 16,
     heatmaps: dict[str, Path] | None = None,
+    method: str = "default",
     progress: bool = True,
 ) -> list[dict]:
     """Predict every item (an image and, for lesion models, its mask or box); returns one row per item (errors
@@ -69,7 +75,9 @@ def predict_files(
     contribution to the log-odds of malignancy (:mod:`liverus.engine.contributions`).
 
     Args:
-        heatmaps: destination of each file's Grad-CAM figure (see :func:`heatmap_names`), or None.
+        heatmaps: destination of each file's map figure (see :func:`heatmap_names`), or None. For feature models
+            the contributions chart goes beside it (``STEM_features.png``).
+        method: the map drawn (:meth:`~liverus.engine.predictor.Predictor.check_method`).
     """
     from tqdm import tqdm
 
@@ -115,8 +123,12 @@ def predict_files(
                 if share is not None:
                     row["contributions"] = share
                 if heatmaps is not None:
-                    fig = predictor.heatmap_figure(pp, img, float(p), lesion_source=source)
-                    row["heatmap"] = str(save_overlay(heatmaps[item.path], fig))
+                    fig = predictor.heatmap_figure(pp, img, float(p), method, lesion_source=source)
+                    dest = heatmaps[item.path]
+                    row["heatmap"] = str(save_overlay(dest, fig))
+                    if share is not None:
+                        chart = predictor.contributions_chart(pp, float(p))[1]
+                        save_overlay(_chart_name(dest), chart)
                 rows[i] = row
         bar.update(min(batch_size, len(items) - start))
     bar.close()
@@ -186,17 +198,17 @@ def run_predict(args: argparse.Namespace) -> int:
     files = [it.path for it in items]
     predictor = Predictor.from_path(args.model, segmenter=args.segmenter, box_average=args.box_average)
     heatmaps = None
+    method = getattr(args, "heatmap_method", "default")
     if args.heatmaps:
-        if not predictor.has_heatmaps:
-            raise ValueError(
-                "--heatmaps needs the PyTorch model.pt of a model with convolutional layers (ONNX exports carry no "
-                "gradients; radiomics-only models have no image layers to explain)"
-            )
+        if predictor.model is None:
+            raise ValueError("--heatmaps needs the PyTorch model.pt (ONNX exports carry no maps)")
+        method = predictor.check_method(method)
         folder = Path(args.heatmaps)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"--heatmaps {folder} is a file; give a folder")
-        heatmaps = heatmap_names(files, folder)
-        taken = [str(p) for p in heatmaps.values() if p.exists()]
+        heatmaps = heatmap_names(files, folder, method)
+        charts = [_chart_name(p) for p in heatmaps.values()] if predictor.has_contributions else []
+        taken = [str(p) for p in [*heatmaps.values(), *charts] if p.exists()]
         if taken:
             raise ValueError(f"{len(taken)} heatmap file(s) already exist, first: {taken[0]}; choose another folder")
         folder.mkdir(parents=True, exist_ok=True)
@@ -206,7 +218,7 @@ def run_predict(args: argparse.Namespace) -> int:
         for level, path in siblings.items():
             check_new_file(path, f"--out's per-{level} file")
     rows = [_error_row(p, q) for p, q in input_errors] + predict_files(
-        predictor, items, batch_size=args.batch_size, heatmaps=heatmaps
+        predictor, items, batch_size=args.batch_size, heatmaps=heatmaps, method=method
     )
     grouped = aggregated_rows(rows, predictor) if ids else {}
     if out.suffix.lower() == ".json":

@@ -54,7 +54,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="model.pt of a run, or an exported .onnx file")
     p.add_argument("--out", required=True, help="output .csv or .json")
-    p.add_argument("--heatmaps", help="folder for one Grad-CAM overlay PNG per image")
+    p.add_argument(
+        "--heatmaps",
+        help="folder for one map figure per image (STEM_METHOD.png; feature models also STEM_features.png, the "
+        "contributions chart)",
+    )
+    p.add_argument(
+        "--heatmap-method",
+        choices=["default", "occlusion", "gradcam", "attention"],
+        default="default",
+        help="the map: default = occlusion for feature models (radiomics_*), Grad-CAM for CNNs",
+    )
     p.add_argument("--mask", help="lesion mask (single input) for lesion models (crop=roi or mask channel)")
     p.add_argument(
         "--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models; may start with a minus sign"
@@ -69,13 +79,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "explain",
-        help="Grad-CAM and spatial-attention heatmaps overlaid on images; for feature models (radiomics_*) also each "
-        "feature group's contribution to the score",
+        help="maps of what raised or lowered the score (occlusion, Grad-CAM, spatial attention) overlaid on images; "
+        "for feature models (radiomics_*) also each feature group's contribution to the score",
     )
     p.add_argument("inputs", nargs="+", help="image files, folders, DICOM files, or manifest CSVs (path, mask, box)")
     p.add_argument("--model", required=True, help="model.pt of a run")
     p.add_argument("--out", required=True, help="folder for the PNG figures (and STEM_features.json of feature models)")
-    p.add_argument("--method", choices=["gradcam", "attention", "both"], default="both")
+    p.add_argument(
+        "--method",
+        choices=["default", "occlusion", "gradcam", "attention", "all"],
+        default="default",
+        help="default: occlusion for feature models (radiomics_*), Grad-CAM for CNNs; all: every map the model has",
+    )
     p.add_argument("--mask", help="lesion mask (single input) for lesion models")
     p.add_argument(
         "--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models; may start with a minus sign"

@@ -22,6 +22,9 @@ __all__ = [
     "figure_rgb",
     "heatmap_on_original",
     "heatmap_figure",
+    "heatmap_plot",
+    "attribution_figure",
+    "attribution_plot",
 ]
 
 
@@ -194,38 +197,124 @@ def heatmap_figure(
     box: tuple[int, int, int, int] | None = None,
     letterbox: bool = True,
     lesion_source: str = "",
+    note: str = "",
 ) -> np.ndarray:
     """A figure for people: the heatmap on the analysed crop with a colour bar and the probability, and, when the
-    original image is given, the heatmap drawn back onto it at its own coordinates with the crop outlined.
+    original image is given, the heatmap drawn back onto it at its own coordinates with the crop outlined; ``note``
+    (what the map is not) above the panels.
 
     Returns:
-        An RGB ``uint8`` image of the figure.
+        An RGB ``uint8`` image of the figure (:func:`heatmap_plot` draws it).
     """
+    return figure_rgb(
+        heatmap_plot(crop_u8, heat, probability=probability, title=title, original_u8=original_u8, box=box,
+                     letterbox=letterbox, lesion_source=lesion_source, note=note)
+    )  # fmt: skip
+
+
+def _panels(count: int, height: float = 4.6):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, count, figsize=(4.2 * count, height), dpi=100, squeeze=False, layout="constrained")
+    return fig, axes[0]
+
+
+def _original_panel(ax, original_u8, heat, box, letterbox, lesion_source, **imshow) -> None:
     from matplotlib.patches import Rectangle
 
-    panels = 2 if original_u8 is not None and box is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.4), dpi=100, squeeze=False)
-    ax = axes[0, 0]
+    full = heatmap_on_original(heat, box, original_u8.shape[:2], letterbox=letterbox)
+    ax.imshow(original_u8, cmap="gray", vmin=0, vmax=255)
+    inside = np.zeros(full.shape, bool)
+    x0, y0, x1, y1 = box
+    inside[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
+    ax.imshow(np.ma.masked_where(~inside, full), alpha=0.45, **imshow)
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
+    ax.set_title("original image, analysed region outlined", fontsize=9)
+    if lesion_source:
+        ax.set_xlabel(f"lesion: {lesion_source}", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def heatmap_plot(
+    crop_u8: np.ndarray,
+    heat: np.ndarray,
+    *,
+    probability: float,
+    title: str = "Grad-CAM",
+    original_u8: np.ndarray | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    letterbox: bool = True,
+    lesion_source: str = "",
+    note: str = "",
+):
+    """The matplotlib figure :func:`heatmap_figure` renders (tests read its text boxes). The colour bar sits
+    below the panels, so no title or label runs into it."""
+    fig, axes = _panels(2 if original_u8 is not None and box is not None else 1)
+    if note:
+        fig.suptitle(note, fontsize=9, color="#922b21", wrap=True)
+    ax = axes[0]
     ax.imshow(crop_u8, cmap="gray", vmin=0, vmax=255)
     im = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     ax.set_title(f"{title}: p(malignant) = {probability:.3f}", fontsize=10)
     ax.axis("off")
-    if panels == 2:
-        ax2 = axes[0, 1]
-        full = heatmap_on_original(heat, box, original_u8.shape[:2], letterbox=letterbox)
-        ax2.imshow(original_u8, cmap="gray", vmin=0, vmax=255)
-        ax2.imshow(np.ma.masked_where(full <= 0, full), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        x0, y0, x1, y1 = box
-        ax2.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
-        where = f" (lesion: {lesion_source})" if lesion_source else ""
-        ax2.set_title(f"original image, analysed region outlined{where}", fontsize=9)
-        ax2.axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.035, pad=0.02, label="heatmap (1 = most influential)")
-    return figure_rgb(fig)
+    if len(axes) == 2:
+        _original_panel(axes[1], original_u8, heat, box, letterbox, lesion_source, cmap="jet", vmin=0, vmax=1)
+    fig.colorbar(im, ax=list(axes), orientation="horizontal", fraction=0.05, shrink=0.6,
+                 label="heatmap (1 = most influential)")  # fmt: skip
+    return fig
+
+
+def attribution_figure(views: list[tuple[str, np.ndarray, np.ndarray]], **kwargs) -> np.ndarray:
+    """:func:`attribution_plot` rendered. Returns: an RGB ``uint8`` image."""
+    return figure_rgb(attribution_plot(views, **kwargs))
+
+
+def attribution_plot(
+    views: list[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    probability: float,
+    lesion: np.ndarray | None = None,
+    original_u8: np.ndarray | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    letterbox: bool = True,
+    lesion_source: str = "",
+    method: str = "occlusion",
+):
+    """Signed attribution maps (:mod:`~liverus.engine.attribution`) for people: each view with its map (red: the
+    region's content raised the probability of malignancy, blue: lowered it; one colour scale for all views), the
+    lesion outline on the first view, and, when the original image is given, the first view's map drawn back onto
+    it with the analysed region outlined.
+
+    Args:
+        views: ``(name, image (S, S) uint8, map (S, S) in log-odds)`` per view, the lesion crop first.
+        lesion: the lesion mask of the first view, outlined.
+    """
+    extra = original_u8 is not None and box is not None
+    fig, axes = _panels(len(views) + extra, height=4.9)
+    scale = max(max(float(np.abs(m).max()) for _, _, m in views), 1e-6)
+    shown = dict(cmap="RdBu_r", vmin=-scale, vmax=scale)
+    im = None
+    for i, (name, image, heat) in enumerate(views):
+        ax = axes[i]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        im = ax.imshow(heat, alpha=0.5, **shown)
+        if i == 0 and lesion is not None and lesion.any():
+            ax.contour(lesion > 0, levels=[0.5], colors="yellow", linewidths=1.0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if lesion is not None and lesion.any():
+        axes[0].set_xlabel("yellow: the lesion outline the model read", fontsize=8)
+    if extra:
+        _original_panel(axes[-1], original_u8, views[0][2], box, letterbox, lesion_source, **shown)
+    fig.suptitle(f"{method}: what raised (red) or lowered (blue) p(malignant) = {probability:.3f}", fontsize=11)
+    fig.colorbar(im, ax=list(axes), orientation="horizontal", fraction=0.05, shrink=0.6,
+                 label="change in log-odds of malignancy when the region is hidden (blurred)")  # fmt: skip
+    return fig
 
 
 def figure_rgb(fig) -> np.ndarray:

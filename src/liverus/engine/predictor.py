@@ -23,9 +23,15 @@ from liverus.data.preprocess import (
     model_pixels,
     preprocess,
 )
-from liverus.engine.contributions import Contributions, feature_contributions, has_feature_groups
+from liverus.engine.attribution import image_channels, malignancy_log_odds, occlusion_maps
+from liverus.engine.contributions import (
+    Contributions,
+    contributions_figure,
+    feature_contributions,
+    has_feature_groups,
+)
 from liverus.engine.forward import average_probabilities, model_input, probabilities
-from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap, heatmap_figure
+from liverus.engine.heatmaps import attention_heatmap, attribution_figure, gradcam_heatmap, heatmap_figure
 from liverus.engine.runtime import inference_amp
 from liverus.engine.segment import propose_lesion
 from liverus.models import ModelCard, load_model
@@ -196,8 +202,19 @@ class Predictor:
             return np.stack([a[owner == i].mean(0) for i in range(len(pre))])
 
         return Contributions(
-            per_input.groups, per_case(per_input.values), per_case(per_input.baseline), per_case(per_input.logit)
-        )
+            per_input.groups, per_case(per_input.values), per_case(per_input.baseline), per_case(per_input.logit),
+            per_input.quantiles,
+        )  # fmt: skip
+
+    def contributions_chart(self, pre: Preprocessed, probability: float) -> tuple[Contributions, np.ndarray]:
+        """One image's :meth:`contributions` and their chart (with where the training lesions of each class put
+        each group, when the model keeps them), as ``predict``, ``explain`` and the page show it."""
+        found = self.contributions([pre])
+        chart = contributions_figure(
+            found.as_dicts()[0], probability=probability, baseline_probability=float(found.baseline_probability[0]),
+            context=found.training_context(),
+        )  # fmt: skip
+        return found, chart
 
     @property
     def needs_lesion(self) -> bool:
@@ -228,6 +245,22 @@ class Predictor:
                     probs = probabilities(self.model, torch.from_numpy(pixels), self.card, amp=self.amp).numpy()
         return np.array([average_probabilities(list(probs[owner == i, None]))[0, 1] for i in range(len(pre))])
 
+    def member_range(self, pre: list[Preprocessed]) -> np.ndarray | None:
+        """For an ensemble (the recommended model: its five fold models), the lowest and highest of the members'
+        probabilities of malignancy for each image (each averaged over the image's boxes as the ensemble's is):
+        how much the answer depends on which training lesions a member saw. Returns: (N, 2), or None for a single
+        model or an ONNX export."""
+        if self.model is None or not hasattr(self.model, "member_probabilities"):
+            return None
+        expanded, owner = _with_variants(pre)
+        x = model_input(torch.from_numpy(self._pixels(expanded)), self.card)
+        with self._lock, torch.inference_mode():
+            probs = self.model.member_probabilities(x).numpy()  # (M, inputs, 2)
+        per_case = np.stack(
+            [[average_probabilities(list(m[owner == i, None]))[0, 1] for i in range(len(pre))] for m in probs]
+        )  # (M, N)
+        return np.stack([per_case.min(0), per_case.max(0)], axis=1)
+
     def predict(self, images: list[np.ndarray], *, lesions=None, boxes=None) -> list[Prediction]:
         pre = [
             self.prepare(img, lesion=(lesions or [None] * len(images))[i], box=(boxes or [None] * len(images))[i])
@@ -235,6 +268,65 @@ class Predictor:
         ]
         probs = self.probabilities(pre)
         return [Prediction(float(p), self.card.label(p), self.threshold, pp) for p, pp in zip(probs, pre, strict=True)]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The maps this model has: ``occlusion`` (any PyTorch model), ``gradcam`` (a convolutional layer to look
+        at), ``attention`` (a spatial-attention module). None for an ONNX export."""
+        if self.model is None:
+            return ()
+        return ("occlusion",) + ("gradcam",) * self.has_heatmaps + ("attention",) * bool(
+            self.has_heatmaps and self.model.has_spatial_attention
+        )
+
+    @property
+    def default_method(self) -> str | None:
+        """The map shown unless another is asked for: occlusion for feature models (their decision is mostly the
+        radiomics, which Grad-CAM of the frozen backbone cannot see; docs/explanation.md has the faithfulness
+        check), Grad-CAM for CNNs. None for an ONNX export."""
+        if self.model is None:
+            return None
+        return "occlusion" if self.has_contributions or not self.has_heatmaps else "gradcam"
+
+    def method_note(self, method: str) -> str:
+        """What a map shown on request must say of itself: Grad-CAM of a feature model follows the frozen backbone's
+        gradient only, which failed the faithfulness check (docs/explanation.md)."""
+        if method == "gradcam" and self.has_contributions:
+            return ("Grad-CAM of the frozen backbone only: not faithful to this model's score "
+                    "(the default occlusion map is)")  # fmt: skip
+        return ""
+
+    def check_method(self, method: str) -> str:
+        """``method``, or ``default`` resolved to :attr:`default_method`.
+
+        Raises:
+            ValueError: for a map this model does not have, naming those it has.
+        """
+        method = self.default_method if method == "default" else method
+        if method is None or method not in self.methods:
+            have = ", ".join(self.methods) or "none (ONNX exports carry no maps; use model.pt)"
+            raise ValueError(f"model {self.name} has no {method} map; it has: {have}")
+        return method
+
+    def view_names(self) -> list[str]:
+        """What each view of the input shows, in order."""
+        cfg = self.preprocess_cfg
+        first = "lesion crop" if cfg.crop == "roi" else "image"
+        return [first] + (["whole scan"] if cfg.scan_view else ["context crop"] if cfg.context_margin else [])
+
+    def attribution(self, pre: list[Preprocessed], *, cells: int = 8) -> np.ndarray:
+        """Occlusion maps (:func:`~liverus.engine.attribution.occlusion_maps`) of each view of each image (the box
+        as given, not its averaged variants). Returns: (N, views, S, S) in log-odds of malignancy."""
+        if self.model is None:
+            raise ValueError("occlusion maps need the PyTorch model (model.pt), not the ONNX export")
+        pixels = torch.from_numpy(self._pixels(pre)).float() / 255.0
+        per_view = 2 if self.preprocess_cfg.lesion_channel else 1
+        with self._lock:
+            self.model.eval()
+            return occlusion_maps(
+                malignancy_log_odds(self.model, self.card), pixels, image_channels(per_view, self.card.views),
+                cells=cells,
+            )  # fmt: skip
 
     def heatmap(self, pre: Preprocessed, method: str = "gradcam") -> np.ndarray:
         """A [0, 1] heatmap (S, S) on the preprocessed image: Grad-CAM for the malignant class, or the model's own
@@ -246,14 +338,24 @@ class Predictor:
         return self.heatmaps([pre], method)[0]
 
     def heatmap_figure(
-        self, pre: Preprocessed, image: np.ndarray, probability: float, method: str = "gradcam", *, lesion_source=""
+        self, pre: Preprocessed, image: np.ndarray, probability: float, method: str = "default", *, lesion_source=""
     ) -> np.ndarray:
-        """The figure ``predict`` and ``explain`` write: :meth:`heatmap` on the analysed crop and drawn back onto the
-        original ``image`` (gray float in [0, 1]), with the probability. Returns: an RGB ``uint8`` image."""
+        """The figure ``predict`` and ``explain`` write: the map on the analysed crop (each view, for occlusion) and
+        drawn back onto the original ``image`` (gray float in [0, 1]), with the probability. Returns: an RGB
+        ``uint8`` image."""
+        method = self.check_method(method)
+        original = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+        if method == "occlusion":
+            maps = self.attribution([pre])[0]
+            planes = [pre.image] + ([pre.context[0]] if pre.context is not None else [])
+            return attribution_figure(
+                list(zip(self.view_names(), planes, maps, strict=True)), probability=probability,
+                lesion=pre.lesion if self.needs_lesion else None, original_u8=original, box=pre.box,
+                letterbox=self.preprocess_cfg.letterbox, lesion_source=lesion_source,
+            )  # fmt: skip
         return heatmap_figure(
-            pre.image, self.heatmap(pre, method), probability=probability,
-            title="Grad-CAM" if method == "gradcam" else "spatial attention",
-            original_u8=np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), box=pre.box,
+            pre.image, self.heatmap(pre, method), probability=probability, note=self.method_note(method),
+            title="Grad-CAM" if method == "gradcam" else "spatial attention", original_u8=original, box=pre.box,
             letterbox=self.preprocess_cfg.letterbox, lesion_source=lesion_source,
         )  # fmt: skip
 

@@ -61,6 +61,13 @@ class EnsembleClassifier(nn.Module):
         ).mean(0)
         return torch.log(probs.clamp_min(1e-12))
 
+    @torch.no_grad()
+    def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's (temperature-scaled) class probabilities: (members, N, classes)."""
+        return torch.stack(
+            [torch.softmax(logits.float() / self.temperature[i], dim=1) for i, logits in enumerate(self._logits(x))]
+        )
+
     def _logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's logits. Feature-model members share their inputs: the lesion radiomics are the same for all
         of them, and so are the deep features when their frozen backbones hold the same weights (the ImageNet ones),
@@ -88,16 +95,25 @@ class EnsembleClassifier(nn.Module):
 
     def coalition_logits(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The ensemble's log-odds of malignancy with only the ``keep`` (K, G) feature groups present in every member
-        (see :meth:`LesionFeatureModel.coalition_logits`; each member's absent groups take its own training mean).
+        (see :meth:`LesionFeatureModel.coalition_logits`; each member's absent groups take its own reference
+        lesions' values): the log-odds of the probability averaged over members and reference lesions.
         Returns: (K, N)."""
         self.feature_groups()  # feature members only
         probs = torch.stack(
             [
-                torch.sigmoid(m.coalition_decisions(*features, keep) / self.temperature[i])
+                torch.sigmoid(m.coalition_decisions(*features, keep).double() / self.temperature[i]).mean(-1)
                 for i, (m, features) in enumerate(zip(self.members, self._member_features(x), strict=True))
             ]
         ).mean(0)
-        return torch.logit(probs.double(), eps=1e-12).float()
+        return torch.logit(probs, eps=1e-12).float()
+
+    def contribution_quantiles(self) -> torch.Tensor | None:
+        """Each group's contribution quantiles over the training lesions of each class (2, G, Q): the members' mean,
+        each divided by its temperature as its log-odds are (:meth:`LesionFeatureModel.set_reference`), or None
+        when a member has none (older files)."""
+        if not all(bool(m.has_reference) for m in self.members):
+            return None
+        return torch.stack([m.group_quantiles / self.temperature[i] for i, m in enumerate(self.members)]).mean(0)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._shared = None  # new weights: check the backbones again

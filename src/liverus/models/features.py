@@ -25,7 +25,15 @@ from liverus.data.radiomics import FEATURE_NAMES, RUN_LENGTH_NAMES, feature_matr
 from liverus.models.backbones import Backbone, WeightsInfo
 from liverus.utils import DigestMemo
 
-__all__ = ["LesionFeatureModel", "FEATURE_CLASSIFIERS", "DEEP_FEATURE_MEMO", "MAX_FEATURE_ROTATION", "MAX_FEATURE_ZOOM"]
+__all__ = [
+    "LesionFeatureModel",
+    "FEATURE_CLASSIFIERS",
+    "DEEP_FEATURE_MEMO",
+    "MAX_FEATURE_ROTATION",
+    "MAX_FEATURE_ZOOM",
+    "REFERENCE_LESIONS",
+    "REFERENCE_QUANTILES",
+]
 
 FEATURE_CLASSIFIERS = ("logistic", "svm", "boosting")
 
@@ -40,6 +48,12 @@ MAX_FEATURE_ZOOM = 0.5
 BOOSTING_TREES = 200
 BOOSTING_MAX_DEPTH = 3
 BOOSTING_NODES = 2 ** (BOOSTING_MAX_DEPTH + 1) - 1  # a full binary tree of that depth
+
+# The training lesions a fitted model keeps as the reference its feature contributions are measured against (half of
+# each class, so the reference is "a typical lesion", not the training set's class mix), and the quantiles of each
+# group's contribution over the training lesions of each class that a contributions chart shows beside a case's.
+REFERENCE_LESIONS = 64
+REFERENCE_QUANTILES = (0.25, 0.5, 0.75)
 
 # The frozen backbone's pooled features of an image depend only on the image, the weights and the arithmetic
 # (device, dtype, autocast), yet a 5-fold x 3-repeat study asks for them 15 times per image (fitting and scoring):
@@ -174,7 +188,19 @@ class LesionFeatureModel(nn.Module):
             self.register_buffer("gamma", torch.ones(()))
             self.register_buffer("platt", torch.tensor([1.0, 0.0]))
         self.register_buffer("intercept", torch.zeros(()))
+        # Set by training (liverus.training.feature_fit); a model without them (older files) measures contributions
+        # against the all-zero standardised features, as before.
+        self.register_buffer("has_reference", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("reference_lesions", torch.zeros(REFERENCE_LESIONS, width))
+        n_groups = len(self.feature_groups())
+        self.register_buffer("group_quantiles", torch.zeros(2, n_groups, len(REFERENCE_QUANTILES)))
         self._norm = (0.5, 0.5) if backbone is None else _gray_stats(backbone)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files written before the reference lesions existed load as models without them (see has_reference).
+        for name in ("has_reference", "reference_lesions", "group_quantiles"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # What consumers read from a network, answered for a feature model.
     num_classes = property(lambda self: 2)
@@ -357,11 +383,11 @@ class LesionFeatureModel(nn.Module):
         return torch.cat(parts, dim=1)
 
     def feature_groups(self) -> dict[str, list[int]]:
-        """The columns of :meth:`scaled_features` by what they describe: ``shape``, ``echo pattern`` (first-order
-        intensity), ``texture``, ``halo and posterior acoustics`` and, with a backbone, the deep features of each
-        view (``deep: lesion crop``, ``deep: whole scan``)."""
+        """The columns of :meth:`scaled_features` by what they describe: ``shape and margin``, ``echo pattern``
+        (first-order intensity), ``texture``, ``halo and posterior acoustics`` and, with a backbone, the deep features
+        of each view (``deep: lesion crop``, ``deep: whole scan``)."""
         names = FEATURE_NAMES + (RUN_LENGTH_NAMES if self.run_length else ())
-        kinds = {"shape": "shape", "first_order": "echo pattern", "texture": "texture",
+        kinds = {"shape": "shape and margin", "first_order": "echo pattern", "texture": "texture",
                  "ultrasound": "halo and posterior acoustics"}  # fmt: skip
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
@@ -373,14 +399,25 @@ class LesionFeatureModel(nn.Module):
         return groups
 
     def coalition_logits(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Logits of malignancy with only some feature groups present: ``keep`` (K, G) says, for each of K
-        coalitions, which of :meth:`feature_groups` keep the image's values; the others take the average training
-        lesion's (0 after the fitted standardisation and PCA). Returns: (K, N) for normalised input ``x``."""
+        """Log-odds of malignancy with only some feature groups present: ``keep`` (K, G) says, for each of K
+        coalitions, which of :meth:`feature_groups` keep the image's values; the others take those of the reference
+        lesions (:meth:`set_reference`), and the probabilities over the reference lesions are averaged (the
+        interventional value of the coalition). Returns: (K, N) for normalised input ``x``."""
         rad, deep = self.raw_features(x)
-        return self.coalition_decisions(rad, deep, keep)
+        probs = torch.sigmoid(self.coalition_decisions(rad, deep, keep).double()).mean(-1)
+        return torch.logit(probs, eps=1e-12).float()
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """The scaled features that absent groups take: the reference training lesions (R, F), or, for a model
+        without them, one all-zero row (the training mean after standardisation and PCA)."""
+        if bool(self.has_reference):
+            return self.reference_lesions.float()
+        return self.reference_lesions.new_zeros(1, self.reference_lesions.shape[1]).float()
 
     def coalition_decisions(self, rad: torch.Tensor, deep: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
-        """:meth:`coalition_logits` from raw features (:meth:`raw_features`). Returns: (K, N)."""
+        """The classifier's logits from raw features (:meth:`raw_features`) for every coalition and every reference
+        lesion: ``keep`` (K, G) as in :meth:`coalition_logits`. Returns: (K, N, R)."""
         if not bool(self.fitted):
             raise RuntimeError("this feature model has not been fitted; train it with `liverus train`")
         groups = list(self.feature_groups().values())
@@ -388,11 +425,39 @@ class LesionFeatureModel(nn.Module):
             raise ValueError(f"keep must be (coalitions, {len(groups)}) booleans, got {tuple(keep.shape)}")
         with torch.autocast(rad.device.type, enabled=False):
             z = self.scaled_features(rad.float(), None if deep is None else deep.float())
-            columns = torch.zeros(keep.shape[0], z.shape[1], dtype=torch.bool, device=z.device)
-            for g, cols in enumerate(groups):
-                columns[:, cols] = keep[:, g : g + 1].to(z.device)
-            masked = z.unsqueeze(0) * columns.unsqueeze(1)  # (K, N, F)
-            return self.decision(masked.reshape(-1, z.shape[1])).reshape(keep.shape[0], z.shape[0])
+            return self.mixed_decisions(z, keep)
+
+    def mixed_decisions(self, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """:meth:`coalition_decisions` from scaled features ``z`` (N, F). Returns: (K, N, R)."""
+        groups = list(self.feature_groups().values())
+        columns = torch.zeros(keep.shape[0], z.shape[1], dtype=torch.bool, device=z.device)
+        for g, cols in enumerate(groups):
+            columns[:, cols] = keep[:, g : g + 1].to(z.device)
+        ref = self.reference.to(z.device)
+        mixed = torch.where(columns[:, None, None, :], z[None, :, None, :], ref[None, None, :, :])  # (K, N, R, F)
+        return self.decision(mixed.reshape(-1, z.shape[1])).reshape(keep.shape[0], z.shape[0], ref.shape[0])
+
+    def contribution_quantiles(self) -> torch.Tensor | None:
+        """Each group's contribution quantiles over the training lesions of each class (2, G, Q), or None for a
+        model trained before they were kept."""
+        return self.group_quantiles.clone() if bool(self.has_reference) else None
+
+    def set_reference(self, lesions: np.ndarray, quantiles: np.ndarray) -> None:
+        """Store the reference lesions (:data:`REFERENCE_LESIONS` rows of scaled features) and each group's
+        contribution quantiles over the training lesions of each class ((2, G, len(REFERENCE_QUANTILES))).
+
+        Raises:
+            ValueError: for shapes that do not fit.
+        """
+        lesions, quantiles = torch.as_tensor(lesions).float(), torch.as_tensor(quantiles).float()
+        if lesions.shape != self.reference_lesions.shape or quantiles.shape != self.group_quantiles.shape:
+            raise ValueError(
+                f"reference lesions {tuple(lesions.shape)} / quantiles {tuple(quantiles.shape)} do not fit "
+                f"{tuple(self.reference_lesions.shape)} / {tuple(self.group_quantiles.shape)}"
+            )
+        self.reference_lesions.copy_(lesions)
+        self.group_quantiles.copy_(quantiles)
+        self.has_reference.fill_(True)
 
     def decision(self, features: torch.Tensor) -> torch.Tensor:
         """The classifier's logit of malignancy for scaled features (N, F) -> (N,)."""

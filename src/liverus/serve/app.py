@@ -3,8 +3,11 @@
 * ``GET /``: the page: upload an image or DICOM, see the probability, the label and the heatmap beside the image.
 * ``POST /api/predict`` (multipart field ``file``, optional field ``box`` = ``x0,y0,x1,y1`` around the lesion in the
   image's pixels, required by lesion-ROI models and refused by whole-image models; ``?heatmap=false`` to skip the
-  heatmap): JSON with the probability of malignancy, label, threshold, model name and version; for feature models
-  also ``contributions`` (each feature group's share of the log-odds) and ``baseline_probability``.
+  map): JSON with the probability of malignancy, label, threshold, operating points, model name and version; the
+  map (``heatmap``: occlusion for feature models, Grad-CAM for CNNs; ``heatmap_method``, ``heatmap_caption``); for
+  ensembles ``member_range`` (the lowest and highest of the fold models' probabilities); for feature models also
+  ``contributions`` (each feature group's share of the log-odds), ``baseline_probability`` (the reference they are
+  measured against) and ``training_lesions`` (each group's quartiles over the training lesions of each class).
 * ``POST /api/image`` (multipart ``file``): the decoded image as PNG with its size, so the page can show any upload,
   DICOM included, and let the user draw the lesion box on it.
 * ``POST /api/predict_lesion`` (field ``file`` repeated, up to eight images of one lesion, and for lesion models
@@ -50,6 +53,14 @@ DISCLAIMER = (
     "Research tool, not a diagnosis. liverus is not a medical device; its output must not be used on its own for "
     "clinical decisions."
 )
+
+
+# What the page says under each map.
+CAPTIONS = {
+    "occlusion": "Occlusion: each region's content hidden in turn (blurred); red regions raised the probability of "
+    "malignancy, blue lowered it. The lesion outline is kept, so shape and margin are in the chart below.",
+    "gradcam": "Grad-CAM: regions whose features raised the malignancy score (red).",
+}
 
 
 def _png_b64(rgb_or_gray: np.ndarray) -> str:
@@ -183,7 +194,9 @@ def create_app(
             pre = predictor.prepare(image, box=lesion_box)
         except (DataError, ValueError) as exc:
             raise HTTPException(400, f"could not analyse the image: {_problem(exc)}") from None
-        result = batcher.submit(pre, heatmap=heatmap and predictor.has_heatmaps).result()
+        method = predictor.default_method if heatmap else None
+        # Grad-CAM is batched with the other requests; occlusion scores its own hidden copies of this image.
+        result = batcher.submit(pre, heatmap=method == "gradcam").result()
         prob = result.probability
         out = {
             **verdict(prob),
@@ -195,10 +208,20 @@ def create_app(
         }
         if result.heatmap is not None:
             out["heatmap"] = _png_b64(overlay(pre.image, result.heatmap))
+        elif method == "occlusion":
+            figure = predictor.heatmap_figure(pre, image, prob, method, lesion_source=pre.lesion_source)
+            out["heatmap"] = _png_b64(figure)
+        if "heatmap" in out:
+            out["heatmap_method"] = method
+            out["heatmap_caption"] = CAPTIONS[method]
+        spread = predictor.member_range([pre])
+        if spread is not None:
+            out["member_range"] = [round(float(v), 6) for v in spread[0]]
         if predictor.has_contributions:
             found = predictor.contributions([pre])
             out["contributions"] = found.as_dicts()[0]
             out["baseline_probability"] = round(float(found.baseline_probability[0]), 6)
+            out["training_lesions"] = found.training_context()
         return out
 
     def analyse_lesion(form: Form) -> dict:

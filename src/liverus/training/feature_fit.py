@@ -29,9 +29,16 @@ from sklearn.svm import SVC
 from torch.utils.data import DataLoader
 
 from liverus.data import Case, CaseCache, UltrasoundDataset
+from liverus.engine.contributions import shapley_weights
 from liverus.engine.forward import eval_batch_size, model_input
 from liverus.models import LesionFeatureModel, ModelCard
-from liverus.models.features import BOOSTING_MAX_DEPTH, BOOSTING_NODES, BOOSTING_TREES
+from liverus.models.features import (
+    BOOSTING_MAX_DEPTH,
+    BOOSTING_NODES,
+    BOOSTING_TREES,
+    REFERENCE_LESIONS,
+    REFERENCE_QUANTILES,
+)
 from liverus.utils import STAGES
 
 __all__ = ["fit_feature_model", "fit_classifier", "extract_features", "FeatureFit", "ClassifierFit", "C_GRID",
@@ -186,6 +193,7 @@ def fit_feature_model(
     params.update(fit.params)
     info.update(fit.info)
     model.load_fitted(params)
+    set_contribution_reference(model, x[:n], y[:n], seed=seed)
     info["n_features"] = int(x.shape[1])
     if copies:
         info["box_copies"] = len(copies)
@@ -197,6 +205,35 @@ def fit_feature_model(
     )  # fmt: skip
     inner = None if fit.inner_probabilities is None else fit.inner_probabilities[:n]
     return FeatureFit(info, y[:n], inner)
+
+
+@torch.inference_mode()
+def set_contribution_reference(model: LesionFeatureModel, z: np.ndarray, y: np.ndarray, *, seed: int = 0) -> None:
+    """Keep what a fitted model's feature contributions are measured against (:meth:`LesionFeatureModel.set_reference`):
+    :data:`REFERENCE_LESIONS` training lesions, half of each class (drawn with repeats from a class that has fewer),
+    and each group's contribution quantiles over up to 64 training lesions of each class.
+
+    Args:
+        z: the training lesions' scaled features (the classifier's input), one row per case.
+        y: their classes (0 benign, 1 malignant).
+    """
+    rng = np.random.default_rng(seed)
+    half = REFERENCE_LESIONS // 2
+    by_class = [np.flatnonzero(y == k) for k in (0, 1)]
+    rows = np.concatenate([rng.choice(idx, half, replace=len(idx) < half) for idx in by_class])
+    quantiles = np.zeros(tuple(model.group_quantiles.shape))
+    model.set_reference(z[rows], quantiles)  # the reference first: the contributions below are measured against it
+    keep, weights = shapley_weights(len(model.feature_groups()))
+    keep_t = torch.from_numpy(keep)
+    for k, idx in enumerate(by_class):
+        sample = rng.choice(idx, min(64, len(idx)), replace=False)
+        values = []
+        for chunk in np.array_split(sample, max(1, len(sample) // 16)):
+            decisions = model.mixed_decisions(torch.from_numpy(z[chunk]).float(), keep_t)  # (K, n, R)
+            v = torch.logit(torch.sigmoid(decisions.double()).mean(-1), eps=1e-12).numpy()  # (K, n)
+            values.append((weights @ v).T)
+        quantiles[k] = np.quantile(np.concatenate(values), REFERENCE_QUANTILES, axis=0).T
+    model.set_reference(z[rows], quantiles)
 
 
 def fit_classifier(
