@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(model.parent / "predictions_val.csv") as fh:
             held = [cases[row["path"]] for row in csv.DictReader(fh) if row["path"] in cases]
         per_member = max(1, args.cases // len(members))
-        parts.append(
-            deletion_insertion_for_model(model, held, max_cases=per_member, seed=i, all_views=args.all_views)
-        )
+        parts.append(deletion_insertion_for_model(model, held, max_cases=per_member, seed=i, all_views=args.all_views))
         pointing.append(faithfulness_for_model(model, held, max_cases=per_member, seed=i))
         print(f"member {i}: {len(parts[-1]['cases'])} held-out cases, {time.time() - start:.0f} s", file=sys.stderr)
     summary = summarize_deletion_insertion(parts)
@@ -62,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for method, r in summary.items():
         low, high = r["margin_ci95"]
-        print(f"| {method} | {r['n']} | {r['deletion']:.3f} (random {r['random_deletion']:.3f}) | "
-              f"{r['insertion']:.3f} (random {r['random_insertion']:.3f}) | {r['score']:.3f} | "
-              f"{r['margin_over_random']:+.3f} [{low:+.3f}, {high:+.3f}] | {'yes' if r['beats_random'] else 'no'} |")
+        print(
+            f"| {method} | {r['n']} | {r['deletion']:.3f} (random {r['random_deletion']:.3f}) | "
+            f"{r['insertion']:.3f} (random {r['random_insertion']:.3f}) | {r['score']:.3f} | "
+            f"{r['margin_over_random']:+.3f} [{low:+.3f}, {high:+.3f}] | {'yes' if r['beats_random'] else 'no'} |"
+        )
     cams = [p["gradcam"] for p in pointing if p.get("gradcam") and p["gradcam"]["n"]]
     if cams:
         n = sum(c["n"] for c in cams)

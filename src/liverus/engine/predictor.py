@@ -275,8 +275,10 @@ class Predictor:
         at), ``attention`` (a spatial-attention module). None for an ONNX export."""
         if self.model is None:
             return ()
-        return ("occlusion",) + ("gradcam",) * self.has_heatmaps + ("attention",) * bool(
-            self.has_heatmaps and self.model.has_spatial_attention
+        return (
+            ("occlusion",)
+            + ("gradcam",) * self.has_heatmaps
+            + ("attention",) * bool(self.has_heatmaps and self.model.has_spatial_attention)
         )
 
     @property
