@@ -134,12 +134,20 @@ def test_evaluate_uses_stored_threshold_and_never_overwrites(trained, tmp_path):
     threshold = json.loads((out / "result.json").read_text())["threshold"]
     dest = tmp_path / "ev"
     p = liverus(
-        "evaluate", str(out / "model.pt"), "--data", str(out / "phantom"), "--out", str(dest), "--bootstrap", "200"
-    )
+        "evaluate", str(out / "model.pt"), "--data", str(out / "phantom"), "--out", str(dest), "--bootstrap", "200",
+        "--map-faithfulness", "3",
+    )  # fmt: skip
     assert p.returncode == 0, p.stderr
     m = json.loads((dest / "metrics.json").read_text())
     assert m["threshold"] == pytest.approx(threshold)
     assert (dest / "report.html").is_file() and (dest / "predictions.csv").is_file()
+    # Every map of the attention CNN checked against random maps on three cases.
+    maps = m["map_faithfulness"]
+    assert set(maps) == {"occlusion", "gradcam", "attention"} and all(r["n"] == 3 for r in maps.values())
+    for r in maps.values():
+        assert 0 <= r["deletion"] <= 1 and 0 <= r["insertion"] <= 1 and isinstance(r["beats_random"], bool)
+        assert r["margin_ci95"][0] <= r["margin_over_random"] <= r["margin_ci95"][1]
+    assert "Map faithfulness (against the model)" in (dest / "report.html").read_text()
     p = liverus("evaluate", str(out / "model.pt"), "--data", str(out / "phantom"), "--out", str(dest))
     assert p.returncode == 2 and "already holds" in p.stderr
 

@@ -37,6 +37,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+MAPS = ("default", "occlusion", "gradcam", "attention")
+MAP_HELP = "the map: default = occlusion for feature models (radiomics_*), Grad-CAM for CNNs"
+
+
+def _lesion_options(p: argparse.ArgumentParser) -> None:
+    """Where the lesion of a single input is (predict, explain)."""
+    p.add_argument("--mask", help="lesion mask (single input) for lesion models (crop=roi or mask channel)")
+    p.add_argument(
+        "--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models; may start with a minus sign"
+    )
+    p.add_argument(
+        "--segmenter", help="lesion segmenter model.pt (liverus segment train): finds the lesion where none is given"
+    )
+    _box_average_option(p)
+
+
 def _box_average_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--box-average",
@@ -59,20 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="folder for one map figure per image (STEM_METHOD.png; feature models also STEM_features.png, the "
         "contributions chart)",
     )
-    p.add_argument(
-        "--heatmap-method",
-        choices=["default", "occlusion", "gradcam", "attention"],
-        default="default",
-        help="the map: default = occlusion for feature models (radiomics_*), Grad-CAM for CNNs",
-    )
-    p.add_argument("--mask", help="lesion mask (single input) for lesion models (crop=roi or mask channel)")
-    p.add_argument(
-        "--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models; may start with a minus sign"
-    )
-    p.add_argument(
-        "--segmenter", help="lesion segmenter model.pt (liverus segment train): finds the lesion where none is given"
-    )
-    _box_average_option(p)
+    p.add_argument("--heatmap-method", choices=MAPS, default="default", help=MAP_HELP)
+    _lesion_options(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip-bad", action="store_true", help="list unreadable files and go on (they are always listed)")
     p.set_defaults(func=cmd_predict)
@@ -85,18 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders, DICOM files, or manifest CSVs (path, mask, box)")
     p.add_argument("--model", required=True, help="model.pt of a run")
     p.add_argument("--out", required=True, help="folder for the PNG figures (and STEM_features.json of feature models)")
-    p.add_argument(
-        "--method",
-        choices=["default", "occlusion", "gradcam", "attention", "all"],
-        default="default",
-        help="default: occlusion for feature models (radiomics_*), Grad-CAM for CNNs; all: every map the model has",
-    )
-    p.add_argument("--mask", help="lesion mask (single input) for lesion models")
-    p.add_argument(
-        "--box", help="lesion box x0,y0,x1,y1 in pixels (single input) for lesion models; may start with a minus sign"
-    )
-    p.add_argument("--segmenter", help="lesion segmenter model.pt: finds the lesion where none is given")
-    _box_average_option(p)
+    p.add_argument("--method", choices=[*MAPS, "all"], default="default", help=MAP_HELP + "; all: every map it has")
+    _lesion_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("serve", help="web page and REST API for radiologists (research use only)")

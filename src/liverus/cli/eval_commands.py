@@ -21,6 +21,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         box_jitter=args.box_jitter,
         box_loosen=args.box_loosen,
         box_average=args.box_average,
+        map_faithfulness=args.map_faithfulness,
     )
     print(out["text"])
     return 0
@@ -47,5 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="with boxes: average each probability over K boxes around the one drawn (default: the model's, "
         "set by data.box_average when it was trained)",
+    )
+    p.add_argument(
+        "--map-faithfulness",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also check the model's maps against the model on N cases (deletion and insertion against random maps; "
+        "about a minute per case for the recommended model on 2 cores; default 0: skipped)",
     )
     p.set_defaults(func=cmd_evaluate)

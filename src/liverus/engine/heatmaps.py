@@ -187,29 +187,9 @@ def heatmap_on_original(heat: np.ndarray, box: tuple[int, int, int, int], shape:
     return out
 
 
-def heatmap_figure(
-    crop_u8: np.ndarray,
-    heat: np.ndarray,
-    *,
-    probability: float,
-    title: str = "Grad-CAM",
-    original_u8: np.ndarray | None = None,
-    box: tuple[int, int, int, int] | None = None,
-    letterbox: bool = True,
-    lesion_source: str = "",
-    note: str = "",
-) -> np.ndarray:
-    """A figure for people: the heatmap on the analysed crop with a colour bar and the probability, and, when the
-    original image is given, the heatmap drawn back onto it at its own coordinates with the crop outlined; ``note``
-    (what the map is not) above the panels.
-
-    Returns:
-        An RGB ``uint8`` image of the figure (:func:`heatmap_plot` draws it).
-    """
-    return figure_rgb(
-        heatmap_plot(crop_u8, heat, probability=probability, title=title, original_u8=original_u8, box=box,
-                     letterbox=letterbox, lesion_source=lesion_source, note=note)
-    )  # fmt: skip
+def heatmap_figure(crop_u8: np.ndarray, heat: np.ndarray, **kwargs) -> np.ndarray:
+    """A figure for people (:func:`heatmap_plot`, same arguments) rendered as an RGB ``uint8`` image."""
+    return figure_rgb(heatmap_plot(crop_u8, heat, **kwargs))
 
 
 def _panels(count: int, height: float = 4.6):
@@ -251,8 +231,10 @@ def heatmap_plot(
     lesion_source: str = "",
     note: str = "",
 ):
-    """The matplotlib figure :func:`heatmap_figure` renders (tests read its text boxes). The colour bar sits
-    below the panels, so no title or label runs into it."""
+    """The heatmap on the analysed crop with a colour bar and the probability, and, when the original image is
+    given, the heatmap drawn back onto it at its own coordinates with the crop outlined; ``note`` (what the map is
+    not) above the panels. The colour bar sits below the panels, so no title or label runs into it. Returns: the
+    matplotlib figure (:func:`heatmap_figure` renders it; tests read its text boxes)."""
     fig, axes = _panels(2 if original_u8 is not None and box is not None else 1)
     if note:
         fig.suptitle(note, fontsize=9, color="#922b21", wrap=True)

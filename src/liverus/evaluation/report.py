@@ -35,7 +35,11 @@ from liverus.engine.predictions import Predictions, read_predictions, write_pred
 from liverus.engine.runtime import inference_amp
 from liverus.evaluation.aggregate import LEVELS, aggregate_predictions
 from liverus.evaluation.analysis import evaluate_binary
-from liverus.evaluation.faithfulness import faithfulness_for_model
+from liverus.evaluation.faithfulness import (
+    deletion_insertion_for_model,
+    faithfulness_for_model,
+    summarize_deletion_insertion,
+)
 from liverus.evaluation.model_card import write_model_card
 from liverus.models import load_model
 from liverus.utils import STAGES, atomic_write_json, atomic_write_text
@@ -49,6 +53,7 @@ __all__ = [
     "table_html",
     "subgroup_html",
     "faithfulness_html",
+    "deletion_insertion_html",
     "figures_html",
     "evaluate_checkpoint",
     "render_report",
@@ -193,6 +198,27 @@ def faithfulness_html(faith: dict[str, dict]) -> str:
         "share of the image, the chance level of energy inside.</p>"
         + table_html(["model", "heatmap", "cases", "pointing game", "energy inside", "lesion area"], rows)
         + warning
+    )
+
+
+def deletion_insertion_html(summary: dict[str, dict]) -> str:
+    """Table of :func:`~liverus.evaluation.faithfulness.summarize_deletion_insertion`: each map against random maps."""
+    rows = []
+    for method, r in summary.items():
+        low, high = r["margin_ci95"]
+        rows.append([method, r["n"], f"{fmt(r['deletion'])} ({fmt(r['random_deletion'])})",
+                     f"{fmt(r['insertion'])} ({fmt(r['random_insertion'])})",
+                     f"{r['margin_over_random']:+.3f} [{low:+.3f}, {high:+.3f}]",
+                     "yes" if r["beats_random"] else "<strong>no</strong>"])  # fmt: skip
+    return (
+        "<p>Each map's cells hidden (blurred) in the map's order: the probability of the predicted class should fall "
+        "fast (<i>deletion</i>, lower is better) and, revealed from a hidden view, rise fast (<i>insertion</i>, "
+        "higher is better); random maps of the same images in brackets. <i>Margin</i>: (insertion - deletion) over "
+        "the random maps', with a 95% bootstrap interval over images; a map beats random when the interval's lower "
+        "end is above 0.05. A map that does not should not be read as showing what drove the score.</p>"
+        + table_html(
+            ["map", "cases", "deletion (random)", "insertion (random)", "margin [95% CI]", "beats random"], rows
+        )  # fmt: skip
     )
 
 
@@ -404,6 +430,7 @@ def evaluate_checkpoint(
     box_jitter: float | None = None,
     box_loosen: float | None = None,
     box_average: int | None = None,
+    map_faithfulness: int = 0,
 ) -> dict:
     """``liverus evaluate``: score labelled data with a trained model at its stored threshold and write
     ``predictions.csv``, ``metrics.json`` and ``report.html`` to ``out``.
@@ -411,7 +438,9 @@ def evaluate_checkpoint(
     For lesion models, ``lesion_from="box"`` scores them as a user would use them: from a box around each expert
     mask (grown by ``box_loosen``, each edge moved by up to ``box_jitter`` of the box size, seeded per image), not
     from the outline itself; ``None`` keeps what the model was trained with. ``box_average`` (default: the model's
-    card) averages each lesion's probability over that many boxes around the one derived.
+    card) averages each lesion's probability over that many boxes around the one derived. ``map_faithfulness`` > 0
+    checks every map the model has against random maps on a seeded sample of that many cases (deletion and
+    insertion, :func:`~liverus.evaluation.faithfulness.deletion_insertion_for_model`).
 
     Raises:
         ValueError: if the output folder holds an earlier evaluation (never overwritten silently).
@@ -456,10 +485,18 @@ def evaluate_checkpoint(
         if agg is not None and len(set(agg.y.tolist())) == 2:
             per_level[level] = evaluate_binary(agg, threshold, n_boot=n_boot)
     faith = faithfulness_for_model(model_path, cases)
+    maps = (
+        summarize_deletion_insertion(
+            [deletion_insertion_for_model(model_path, cases, max_cases=map_faithfulness, all_views=True)]
+        )
+        if map_faithfulness > 0
+        else None
+    )
     atomic_write_json(
         out / "metrics.json",
         {
             "faithfulness": faith,
+            "map_faithfulness": maps,
             "model": str(model_path),
             "data": str(data),
             "threshold": threshold,
@@ -495,6 +532,7 @@ def evaluate_checkpoint(
         ),
         ("Subgroups", subgroup_html({name: ev})),
         ("Heatmap faithfulness", faithfulness_html({name: faith})),
+        ("Map faithfulness (against the model)", deletion_insertion_html(maps) if maps else ""),
         ("Data", data_html(data_summary(cases))),
     ]
     render_report(out / "report.html", f"liverus evaluation: {name}", sections, subtitle=f"{model_path} on {data}")

@@ -104,8 +104,11 @@ def extract_features(
 
 
 def _scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations; a column that does not vary (below a millionth of the most varying
+    column's deviation, e.g. a principal component beyond the rank of a small training set) is left unscaled, so
+    rounding noise is not blown up into the largest feature (it made an RBF SVM's answer constant on new images)."""
     mean, std = x.mean(0), x.std(0)
-    return mean, np.where(std > 1e-8, std, 1.0)
+    return mean, np.where(std > max(1e-8, 1e-6 * float(std.max(initial=0.0))), std, 1.0)
 
 
 def _inner_cv(y: np.ndarray, groups: list[str], seed: int) -> StratifiedGroupKFold | None:
