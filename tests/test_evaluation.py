@@ -420,3 +420,27 @@ def test_one_answer_per_lesion_is_the_mean_log_odds_and_per_patient_the_highest_
     clash = Predictions(pr.paths, np.array([1, 0, 0, 0, 1]), p, pr.pred, meta)
     with pytest.raises(ValueError, match="lesion 'a/1' has images labelled both"):
         aggregate_predictions(clash, "lesion", 0.5)
+
+
+def test_macro_average_precision_has_a_bootstrap_interval_around_it():
+    from liverus.evaluation.metrics import macro_bootstrap_ci, multiclass_metrics
+    from liverus.evaluation.report import multiclass_evaluation
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [30, 40, 50])
+    perfect = np.eye(3)[y] * 0.8 + 0.1
+    ci = macro_bootstrap_ci(y, perfect, n_resamples=200)
+    assert ci["auc"] == (1.0, 1.0) and ci["pr_auc"] == (1.0, 1.0)
+    noisy = np.eye(3)[y] + rng.normal(0, 0.8, (len(y), 3))
+    noisy = np.exp(noisy) / np.exp(noisy).sum(1, keepdims=True)
+    point = multiclass_metrics(y, noisy, ("normal", "benign", "malignant"))["macro"]
+    ci = macro_bootstrap_ci(y, noisy, n_resamples=300)
+    for k in ("auc", "pr_auc"):
+        low, high = ci[k]
+        assert low < point[k] < high and 0.02 < high - low < 0.4
+    # Scores that ignore the class: the macro average precision sits near the mean prevalence (1/3), not above.
+    ci = macro_bootstrap_ci(y, rng.dirichlet(np.ones(3), len(y)), n_resamples=300)
+    assert ci["pr_auc"][0] < 0.42 and ci["auc"][0] < 0.5 < ci["auc"][1]
+    ev = multiclass_evaluation(noisy, y, ("normal", "benign", "malignant"), n_boot=100)
+    assert set(ev["macro_ci95"]) == {"auc", "pr_auc"}
+    assert "macro_ci95" not in multiclass_evaluation(noisy, y, ("normal", "benign", "malignant"), n_boot=0)

@@ -85,7 +85,8 @@ def summarize_multiclass_study(out: Path, labels: list[str]) -> dict:
             if not runs or not all((run / "predictions_test.csv").is_file() for run in runs):
                 continue  # an unfinished repeat is left out, as in the binary summary
             paths, targets, probs, classes = read_class_probabilities([run / "predictions_test.csv" for run in runs])
-            ev = multiclass_evaluation(probs, targets, classes)
+            # The pooled (first) repeat's macro figures get bootstrap intervals; the others give the spread.
+            ev = multiclass_evaluation(probs, targets, classes, n_boot=2000 if pooled is None else 0)
             bvm = _benign_vs_malignant(targets, probs, classes)
             rows.append(_repeat_rows(ev, bvm))
             if pooled is None:

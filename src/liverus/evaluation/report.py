@@ -474,7 +474,7 @@ def evaluate_checkpoint(
     threshold = card.threshold
     write_predictions(out / "predictions.csv", cases, probs, tg, card.classes, threshold)
     if not card.is_binary:
-        return _evaluate_multiclass(model_path, data, out, card, probs, tg, skipped)
+        return _evaluate_multiclass(model_path, data, out, card, probs, tg, skipped, n_boot=n_boot)
     pr = read_predictions([out / "predictions.csv"])
     cols = list(subgroup) or default_subgroups(pr)
     ev = evaluate_binary(pr, threshold, n_boot=n_boot, subgroups=cols)
@@ -573,14 +573,19 @@ def _lesion_words(pre, cases=()) -> str:
     return "Lesions from the expert masks (an optimistic stand-in for what a user draws; see --lesion-from box)."
 
 
-def multiclass_evaluation(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> dict:
+def multiclass_evaluation(
+    probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], *, n_boot: int = 2000
+) -> dict:
     """Three (or more) classes: one-vs-rest AUC and average precision per class, their macro means (macro average
-    precision is UltraBench's AUL metric), the confusion matrix at the arg-max, and calibration per class
-    (one-vs-rest ECE, Brier, slope and intercept)."""
-    from liverus.evaluation.metrics import multiclass_metrics
+    precision is UltraBench's AUL metric) with stratified bootstrap 95% intervals (``macro_ci95``; ``n_boot`` 0
+    skips them), the confusion matrix at the arg-max, and calibration per class (one-vs-rest ECE, Brier, slope and
+    intercept)."""
+    from liverus.evaluation.metrics import macro_bootstrap_ci, multiclass_metrics
     from liverus.evaluation.stats import calibration_summary
 
     ev = multiclass_metrics(targets, probs, classes)
+    if n_boot > 0:
+        ev["macro_ci95"] = {k: list(v) for k, v in macro_bootstrap_ci(targets, probs, n_resamples=n_boot).items()}
     ev["calibration"] = {}
     for i, name in enumerate(classes):
         yi = (targets == i).astype(int)
@@ -596,21 +601,28 @@ def multiclass_html(ev: dict, classes: Sequence[str]) -> str:
          fmt(ev["calibration"].get(c, {}).get("ece")), fmt(ev["calibration"].get(c, {}).get("slope"))]
         for c, m in ev["per_class"].items()
     ]  # fmt: skip
-    rows.append(["macro", *[fmt(ev["macro"][k]) for k in ("auc", "pr_auc", "sensitivity", "specificity")], "", ""])
+    ci = ev.get("macro_ci95", {})
+
+    def macro(k: str) -> str:
+        return fmt(ev["macro"][k]) + (f" [{fmt(ci[k][0])}, {fmt(ci[k][1])}]" if k in ci else "")
+
+    rows.append(["macro", *[macro(k) for k in ("auc", "pr_auc", "sensitivity", "specificity")], "", ""])
     matrix = [[c, *r] for c, r in zip(classes, ev["confusion_matrix"], strict=True)]
     cm = table_html(["true \\ predicted", *classes], matrix)
     return (
-        "<p>One-vs-rest per class; the predicted class is the most probable one.</p>"
+        "<p>One-vs-rest per class; the predicted class is the most probable one. Macro = the mean over classes, "
+        "with a 95% interval from a bootstrap stratified by class; macro average precision is the metric UltraBench "
+        "reports for AUL's normal / benign / malignant task.</p>"
         + table_html(["class", "AUC", "average precision", "sensitivity", "specificity", "ECE", "cal. slope"], rows)
         + f"<p>Accuracy {fmt(ev['accuracy'])}, balanced accuracy {fmt(ev['balanced_accuracy'])}.</p>"
         + cm
     )
 
 
-def _evaluate_multiclass(model_path, data, out: Path, card, probs, tg, skipped) -> dict:
+def _evaluate_multiclass(model_path, data, out: Path, card, probs, tg, skipped, n_boot: int = 2000) -> dict:
     from liverus.evaluation import plots
 
-    ev = multiclass_evaluation(probs, tg, card.classes)
+    ev = multiclass_evaluation(probs, tg, card.classes, n_boot=n_boot)
     atomic_write_json(
         out / "metrics.json", {"model": str(model_path), "data": str(data), "skipped": skipped, "evaluation": ev}
     )
@@ -623,8 +635,9 @@ def _evaluate_multiclass(model_path, data, out: Path, card, probs, tg, skipped) 
         out / "report.html", f"liverus evaluation: {card.model_name}", sections, subtitle=f"{model_path} on {data}"
     )
     text = (
-        f"{card.model_name} on {ev['n']} cases ({', '.join(card.classes)}): macro AUC {fmt(ev['macro']['auc'])}, "
-        f"macro average precision {fmt(ev['macro']['pr_auc'])}, accuracy {fmt(ev['accuracy'])}\n"
+        f"{card.model_name} on {ev['n']} cases ({', '.join(card.classes)}): macro AUC "
+        f"{_ci(ev['macro']['auc'], ev.get('macro_ci95', {}).get('auc'))}, macro average precision "
+        f"{_ci(ev['macro']['pr_auc'], ev.get('macro_ci95', {}).get('pr_auc'))}, accuracy {fmt(ev['accuracy'])}\n"
         f"report: {out / 'report.html'}"
     )
     return {"evaluation": ev, "text": text}
