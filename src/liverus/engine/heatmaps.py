@@ -202,15 +202,12 @@ def _panels(count: int, height: float = 4.6):
     return fig, axes[0]
 
 
-def _original_panel(ax, original_u8, heat, box, letterbox, lesion_source, **imshow) -> None:
+def _original_panel(ax, original_u8: np.ndarray, box: tuple[int, int, int, int], lesion_source: str) -> None:
+    """The original image with the analysed region outlined (a map is drawn on it by the caller)."""
     from matplotlib.patches import Rectangle
 
-    full = heatmap_on_original(heat, box, original_u8.shape[:2], letterbox=letterbox)
     ax.imshow(original_u8, cmap="gray", vmin=0, vmax=255)
-    inside = np.zeros(full.shape, bool)
     x0, y0, x1, y1 = box
-    inside[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
-    ax.imshow(np.ma.masked_where(~inside, full), alpha=0.45, **imshow)
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
     ax.set_title("original image, analysed region outlined", fontsize=9)
     if lesion_source:
@@ -244,7 +241,9 @@ def heatmap_plot(
     ax.set_title(f"{title}: p(malignant) = {probability:.3f}", fontsize=10)
     ax.axis("off")
     if len(axes) == 2:
-        _original_panel(axes[1], original_u8, heat, box, letterbox, lesion_source, cmap="jet", vmin=0, vmax=1)
+        _original_panel(axes[1], original_u8, box, lesion_source)
+        full = heatmap_on_original(heat, box, original_u8.shape[:2], letterbox=letterbox)
+        axes[1].imshow(np.ma.masked_where(full <= 0, full), cmap="jet", alpha=0.45, vmin=0, vmax=1)
     fig.colorbar(im, ax=list(axes), orientation="horizontal", fraction=0.05, shrink=0.6,
                  label="heatmap (1 = most influential)")  # fmt: skip
     return fig
@@ -275,15 +274,25 @@ def attribution_plot(
         views: ``(name, image (S, S) uint8, map (S, S) in log-odds)`` per view, the lesion crop first.
         lesion: the lesion mask of the first view, outlined.
     """
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     extra = original_u8 is not None and box is not None
     fig, axes = _panels(len(views) + extra, height=4.9)
     scale = max(max(float(np.abs(m).max()) for _, _, m in views), 1e-6)
-    shown = dict(cmap="RdBu_r", vmin=-scale, vmax=scale)
-    im = None
+    colours = ScalarMappable(Normalize(-scale, scale), plt.get_cmap("RdBu_r"))
+
+    def tinted(heat: np.ndarray) -> np.ndarray:
+        # Opacity grows with |value|: a region that did not move the score leaves the image as it is.
+        rgba = colours.to_rgba(heat)
+        rgba[..., 3] = 0.75 * np.clip(np.abs(heat) / scale, 0, 1) ** 0.7
+        return rgba
+
     for i, (name, image, heat) in enumerate(views):
         ax = axes[i]
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        im = ax.imshow(heat, alpha=0.5, **shown)
+        ax.imshow(tinted(heat))
         if i == 0 and lesion is not None and lesion.any():
             ax.contour(lesion > 0, levels=[0.5], colors="yellow", linewidths=1.0)
         ax.set_title(name, fontsize=10)
@@ -292,9 +301,10 @@ def attribution_plot(
     if lesion is not None and lesion.any():
         axes[0].set_xlabel("yellow: the lesion outline the model read", fontsize=8)
     if extra:
-        _original_panel(axes[-1], original_u8, views[0][2], box, letterbox, lesion_source, **shown)
+        _original_panel(axes[-1], original_u8, box, lesion_source)
+        axes[-1].imshow(tinted(heatmap_on_original(views[0][2], box, original_u8.shape[:2], letterbox=letterbox)))
     fig.suptitle(f"{method}: what raised (red) or lowered (blue) p(malignant) = {probability:.3f}", fontsize=11)
-    fig.colorbar(im, ax=list(axes), orientation="horizontal", fraction=0.05, shrink=0.6,
+    fig.colorbar(colours, ax=list(axes), orientation="horizontal", fraction=0.05, shrink=0.6,
                  label="change in log-odds of malignancy when the region is hidden (blurred)")  # fmt: skip
     return fig
 
