@@ -109,8 +109,9 @@ def _explains_like_the_recommended_model(pred, out) -> None:
     map of both views, and contributions against reference lesions with the training lesions of each class."""
     low, high = pred.member_range([out.preprocessed])[0]
     assert 0 <= low <= out.probability <= high <= 1
-    assert pred.default_method == "occlusion" and pred.methods == ("occlusion", "gradcam")
+    assert pred.default_method == "occlusion" and pred.methods == ("occlusion", "occlusion_views", "gradcam")
     assert pred.view_names() == ["lesion crop", "whole scan"]
+    assert pred.attribution([out.preprocessed], views=1).shape == (1, 1, 64, 64)  # the default map: the crop's
     maps = pred.attribution([out.preprocessed])
     assert maps.shape == (1, 2, 64, 64) and np.isfinite(maps).all()  # (this tiny model's maps are flat: see below)
     found = pred.contributions([out.preprocessed])

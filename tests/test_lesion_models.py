@@ -982,6 +982,7 @@ def test_browser_shows_what_drove_a_feature_models_score(radiomics_server, radio
         _drag_box(page, 0.2, 0.7)
         page.click("#submit")
         page.wait_for_selector("#result:not(.hidden)", timeout=60_000)
+        page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0", timeout=60_000)
         assert page.is_visible("#contributions") and page.is_visible("#heatmap")
         assert "Occlusion" in page.inner_text("#heatmap-caption")
         heads = page.eval_on_selector_all("#contribution-rows th", "hs => hs.map(h => h.innerText)")

@@ -232,8 +232,11 @@ def test_browser_upload_shows_probability_label_and_heatmap(server, images, tmp_
         prob = page.inner_text("#probability")
         assert prob.endswith("%") and 0 <= float(prob.rstrip(" %")) <= 100
         assert page.inner_text("#label") in ("benign", "malignant")
+        # The map follows the answer (a second request).
+        page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0", timeout=60_000)
         assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
         assert page.eval_on_selector("#heatmap", "img => img.naturalWidth") == 64
+        assert "Grad-CAM" in page.inner_text("#heatmap-caption")
         # Where the probability sits against the operating points, and what each is expected to give, in words.
         points = page.inner_text("#points")
         assert points.startswith(("At or above", "Below every operating point")), points

@@ -37,8 +37,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-MAPS = ("default", "occlusion", "gradcam", "attention")
-MAP_HELP = "the map: default = occlusion for feature models (radiomics_*), Grad-CAM for CNNs"
+MAPS = ("default", "occlusion", "occlusion_views", "gradcam", "attention")
+MAP_HELP = (
+    "the map: default = occlusion of the lesion crop for feature models (radiomics_*), Grad-CAM for CNNs; "
+    "occlusion_views: occlusion of every view (the whole scan too)"
+)
 
 
 def _lesion_options(p: argparse.ArgumentParser) -> None:

@@ -264,6 +264,7 @@ def attribution_plot(
     letterbox: bool = True,
     lesion_source: str = "",
     method: str = "occlusion",
+    note: str = "",
 ):
     """Signed attribution maps (:mod:`~liverus.engine.attribution`) for people: each view with its map (red: the
     region's content raised the probability of malignancy, blue: lowered it; one colour scale for all views), the
@@ -273,6 +274,7 @@ def attribution_plot(
     Args:
         views: ``(name, image (S, S) uint8, map (S, S) in log-odds)`` per view, the lesion crop first.
         lesion: the lesion mask of the first view, outlined.
+        note: what the maps are not (a map shown on request that failed the faithfulness check), under the title.
     """
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
@@ -303,7 +305,8 @@ def attribution_plot(
     if extra:
         _original_panel(axes[-1], original_u8, box, lesion_source)
         axes[-1].imshow(tinted(heatmap_on_original(views[0][2], box, original_u8.shape[:2], letterbox=letterbox)))
-    fig.suptitle(f"{method}: what raised (red) or lowered (blue) p(malignant) = {probability:.3f}", fontsize=11)
+    title = f"{method}: what raised (red) or lowered (blue) p(malignant) = {probability:.3f}"
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
     fig.colorbar(colours, ax=list(axes), orientation="horizontal", fraction=0.05, shrink=0.6,
                  label="change in log-odds of malignancy when the region is hidden (blurred)")  # fmt: skip
     return fig

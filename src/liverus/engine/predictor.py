@@ -271,12 +271,14 @@ class Predictor:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The maps this model has: ``occlusion`` (any PyTorch model), ``gradcam`` (a convolutional layer to look
-        at), ``attention`` (a spatial-attention module). None for an ONNX export."""
+        """The maps this model has: ``occlusion`` of the first view (any PyTorch model), ``occlusion_views`` of every
+        view (two-view models: the lesion crop and the whole scan), ``gradcam`` (a convolutional layer to look at),
+        ``attention`` (a spatial-attention module). None for an ONNX export."""
         if self.model is None:
             return ()
         return (
             ("occlusion",)
+            + ("occlusion_views",) * (self.card.views > 1)
             + ("gradcam",) * self.has_heatmaps
             + ("attention",) * bool(self.has_heatmaps and self.model.has_spatial_attention)
         )
@@ -296,6 +298,9 @@ class Predictor:
         if method == "gradcam" and self.has_contributions:
             return ("Grad-CAM of the frozen backbone only: not faithful to this model's score "
                     "(the default occlusion map is)")  # fmt: skip
+        if method == "occlusion_views":
+            return ("The maps of views after the first did not beat random maps by a clear margin on AUL "
+                    "(docs/explanation.md): read them with care")  # fmt: skip
         return ""
 
     def check_method(self, method: str) -> str:
@@ -316,9 +321,10 @@ class Predictor:
         first = "lesion crop" if cfg.crop == "roi" else "image"
         return [first] + (["whole scan"] if cfg.scan_view else ["context crop"] if cfg.context_margin else [])
 
-    def attribution(self, pre: list[Preprocessed], *, cells: int = 8) -> np.ndarray:
-        """Occlusion maps (:func:`~liverus.engine.attribution.occlusion_maps`) of each view of each image (the box
-        as given, not its averaged variants). Returns: (N, views, S, S) in log-odds of malignancy."""
+    def attribution(self, pre: list[Preprocessed], *, cells: int = 8, views: int | None = None) -> np.ndarray:
+        """Occlusion maps (:func:`~liverus.engine.attribution.occlusion_maps`) of the first ``views`` views (None:
+        every view) of each image (the box as given, not its averaged variants). Returns: (N, views, S, S) in
+        log-odds of malignancy."""
         if self.model is None:
             raise ValueError("occlusion maps need the PyTorch model (model.pt), not the ONNX export")
         pixels = torch.from_numpy(self._pixels(pre)).float() / 255.0
@@ -326,8 +332,8 @@ class Predictor:
         with self._lock:
             self.model.eval()
             return occlusion_maps(
-                malignancy_log_odds(self.model, self.card), pixels, image_channels(per_view, self.card.views),
-                cells=cells,
+                malignancy_log_odds(self.model, self.card), pixels,
+                image_channels(per_view, self.card.views)[:views], cells=cells,
             )  # fmt: skip
 
     def heatmap(self, pre: Preprocessed, method: str = "gradcam") -> np.ndarray:
@@ -347,13 +353,13 @@ class Predictor:
         ``uint8`` image."""
         method = self.check_method(method)
         original = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-        if method == "occlusion":
-            maps = self.attribution([pre])[0]
+        if method.startswith("occlusion"):
+            maps = self.attribution([pre], views=None if method == "occlusion_views" else 1)[0]
             planes = [pre.image] + ([pre.context[0]] if pre.context is not None else [])
             return attribution_figure(
-                list(zip(self.view_names(), planes, maps, strict=True)), probability=probability,
+                list(zip(self.view_names(), planes, maps, strict=False)), probability=probability,
                 lesion=pre.lesion if self.needs_lesion else None, original_u8=original, box=pre.box,
-                letterbox=self.preprocess_cfg.letterbox, lesion_source=lesion_source,
+                letterbox=self.preprocess_cfg.letterbox, lesion_source=lesion_source, note=self.method_note(method),
             )  # fmt: skip
         return heatmap_figure(
             pre.image, self.heatmap(pre, method), probability=probability, note=self.method_note(method),
