@@ -149,7 +149,8 @@ def test_predict_checks_its_outputs_before_any_work(run, images, tmp_path):
         (tmp_path / sub).mkdir()
         shutil.copy(images[0], tmp_path / sub / "scan.png")
     heat = tmp_path / "heat"
-    args = [str(tmp_path / "a" / "scan.png"), str(tmp_path / "b" / "scan.png"), "--model", model, "--heatmaps"]
+    args = [str(tmp_path / "a" / "scan.png"), str(tmp_path / "b" / "scan.png"), "--model", model,
+            "--heatmap-method", "gradcam", "--heatmaps"]  # fmt: skip
     p = run_cli("predict", *args, str(heat), "--out", str(tmp_path / "h.csv"))
     assert p.returncode == 0, p.stderr
     assert sorted(f.name for f in heat.iterdir()) == ["a__scan_gradcam.png", "b__scan_gradcam.png"]

@@ -24,9 +24,12 @@ def test_predict_cli_lists_bad_files_and_writes_csv(run, images, tmp_path):
         (folder / Path(f).name).write_bytes(Path(f).read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     out = tmp_path / "pred.csv"
-    p = _cli(
-        "predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out), "--heatmaps", str(tmp_path / "hm")
-    )
+    # No map of a CNN beat random maps clearly on AUL: --heatmaps names the one wanted, or is refused, saying so.
+    p = _cli("predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out), "--heatmaps",
+             str(tmp_path / "hm"))  # fmt: skip
+    assert p.returncode == 2 and "no default map" in p.stderr and "gradcam" in p.stderr and not out.exists()
+    p = _cli("predict", str(folder), "--model", str(run / "model.pt"), "--out", str(out), "--heatmaps",
+             str(tmp_path / "hm"), "--heatmap-method", "gradcam")  # fmt: skip
     assert p.returncode == 1  # a bad file without --skip-bad
     assert "broken.png" in p.stderr
     rows = list(csv.DictReader(out.open()))
@@ -89,7 +92,7 @@ def test_lesion_model_predicts_and_explains_a_manifest_of_masks_and_boxes(roi_ru
         w.writerow([str(phantom / rows[2]["path"]), "", ""])  # no lesion given: an error row that says how
     out = tmp_path / "pred.csv"
     p = _cli("predict", str(manifest), "--model", str(roi_run / "model.pt"), "--out", str(out),
-             "--heatmaps", str(tmp_path / "hm"))  # fmt: skip
+             "--heatmaps", str(tmp_path / "hm"), "--heatmap-method", "gradcam")  # fmt: skip
     assert p.returncode == 1, p.stderr
     got = list(csv.DictReader(out.open()))
     assert [r["status"] for r in got] == ["ok", "ok", "error"]

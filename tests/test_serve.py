@@ -45,7 +45,17 @@ def test_api_predict_matches_direct_prediction(client, run, images):
         pred.predict([read_image(images[0])])[0].probability, abs=1e-5
     )
     assert body["label"] in ("benign", "malignant") and body["threshold"] == pytest.approx(pred.threshold, abs=1e-6)
-    assert body["heatmap"].startswith("data:image/png;base64,") and body["model"] == pred.name
+    assert body["model"] == pred.name
+    # A CNN's maps did not pass the faithfulness check: none by default, any on request, labelled.
+    assert "heatmap" not in body and pred.default_method is None
+    health = client.get("/api/health").json()
+    assert health["default_map"] is None and health["maps"] == ["occlusion", "gradcam", "attention"]
+    r = client.post("/api/predict?heatmap=gradcam", files={"file": ("a.png", data, "image/png")})
+    body = r.json()
+    assert body["heatmap"].startswith("data:image/png;base64,") and body["heatmap_method"] == "gradcam"
+    assert "Not verified" in body["heatmap_caption"]
+    r = client.post("/api/predict?heatmap=occlusion_views", files={"file": ("a.png", data, "image/png")})
+    assert r.status_code == 400 and "occlusion, gradcam, attention" in r.json()["detail"]
 
 
 @pytest.mark.parametrize(
@@ -232,11 +242,14 @@ def test_browser_upload_shows_probability_label_and_heatmap(server, images, tmp_
         prob = page.inner_text("#probability")
         assert prob.endswith("%") and 0 <= float(prob.rstrip(" %")) <= 100
         assert page.inner_text("#label") in ("benign", "malignant")
-        # The map follows the answer (a second request).
+        # No map of a CNN passed the faithfulness check: none is shown until asked for, and then it says so.
+        assert not page.is_visible("#heatmap") and page.is_visible("#map-anyway")
+        page.click("#map-anyway")
         page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0", timeout=60_000)
         assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
         assert page.eval_on_selector("#heatmap", "img => img.naturalWidth") == 64
-        assert "Grad-CAM" in page.inner_text("#heatmap-caption")
+        caption = page.inner_text("#heatmap-caption")
+        assert "Grad-CAM" in caption and "Not verified" in caption
         # Where the probability sits against the operating points, and what each is expected to give, in words.
         points = page.inner_text("#points")
         assert points.startswith(("At or above", "Below every operating point")), points

@@ -33,7 +33,10 @@ def run_explain(args: argparse.Namespace) -> int:
         raise ValueError("liverus explain needs the PyTorch model.pt (ONNX exports carry no maps)")
     features = predictor.has_contributions
     method = getattr(args, "method", "default")
-    methods = list(predictor.methods) if method == "all" else [predictor.check_method(method)]
+    if method == "all" or (method == "default" and predictor.default_method is None):
+        methods = list(predictor.methods)  # a CNN has no default map: each is drawn, labelled as not verified
+    else:
+        methods = [predictor.check_method(method)]
     out = Path(args.out)
     bad = 0
     items = input_items(args.inputs, mask=getattr(args, "mask", None), box=parse_box(getattr(args, "box", None)))

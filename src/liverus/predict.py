@@ -202,10 +202,10 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.heatmaps:
         if predictor.model is None:
             raise ValueError("--heatmaps needs the PyTorch model.pt (ONNX exports carry no maps)")
-        method = predictor.check_method(method)
         folder = Path(args.heatmaps)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"--heatmaps {folder} is a file; give a folder")
+        method = predictor.check_method(method)
         heatmaps = heatmap_names(files, folder, method)
         charts = [_chart_name(p) for p in heatmaps.values()] if predictor.has_contributions else []
         taken = [str(p) for p in [*heatmaps.values(), *charts] if p.exists()]

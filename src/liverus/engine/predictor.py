@@ -285,22 +285,26 @@ class Predictor:
 
     @property
     def default_method(self) -> str | None:
-        """The map shown unless another is asked for: occlusion for feature models (their decision is mostly the
-        radiomics, which Grad-CAM of the frozen backbone cannot see; docs/explanation.md has the faithfulness
-        check), Grad-CAM for CNNs. None for an ONNX export."""
-        if self.model is None:
+        """The map shown unless another is asked for: one that beat random maps by a clear margin on AUL
+        cross-validation (docs/explanation.md#faithfulness). For feature models that is occlusion of the lesion crop
+        (their decision is mostly the radiomics, which Grad-CAM of the frozen backbone cannot see); for CNNs no map
+        did, so none is shown by default and each is drawn on request with that said. None also for an ONNX
+        export."""
+        if self.model is None or not self.has_contributions and self.has_heatmaps:
             return None
-        return "occlusion" if self.has_contributions or not self.has_heatmaps else "gradcam"
+        return "occlusion"
 
     def method_note(self, method: str) -> str:
-        """What a map shown on request must say of itself: Grad-CAM of a feature model follows the frozen backbone's
-        gradient only, which failed the faithfulness check (docs/explanation.md)."""
+        """What a map shown on request must say of itself: that it did not pass the faithfulness check."""
         if method == "gradcam" and self.has_contributions:
             return ("Grad-CAM of the frozen backbone only: not faithful to this model's score "
                     "(the default occlusion map is)")  # fmt: skip
         if method == "occlusion_views":
             return ("The maps of views after the first did not beat random maps by a clear margin on AUL "
                     "(docs/explanation.md): read them with care")  # fmt: skip
+        if method != self.default_method:
+            return ("Not verified: for CNNs no map beat random maps by a clear margin on AUL "
+                    "(docs/explanation.md); read it with care")  # fmt: skip
         return ""
 
     def check_method(self, method: str) -> str:
@@ -309,9 +313,14 @@ class Predictor:
         Raises:
             ValueError: for a map this model does not have, naming those it has.
         """
+        have = ", ".join(self.methods) or "none (ONNX exports carry no maps; use model.pt)"
+        if method == "default" and self.default_method is None and self.methods:
+            raise ValueError(
+                f"model {self.name} has no default map: none of its maps beat random maps by a clear margin on AUL "
+                f"(docs/explanation.md); ask for one by name ({have}) and read it with care"
+            )
         method = self.default_method if method == "default" else method
         if method is None or method not in self.methods:
-            have = ", ".join(self.methods) or "none (ONNX exports carry no maps; use model.pt)"
             raise ValueError(f"model {self.name} has no {method} map; it has: {have}")
         return method
 

@@ -1,11 +1,13 @@
 """``liverus serve``: a FastAPI service and web page for radiologists (research use only).
 
-* ``GET /``: the page: upload an image or DICOM, see the probability, the label and the heatmap beside the image.
+* ``GET /``: the page: upload an image or DICOM, see the probability, the label, the operating points, the lesion
+  source, the model's map and, for feature models, what drove the score.
 * ``POST /api/predict`` (multipart field ``file``, optional field ``box`` = ``x0,y0,x1,y1`` around the lesion in the
   image's pixels, required by lesion-ROI models and refused by whole-image models; ``?heatmap=false`` to skip the
-  map): JSON with the probability of malignancy, label, threshold, operating points, model name and version; the
-  map (``heatmap``: occlusion for feature models, Grad-CAM for CNNs; ``heatmap_method``, ``heatmap_caption``); for
-  ensembles ``member_range`` (the lowest and highest of the fold models' probabilities); for feature models also
+  map, ``?heatmap=METHOD`` for another map, labelled when it did not pass the faithfulness check): JSON with the
+  probability of malignancy, label, threshold, operating points, model name and version; the map (``heatmap``:
+  occlusion for feature models, none by default for CNNs; ``heatmap_method``, ``heatmap_caption``); for ensembles
+  ``member_range`` (the lowest and highest of the fold models' probabilities); for feature models also
   ``contributions`` (each feature group's share of the log-odds), ``baseline_probability`` (the reference they are
   measured against) and ``training_lesions`` (each group's quartiles over the training lesions of each class).
 * ``POST /api/image`` (multipart ``file``): the decoded image as PNG with its size, so the page can show any upload,
@@ -13,7 +15,8 @@
 * ``POST /api/predict_lesion`` (field ``file`` repeated, up to eight images of one lesion, and for lesion models
   ``box`` repeated in the same order): one answer for the lesion, the mean log-odds of its images'
   (``liverus.evaluation.aggregate``), with each image's own probability.
-* ``GET /api/health``: liveness, which model is loaded and whether it needs a lesion box (``needs_box``).
+* ``GET /api/health``: liveness, which model is loaded, whether it needs a lesion box (``needs_box``), its default
+  map (``default_map``, null when none passed the faithfulness check) and every map it has (``maps``).
 * ``/docs`` and ``/openapi.json`` only with ``--api-docs``.
 
 Safety: the request body is read into memory and cut off at the size limit as it arrives (413; nothing a user sends
@@ -60,6 +63,9 @@ CAPTIONS = {
     "occlusion": "Occlusion: each region's content hidden in turn (blurred); red regions raised the probability of "
     "malignancy, blue lowered it. The lesion outline is kept, so shape and margin are in the chart below.",
     "gradcam": "Grad-CAM: regions whose features raised the malignancy score (red).",
+    "occlusion_views": "Occlusion of each view (the lesion crop and the whole scan): red regions raised the "
+    "probability of malignancy, blue lowered it.",
+    "attention": "The model's own spatial-attention map (red: attended).",
 }
 
 
@@ -121,6 +127,8 @@ def create_app(
             "backend": predictor.backend,
             "needs_box": needs_box,
             "proposes_box": needs_box and predictor.segmenter is not None,
+            "default_map": predictor.default_method,
+            "maps": list(predictor.methods),
         }
 
     def image_of(form: Form) -> tuple[np.ndarray, str]:
@@ -187,14 +195,14 @@ def create_app(
             "backend": predictor.backend,
         }
 
-    def analyse(form: Form, heatmap: bool) -> dict:
+    def analyse(form: Form, heatmap: bool | str) -> dict:
         image, kind = image_of(form)
         lesion_box = box_of(form, image)
         try:
             pre = predictor.prepare(image, box=lesion_box)
         except (DataError, ValueError) as exc:
             raise HTTPException(400, f"could not analyse the image: {_problem(exc)}") from None
-        method = predictor.default_method if heatmap else None
+        method = heatmap if isinstance(heatmap, str) else predictor.default_method if heatmap else None
         # Grad-CAM is batched with the other requests; occlusion scores its own hidden copies of this image.
         result = batcher.submit(pre, heatmap=method == "gradcam").result()
         prob = result.probability
@@ -208,12 +216,13 @@ def create_app(
         }
         if result.heatmap is not None:
             out["heatmap"] = _png_b64(overlay(pre.image, result.heatmap))
-        elif method == "occlusion":
+        elif method is not None:
             figure = predictor.heatmap_figure(pre, image, prob, method, lesion_source=pre.lesion_source)
             out["heatmap"] = _png_b64(figure)
         if "heatmap" in out:
             out["heatmap_method"] = method
-            out["heatmap_caption"] = CAPTIONS[method]
+            note = predictor.method_note(method)
+            out["heatmap_caption"] = CAPTIONS[method] + (f" {note}." if note else "")
         spread = predictor.member_range([pre])
         if spread is not None:
             out["member_range"] = [round(float(v), 6) for v in spread[0]]
@@ -262,10 +271,12 @@ def create_app(
     @app.post("/api/predict")
     async def predict(request: Request) -> dict:
         flag = request.query_params.get("heatmap", "true").lower()
-        if flag not in ("true", "false", "1", "0", "yes", "no"):
-            raise HTTPException(400, f"heatmap must be true or false, got {flag!r}")
+        if flag not in ("true", "false", "1", "0", "yes", "no", *predictor.methods):
+            maps = ", ".join(predictor.methods) or "none"
+            raise HTTPException(400, f"heatmap must be true, false or a map of this model ({maps}), got {flag!r}")
         form = await read_form(request, max_upload_bytes)
-        return await run_in_threadpool(analyse, form, flag in ("true", "1", "yes"))
+        choice = flag if flag in predictor.methods else flag in ("true", "1", "yes")
+        return await run_in_threadpool(analyse, form, choice)
 
     return app
 
