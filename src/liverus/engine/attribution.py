@@ -28,6 +28,7 @@ from liverus.engine.forward import model_input
 __all__ = [
     "OcclusionGrid",
     "image_channels",
+    "view_names",
     "hidden_images",
     "occlusion_maps",
     "malignancy_log_odds",
@@ -64,6 +65,13 @@ class OcclusionGrid:
             for c, x in enumerate(self.starts):
                 out[r * self.cells + c, y : y + self.window, x : x + self.window] = True
         return out
+
+
+def view_names(crop: str, scan_view: bool, context_margin: float) -> list[str]:
+    """What each view of a model's input shows, in order, from its preprocessing (``crop``, ``scan_view``,
+    ``context_margin``)."""
+    first = "lesion crop" if crop == "roi" else "image"
+    return [first] + (["whole scan"] if scan_view else ["context crop"] if context_margin else [])
 
 
 def image_channels(in_chans_per_view: int, views: int) -> list[int]:
@@ -179,7 +187,8 @@ def deletion_insertion(
     masks = torch.from_numpy(grid.cell_masks())
     image = pixels[0, channel]
     hidden = hidden_images(pixels[:, [channel]], grid.window)[0, 0]
-    sign = 1.0 if float(score(pixels)[0]) >= 0 else -1.0  # the predicted class's log-odds
+    unchanged = float(score(pixels)[0])
+    sign = 1.0 if unchanged >= 0 else -1.0  # the predicted class's log-odds
     counts = np.linspace(0, grid.cells**2, steps + 1).round().astype(int)
     batch = []
     for order in orders:
@@ -196,4 +205,4 @@ def deletion_insertion(
     p = torch.sigmoid(sign * logits).double().numpy().reshape(len(orders), 2, len(counts))
     x = counts / counts[-1]
     area = np.trapezoid(p, x, axis=-1)
-    return area[:, 0], area[:, 1], float(torch.sigmoid(sign * score(pixels))[0])
+    return area[:, 0], area[:, 1], float(1.0 / (1.0 + math.exp(-abs(unchanged))))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from liverus.data.io import write_png
 
 __all__ = [
+    "has_gradcam_layers",
     "gradcam_target_layers",
     "gradcam_heatmap",
     "attention_heatmap",
@@ -26,6 +27,15 @@ __all__ = [
     "attribution_figure",
     "attribution_plot",
 ]
+
+
+def has_gradcam_layers(model: torch.nn.Module) -> bool:
+    """Whether ``model`` names layers for Grad-CAM (a convolutional backbone whose output has a gradient)."""
+    try:
+        model.gradcam_layers()
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return True
 
 
 def gradcam_target_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -23,7 +23,7 @@ from liverus.data.preprocess import (
     model_pixels,
     preprocess,
 )
-from liverus.engine.attribution import image_channels, malignancy_log_odds, occlusion_maps
+from liverus.engine.attribution import image_channels, malignancy_log_odds, occlusion_maps, view_names
 from liverus.engine.contributions import (
     Contributions,
     contributions_figure,
@@ -31,7 +31,13 @@ from liverus.engine.contributions import (
     has_feature_groups,
 )
 from liverus.engine.forward import average_probabilities, model_input, probabilities
-from liverus.engine.heatmaps import attention_heatmap, attribution_figure, gradcam_heatmap, heatmap_figure
+from liverus.engine.heatmaps import (
+    attention_heatmap,
+    attribution_figure,
+    gradcam_heatmap,
+    has_gradcam_layers,
+    heatmap_figure,
+)
 from liverus.engine.runtime import inference_amp
 from liverus.engine.segment import propose_lesion
 from liverus.models import ModelCard, load_model
@@ -171,13 +177,7 @@ class Predictor:
     def has_heatmaps(self) -> bool:
         """Whether Grad-CAM heatmaps exist: a PyTorch model with a convolutional layer to look at (not an ONNX
         export, not a radiomics-only model)."""
-        if self.model is None:
-            return False
-        try:
-            self.model.gradcam_layers()
-        except (ValueError, AttributeError, NotImplementedError):
-            return False
-        return True
+        return self.model is not None and has_gradcam_layers(self.model)
 
     @property
     def has_contributions(self) -> bool:
@@ -243,7 +243,7 @@ class Predictor:
             else:
                 with torch.inference_mode():
                     probs = probabilities(self.model, torch.from_numpy(pixels), self.card, amp=self.amp).numpy()
-        return np.array([average_probabilities(list(probs[owner == i, None]))[0, 1] for i in range(len(pre))])
+        return _per_case(probs, owner, len(pre))
 
     def member_range(self, pre: list[Preprocessed]) -> np.ndarray | None:
         """For an ensemble (the recommended model: its five fold models), the lowest and highest of the members'
@@ -256,9 +256,7 @@ class Predictor:
         x = model_input(torch.from_numpy(self._pixels(expanded)), self.card)
         with self._lock, torch.inference_mode():
             probs = self.model.member_probabilities(x).numpy()  # (M, inputs, 2)
-        per_case = np.stack(
-            [[average_probabilities(list(m[owner == i, None]))[0, 1] for i in range(len(pre))] for m in probs]
-        )  # (M, N)
+        per_case = np.stack([_per_case(m, owner, len(pre)) for m in probs])  # (M, N)
         return np.stack([per_case.min(0), per_case.max(0)], axis=1)
 
     def predict(self, images: list[np.ndarray], *, lesions=None, boxes=None) -> list[Prediction]:
@@ -327,8 +325,7 @@ class Predictor:
     def view_names(self) -> list[str]:
         """What each view of the input shows, in order."""
         cfg = self.preprocess_cfg
-        first = "lesion crop" if cfg.crop == "roi" else "image"
-        return [first] + (["whole scan"] if cfg.scan_view else ["context crop"] if cfg.context_margin else [])
+        return view_names(cfg.crop, cfg.scan_view, cfg.context_margin)
 
     def attribution(self, pre: list[Preprocessed], *, cells: int = 8, views: int | None = None) -> np.ndarray:
         """Occlusion maps (:func:`~liverus.engine.attribution.occlusion_maps`) of the first ``views`` views (None:
@@ -385,6 +382,12 @@ class Predictor:
             if method == "attention":
                 return attention_heatmap(self.model, x)
             return gradcam_heatmap(self.model, x)
+
+
+def _per_case(probs: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Each case's probability of malignancy from the class probabilities (inputs, 2) of its inputs (its boxes,
+    :func:`_with_variants`): their mean log-odds."""
+    return np.array([average_probabilities(list(probs[owner == i, None]))[0, 1] for i in range(n)])
 
 
 def _with_variants(pre: list[Preprocessed]) -> tuple[list[Preprocessed], np.ndarray]:

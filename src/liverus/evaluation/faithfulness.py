@@ -15,8 +15,17 @@ import numpy as np
 import torch
 
 from liverus.data import CaseCache, model_pixels
+from liverus.engine.attribution import (
+    OcclusionGrid,
+    cell_order,
+    deletion_insertion,
+    image_channels,
+    malignancy_log_odds,
+    occlusion_maps,
+    view_names,
+)
 from liverus.engine.forward import model_input
-from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap
+from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap, has_gradcam_layers
 from liverus.models import load_model
 from liverus.utils import STAGES
 
@@ -123,10 +132,6 @@ def pooled_faithfulness(parts: list[dict]) -> dict:
 MAP_METHODS = ("occlusion", "gradcam", "attention")
 
 
-def _lesion_known(case) -> bool:
-    return bool(case.mask or case.polygon or getattr(case, "box", None))
-
-
 @STAGES.timed("map faithfulness (deletion / insertion)")
 def deletion_insertion_for_model(
     model_path: str | Path,
@@ -157,20 +162,11 @@ def deletion_insertion_for_model(
         ``{"cases": [per case: {method: {"deletion", "insertion"}}], "views": {view: [methods]}}``; summarise
         with :func:`summarize_deletion_insertion`.
     """
-    from liverus.engine.attribution import (
-        OcclusionGrid,
-        cell_order,
-        deletion_insertion,
-        image_channels,
-        malignancy_log_odds,
-        occlusion_maps,
-    )
-
     model, card = load_model(model_path)
     model.eval()
     cfg = card.require_preprocess(model_path)
     lesion_model = cfg.crop == "roi" or cfg.lesion_channel
-    usable = [c for c in cases if _lesion_known(c)] if lesion_model else list(cases)
+    usable = [c for c in cases if c.lesion_source != "none"] if lesion_model else list(cases)
     rng = np.random.default_rng(seed)
     if len(usable) > max_cases:
         usable = [usable[i] for i in sorted(rng.choice(len(usable), max_cases, replace=False))]
@@ -178,15 +174,11 @@ def deletion_insertion_for_model(
     score = malignancy_log_odds(model, card)
     channels = image_channels(2 if cfg.lesion_channel else 1, card.views)
     grid = OcclusionGrid(cfg.image_size, cells)
-    try:
-        model.gradcam_layers()
-        has_cam = True
-    except (ValueError, AttributeError, NotImplementedError):
-        has_cam = False
+    has_cam = has_gradcam_layers(model)
     first = ["occlusion"] + ["gradcam"] * has_cam + ["attention"] * bool(has_cam and model.has_spatial_attention)
     views = {"first": first}
     if all_views and len(channels) > 1:
-        views["whole scan" if cfg.scan_view else "context crop"] = ["occlusion"]
+        views[view_names(cfg.crop, cfg.scan_view, cfg.context_margin)[1]] = ["occlusion"]
     rows = []
     for case in usable:
         pixels = torch.from_numpy(np.ascontiguousarray(model_pixels(cache.get(case)[None], cfg.lesion_channel)))
