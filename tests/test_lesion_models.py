@@ -1147,8 +1147,9 @@ def test_deep_features_are_remembered_per_image_weights_and_arithmetic(monkeypat
 
     model = _fitted("radiomics_logistic_efficientnet_lite0", 0)
     passes = []  # batch sizes that went through the backbone (counted without a hook: a hook disables the memo)
-    real = model._pooled
+    real, batched = model._pooled, model._batched_mean
     monkeypatch.setattr(model, "_pooled", lambda image: passes.append(image.shape[0]) or real(image))
+    monkeypatch.setattr(model, "_batched_mean", lambda image, t: passes.append(image.shape[0]) or batched(image, t))
     DEEP_FEATURE_MEMO.clear()
     pixels = torch.zeros(3, 2, 64, 64, dtype=torch.uint8)
     pixels[:, 0] = torch.randint(60, 200, (3, 64, 64), dtype=torch.uint8)

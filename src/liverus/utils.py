@@ -212,6 +212,10 @@ class StageTimer:
 STAGES = StageTimer()
 
 
+def _shard_widths(names: list[str]) -> list[str]:
+    return sorted(n.removeprefix("keys_") for n in names if n.startswith("keys_"))
+
+
 class DigestMemo:
     """Results of a pure function of arrays, remembered by a 16-byte digest of the arrays' bytes (bounded, LRU).
 
@@ -223,12 +227,70 @@ class DigestMemo:
         max_items: the least recently used results are dropped beyond this many.
     """
 
+    # A store folder holding more shard files than this is rewritten as one file on the next save.
+    MAX_SHARDS = 32
+
     def __init__(self, max_items: int = 65536) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         self.max_items = max_items
         self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.hits = self.misses = 0
+        self.store: Path | None = None
+        self._unsaved: set[bytes] = set()
+        self._shards: list[Path] = []
+
+    def attach(self, directory: str | os.PathLike | None) -> None:
+        """Also keep results on disk in ``directory`` (a content-keyed store): results already there are loaded, and
+        :meth:`save` adds the new ones. Every process that attaches the same folder (ensemble members, folds and
+        repeats of a study, a resumed run, a second study with the same cache) computes each result once. Plain
+        ``.npz`` files of digests and float arrays, read without pickle. ``None`` detaches (saving first)."""
+        directory = Path(directory) if directory is not None else None
+        if directory == self.store:
+            return
+        self.save()
+        self.store, self._unsaved, self._shards = directory, set(), []
+        if directory is None or not directory.is_dir():
+            return
+        for shard in sorted(directory.glob("*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    pairs = [(data[f"keys_{w}"], data[f"values_{w}"]) for w in _shard_widths(data.files)]
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged shard (e.g. a full disk): its results are computed again
+            for keys, values in pairs:
+                for k, v in zip(keys, values, strict=True):
+                    self._items.setdefault(k.tobytes(), v)
+            self._shards.append(shard)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def save(self) -> Path | None:
+        """Write the results computed since the last save to the attached store (one new shard file, atomically);
+        a store of more than :data:`MAX_SHARDS` files is rewritten as one. Returns: the file written, or None."""
+        if self.store is None or not self._unsaved:
+            return None
+        compact = len(self._shards) >= self.MAX_SHARDS
+        keys = list(self._items) if compact else [k for k in self._unsaved if k in self._items]
+        by_width: dict[int, list[bytes]] = {}
+        for k in keys:
+            by_width.setdefault(self._items[k].size, []).append(k)
+        arrays = {}
+        for w, ks in by_width.items():
+            arrays[f"keys_{w}"] = np.frombuffer(b"".join(ks), dtype=np.uint8).reshape(len(ks), -1)
+            arrays[f"values_{w}"] = np.stack([self._items[k].reshape(-1) for k in ks])
+        self.store.mkdir(parents=True, exist_ok=True)
+        path = self.store / f"{os.getpid()}-{os.urandom(6).hex()}.npz"
+        with tempfile.NamedTemporaryFile(dir=self.store, suffix=".tmp", delete=False) as tmp:
+            np.savez(tmp, **arrays)
+        os.replace(tmp.name, path)
+        if compact:  # every result of the old shards is in the new one (they were loaded into memory)
+            for shard in self._shards:
+                shard.unlink(missing_ok=True)
+            self._shards = []
+        self._shards.append(path)
+        self._unsaved.clear()
+        return path
 
     @staticmethod
     def key(*arrays: np.ndarray, salt: bytes = b"") -> bytes:
@@ -254,12 +316,16 @@ class DigestMemo:
     def put(self, key: bytes, value: np.ndarray) -> None:
         self._items[key] = np.array(value, copy=True)
         self._items.move_to_end(key)
+        if self.store is not None:
+            self._unsaved.add(key)
         if len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+            self._unsaved.discard(self._items.popitem(last=False)[0])
 
     def clear(self) -> None:
+        """Forget every result in memory (and detach from a store, without saving)."""
         self._items.clear()
         self.hits = self.misses = 0
+        self.store, self._unsaved, self._shards = None, set(), []
 
     def __len__(self) -> int:
         return len(self._items)

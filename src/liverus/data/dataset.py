@@ -54,9 +54,9 @@ def default_cache_dir(folder: str | os.PathLike) -> Path:
 
 
 def clear_cache(target: str | os.PathLike) -> tuple[int, int]:
-    """Remove cached decoded images: ``target`` itself when it is a cache folder, else every ``cache/`` folder of
-    runs and studies below it. Only ``.npy`` files in two-hex-digit shards are removed, so pointing it at the wrong
-    folder cannot delete anything else.
+    """Remove cached decoded images and stored features: ``target`` itself when it is a cache folder, else every
+    ``cache/`` folder of runs and studies below it. Only ``.npy`` files in two-hex-digit shards and ``.npz`` files
+    in ``features/*/`` are removed, so pointing it at the wrong folder cannot delete anything else.
 
     Returns:
         ``(files removed, bytes freed)``.
@@ -72,6 +72,14 @@ def clear_cache(target: str | os.PathLike) -> tuple[int, int]:
                 files += 1
             if shard.is_dir() and not any(shard.iterdir()):
                 shard.rmdir()
+        # The feature store (liverus.models.features.feature_store): .npz shards in folders below features/.
+        for f in [*root.glob("features/*/*.npz"), *root.glob("features/*/*.tmp")]:
+            n_bytes += f.stat().st_size
+            f.unlink()
+            files += 1
+        for folder in [*root.glob("features/*"), root / "features"]:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
     return files, n_bytes

@@ -19,6 +19,7 @@ the data path never has to triplicate the image.
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,8 @@ __all__ = [
     "load_state_dict_file",
     "TIMM_PREFIX",
     "is_backbone_name",
+    "pooled_features",
+    "FEATURE_CHUNKS",
 ]
 
 TIMM_PREFIX = "timm_"
@@ -188,6 +191,67 @@ class Backbone(nn.Module):
     def gradcam_layer(self) -> nn.Module:
         """Returns: the layer Grad-CAM looks at (the last convolutional stage, 7x7 at 224 px)."""
         raise NotImplementedError
+
+
+# Images per backbone call when a frozen backbone extracts pooled features without gradients. On a CPU small chunks
+# win: a batch of 64 EfficientNet-Lite0 crops (224 px) costs ~37 ms an image in fp32, chunks of 4 in channels-last
+# ~11 ms (2-core Xeon; the activations of a small chunk stay in cache). Which size is fastest depends on the CPU, so
+# the first long extraction times these sizes on its own images (nothing is computed twice) and keeps the fastest.
+FEATURE_CHUNKS = (2, 4, 8, 16)
+GPU_FEATURE_CHUNK = 64
+_chosen_chunk: dict[tuple, int] = {}
+
+
+@torch.no_grad()
+def pooled_features(backbone: Backbone, images: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+    """Global-average-pooled features (N, C) in fp32 of a frozen backbone, without gradients.
+
+    The backbone is put in channels-last memory format (oneDNN's and cuDNN's fast path; the weights' values do not
+    change) and fed ``chunk`` images at a time; ``None`` picks the size: :data:`GPU_FEATURE_CHUNK` on a GPU, on a CPU
+    the fastest of :data:`FEATURE_CHUNKS` measured on the first call with at least 64 images (4 before that). Each
+    image's features agree across chunk sizes to float rounding (~1e-5 of their largest value; tested), so the
+    choice changes speed, not answers.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got {tuple(images.shape)}")
+    if not getattr(backbone, "_channels_last", False):
+        backbone.to(memory_format=torch.channels_last)
+        backbone._channels_last = True
+    images = images.contiguous(memory_format=torch.channels_last)
+
+    def run(part: torch.Tensor) -> torch.Tensor:
+        return backbone(part).float().mean(dim=(2, 3))
+
+    if chunk is None and images.device.type != "cpu":
+        chunk = GPU_FEATURE_CHUNK
+    if chunk is None:
+        key = (type(backbone).__name__, tuple(images.shape[1:]), images.dtype, torch.get_num_threads())
+        chunk = _chosen_chunk.get(key)
+        if chunk is None and images.shape[0] >= 64:
+            out, chunk = _time_chunks(run, images)
+            _chosen_chunk[key] = chunk
+            done = out.shape[0]
+            rest = [run(images[i : i + chunk]) for i in range(done, images.shape[0], chunk)]
+            return torch.cat([out, *rest])
+        chunk = chunk or 4
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    return torch.cat([run(images[i : i + chunk]) for i in range(0, images.shape[0], chunk)])
+
+
+def _time_chunks(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Run the first images with each of :data:`FEATURE_CHUNKS` (one warm-up chunk, then one timed chunk of each
+    size) and return their features and the size with the least time per image."""
+    outs, per_image, start = [], {}, 0
+    for size in FEATURE_CHUNKS:
+        if start + 2 * size > images.shape[0]:
+            break
+        outs.append(run(images[start : start + size]))  # first call of a shape: oneDNN builds its kernels
+        t0 = time.perf_counter()
+        outs.append(run(images[start + size : start + 2 * size]))
+        per_image[size] = (time.perf_counter() - t0) / size
+        start += 2 * size
+    return torch.cat(outs), min(per_image, key=per_image.get)
 
 
 class ResNet50Features(Backbone):

@@ -38,6 +38,8 @@ from liverus.models.features import (
     BOOSTING_TREES,
     REFERENCE_LESIONS,
     REFERENCE_QUANTILES,
+    feature_store,
+    save_feature_store,
 )
 from liverus.utils import STAGES
 
@@ -94,12 +96,14 @@ def extract_features(
     device = next(iter(model.buffers())).device
     loader = DataLoader(UltrasoundDataset(cases, classes, cache), batch_size=eval_batch_size(1))
     rad, deep, targets = [], [], []
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader, 1):
         r, d = model.raw_features(model_input(x.to(device), card))
         rad.append(r.cpu().numpy())
         if d is not None:
             deep.append(d.float().cpu().numpy())
         targets.append(np.asarray(y))
+        if i % 4 == 0:
+            save_feature_store()  # an interrupted run resumes from here
     return np.concatenate(rad), (np.concatenate(deep) if deep else None), np.concatenate(targets)
 
 
@@ -151,7 +155,8 @@ def fit_feature_model(
     Raises:
         ValueError: when the training cases hold one class only.
     """
-    parts = [extract_features(model, cases, classes, c, card) for c in (cache, *copies)]
+    with feature_store(cache.directory):
+        parts = [extract_features(model, cases, classes, c, card) for c in (cache, *copies)]
     rad = np.concatenate([p[0] for p in parts])
     deep = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
     y = np.concatenate([p[2] for p in parts])

@@ -22,9 +22,10 @@ from torch import nn
 from liverus import __version__
 from liverus.data import Case
 from liverus.models import LesionClassifier, LesionFeatureModel, ModelCard, build_model, is_feature_model
+from liverus.models.features import feature_store
 from liverus.models.segmentation import SEGMENTERS
 from liverus.training.config import ConfigError, TrainConfig, config_to_dict
-from liverus.training.datasets import RunData, prepare_run_data
+from liverus.training.datasets import RunData, cache_dir, prepare_run_data
 from liverus.training.distributed import barrier, broadcast_object, gather_objects
 from liverus.training.ensemble import train_ensemble
 from liverus.training.feature_fit import fit_feature_model
@@ -79,14 +80,31 @@ def train(
         RunExistsError: if the folder holds a run and neither ``resume`` nor ``overwrite`` is set.
         DataError: for bad data (see :mod:`liverus.data`).
     """
-    t_start = time.time()
     cfg.validate()
     if cfg.model.name in SEGMENTERS:
         raise ConfigError(f"model.name: {cfg.model.name} is a lesion segmenter; train it with `liverus segment train`")
-    if cfg.model.ensemble:
-        return train_ensemble(
-            cfg, run_dir, resume=resume, overwrite=overwrite, cases=cases, split=split, train_member=train
-        )
+    # A feature model's features are kept beside the decoded images, for its members, folds and a resumed run.
+    with feature_store(cache_dir(cfg, run_dir) if is_feature_model(cfg.model.name) else None):
+        if cfg.model.ensemble:
+            return train_ensemble(
+                cfg, run_dir, resume=resume, overwrite=overwrite, cases=cases, split=split, train_member=train
+            )
+        return _train_one(cfg, run_dir, resume=resume, overwrite=overwrite, cases=cases, split=split,
+                          max_steps=max_steps)  # fmt: skip
+
+
+def _train_one(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool,
+    overwrite: bool,
+    cases: list[Case] | None,
+    split: dict[str, list[str]] | None,
+    max_steps: int | None,
+) -> TrainResult:
+    """:func:`train` of one model (not an ensemble), after the config's checks."""
+    t_start = time.time()
     rt = Runtime.from_config(cfg.runtime)
     if is_feature_model(cfg.model.name):
         # A feature model's classifier is fitted on fp32 features, so it is scored on fp32 features too: scoring in
