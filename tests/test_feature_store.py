@@ -188,3 +188,20 @@ def test_a_whole_scan_view_shared_by_averaged_boxes_goes_through_the_backbone_on
     width = model.backbone.spec.out_channels
     assert torch.equal(deep[1:, width:], deep[:1, width:].expand(3, -1))
     assert not torch.equal(deep[1, :width], deep[0, :width])
+
+
+def test_features_first_computed_in_inference_mode_leave_the_model_usable_for_gradcam():
+    from liverus.engine.heatmaps import gradcam_heatmap
+
+    model = LesionFeatureModel("logistic", _imagenet_lite0(), flip_features=True)
+    rng = np.random.default_rng(0)  # deep features that reach the decision, so Grad-CAM has a gradient
+    model.load_fitted({"coef": np.ones(len(model.coef)), "pca_components": rng.normal(size=model.pca_components.shape)})
+    model.eval()
+    x = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(4))
+    x[:, 1] = 0
+    x[:, 1, 16:48, 16:48] = 1
+    with torch.inference_mode():  # as predict and the server answer first
+        model(x)
+    assert model.backbone._channels_last
+    heat = gradcam_heatmap(model, x)  # the map after the answer needs gradients through the same weights
+    assert heat.shape == (1, 64, 64) and np.isfinite(heat).all() and heat.max() > 0

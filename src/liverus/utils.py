@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "lazy_exports",
     "DigestMemo",
     "StageTimer",
     "STAGES",
@@ -210,6 +211,32 @@ class StageTimer:
 
 
 STAGES = StageTimer()
+
+
+def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]):
+    """Module ``__getattr__`` and ``__dir__`` for a package that names its submodules' public objects without
+    importing them (PEP 562): ``from liverus.data import preprocess`` stays valid, while ``liverus predict`` does not
+    pay for augmentation or the phantom it never uses (start-up is part of every command's wall time).
+
+    Args:
+        package: the package's ``__name__``.
+        exports: ``{submodule: names}``.
+    """
+    import importlib
+
+    where = {name: module for module, names in exports.items() for name in names}
+
+    def __getattr__(name: str):
+        if name not in where:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{where[name]}"), name)
+        sys.modules[package].__dict__[name] = value  # found directly from now on
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted([*sys.modules[package].__dict__, *where])
+
+    return __getattr__, __dir__
 
 
 def _shard_widths(names: list[str]) -> list[str]:

@@ -77,8 +77,6 @@ def _attach_box_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from liverus.training.run_folder import RunExistsError
-
     args = build_parser().parse_args(_attach_box_values(sys.argv[1:] if argv is None else list(argv)))
     _configure_logging(args.quiet)
     if args.max_pixels is not None:
@@ -88,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LIVERUS_MAX_PIXELS"] = str(args.max_pixels)
     try:
         return int(args.func(args) or 0)
-    # DataError, ConfigError and bad arguments are ValueErrors whose messages say how to fix them.
-    except (ValueError, RunExistsError) as exc:
+    # DataError, ConfigError and bad arguments are ValueErrors whose messages say how to fix them; a run folder or
+    # output that exists (RunExistsError, check_new_file) is a FileExistsError that does too.
+    except (ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

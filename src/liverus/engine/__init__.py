@@ -8,22 +8,32 @@
 * :mod:`~liverus.engine.predictor`: :class:`Predictor`, a loaded model (or ONNX export) with its card.
 """
 
-from liverus.engine.forward import (
-    eval_batch_size,
-    merge_shards,
-    model_input,
-    normalize_images,
-    predict_probs,
-    probabilities,
-)
-from liverus.engine.predictions import Predictions, read_predictions, write_predictions
-from liverus.engine.runtime import (
-    cpu_bf16_supported,
-    precision_name,
-    resolve_channels_last,
-    resolve_device,
-    resolve_precision,
-)
+from liverus.utils import lazy_exports
+
+# Loaded when first used (see lazy_exports): a command imports only the submodules it needs.
+_EXPORTS = {
+    "forward": (
+        "eval_batch_size",
+        "merge_shards",
+        "model_input",
+        "normalize_images",
+        "predict_probs",
+        "probabilities",
+    ),
+    "predictions": (
+        "Predictions",
+        "read_predictions",
+        "write_predictions",
+    ),
+    "runtime": (
+        "cpu_bf16_supported",
+        "precision_name",
+        "resolve_channels_last",
+        "resolve_device",
+        "resolve_precision",
+    ),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "Predictions",

@@ -215,7 +215,9 @@ def pooled_features(backbone: Backbone, images: torch.Tensor, *, chunk: int | No
     if images.ndim != 4:
         raise ValueError(f"expected images (N, C, H, W), got {tuple(images.shape)}")
     if not getattr(backbone, "_channels_last", False):
-        backbone.to(memory_format=torch.channels_last)
+        # Outside inference mode: weights made inside it could never take part in autograd again (Grad-CAM).
+        with torch.inference_mode(False):
+            backbone.to(memory_format=torch.channels_last)
         backbone._channels_last = True
     images = images.contiguous(memory_format=torch.channels_last)
 

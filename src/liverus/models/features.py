@@ -403,6 +403,9 @@ class LesionFeatureModel(nn.Module):
         return mean / (1 + len(transforms))
 
     def _pooled(self, image: torch.Tensor) -> torch.Tensor:
+        if getattr(self.backbone, "_channels_last", False):
+            # The weights' layout since pooled_features ran: NCHW input would make every convolution reorder it.
+            image = image.contiguous(memory_format=torch.channels_last)
         pooled = self.backbone(image).float().mean(dim=(2, 3))
         if self.flip_features:
             # A second call, not a doubled batch: the unmirrored view is then the backbone's first call, the one
