@@ -92,14 +92,14 @@ def test_train_writes_report_and_metrics(trained):
     assert {"slope", "intercept"} <= set(metrics["val"]["calibration"])
 
 
-def test_train_writes_a_model_card_with_every_item_it_claims(trained):
+def test_train_writes_a_model_report_with_every_item_it_claims(trained):
     import hashlib
 
-    from liverus.evaluation.model_card import PERSON
+    from liverus.evaluation.model_report import PERSON
 
     out, _ = trained
     card = json.loads((out / "model_card.json").read_text())
-    md = (out / "MODEL_CARD.md").read_text()
+    md = (out / "MODEL_REPORT.md").read_text()
     for key, value in card.items():
         assert value not in (None, "", {}, []), key  # every item is filled, or marked for a person
         assert f"## {key.replace('_', ' ')}" in md, key
@@ -116,17 +116,17 @@ def test_train_writes_a_model_card_with_every_item_it_claims(trained):
     points = card["operating_points (TRIPOD+AI 12f)"]["named"]
     assert set(points) == {"youden", "rule_out", "rule_in"}
     assert "acquisition shortcut" in card["known_failure_modes (TRIPOD+AI 26; CLAIM 38)"][0]
-    # Metrics straight from the evaluation carry NumPy scalars (subgroup tables): the card still writes.
+    # Metrics straight from the evaluation carry NumPy scalars (subgroup tables): the report still writes.
     import numpy as np
 
-    from liverus.evaluation.model_card import write_model_card
+    from liverus.evaluation.model_report import write_model_report
     from liverus.evaluation.report import cases_of_run
 
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["val"]["subgroups"] = {"image_size": {"96x96": {"auc": np.float64(0.5), "n": np.int64(3)}}}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    write_model_card(out, metrics, cases_of_run(cfg, out), None)
-    assert "96x96" in (out / "MODEL_CARD.md").read_text()
+    write_model_report(out, metrics, cases_of_run(cfg, out), None)
+    assert "96x96" in (out / "MODEL_REPORT.md").read_text()
 
 
 def test_evaluate_uses_stored_threshold_and_never_overwrites(trained, tmp_path):

@@ -17,19 +17,10 @@ import numpy as np
 
 from liverus.engine.predictions import read_class_probabilities
 from liverus.evaluation import plots
-from liverus.evaluation.report import (
-    cases_of_run,
-    data_html,
-    data_summary,
-    fmt,
-    img_html,
-    multiclass_evaluation,
-    multiclass_html,
-    render_report,
-    table_html,
-)
+from liverus.evaluation.rendering import fmt, write_page
+from liverus.evaluation.report import cases_of_run, data_summary, multiclass_evaluation
 from liverus.evaluation.stats import delong_ci
-from liverus.evaluation.study import configs_html, fold_runs, n_repeats, skipped_html
+from liverus.evaluation.study import fold_runs, model_configs, n_repeats, skipped_files
 from liverus.utils import STAGES, atomic_write_json
 
 __all__ = ["summarize_multiclass_study"]
@@ -79,36 +70,75 @@ def summarize_multiclass_study(out: Path, labels: list[str]) -> dict:
     study = json.loads((out / "study.json").read_text())
     models, scored = {}, set()
     for label in labels:
-        rows, pooled, classes, bvm0 = [], None, (), {}
-        for r in range(n_repeats(out)):
-            runs = fold_runs(out, label, r)
-            if not runs or not all((run / "predictions_test.csv").is_file() for run in runs):
-                continue  # an unfinished repeat is left out, as in the binary summary
-            paths, targets, probs, classes = read_class_probabilities([run / "predictions_test.csv" for run in runs])
-            # The pooled (first) repeat's macro figures get bootstrap intervals; the others give the spread.
-            ev = multiclass_evaluation(probs, targets, classes, n_boot=2000 if pooled is None else 0)
-            bvm = _benign_vs_malignant(targets, probs, classes)
-            rows.append(_repeat_rows(ev, bvm))
-            if pooled is None:
-                pooled, bvm0 = ev, bvm
-                scored |= set(paths)
-        if pooled is None:
-            raise ValueError(f"{out / label} holds no finished cross-validation (fold*/predictions_test.csv)")
-        across = {
-            k: _mean_sd([row[k] for row in rows])
-            for k in ("macro_auc", "macro_average_precision", "balanced_accuracy", "benign_vs_malignant_auc")
-        }
-        models[label] = {
-            "classes": list(classes),
-            "pooled": pooled,
-            "benign_vs_malignant": bvm0,
-            "repeats": rows,
-            "across_repeats": across,
-        }
-    skipped = json.loads((out / "skipped.json").read_text()) if (out / "skipped.json").is_file() else []
+        models[label], paths = _pool_model(out, label)
+        scored |= paths
+    skipped = skipped_files(out)
     analysed = [c for c in cases_of_run(study["config"], out) if c.path in scored]
     summary = {"task": "three_class", "models": labels, "results": models}
+    summary["text"] = _multiclass_text(models)
+    atomic_write_json(out / "summary.json", summary)
+    confusion = {
+        label: plots.confusion_plot(
+            m["pooled"]["confusion_matrix"],
+            tuple(m["classes"]),
+            out / "figures" / f"confusion_{label}.png",
+            title=label,
+        )
+        for label, m in models.items()
+    }
+    write_page(
+        out / "report.html",
+        "multiclass_study.html.j2",
+        title="liverus three-class study: " + ", ".join(labels),
+        subtitle=str(out),
+        results=models,
+        confusion_plots=confusion,
+        data_summary=data_summary(analysed),
+        skipped_files=skipped,
+        model_configs=model_configs(out, labels, study["config"]),
+    )
+    summary["report"] = str(out / "report.html")
+    return summary
 
+
+def _pool_model(out: Path, label: str) -> tuple[dict, set[str]]:
+    """One model's summary over the finished repeats (repeat 0 pooled in full, the others as rows) and the paths of
+    the cases repeat 0 scored.
+
+    Raises:
+        ValueError: if no repeat of the model is finished.
+    """
+    rows, pooled, classes, bvm0, scored = [], None, (), {}, set()
+    for r in range(n_repeats(out)):
+        runs = fold_runs(out, label, r)
+        if not runs or not all((run / "predictions_test.csv").is_file() for run in runs):
+            continue  # an unfinished repeat is left out, as in the binary summary
+        paths, targets, probs, classes = read_class_probabilities([run / "predictions_test.csv" for run in runs])
+        # The pooled (first) repeat's macro figures get bootstrap intervals; the others give the spread.
+        ev = multiclass_evaluation(probs, targets, classes, n_boot=2000 if pooled is None else 0)
+        bvm = _benign_vs_malignant(targets, probs, classes)
+        rows.append(_repeat_rows(ev, bvm))
+        if pooled is None:
+            pooled, bvm0, scored = ev, bvm, set(paths)
+    if pooled is None:
+        raise ValueError(f"{out / label} holds no finished cross-validation (fold*/predictions_test.csv)")
+    across = {
+        k: _mean_sd([row[k] for row in rows])
+        for k in ("macro_auc", "macro_average_precision", "balanced_accuracy", "benign_vs_malignant_auc")
+    }
+    result = {
+        "classes": list(classes),
+        "pooled": pooled,
+        "benign_vs_malignant": bvm0,
+        "repeats": rows,
+        "across_repeats": across,
+    }
+    return result, scored
+
+
+def _multiclass_text(models: dict[str, dict]) -> str:
+    """The table the study prints: macro AUC, macro average precision, balanced accuracy and benign-vs-malignant AUC
+    per model, mean ± SD over the repeats when there are several."""
     lines = [
         f"{'model':34s} {'macro AUC':>10s} {'macro AP':>9s} {'bal. acc':>9s} {'benign vs malignant AUC':>24s} "
         f"{'repeats':>8s}"
@@ -124,63 +154,4 @@ def summarize_multiclass_study(out: Path, labels: list[str]) -> dict:
             f"{label:34s} {cell('macro_auc'):>10s} {cell('macro_average_precision'):>9s} "
             f"{cell('balanced_accuracy'):>9s} {cell('benign_vs_malignant_auc'):>24s} {len(m['repeats']):>8d}"
         )
-    summary["text"] = "\n".join(lines)
-    atomic_write_json(out / "summary.json", summary)
-
-    sections = []
-    for label, m in models.items():
-        classes = tuple(m["classes"])
-        fig = plots.confusion_plot(
-            m["pooled"]["confusion_matrix"], classes, out / "figures" / f"confusion_{label}.png", title=label
-        )
-        b = m["benign_vs_malignant"]
-        rep_rows = [
-            [
-                str(i),
-                fmt(row["macro_auc"]),
-                fmt(row["macro_average_precision"]),
-                fmt(row["balanced_accuracy"]),
-                *[fmt(row["auc_per_class"][c]) for c in classes],
-                fmt(row["benign_vs_malignant_auc"]),
-            ]
-            for i, row in enumerate(m["repeats"])
-        ]
-        sections.append(
-            (
-                f"{label}: pooled out-of-fold results (repeat 0)",
-                multiclass_html(m["pooled"], classes)
-                + (
-                    f"<p>Benign vs malignant on the {b['n']} lesion images (score p_malignant / (p_benign + "
-                    f"p_malignant)): AUC {fmt(b['auc'])} [{fmt(b['ci95'][0])}, {fmt(b['ci95'][1])}] (DeLong), "
-                    "comparable with a binary study's pooled AUC on the same folds.</p>"
-                    if b
-                    else ""
-                )
-                + '<div class="figs">'
-                + img_html(fig)
-                + "</div>",
-            )
-        )
-        sections.append(
-            (
-                f"{label}: every repeat",
-                table_html(
-                    [
-                        "repeat",
-                        "macro AUC",
-                        "macro AP",
-                        "balanced accuracy",
-                        *[f"AUC {c}" for c in classes],
-                        "benign vs malignant AUC",
-                    ],
-                    rep_rows,
-                ),  # fmt: skip
-            )
-        )
-    sections += [
-        ("Data", data_html(data_summary(analysed)) + skipped_html(skipped)),
-        ("Configuration", configs_html(out, labels, study["config"])),
-    ]
-    render_report(out / "report.html", "liverus three-class study: " + ", ".join(labels), sections, subtitle=str(out))
-    summary["report"] = str(out / "report.html")
-    return summary
+    return "\n".join(lines)

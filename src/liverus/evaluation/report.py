@@ -4,20 +4,22 @@
 * :func:`evaluate_checkpoint`: ``liverus evaluate`` on any labelled data with a model's stored threshold;
 * the ``liverus cv`` / ``compare`` reports (pooled out-of-fold results, paired tests, per-fold spread) are built in
   :mod:`liverus.evaluation.study` from the helpers here.
+
+The numbers are computed here into plain dicts (what ``metrics.json`` holds); the pages are the Jinja2 templates of
+``liverus/evaluation/templates`` (:mod:`liverus.evaluation.rendering`). The ``*_html`` helpers render the templates'
+pieces for modules that assemble their own pages.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import yaml
+from markupsafe import Markup
 
 from liverus.data import (
     CaseCache,
@@ -40,9 +42,10 @@ from liverus.evaluation.faithfulness import (
     faithfulness_for_model,
     summarize_deletion_insertion,
 )
-from liverus.evaluation.model_card import write_model_card
+from liverus.evaluation.model_report import write_model_report
+from liverus.evaluation.rendering import ci, fmt, html_macro, write_page
 from liverus.models import load_model
-from liverus.utils import STAGES, atomic_write_json, atomic_write_text
+from liverus.utils import STAGES, atomic_write_json
 
 __all__ = [
     "report_for_run",
@@ -55,6 +58,7 @@ __all__ = [
     "faithfulness_html",
     "deletion_insertion_html",
     "figures_html",
+    "report_figures",
     "evaluate_checkpoint",
     "render_report",
     "data_summary",
@@ -62,164 +66,45 @@ __all__ = [
     "metrics_table_html",
 ]
 
-DISCLAIMER = (
-    "Research software. Not a medical device and not a diagnosis: results must be interpreted by a "
-    "qualified radiologist together with all clinical information."
-)
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
-line-height:1.4;padding:0 1em}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;
-text-align:right}th{background:#f3f5f7}td:first-child,th:first-child{text-align:left}
-.warn{background:#fff4e5;border-left:4px solid #f0a030;padding:.6em 1em;margin:1em 0}
-.note{color:#555;font-size:.9em}.figs img{max-width:48%;margin:.3em;border:1px solid #eee}
-pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}
-"""
-
-
-def fmt(x, digits: int = 3) -> str:
-    """A number for a table; NaN/None become 'n/a'."""
-    if x is None:
-        return "n/a"
-    if isinstance(x, float) and math.isnan(x):
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def _ci(v, ci) -> str:
-    if ci is None or any(c is None or (isinstance(c, float) and math.isnan(c)) for c in ci):
-        return fmt(v)
-    return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
-
 
 def img_html(path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+    """The PNG at ``path`` as an ``<img>`` with the image embedded (the reports are self-contained)."""
+    return html_macro("img")(path)
 
 
 def table_html(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-METRIC_NAMES = [
-    ("auc", "ROC AUC"),
-    ("pr_auc", "PR AUC (average precision)"),
-    ("sensitivity", "Sensitivity"),
-    ("specificity", "Specificity"),
-    ("ppv", "PPV"),
-    ("npv", "NPV"),
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("f1", "F1"),
-    ("mcc", "MCC"),
-]
+    """A table with one escaped cell per value."""
+    return html_macro("table")(headers, rows)
 
 
 def metrics_table_html(evals: dict[str, dict]) -> str:
     """One column per model: every metric with its 95% bootstrap interval (AUC also with DeLong's)."""
-    names = list(evals)
-    rows = []
-    for key, label in METRIC_NAMES:
-        rows.append([label] + [_ci(evals[n]["metrics"][key], evals[n]["ci95_bootstrap"].get(key)) for n in names])
-    rows.append(
-        ["AUC, DeLong 95% CI"] + [_ci(evals[n]["auc_delong"]["auc"], evals[n]["auc_delong"]["ci95"]) for n in names]
-    )
-    rows.append(["ECE (10 bins)"] + [fmt(evals[n]["calibration"].get("ece")) for n in names])
-    rows.append(["Brier score"] + [fmt(evals[n]["calibration"].get("brier")) for n in names])
-    rows.append(["Calibration slope (1 = ideal)"] + [fmt(evals[n]["calibration"].get("slope")) for n in names])
-    rows.append(["Calibration intercept (0 = ideal)"] + [fmt(evals[n]["calibration"].get("intercept")) for n in names])
-    rows.append(
-        ["Threshold"] + [fmt(evals[n]["threshold"]) if evals[n]["threshold"] is not None else "per fold" for n in names]
-    )
-    rows.append(
-        ["Cases (malignant / benign)"]
-        + [f"{evals[n]['n']} ({evals[n]['n_malignant']} / {evals[n]['n_benign']})" for n in names]
-    )
-    return table_html(["metric (95% CI)", *names], rows)
+    return html_macro("metrics_table")(evals)
 
 
 def subgroup_html(evals: dict[str, dict]) -> str:
-    parts = []
-    for name, ev in evals.items():
-        for col, table in ev.get("subgroups", {}).items():
-            rows = [
-                [
-                    val,
-                    t["n"],
-                    t["n_malignant"],
-                    _ci(t["auc"], t["auc_ci95"]),
-                    fmt(t["sensitivity"]),
-                    fmt(t["specificity"]),
-                    t["note"],
-                ]
-                for val, t in table.items()
-            ]
-            parts.append(
-                f"<h3>{html.escape(name)}: by {html.escape(col)}</h3>"
-                + table_html([col, "n", "malignant", "AUC [DeLong 95% CI]", "sensitivity", "specificity", ""], rows)
-            )
-    return "".join(parts)
+    """One table per model and subgroup column: AUC, sensitivity and specificity inside each subgroup."""
+    return html_macro("subgroups")(evals)
 
 
 def faithfulness_html(faith: dict[str, dict]) -> str:
     """Table of heatmap faithfulness per model (pointing game, energy inside the lesion, chance level)."""
-    rows = []
-    for name, f in faith.items():
-        for method in ("gradcam", "attention"):
-            r = f.get(method)
-            if r:
-                rows.append(
-                    [name, method, r["n"], fmt(r["pointing_game"]), fmt(r["energy_inside"]), fmt(r["lesion_area"])]
-                )
-    if not rows:
-        return ""
-    below = [
-        f"{name} ({method})"
-        for name, f in faith.items()
-        for method in ("gradcam", "attention")
-        if f.get(method) and f[method]["energy_inside"] < f[method]["lesion_area"]
-    ]
-    warning = (
-        f"<p><strong>Below chance:</strong> the heatmaps of {', '.join(below)} put less of their energy inside the "
-        "lesion than a uniform map would (energy inside &lt; lesion area): they do not show that the model looked at "
-        "the lesion, and should not be read as if they did.</p>"
-        if below
-        else ""
-    )
-    return (
-        "<p>Against the experts' lesion masks: <i>pointing game</i> = share of heatmaps whose peak lies inside the "
-        "lesion; <i>energy inside</i> = mean share of heatmap mass inside the lesion; <i>lesion area</i> = mean lesion "
-        "share of the image, the chance level of energy inside.</p>"
-        + table_html(["model", "heatmap", "cases", "pointing game", "energy inside", "lesion area"], rows)
-        + warning
-    )
+    return html_macro("faithfulness")(faith)
 
 
 def deletion_insertion_html(summary: dict[str, dict]) -> str:
     """Table of :func:`~liverus.evaluation.faithfulness.summarize_deletion_insertion`: each map against random maps."""
-    rows = []
-    for method, r in summary.items():
-        low, high = r["margin_ci95"]
-        rows.append([method, r["n"], f"{fmt(r['deletion'])} ({fmt(r['random_deletion'])})",
-                     f"{fmt(r['insertion'])} ({fmt(r['random_insertion'])})",
-                     f"{r['margin_over_random']:+.3f} [{low:+.3f}, {high:+.3f}]",
-                     "yes" if r["beats_random"] else "<strong>no</strong>"])  # fmt: skip
-    return (
-        "<p>Each map's cells hidden (blurred) in the map's order: the probability of the predicted class should fall "
-        "fast (<i>deletion</i>, lower is better) and, revealed from a hidden view, rise fast (<i>insertion</i>, "
-        "higher is better); random maps of the same images in brackets. <i>Margin</i>: (insertion - deletion) over "
-        "the random maps', with a 95% bootstrap interval over images; a map beats random when the interval's lower "
-        "end is above 0.05. A map that does not should not be read as showing what drove the score.</p>"
-        + table_html(
-            ["map", "cases", "deletion (random)", "insertion (random)", "margin [95% CI]", "beats random"], rows
-        )  # fmt: skip
-    )
+    return html_macro("deletion_insertion")(summary)
+
+
+def data_html(summary: dict | None) -> str:
+    """Counts per class and the shortcut check of :func:`data_summary` (nothing for ``None``)."""
+    return html_macro("data")(summary)
+
+
+def multiclass_html(ev: dict, classes: Sequence[str]) -> str:
+    """Per-class and macro metrics and the confusion matrix of :func:`multiclass_evaluation`."""
+    return html_macro("multiclass")(ev, classes)
 
 
 def data_summary(cases) -> dict:
@@ -241,40 +126,21 @@ def data_summary(cases) -> dict:
     }
 
 
-def data_html(summary: dict | None) -> str:
-    if not summary:
-        return ""
-    rows = [[k, v] for k, v in sorted(summary["counts"].items())]
-    out = table_html(["class", "images"], rows) + f"<p>{summary['n_groups']} groups (patients / scans).</p>"
-    sc = summary.get("shortcut") or {}
-    if sc.get("auc") is not None:
-        out += (
-            f"<p>Shortcut check: image size, aspect ratio and numeric metadata alone predict malignancy with "
-            f"cross-validated AUC <b>{sc['auc']:.3f}</b> (0.5 = no shortcut).</p>"
-        )
-        if sc.get("warning"):
-            out += f'<div class="warn">{html.escape(sc["warning"])}</div>'
-    return out
-
-
 def render_report(path: Path, title: str, sections: list[tuple[str, str]], subtitle: str = "") -> Path:
-    """Write a self-contained HTML page from ``(heading, html)`` sections."""
-    body = "".join(f"<h2>{html.escape(h)}</h2>{c}" for h, c in sections if c)
-    page = (
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='note'>{html.escape(subtitle)}"
-        f"</p><div class='warn'>{html.escape(DISCLAIMER)}</div>{body}</body></html>"
-    )
-    atomic_write_text(path, page)
-    return path
+    """Write a self-contained HTML page from ``(heading, html)`` sections (a section without content is left out)."""
+    # The sections are HTML that the caller built (from the helpers above): written as they are, not escaped again.
+    trusted = [(heading, Markup(content)) for heading, content in sections]
+    return write_page(path, "report.html.j2", title=title, subtitle=subtitle, sections=trusted)
 
 
-def figures_html(
+def report_figures(
     preds: dict[str, Predictions],
     evals: dict[str, dict],
     fig_dir: Path,
     metrics_csvs: dict[str, Path] | None = None,
-) -> str:
+) -> list[Path]:
+    """The figures of a binary report: ROC, PR, reliability and decision curves (models scored on both classes), a
+    confusion matrix per model and, given ``metrics.csv`` files, the training curves."""
     from liverus.evaluation import plots
 
     aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
@@ -298,7 +164,17 @@ def figures_html(
         existing = {k: v for k, v in metrics_csvs.items() if Path(v).is_file()}
         if existing:
             figs.append(plots.training_curves_plot(existing, fig_dir / "training_curves.png"))
-    return '<div class="figs">' + "".join(img_html(f) for f in figs) + "</div>"
+    return figs
+
+
+def figures_html(
+    preds: dict[str, Predictions],
+    evals: dict[str, dict],
+    fig_dir: Path,
+    metrics_csvs: dict[str, Path] | None = None,
+) -> str:
+    """The :func:`report_figures`, drawn into ``fig_dir`` and embedded side by side."""
+    return html_macro("figures")(report_figures(preds, evals, fig_dir, metrics_csvs))
 
 
 def cases_of_run(config: dict, folder: str | Path) -> list:
@@ -339,22 +215,18 @@ def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequen
     metrics = {"threshold": threshold, **evals, "faithfulness": faith, "temperature_scaling": temperature}
     atomic_write_json(run_dir / "metrics.json", metrics)
     summary = data_summary(list(all_cases.values())) if all_cases else None
-    write_model_card(run_dir, metrics, list(all_cases.values()), summary)
-    sections = [
-        (
-            "Metrics",
-            "<p>Threshold chosen on the validation split (Youden's J) and applied unchanged.</p>"
-            + metrics_table_html(evals),
-        ),
-        ("Figures", figures_html(preds, evals, run_dir / "figures", {"run": run_dir / "metrics.csv"})),
-        ("Subgroups", subgroup_html(evals)),
-        ("Calibration: temperature scaling", _temperature_html(temperature)),
-        ("Heatmap faithfulness", faithfulness_html({k: v for k, v in faith.items() if k != "error"})),
-        ("Data", data_html(summary)),
-        ("Configuration", f"<pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>"),
-    ]
-    return render_report(
-        run_dir / "report.html", f"liverus run: {cfg['model']['name']}", sections, subtitle=str(run_dir)
+    write_model_report(run_dir, metrics, list(all_cases.values()), summary)
+    return write_page(
+        run_dir / "report.html",
+        "run.html.j2",
+        title=f"liverus run: {cfg['model']['name']}",
+        subtitle=str(run_dir),
+        evals=evals,
+        figure_paths=report_figures(preds, evals, run_dir / "figures", {"run": run_dir / "metrics.csv"}),
+        temperature_scaling=temperature,
+        faith={k: v for k, v in faith.items() if k != "error"},
+        data_summary=summary,
+        config=cfg,
     )
 
 
@@ -376,22 +248,6 @@ def _temperature_section(preds: dict[str, Predictions]) -> dict:
             "brier_after": after["brier"],
         }
     return out
-
-
-def _temperature_html(t: dict) -> str:
-    if not t:
-        return ""
-    rows = [
-        [part, fmt(v["ece_before"]), fmt(v["ece_after"]), fmt(v["brier_before"]), fmt(v["brier_after"])]
-        for part, v in t.items()
-        if isinstance(v, dict)
-    ]
-    return (
-        f"<p>Temperature T = {t['temperature']:.3f} fitted on the validation split (T &gt; 1: the model was "
-        "over-confident). It rescales probabilities without changing the ranking (AUC). On the validation split "
-        "itself the improvement is optimistic; the test row, where present, is the honest one.</p>"
-        + table_html(["split", "ECE before", "ECE after", "Brier before", "Brier after"], rows)
-    )
 
 
 def default_subgroups(pr: Predictions, max_groups: int = 12) -> list[str]:
@@ -416,6 +272,18 @@ def default_subgroups(pr: Predictions, max_groups: int = 12) -> list[str]:
     for meta, size in zip(pr.meta, sizes, strict=True):
         meta["image_size"] = size
     return ["image_size"]
+
+
+@dataclasses.dataclass
+class _Scored:
+    """Labelled cases scored by a model: what :func:`evaluate_checkpoint` evaluates."""
+
+    cases: list
+    probs: np.ndarray
+    targets: np.ndarray
+    skipped: list
+    pre: object  # the preprocessing the cases were scored with (the card's, with the caller's box changes)
+    n_boxes: int  # boxes averaged per lesion (1: one box, or a mask)
 
 
 def evaluate_checkpoint(
@@ -445,16 +313,61 @@ def evaluate_checkpoint(
     Raises:
         ValueError: if the output folder holds an earlier evaluation (never overwritten silently).
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     out = Path(out)
     if (out / "metrics.json").exists():
         raise ValueError(f"{out} already holds an evaluation (metrics.json); choose another --out")
     model, card = load_model(model_path)
+    changes = dict(lesion_from=lesion_from, box_jitter=box_jitter, box_loosen=box_loosen, box_average=box_average)
+    scored = _score_labelled(model, card, model_path, data, out, changes, skip_bad=skip_bad)
+    if not card.is_binary:
+        return _evaluate_multiclass(model_path, data, out, card, scored, n_boot=n_boot)
+    threshold, cases, name = card.threshold, scored.cases, model.model_name
+    pr = read_predictions([out / "predictions.csv"])
+    ev = evaluate_binary(pr, threshold, n_boot=n_boot, subgroups=list(subgroup) or default_subgroups(pr))
+    per_level = _per_level(pr, threshold, n_boot)
+    faith = faithfulness_for_model(model_path, cases)
+    maps = (
+        summarize_deletion_insertion(
+            [deletion_insertion_for_model(model_path, cases, max_cases=map_faithfulness, all_views=True)]
+        )
+        if map_faithfulness > 0
+        else None
+    )
+    pre = scored.pre
+    lesion = {"from": pre.lesion_from, "sources": lesion_source_counts(cases), "box_jitter": pre.box_jitter,
+              "box_loosen": pre.box_loosen, "box_average": scored.n_boxes}  # fmt: skip
+    atomic_write_json(
+        out / "metrics.json",
+        {"faithfulness": faith, "map_faithfulness": maps, "model": str(model_path), "data": str(data),
+         "threshold": threshold, "lesion": lesion, "skipped": scored.skipped, "evaluation": ev,
+         **{f"per_{level}": v for level, v in per_level.items()}},
+    )  # fmt: skip
+    write_page(
+        out / "report.html",
+        "evaluation.html.j2",
+        title=f"liverus evaluation: {name}",
+        subtitle=f"{model_path} on {data}",
+        name=name,
+        threshold=threshold,
+        lesion_words=_lesion_words(pre, cases),
+        evaluation=ev,
+        figure_paths=report_figures({name: pr}, {name: ev}, out / "figures"),
+        per_level={f"{name} per {level}": v for level, v in per_level.items()},
+        faith=faith,
+        map_faithfulness=maps,
+        data_summary=data_summary(cases),
+    )
+    return {"evaluation": ev, "text": _evaluation_text(name, cases, ev, per_level, out / "report.html")}
+
+
+def _score_labelled(model, card, model_path, data, out: Path, changes: dict, *, skip_bad: bool) -> _Scored:
+    """Score the task's cases of ``data`` as the training run scored its validation and test cases, and write
+    ``predictions.csv`` (and ``skipped.json``) to ``out``. ``changes``: box settings replacing the card's."""
+    import torch
+    from torch.utils.data import DataLoader
+
     cases, _ = select_task(load_cases(data), card.task)
     pre = card.require_preprocess(model_path)
-    changes = dict(lesion_from=lesion_from, box_jitter=box_jitter, box_loosen=box_loosen, box_average=box_average)
     pre = dataclasses.replace(pre, **{k: v for k, v in changes.items() if v is not None})
     # Box-only cases are scored as a user's box is at inference: averaged over the card's box_average boxes.
     from_box = pre.lesion_from == "box" or any_box_only(cases)
@@ -471,83 +384,34 @@ def evaluate_checkpoint(
         for cache in caches
     ]  # fmt: skip
     probs, tg = average_probabilities([p for p, _ in scored]), scored[0][1]
-    threshold = card.threshold
-    write_predictions(out / "predictions.csv", cases, probs, tg, card.classes, threshold)
-    if not card.is_binary:
-        return _evaluate_multiclass(model_path, data, out, card, probs, tg, skipped, n_boot=n_boot)
-    pr = read_predictions([out / "predictions.csv"])
-    cols = list(subgroup) or default_subgroups(pr)
-    ev = evaluate_binary(pr, threshold, n_boot=n_boot, subgroups=cols)
-    # One answer per lesion (mean log-odds of its images) and per patient, where the manifest names them.
+    write_predictions(out / "predictions.csv", cases, probs, tg, card.classes, card.threshold)
+    return _Scored(cases, probs, tg, skipped, pre, len(caches))
+
+
+def _per_level(pr: Predictions, threshold: float, n_boot: int) -> dict[str, dict]:
+    """One answer per lesion (mean log-odds of its images) and per patient, where the manifest names them and both
+    classes occur."""
     per_level = {}
     for level in LEVELS:
         agg = aggregate_predictions(pr, level, threshold)
         if agg is not None and len(set(agg.y.tolist())) == 2:
             per_level[level] = evaluate_binary(agg, threshold, n_boot=n_boot)
-    faith = faithfulness_for_model(model_path, cases)
-    maps = (
-        summarize_deletion_insertion(
-            [deletion_insertion_for_model(model_path, cases, max_cases=map_faithfulness, all_views=True)]
-        )
-        if map_faithfulness > 0
-        else None
-    )
-    atomic_write_json(
-        out / "metrics.json",
-        {
-            "faithfulness": faith,
-            "map_faithfulness": maps,
-            "model": str(model_path),
-            "data": str(data),
-            "threshold": threshold,
-            "lesion": {
-                "from": pre.lesion_from,
-                "sources": lesion_source_counts(cases),
-                "box_jitter": pre.box_jitter,
-                "box_loosen": pre.box_loosen,
-                "box_average": len(caches),
-            },
-            "skipped": skipped,
-            "evaluation": ev,
-            **{f"per_{level}": v for level, v in per_level.items()},
-        },
-    )
-    name = model.model_name
-    sections = [
-        (
-            "Metrics",
-            f"<p>Stored threshold {threshold:.4f} applied unchanged. {_lesion_words(pre, cases)}</p>"
-            + metrics_table_html({name: ev}),
-        ),
-        ("Figures", figures_html({name: pr}, {name: ev}, out / "figures")),
-        (
-            "Per lesion and per patient",
-            (
-                "<p>A lesion's probability is the mean log-odds of its images; a patient's, the highest of their "
-                "lesions' (malignant when any lesion is).</p>"
-                + metrics_table_html({f"{name} per {level}": v for level, v in per_level.items()})
-            )
-            if per_level
-            else "",
-        ),
-        ("Subgroups", subgroup_html({name: ev})),
-        ("Heatmap faithfulness", faithfulness_html({name: faith})),
-        ("Map faithfulness (against the model)", deletion_insertion_html(maps) if maps else ""),
-        ("Data", data_html(data_summary(cases))),
-    ]
-    render_report(out / "report.html", f"liverus evaluation: {name}", sections, subtitle=f"{model_path} on {data}")
+    return per_level
+
+
+def _evaluation_text(name: str, cases: list, ev: dict, per_level: dict[str, dict], report: Path) -> str:
+    """What ``liverus evaluate`` prints: AUC, sensitivity and specificity with intervals, per level, the report."""
     m = ev["metrics"]
-    text = (
-        f"{name} on {len(cases)} cases: AUC {_ci(m['auc'], ev['auc_delong']['ci95'])}, sensitivity "
-        f"{_ci(m['sensitivity'], ev['ci95_bootstrap']['sensitivity'])}, specificity "
-        f"{_ci(m['specificity'], ev['ci95_bootstrap']['specificity'])}"
+    return (
+        f"{name} on {len(cases)} cases: AUC {ci(m['auc'], ev['auc_delong']['ci95'])}, sensitivity "
+        f"{ci(m['sensitivity'], ev['ci95_bootstrap']['sensitivity'])}, specificity "
+        f"{ci(m['specificity'], ev['ci95_bootstrap']['specificity'])}"
         + "".join(
-            f"\nper {level} ({v['n']}): AUC {_ci(v['metrics']['auc'], v['auc_delong']['ci95'])}"
+            f"\nper {level} ({v['n']}): AUC {ci(v['metrics']['auc'], v['auc_delong']['ci95'])}"
             for level, v in per_level.items()
         )
-        + f"\nreport: {out / 'report.html'}"
+        + f"\nreport: {report}"
     )
-    return {"evaluation": ev, "text": text}
 
 
 def _lesion_words(pre, cases=()) -> str:
@@ -595,49 +459,29 @@ def multiclass_evaluation(
     return ev
 
 
-def multiclass_html(ev: dict, classes: Sequence[str]) -> str:
-    rows = [
-        [c, fmt(m["auc"]), fmt(m["pr_auc"]), fmt(m["sensitivity"]), fmt(m["specificity"]),
-         fmt(ev["calibration"].get(c, {}).get("ece")), fmt(ev["calibration"].get(c, {}).get("slope"))]
-        for c, m in ev["per_class"].items()
-    ]  # fmt: skip
-    ci = ev.get("macro_ci95", {})
-
-    def macro(k: str) -> str:
-        return fmt(ev["macro"][k]) + (f" [{fmt(ci[k][0])}, {fmt(ci[k][1])}]" if k in ci else "")
-
-    rows.append(["macro", *[macro(k) for k in ("auc", "pr_auc", "sensitivity", "specificity")], "", ""])
-    matrix = [[c, *r] for c, r in zip(classes, ev["confusion_matrix"], strict=True)]
-    cm = table_html(["true \\ predicted", *classes], matrix)
-    return (
-        "<p>One-vs-rest per class; the predicted class is the most probable one. Macro = the mean over classes, "
-        "with a 95% interval from a bootstrap stratified by class; macro average precision is the metric UltraBench "
-        "reports for AUL's normal / benign / malignant task.</p>"
-        + table_html(["class", "AUC", "average precision", "sensitivity", "specificity", "ECE", "cal. slope"], rows)
-        + f"<p>Accuracy {fmt(ev['accuracy'])}, balanced accuracy {fmt(ev['balanced_accuracy'])}.</p>"
-        + cm
-    )
-
-
-def _evaluate_multiclass(model_path, data, out: Path, card, probs, tg, skipped, n_boot: int = 2000) -> dict:
+def _evaluate_multiclass(model_path, data, out: Path, card, scored: _Scored, n_boot: int = 2000) -> dict:
+    """``liverus evaluate`` of a three-class model: per-class and macro metrics, the confusion matrix."""
     from liverus.evaluation import plots
 
-    ev = multiclass_evaluation(probs, tg, card.classes, n_boot=n_boot)
+    ev = multiclass_evaluation(scored.probs, scored.targets, card.classes, n_boot=n_boot)
     atomic_write_json(
-        out / "metrics.json", {"model": str(model_path), "data": str(data), "skipped": skipped, "evaluation": ev}
+        out / "metrics.json",
+        {"model": str(model_path), "data": str(data), "skipped": scored.skipped, "evaluation": ev},
     )
     fig = plots.confusion_plot(ev["confusion_matrix"], card.classes, out / "figures" / "confusion.png")
-    sections = [
-        ("Metrics", multiclass_html(ev, card.classes)),
-        ("Figures", '<div class="figs">' + img_html(fig) + "</div>"),
-    ]
-    render_report(
-        out / "report.html", f"liverus evaluation: {card.model_name}", sections, subtitle=f"{model_path} on {data}"
+    write_page(
+        out / "report.html",
+        "evaluation_multiclass.html.j2",
+        title=f"liverus evaluation: {card.model_name}",
+        subtitle=f"{model_path} on {data}",
+        evaluation=ev,
+        classes=card.classes,
+        figure_paths=[fig],
     )
     text = (
         f"{card.model_name} on {ev['n']} cases ({', '.join(card.classes)}): macro AUC "
-        f"{_ci(ev['macro']['auc'], ev.get('macro_ci95', {}).get('auc'))}, macro average precision "
-        f"{_ci(ev['macro']['pr_auc'], ev.get('macro_ci95', {}).get('pr_auc'))}, accuracy {fmt(ev['accuracy'])}\n"
+        f"{ci(ev['macro']['auc'], ev.get('macro_ci95', {}).get('auc'))}, macro average precision "
+        f"{ci(ev['macro']['pr_auc'], ev.get('macro_ci95', {}).get('pr_auc'))}, accuracy {fmt(ev['accuracy'])}\n"
         f"report: {out / 'report.html'}"
     )
     return {"evaluation": ev, "text": text}

@@ -8,7 +8,6 @@ module reads them and writes ``summary.json``, ``figures/`` and ``report.html``.
 from __future__ import annotations
 
 import csv
-import html
 import json
 import math
 from pathlib import Path
@@ -21,19 +20,8 @@ from liverus.evaluation import plots
 from liverus.evaluation.analysis import compare_models, cv_summary, evaluate_binary, subgroup_table
 from liverus.evaluation.faithfulness import faithfulness_for_model, pooled_faithfulness
 from liverus.evaluation.metrics import binary_metrics, choose_threshold
-from liverus.evaluation.report import (
-    cases_of_run,
-    data_html,
-    data_summary,
-    default_subgroups,
-    faithfulness_html,
-    fmt,
-    img_html,
-    metrics_table_html,
-    render_report,
-    subgroup_html,
-    table_html,
-)
+from liverus.evaluation.rendering import fmt, render, write_page
+from liverus.evaluation.report import cases_of_run, data_summary, default_subgroups
 from liverus.models import is_feature_model
 from liverus.utils import STAGES, atomic_write_json
 
@@ -47,6 +35,8 @@ __all__ = [
     "summary_markdown",
     "final_recipe_inputs",
     "compare_studies",
+    "model_configs",
+    "skipped_files",
 ]
 
 
@@ -109,26 +99,14 @@ def summarize_study(
 ) -> dict:
     """Pool each model's out-of-fold predictions and write ``summary.json`` and ``report.html``."""
     out = Path(out)
-    preds: dict[str, Predictions] = {}
-    evals, per_fold, wall, recipe = {}, {}, {}, {}
-    for label in labels:
-        runs = fold_runs(out, label)
-        preds[label] = study_predictions(out, label)
-        cols = subgroup or default_subgroups(preds[label])
-        evals[label] = evaluate_binary(preds[label], None, n_boot=n_boot, subgroups=cols)
-        results = [json.loads((r / "result.json").read_text()) for r in runs]
-        per_fold[label] = cv_summary(
-            [{k: v for k, v in (r["test_metrics"] or {}).items() if isinstance(v, int | float)} for r in results]
-        )
-        wall[label] = sum(r["wall_time_s"] for r in results)
-        recipe[label] = final_recipe_inputs(preds[label], results)
+    preds, evals, per_fold, wall, recipe = _pool_models(out, labels, subgroup, n_boot)
     comparisons = compare_models(preds, baseline) if baseline in preds and len(preds) > 1 else {}
     study = json.loads((out / "study.json").read_text())
     cases = cases_of_run(study["config"], out)
     # The data section counts what was analysed: the cases that were scored, after task filtering and skips.
     scored = set().union(*(set(p.paths) for p in preds.values()))
     analysed = [c for c in cases if c.path in scored]
-    skipped = json.loads((out / "skipped.json").read_text()) if (out / "skipped.json").is_file() else []
+    skipped = skipped_files(out)
     faith = _study_faithfulness(out, labels, cases, max_cases)
     repeated = repeated_cv_summary(out, labels, baseline) if n_repeats(out) > 1 else None
     summary = {
@@ -144,8 +122,61 @@ def summarize_study(
         "operating_point_transfer": {label: operating_point_transfer(out, label) for label in labels},
     }
     atomic_write_json(out / "summary.json", summary)
+    summary["text"] = _study_text(summary, len(fold_runs(out, labels[0])))
+    write_page(
+        out / "report.html",
+        "study.html.j2",
+        title="liverus study: " + ", ".join(labels),
+        subtitle=str(out),
+        figure_paths=_study_figures(out, labels, preds, evals, per_fold),
+        data_summary=data_summary(analysed),
+        skipped_files=skipped,
+        model_configs=model_configs(out, labels, study["config"]),
+        faithfulness_by_model=faith,
+        **{k: summary[k] for k in _REPORTED},
+    )
+    summary["report"] = str(out / "report.html")
+    return summary
 
-    # ---- text table
+
+# What the study report shows of the summary, under the summary's own keys.
+_REPORTED = (
+    "models",
+    "baseline",
+    "pooled",
+    "comparisons",
+    "per_fold",
+    "repeated",
+    "operating_point_transfer",
+    "final_recipe",
+    "wall_time_s",
+)
+
+
+def _pool_models(out: Path, labels: list[str], subgroup: list[str], n_boot: int) -> tuple[dict, ...]:
+    """Per model: its pooled out-of-fold predictions and their evaluation, the per-fold test metrics, the wall time
+    of all folds and the final-recipe inputs."""
+    preds: dict[str, Predictions] = {}
+    evals, per_fold, wall, recipe = {}, {}, {}, {}
+    for label in labels:
+        runs = fold_runs(out, label)
+        preds[label] = study_predictions(out, label)
+        cols = subgroup or default_subgroups(preds[label])
+        evals[label] = evaluate_binary(preds[label], None, n_boot=n_boot, subgroups=cols)
+        results = [json.loads((r / "result.json").read_text()) for r in runs]
+        per_fold[label] = cv_summary(
+            [{k: v for k, v in (r["test_metrics"] or {}).items() if isinstance(v, int | float)} for r in results]
+        )
+        wall[label] = sum(r["wall_time_s"] for r in results)
+        recipe[label] = final_recipe_inputs(preds[label], results)
+    return preds, evals, per_fold, wall, recipe
+
+
+def _study_text(summary: dict, n_folds: int) -> str:
+    """The table ``liverus cv`` / ``compare`` print: pooled AUC, operating point, fold spread and tests per model,
+    the final-recipe commands and, for repeated cross-validation, each repeat's AUC."""
+    labels, evals, per_fold = summary["models"], summary["pooled"], summary["per_fold"]
+    recipe, repeated = summary["final_recipe"], summary["repeated"]
     lines = [
         f"{'model':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'fold AUC mean±sd':>17s} "
         f"{'DeLong p':>9s} {'ECE':>6s}"
@@ -154,14 +185,14 @@ def summarize_study(
         e = evals[label]
         a = e["auc_delong"]
         pf = per_fold[label].get("auc", {"mean": math.nan, "sd": math.nan})
-        p = comparisons.get(label, {}).get("delong_p")
+        p = summary["comparisons"].get(label, {}).get("delong_p")
         lines.append(
             f"{label:34s} {fmt(a['auc'])} [{fmt(a['ci95'][0])}, {fmt(a['ci95'][1])}]    "
             f"{fmt(e['metrics']['sensitivity']):>6s} {fmt(e['metrics']['specificity']):>6s} "
             f"{fold_spread(pf):>17s} {fmt(p) if p is not None else 'ref':>9s} "
             f"{fmt(e['calibration']['ece']):>6s}"
         )
-    if len(fold_runs(out, labels[0])) > 1:  # a single split (the demo) has no pooled out-of-fold threshold to offer
+    if n_folds > 1:  # a single split (the demo) has no pooled out-of-fold threshold to offer
         lines.append("")
         lines += [
             f"{label}: final model on every case: --set data.val_fraction=0 (its inner cross-validation chooses the "
@@ -172,10 +203,7 @@ def summarize_study(
             for label in labels
         ]
     if repeated:
-        lines += [
-            "",
-            f"repeated cross-validation: {repeated['repeats']} repeats x {len(fold_runs(out, labels[0]))} folds",
-        ]
+        lines += ["", f"repeated cross-validation: {repeated['repeats']} repeats x {n_folds} folds"]
         lines.append(f"{'model':34s} {'pooled AUC per repeat':32s} {'mean ± SD':>14s} {'corrected t p':>14s}")
         for label in labels:
             m, c = repeated["models"][label], repeated["comparisons"].get(label)
@@ -185,10 +213,11 @@ def summarize_study(
                 f"{fmt(c['corrected_t']['p_value'], 4) if c else 'ref':>14s}"
             )
             lines += _subgroup_lines(m, 2)
-    text = "\n".join(lines)
-    summary["text"] = text
+    return "\n".join(lines)
 
-    # ---- report
+
+def _study_figures(out: Path, labels: list[str], preds: dict, evals: dict, per_fold: dict) -> list[Path]:
+    """ROC, reliability, PR, per-fold AUC and training curves of every model, drawn into ``out/figures``."""
     fig_dir = out / "figures"
     aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
     figs = [
@@ -200,143 +229,21 @@ def summarize_study(
     curves = {f"{n} f{r.name[4:]}": r / "metrics.csv" for n in labels for r in fold_runs(out, n)}
     curves = {k: v for k, v in curves.items() if v.is_file()}  # fitted feature models have no epochs
     figs.append(plots.training_curves_plot(curves, fig_dir / "training_curves.png"))
-    comp_rows = [
-        [
-            n,
-            fmt(c["auc_diff"]),
-            f"[{fmt(c['auc_diff_ci95'][0])}, {fmt(c['auc_diff_ci95'][1])}]",
-            fmt(c["delong_p"], 4),
-            f"{c['mcnemar']['a_right_b_wrong']} / {c['mcnemar']['a_wrong_b_right']}",
-            fmt(c["mcnemar"]["p_value"], 4),
-        ]
-        for n, c in comparisons.items()
-    ]
-    fold_rows = [
-        [
-            n,
-            *[fmt(v) for v in per_fold[n].get("auc", {}).get("per_fold", [])],
-            f"{fmt(per_fold[n]['auc']['mean'])} ± {fmt(per_fold[n]['auc']['sd'])}",
-        ]
-        for n in labels
-        if "auc" in per_fold[n]
-    ]
-    k = max((len(r) - 2 for r in fold_rows), default=0)
-    sections = [
-        (
-            "Pooled out-of-fold results",
-            "<p>Each case is scored once, by the model of the fold that held it out; sensitivity and specificity "
-            "use the threshold chosen on that fold's own validation split.</p>" + metrics_table_html(evals),
-        ),
-        (
-            f"Paired comparison against {baseline}",
-            table_html(
-                [
-                    "model",
-                    "AUC difference",
-                    "95% CI",
-                    "DeLong p",
-                    "McNemar: model right / baseline right",
-                    "McNemar p",
-                ],
-                comp_rows,
-            )
-            if comp_rows
-            else "",
-        ),
-        ("Per-fold AUC", table_html(["model", *[f"fold {i}" for i in range(k)], "mean ± sd"], fold_rows)),
-        ("Figures", '<div class="figs">' + "".join(img_html(f) for f in figs) + "</div>"),
-        ("Repeated cross-validation", _repeated_html(repeated)),
-        ("Do the operating points transfer?", _transfer_html(summary["operating_point_transfer"])),
-        ("Subgroups", subgroup_html(evals)),
-        (
-            "Final model on every case",
-            "<p>A final model trained on all cases (<code>data.val_fraction: 0</code>) has no validation split, so "
-            "it takes its operating threshold from here: the Youden threshold of the pooled out-of-fold "
-            "probabilities (its sensitivity and specificity are in-sample for the threshold).</p>"
-            + table_html(
-                ["model", "threshold", "sensitivity", "specificity", "fold thresholds", "best epochs"],
-                [
-                    [
-                        n,
-                        fmt(r["threshold"], 4),
-                        fmt(r["sensitivity"]),
-                        fmt(r["specificity"]),
-                        ", ".join(fmt(t) for t in r["fold_thresholds"]),
-                        ", ".join(str(e) for e in r["best_epochs"]),
-                    ]
-                    for n, r in recipe.items()
-                ],
-            ),
-        ),
-        ("Heatmap faithfulness (held-out cases)", faithfulness_html(faith)),
-        ("Data", data_html(data_summary(analysed)) + skipped_html(skipped)),
-        (
-            "Wall time",
-            table_html(["model", "training + evaluation, all folds (s)"], [[n, fmt(w, 0)] for n, w in wall.items()]),
-        ),
-        ("Configuration", configs_html(out, labels, study["config"])),
-    ]
-    render_report(out / "report.html", "liverus study: " + ", ".join(labels), sections, subtitle=str(out))
-    summary["report"] = str(out / "report.html")
-    return summary
+    return figs
 
 
-def configs_html(out: Path, labels: list[str], base: dict) -> str:
+def model_configs(out: Path, labels: list[str], base: dict) -> dict[str, dict]:
     """Each model's own config (its first fold's ``config.yaml``), since models differ from the study's base."""
-    parts = []
+    configs = {}
     for label in labels:
         runs = fold_runs(out, label)
-        cfg = yaml.safe_load((runs[0] / "config.yaml").read_text()) if runs else base
-        parts.append(f"<h3>{html.escape(label)}</h3><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>")
-    return "".join(parts)
+        configs[label] = yaml.safe_load((runs[0] / "config.yaml").read_text()) if runs else base
+    return configs
 
 
-def skipped_html(skipped: list[dict]) -> str:
-    if not skipped:
-        return ""
-    return f"<p>{len(skipped)} file(s) skipped as unreadable (listed once, in skipped.json):</p>" + table_html(
-        ["file", "problem"], [[s["path"], s["problem"]] for s in skipped]
-    )
-
-
-def _repeated_html(repeated: dict | None) -> str:
-    if not repeated:
-        return ""
-    rows = []
-    for name, m in repeated["models"].items():
-        c = repeated["comparisons"].get(name)
-        rows.append(
-            [
-                name,
-                ", ".join(fmt(a) for a in m["auc_per_repeat"]),
-                f"{fmt(m['mean'])} ± {fmt(m['sd'])}",
-                fmt(c["corrected_t"]["mean_diff"]) if c else "reference",
-                fmt(c["corrected_t"]["p_value"], 4) if c else "",
-                ", ".join(fmt(p, 4) for p in c["delong_p_per_repeat"]) if c else "",
-                "; ".join(
-                    f"{value}: {', '.join(fmt(a) for a in g['auc_per_repeat'])} (mean {fmt(g['mean'])})"
-                    for groups in m.get("subgroups", {}).values()
-                    for value, g in groups.items()
-                ),
-            ]
-        )
-    return (
-        f"<p>{repeated['repeats']} repeats, each with its own fold assignment and training seed; every model saw the "
-        "same fold sets. The corrected resampled t-test (Nadeau &amp; Bengio 2003) compares per-fold AUCs over all "
-        "repeats and folds, allowing for their overlapping training sets; DeLong's test is per repeat.</p>"
-        + table_html(
-            [
-                "model",
-                "pooled AUC per repeat",
-                "mean ± SD",
-                "mean fold ΔAUC",
-                "corrected t-test p",
-                "DeLong p per repeat",
-                "AUC per repeat inside each size subgroup",
-            ],
-            rows,
-        )
-    )
+def skipped_files(out: Path) -> list[dict]:
+    """The files a study skipped as unreadable (``skipped.json``; none when it has no such file)."""
+    return json.loads((out / "skipped.json").read_text()) if (out / "skipped.json").is_file() else []
 
 
 def operating_point_transfer(study: Path, model: str) -> dict:
@@ -377,37 +284,6 @@ def operating_point_transfer(study: Path, model: str) -> dict:
                 entry["repeats_met"] = entry.get("repeats_met", 0) + int(pooled["met"])
             entry["per_repeat"].append(pooled)
     return out
-
-
-def _transfer_html(transfer: dict) -> str:
-    def coverage(v: dict) -> str:
-        if "folds" not in v:
-            return ""
-        return f"{v['repeats_met']} of {len(v['per_repeat'])} repeats, {v['folds_met']} of {v['folds']} folds"
-
-    rows = [
-        [
-            model,
-            name,
-            v["target"],
-            ", ".join(f"{fmt(x['sensitivity'])} / {fmt(x['specificity'])}" for x in v["per_repeat"]),
-            coverage(v),
-        ]
-        for model, points in transfer.items()
-        for name, v in points.items()
-    ]
-    if not rows:
-        return ""
-    return (
-        "<p>Each fold model's operating points, chosen on its own validation part, applied to its held-out fold: the "
-        "sensitivity / specificity they reach on cases no choice saw, per repeat, next to what they were chosen "
-        "for, and how often the target was reached (the coverage; a point chosen at its lower 95% bound should "
-        "reach it in most).</p>"
-        + table_html(
-            ["model", "operating point", "chosen for", "held-out sensitivity / specificity", "target reached in"],
-            rows,
-        )
-    )
 
 
 def fold_spread(pf: dict) -> str:
@@ -610,6 +486,45 @@ def compare_studies(
         ValueError: for a malformed member, a non-binary study, a study without predictions, duplicate labels or
             different case sets.
     """
+    preds, where = _read_members(members)
+    labels = list(preds)
+    baseline = baseline or labels[0]
+    ref = set(preds[baseline].paths)
+    for label, pr in preds.items():
+        if set(pr.paths) != ref:
+            raise ValueError(
+                f"{label!r} and {baseline!r} were scored on different cases; use studies with the same data"
+            )
+    fused = _add_fusions(preds, fuse)
+    labels = list(preds)
+    evals = {label: evaluate_binary(pr, None, n_boot=n_boot) for label, pr in preds.items()}
+    comparisons = compare_models(preds, baseline)
+    # Repeated CV on shared fold sets: every repeat's AUC, and the corrected resampled t-test across the studies.
+    # An interrupted study counts with the repeats it finished (every repeat's folds must match the others').
+    repeated = None
+    r = min(_finished_repeats(st, model) for st, model in where.values())
+    if r > 1 and _same_fold_sets([st for st, _ in where.values()], r):
+        repeated = _repeated_summary(where, baseline, r, fused)
+    figs = []
+    if figures is not None:
+        aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
+        figs = [
+            str(plots.roc_plot(preds, Path(figures) / "roc.png", aucs=aucs)),
+            str(plots.reliability_plot(preds, Path(figures) / "reliability.png")),
+        ]
+    return {
+        "members": members,
+        "baseline": baseline,
+        "pooled": evals,
+        "comparisons": comparisons,
+        "repeated": repeated,
+        "figures": figs,
+        "text": _compare_text(labels, evals, comparisons, repeated),
+    }
+
+
+def _read_members(members: list[str]) -> tuple[dict[str, Predictions], dict[str, tuple[Path, str]]]:
+    """Each ``LABEL=STUDY_DIR:MODEL`` member's pooled out-of-fold predictions, and where they come from."""
     preds: dict[str, Predictions] = {}
     where: dict[str, tuple[Path, str]] = {}
     for m in members:
@@ -627,14 +542,11 @@ def compare_studies(
         where[label] = (Path(study), model)
     if len(preds) < 2:
         raise ValueError("compare at least two members")
-    labels = list(preds)
-    baseline = baseline or labels[0]
-    ref = set(preds[baseline].paths)
-    for label, pr in preds.items():
-        if set(pr.paths) != ref:
-            raise ValueError(
-                f"{label!r} and {baseline!r} were scored on different cases; use studies with the same data"
-            )
+    return preds, where
+
+
+def _add_fusions(preds: dict[str, Predictions], fuse: list[str]) -> dict[str, list[str]]:
+    """Add each ``NEW_LABEL=A+B`` late fusion to ``preds``; returns the fused labels' members."""
     fused: dict[str, list[str]] = {}
     for spec in fuse:
         label, _, rest = spec.partition("=")
@@ -643,15 +555,11 @@ def compare_studies(
             raise ValueError(f"--fuse {spec!r}: expected NEW_LABEL=A+B with A, B among {sorted(preds)}")
         fused[label] = parts
         preds[label] = fuse_predictions([preds[p] for p in parts])
-    labels = list(preds)
-    evals = {label: evaluate_binary(pr, None, n_boot=n_boot) for label, pr in preds.items()}
-    comparisons = compare_models(preds, baseline)
-    # Repeated CV on shared fold sets: every repeat's AUC, and the corrected resampled t-test across the studies.
-    # An interrupted study counts with the repeats it finished (every repeat's folds must match the others').
-    repeated = None
-    r = min(_finished_repeats(st, model) for st, model in where.values())
-    if r > 1 and _same_fold_sets([st for st, _ in where.values()], r):
-        repeated = _repeated_summary(where, baseline, r, fused)
+    return fused
+
+
+def _compare_text(labels: list[str], evals: dict, comparisons: dict, repeated: dict | None) -> str:
+    """The table ``liverus compare-studies`` prints: each member against the baseline, and the repeats if any."""
     lines = [f"{'member':34s} {'pooled AUC [95% CI]':24s} {'sens':>6s} {'spec':>6s} {'ΔAUC [95% CI]':>24s} {'p':>7s}"]
     for label in labels:
         a, m, c = evals[label]["auc_delong"], evals[label]["metrics"], comparisons.get(label)
@@ -661,13 +569,6 @@ def compare_studies(
             f"{fmt(m['sensitivity']):>6s} {fmt(m['specificity']):>6s} {diff:>24s} "
             f"{fmt(c['delong_p'], 4) if c else '':>7s}"
         )
-    figs = []
-    if figures is not None:
-        aucs = {n: (e["auc_delong"]["auc"], *e["auc_delong"]["ci95"]) for n, e in evals.items()}
-        figs = [
-            str(plots.roc_plot(preds, Path(figures) / "roc.png", aucs=aucs)),
-            str(plots.reliability_plot(preds, Path(figures) / "reliability.png")),
-        ]
     if repeated is not None:
         head = f"{'member':34s} {'pooled AUC per repeat':36s} {'mean ± SD':>14s} {'corrected t p':>14s}"
         lines += ["", f"repeated cross-validation: {repeated['repeats']} repeats on shared fold sets", head]
@@ -678,82 +579,10 @@ def compare_studies(
             p = fmt(c["corrected_t"]["p_value"], 4) if c else "ref"
             lines.append(f"{label:34s} {per:36s} {fmt(m['mean']) + ' ± ' + fmt(m['sd']):>14s} {p:>14s}")
             lines += _subgroup_lines(m, 2)
-    return {
-        "members": members,
-        "baseline": baseline,
-        "pooled": evals,
-        "comparisons": comparisons,
-        "repeated": repeated,
-        "figures": figs,
-        "text": "\n".join(lines),
-    }
+    return "\n".join(lines)
 
 
 def summary_markdown(summary: dict) -> str:
     """Markdown tables of a study summary (pooled metrics, paired tests, image-size subgroups) for docs."""
-
-    def ci(v, c):
-        return f"{fmt(v)} [{fmt(c[0])}, {fmt(c[1])}]"
-
-    lines = [
-        "| model | pooled AUC [DeLong 95% CI] | sensitivity [95% CI] | specificity [95% CI] | fold AUC mean ± SD "
-        "| ΔAUC vs baseline [95% CI] | DeLong p | ECE | Brier |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name in summary["models"]:
-        e = summary["pooled"][name]
-        m, b = e["metrics"], e["ci95_bootstrap"]
-        pf = summary["per_fold"][name].get("auc", {"mean": float("nan"), "sd": float("nan")})
-        comp = summary["comparisons"].get(name)
-        d = ci(comp["auc_diff"], comp["auc_diff_ci95"]) if comp else "reference"
-        p = fmt(comp["delong_p"], 4) if comp else ""
-        lines.append(
-            f"| {name} | {ci(e['auc_delong']['auc'], e['auc_delong']['ci95'])} "
-            f"| {ci(m['sensitivity'], b['sensitivity'])} | {ci(m['specificity'], b['specificity'])} "
-            f"| {fmt(pf['mean'])} ± {fmt(pf['sd'])} | {d} | {p} "
-            f"| {fmt(e['calibration']['ece'])} | {fmt(e['calibration']['brier'])} |"
-        )
-    sub_rows = []
-    for name in summary["models"]:
-        for col, table in summary["pooled"][name].get("subgroups", {}).items():
-            for val, t in table.items():
-                sub_rows.append(
-                    f"| {name} | {col} = {val} | {t['n']} ({t['n_malignant']}) | {ci(t['auc'], t['auc_ci95'])} "
-                    f"| {fmt(t['sensitivity'])} | {fmt(t['specificity'])} |"
-                )
-    if sub_rows:
-        lines += [
-            "",
-            "| model | subgroup | n (malignant) | AUC [DeLong 95% CI] | sensitivity | specificity |",
-            "| --- | --- | --- | --- | --- | --- |",
-            *sub_rows,
-        ]
-    recipe = summary.get("final_recipe") or {}
-    if recipe:
-        lines += [
-            "",
-            "| model | pooled out-of-fold threshold | sensitivity / specificity at it | fold thresholds | best epochs "
-            "| val AUC lost by the last epoch |",
-            "| --- | --- | --- | --- | --- | --- |",
-            *[
-                f"| {name} | {fmt(r['threshold'], 4)} | {fmt(r['sensitivity'])} / {fmt(r['specificity'])} "
-                f"| {', '.join(fmt(t) for t in r['fold_thresholds'])} | {', '.join(str(e) for e in r['best_epochs'])} "
-                f"| {fmt(r['last_epoch_val_auc_drop'])} |"
-                for name, r in recipe.items()
-            ],
-        ]
-    faith = summary.get("faithfulness") or {}
-    frows = [
-        f"| {name} | {method} | {r['n']} | {fmt(r['pointing_game'])} | {fmt(r['energy_inside'])} "
-        f"| {fmt(r['lesion_area'])} |"
-        for name, f in faith.items()
-        for method, r in f.items()
-    ]
-    if frows:
-        lines += [
-            "",
-            "| model | heatmap | cases | pointing game | energy inside lesion | lesion area (chance) |",
-            "| --- | --- | --- | --- | --- | --- |",
-            *frows,
-        ]
-    return "\n".join(lines)
+    # The tables end without a line break, as docs paste them.
+    return render("study_summary.md.j2", summary=summary).removesuffix("\n")

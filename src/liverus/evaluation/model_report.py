@@ -1,8 +1,9 @@
-"""``MODEL_CARD.md`` and ``model_card.json`` of a trained model, filled from what the run knows and mapped to the
+"""``MODEL_REPORT.md`` and ``model_card.json`` of a trained model, filled from what the run knows and mapped to the
 reporting items of TRIPOD+AI (Collins et al., BMJ 2024) and CLAIM 2024 (Tejani et al., Radiology: AI 2024).
 
 Nothing is invented: items that only a person can state (the clinical setting, the reference standard, ethics
-approval, the intended population) are marked ``TO BE COMPLETED BY A PERSON``.
+approval, the intended population) are marked ``TO BE COMPLETED BY A PERSON``. (The typed metadata stored inside the
+weights file is :class:`liverus.models.ModelCard`; this module reports on a whole run.)
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 import yaml
 
 from liverus.data import check_disjoint, load_splits
+from liverus.evaluation.rendering import render
 from liverus.models import count_parameters, load_model
 from liverus.utils import atomic_write_json, atomic_write_text, to_plain
 
-__all__ = ["write_model_card", "PERSON"]
+__all__ = ["write_model_report", "PERSON"]
 
 PERSON = "TO BE COMPLETED BY A PERSON"
 KNOWN_SOURCES = {
@@ -39,8 +41,8 @@ def _ci(v, ci) -> str:
     return f"{_fmt(v)} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(v)
 
 
-def write_model_card(run_dir: str | Path, metrics: dict, cases: list, data_summary: dict | None) -> Path:
-    """Write ``MODEL_CARD.md`` and ``model_card.json`` into a finished run folder.
+def write_model_report(run_dir: str | Path, metrics: dict, cases: list, data_summary: dict | None) -> Path:
+    """Write ``MODEL_REPORT.md`` and ``model_card.json`` into a finished run folder.
 
     Args:
         run_dir: the run folder (``model.pt``, ``config.yaml``, ``splits.json``, ``provenance.json``).
@@ -53,23 +55,30 @@ def write_model_card(run_dir: str | Path, metrics: dict, cases: list, data_summa
     """
     run = Path(run_dir)
     model, card = load_model(run / "model.pt")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    prov = json.loads((run / "provenance.json").read_text()) if (run / "provenance.json").is_file() else {}
-    split_bytes = (run / "splits.json").read_bytes() if (run / "splits.json").is_file() else b""
-    disjoint = "not checked (no splits.json)"
-    if split_bytes:
-        try:
-            for fold in load_splits(run / "splits.json", cases)["folds"]:
-                check_disjoint(cases, fold)
-            disjoint = "passed: no group (patient / scan / near-duplicate group) is on two sides"
-        except Exception as exc:  # a failed check is reported, not hidden
-            disjoint = f"FAILED: {exc}"
-    source = str(cfg["data"]["source"] or "built-in synthetic phantom (liverus.data.phantom)")
-    known = next((v for k, v in KNOWN_SOURCES.items() if k in source.lower()), None)
-    wi = model.weights_info
-    parts = {k: v for k, v in metrics.items() if k in ("val", "test")}
+    # Plain Python values only (metrics carry NumPy scalars), so that JSON and YAML both take them.
+    items = to_plain(_report_items(run, model, card, metrics, cases, data_summary))
+    atomic_write_json(run / "model_card.json", items)
+    path = run / "MODEL_REPORT.md"
+    atomic_write_text(path, render("model_report.md.j2", model_name=card.model_name, person=PERSON, items=items))
+    return path
+
+
+def _group_disjointness(splits: Path, split_bytes: bytes, cases: list) -> str:
+    """The verdict of the group-disjointness check of the run's splits; a failed check is reported, not hidden."""
+    if not split_bytes:
+        return "not checked (no splits.json)"
+    try:
+        for fold in load_splits(splits, cases)["folds"]:
+            check_disjoint(cases, fold)
+    except Exception as exc:
+        return f"FAILED: {exc}"
+    return "passed: no group (patient / scan / near-duplicate group) is on two sides"
+
+
+def _performance(metrics: dict) -> dict:
+    """Each evaluated part (validation, test) with its intervals, as text for the report."""
     performance = {}
-    for part, ev in parts.items():
+    for part, ev in ((k, v) for k, v in metrics.items() if k in ("val", "test")):
         m, b = ev["metrics"], ev["ci95_bootstrap"]
         performance[part] = {
             "n": ev["n"],
@@ -83,8 +92,36 @@ def write_model_card(run_dir: str | Path, metrics: dict, cases: list, data_summa
             "calibration_intercept": _fmt(ev["calibration"].get("intercept")),
             "subgroups": ev.get("subgroups", {}),
         }
+    return performance
+
+
+def _known_failure_modes(card, shortcut: dict) -> list[str]:
+    """What is known to make this model's probability wrong, from the shortcut check and how it reads its input."""
+    return [
+        (
+            f"acquisition shortcut: image size and metadata alone predict malignancy with AUC "
+            f"{_fmt(shortcut.get('auc'))}; check the subgroup table before trusting the overall AUC"
+            if shortcut.get("auc") is not None
+            else "acquisition shortcut: not checked"
+        ),
+        "lesion-ROI models need a lesion box or mask at inference; a box far from the lesion gives a meaningless "
+        "probability"
+        if card.preprocess is not None and card.preprocess.crop == "roi"
+        else "whole-image model: burned-in text and annotations inside the scan area are not removed",
+        f"external validation: {PERSON}",
+    ]
+
+
+def _report_items(run: Path, model, card, metrics: dict, cases: list, data_summary: dict | None) -> dict:
+    """Every reporting item, keyed by its name and the TRIPOD+AI / CLAIM items it answers."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    prov = json.loads((run / "provenance.json").read_text()) if (run / "provenance.json").is_file() else {}
+    split_bytes = (run / "splits.json").read_bytes() if (run / "splits.json").is_file() else b""
+    source = str(cfg["data"]["source"] or "built-in synthetic phantom (liverus.data.phantom)")
+    known = next((v for k, v in KNOWN_SOURCES.items() if k in source.lower()), None)
+    wi = model.weights_info
     shortcut = (data_summary or {}).get("shortcut") or {}
-    items = {
+    return {
         "title_and_version (TRIPOD+AI 1; CLAIM 1)": f"{card.model_name}, liverus {card.version}",
         "intended_use (TRIPOD+AI 3c, 27; CLAIM 3)": (
             "Research software: estimate whether a focal liver lesion on a B-mode ultrasound image is malignant, as "
@@ -117,7 +154,7 @@ def write_model_card(run_dir: str | Path, metrics: dict, cases: list, data_summa
             "config": cfg,
             "seed": prov.get("seed", cfg.get("runtime", {}).get("seed")),
             "splits_sha256": hashlib.sha256(split_bytes).hexdigest() if split_bytes else "n/a",
-            "group_disjointness_check": disjoint,
+            "group_disjointness_check": _group_disjointness(run / "splits.json", split_bytes, cases),
             "packages": prov.get("packages", {}),
             "git_commit": prov.get("git_commit", "unknown"),
             "tree_was_dirty": str(prov.get("git_commit", "")).endswith("-dirty"),
@@ -129,33 +166,7 @@ def write_model_card(run_dir: str | Path, metrics: dict, cases: list, data_summa
             "expected_on_new_cases": card.operating_point_rates,
             "precision": card.precision,
         },
-        "performance_with_95pct_intervals (TRIPOD+AI 23a; CLAIM 29-32)": performance,
+        "performance_with_95pct_intervals (TRIPOD+AI 23a; CLAIM 29-32)": _performance(metrics),
         "heatmap_faithfulness (CLAIM 33)": metrics.get("faithfulness", {}),
-        "known_failure_modes (TRIPOD+AI 26; CLAIM 38)": [
-            (
-                f"acquisition shortcut: image size and metadata alone predict malignancy with AUC "
-                f"{_fmt(shortcut.get('auc'))}; check the subgroup table before trusting the overall AUC"
-                if shortcut.get("auc") is not None
-                else "acquisition shortcut: not checked"
-            ),
-            "lesion-ROI models need a lesion box or mask at inference; a box far from the lesion gives a meaningless "
-            "probability"
-            if card.preprocess is not None and card.preprocess.crop == "roi"
-            else "whole-image model: burned-in text and annotations inside the scan area are not removed",
-            f"external validation: {PERSON}",
-        ],
+        "known_failure_modes (TRIPOD+AI 26; CLAIM 38)": _known_failure_modes(card, shortcut),
     }
-    # Plain Python values only (metrics carry NumPy scalars), so that JSON and YAML both take them.
-    items = to_plain(items)
-    atomic_write_json(run / "model_card.json", items)
-    lines = [f"# Model card: {card.model_name}", "", "Generated by liverus from the run folder. " + PERSON + " marks"
-             " items that only a person can fill.", ""]  # fmt: skip
-    for key, value in items.items():
-        lines += [f"## {key.replace('_', ' ')}", ""]
-        if isinstance(value, dict | list):
-            lines += ["```yaml", yaml.safe_dump(value, sort_keys=False).rstrip(), "```", ""]
-        else:
-            lines += [str(value), ""]
-    path = run / "MODEL_CARD.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
