@@ -205,3 +205,15 @@ def test_features_first_computed_in_inference_mode_leave_the_model_usable_for_gr
     assert model.backbone._channels_last
     heat = gradcam_heatmap(model, x)  # the map after the answer needs gradients through the same weights
     assert heat.shape == (1, 64, 64) and np.isfinite(heat).all() and heat.max() > 0
+
+
+@pytest.mark.parametrize(("angle", "scale"), [(10.0, 1.0), (-10.0, 1.0), (0.0, 0.9), (0.0, 1.1)])
+def test_turns_and_zooms_equal_torchvisions_affine(angle, scale):
+    import torchvision.transforms.v2.functional as TF
+
+    from liverus.models.features import _turned
+
+    image = torch.randn(3, 1, 40, 56, generator=torch.Generator().manual_seed(5))
+    want = TF.affine(image, angle=angle, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
+                     interpolation=TF.InterpolationMode.BILINEAR)  # fmt: skip
+    assert torch.equal(_turned(image, angle, scale), want)

@@ -12,6 +12,7 @@ other model instead of as a pickled scikit-learn object.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -20,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from liverus import __version__
@@ -362,7 +362,7 @@ class LesionFeatureModel(nn.Module):
         return turns + zooms
 
     def _view_features(self, image: torch.Tensor, transforms: tuple[tuple[float, float], ...]) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.training or _has_hooks(self.backbone):
+        if torch.is_grad_enabled() or self.training or _has_hooks(self.backbone) or torch.compiler.is_exporting():
             return self._transformed_mean(image, transforms)
         salt = self._arithmetic_salt(image) + (f"|{transforms}".encode() if transforms else b"")
         rows = image.detach().cpu().contiguous().reshape(image.shape[0], -1).view(torch.uint8).numpy()
@@ -582,9 +582,23 @@ class LesionFeatureModel(nn.Module):
 
 
 def _turned(image: torch.Tensor, angle: float, scale: float) -> torch.Tensor:
-    """torchvision's affine (bilinear, about the centre); uncovered pixels are 0, the normalised mean."""
-    return TF.affine(image, angle=angle, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
-                     interpolation=TF.InterpolationMode.BILINEAR)  # fmt: skip
+    """torchvision's affine (bilinear, about the centre; uncovered pixels are 0, the normalised mean), computed the
+    way ``torchvision.transforms.v2.functional.affine`` computes it (a test checks they are equal) but with the
+    sampling grid built once per size: the grid is then a constant, which an ONNX export can hold (torchvision's
+    own grid building does not export)."""
+    grid = _turn_grid(float(angle), float(scale), image.shape[-2], image.shape[-1], image.dtype, image.device)
+    return F.grid_sample(image, grid.expand(image.shape[0], -1, -1, -1), mode="bilinear", padding_mode="zeros",
+                         align_corners=False)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _turn_grid(angle: float, scale: float, height: int, width: int, dtype, device) -> torch.Tensor:
+    from torchvision.transforms.v2.functional._geometry import _affine_grid, _get_inverse_affine_matrix
+
+    matrix = _get_inverse_affine_matrix([0.0, 0.0], angle, [0.0, 0.0], scale, [0.0, 0.0])
+    with torch.inference_mode(False):  # a grid made in inference mode could not be saved for Grad-CAM's backward
+        theta = torch.tensor(matrix, dtype=dtype, device=device).reshape(1, 2, 3)
+        return _affine_grid(theta, w=width, h=height, ow=width, oh=height)
 
 
 def _has_hooks(module: nn.Module) -> bool:
