@@ -83,3 +83,46 @@ def test_int8_export_is_auc_checked_and_refused_when_the_auc_moves_too_much(run,
     model.write_bytes((run / "model.pt").read_bytes())
     with pytest.raises(ValueError, match="--calibration"):
         export_onnx(model, tmp_path / "loose.onnx", quantize="int8")
+
+
+def test_the_recommended_architecture_exports_and_answers_alike_on_aul_images(tmp_path, aul_root):
+    # The recipe's architecture (radiomics + frozen EfficientNet-Lite0 of the lesion crop, mirrored, turned and
+    # zoomed, and of the whole scan; an RBF SVM; an ensemble), trained small on the phantom, then exported: the ONNX
+    # graph holds everything but the radiomics, which the predictor computes with numpy / scikit-image.
+    import csv
+
+    from helpers import run_cli
+    from liverus.data import load_cases, read_mask, select_task
+    from liverus.export import export_onnx
+    from liverus.training import apply_overrides, load_config, train
+
+    cfg = apply_overrides(load_config(), [
+        "data.image_size=64", "data.crop=roi", "data.lesion_channel=true", "data.scan_view=true",
+        "data.phantom_patients=20", "data.phantom_size=96", "data.augment=none", "data.box_average=4",
+        "model.name=radiomics_svm_efficientnet_lite0", "model.flip_features=true", "model.rotate_features=10",
+        "model.zoom_features=0.1", "model.ensemble=2", "runtime.progress=false", "runtime.tensorboard=false",
+    ])  # fmt: skip
+    train(cfg, tmp_path / "run")
+    with pytest.raises(ValueError, match="int8 applies to CNN exports"):
+        export_onnx(tmp_path / "run" / "model.pt", tmp_path / "q.onnx", quantize="int8")
+    info = export_onnx(tmp_path / "run" / "model.pt", tmp_path / "model.onnx")
+    assert info["members"] == 2 and info["radiomics"]["run_length"] is False
+    pt, ox = Predictor.from_path(tmp_path / "run" / "model.pt"), Predictor.from_path(tmp_path / "model.onnx")
+    assert ox.backend == "onnxruntime" and ox.card == pt.card
+    cases, _ = select_task(load_cases(aul_root), "binary")
+    cases = [c for c in cases if c.mask][::60]
+    boxes = []
+    for c in cases:
+        ys, xs = np.nonzero(read_mask(c.mask))
+        boxes.append((float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)))
+    pre = [pt.prepare(read_image(c.path), box=b) for c, b in zip(cases, boxes, strict=True)]  # four boxes each
+    want, got = pt.probabilities(pre), ox.probabilities(pre)
+    assert want.std() > 1e-3  # answers that differ between images, so the comparison can fail
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    # The command line reads the export like a model.pt.
+    box = ",".join(f"{v:g}" for v in boxes[0])
+    p = run_cli("predict", cases[0].path, "--model", str(tmp_path / "model.onnx"), "--box", box,
+                "--out", str(tmp_path / "p.csv"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    row = next(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
+    assert abs(float(row["p_malignant"]) - want[0]) < 1e-4 and "averaged over 4 boxes" in row["lesion_source"]

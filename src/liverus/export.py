@@ -13,10 +13,10 @@ from torch import nn
 
 from liverus.engine.forward import normalize_images
 from liverus.engine.predictor import ONNX_METADATA_KEY
-from liverus.models import ModelCard, is_feature_model, load_card, load_model
+from liverus.models import ModelCard, is_feature_model, load_model
 from liverus.utils import atomic_write_bytes
 
-__all__ = ["DeployableModel", "export_onnx", "quantize_int8", "MAX_AUC_CHANGE"]
+__all__ = ["DeployableModel", "DeployableFeatureModel", "export_onnx", "quantize_int8", "MAX_AUC_CHANGE"]
 
 TOLERANCE = 1e-4
 # An int8 model is written only when it moves the held-out AUC by at most this much.
@@ -38,6 +38,69 @@ class DeployableModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(normalize_images(image, self.mean, self.std, self.in_chans, self.views)), dim=1)
+
+
+class DeployableFeatureModel(nn.Module):
+    """A feature model (or an ensemble of them, as the recommended model) for ONNX: everything but the radiomics.
+
+    Inputs: ``image`` as :class:`DeployableModel`'s, and ``radiomics`` (N, R): the
+    :func:`~liverus.data.radiomics.feature_matrix` of the lesion crop's gray pixels (uint8) and mask, computed outside
+    the graph with numpy and scikit-image. Output: class probabilities (N, 2). Inside: the frozen backbone's features
+    of every view (mirrors, turns, zooms), standardisation, PCA, each member's classifier and Platt scaling, the
+    members' temperature-scaled mean.
+    """
+
+    def __init__(self, model: nn.Module, card: ModelCard) -> None:
+        super().__init__()
+        members = list(getattr(model, "members", [model]))
+        first = members[0]
+        if first.lesion_size is not None:
+            raise ValueError(
+                "this feature model resizes the lesion crop inside itself (model.lesion_size); its export is not "
+                "supported: deploy the model.pt itself (liverus predict / serve read it directly)"
+            )
+        if first.classifier == "boosting":
+            raise ValueError("boosted-tree feature models are not exported to ONNX; deploy the model.pt itself")
+        self.model = model
+        self.members = members
+        self.in_chans, self.views = card.in_chans, card.views
+        temps = getattr(model, "temperature", torch.ones(1))
+        self.register_buffer("temperature", temps.detach().clone().float())
+        mean, std = card.normalization
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+        # As the ensemble does: members whose frozen backbones hold the first's weights share its deep features.
+        self.shared = len(members) == 1 or model._shared_backbone()
+
+    def forward(self, image: torch.Tensor, radiomics: torch.Tensor) -> torch.Tensor:
+        x = normalize_images(image, self.mean, self.std, self.in_chans, self.views)
+        first_deep = self.members[0].deep_features(x)
+        probs = []
+        for i, member in enumerate(self.members):
+            deep = first_deep if self.shared or i == 0 else member.deep_features(x)
+            z = member.decision(member.scaled_features(radiomics, deep))
+            probs.append(torch.softmax(torch.stack([torch.zeros_like(z), z], dim=1) / self.temperature[i], dim=1))
+        return torch.stack(probs).mean(0)
+
+
+def _check_inputs(card: ModelCard, chans: int, size: int, n: int, run_length: bool) -> dict[str, np.ndarray]:
+    """Inputs for the export check: random images (and, for feature models, a lesion disc in the mask channel and
+    the radiomics of each image's lesion)."""
+    rng = np.random.default_rng(0)
+    image = rng.random((n, chans, size, size), dtype=np.float32)
+    if run_length is None:
+        return {"image": image}
+    from liverus.data.radiomics import feature_matrix
+
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        disc = (yy - size / 2) ** 2 + (xx - size / 2 - 4 * i) ** 2 < (size / (4 + i)) ** 2
+        image[i, 0] = np.where(disc, image[i, 0] * 0.5, image[i, 0])  # a darker lesion, as on B-mode
+        image[i, 1::2] = disc  # every view's mask channel
+    pixels = np.round(image[:, 0] * 255).astype(np.uint8)
+    image[:, 0] = pixels / 255.0
+    rad = feature_matrix(pixels, image[:, 1] > 0.5, run_length=run_length).astype(np.float32)
+    return {"image": image, "radiomics": rad}
 
 
 def export_onnx(
@@ -68,31 +131,42 @@ def export_onnx(
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose another --out (exports are never overwritten)")
-    if is_feature_model(load_card(checkpoint).model_name):
-        raise ValueError(
-            f"{checkpoint} is a radiomics feature model: its lesion features are computed by scikit-image, which an "
-            "ONNX graph cannot express; deploy the model.pt itself (liverus predict / serve read it directly)"
-        )
     model, card = load_model(checkpoint)
     pre = card.require_preprocess(checkpoint)
     size = pre.image_size
-    wrapper = DeployableModel(model, card).eval()
     per_view = 2 if pre.lesion_channel else 1
     chans = per_view * card.views
-    dummy = torch.rand(1, chans, size, size)
+    features = is_feature_model(card.model_name)
+    if features and quantize is not None:
+        raise ValueError(
+            "--quantize int8 applies to CNN exports; a feature model's export runs its frozen backbone in fp32 (its "
+            "classifier was fitted on fp32 features)"
+        )
+    wrapper = (DeployableFeatureModel if features else DeployableModel)(model, card).eval()
+    run_length = bool(wrapper.members[0].run_length) if features else None
+    inputs = _check_inputs(card, chans, size, max(check_batch, 2), run_length)
     # The card travels in the graph's metadata; "input" tells non-liverus consumers what to feed.
     what = "gray image and lesion mask" if per_view == 2 else "gray image"
     if card.views > 1:
         what = f"{what} of the lesion crop, then of the context crop,"
     meta = {**card.to_dict(), "input": f"{what} in [0, 1] after liverus preprocessing, shape (N, {chans}, S, S)"}
+    if features:
+        meta["radiomics"] = {
+            "run_length": run_length,
+            "input": "liverus.data.radiomics.feature_matrix of the lesion crop's uint8 gray pixels and mask "
+            "(channels 0 and 1 of image), float32 (N, R)",
+        }
+    with torch.no_grad():  # an eager pass first: the turn grids are then constants of the traced graph
+        want = wrapper(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+    batch = torch.export.Dim("batch")
     # The dynamo exporter (torch.export): the TorchScript one is deprecated in torch >= 2.9. Its graphs start at
     # opset 18; a lower --opset is reached by ONNX's version converter.
     program = torch.onnx.export(
         wrapper,
-        (dummy,),
-        input_names=["image"],
+        tuple(torch.from_numpy(v[:2]) for v in inputs.values()),  # batch 2: a size-1 batch would be fixed
+        input_names=list(inputs),
         output_names=["probabilities"],
-        dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+        dynamic_shapes={name: {0: batch} for name in inputs},
         opset_version=opset,
         dynamo=True,
         verbose=False,
@@ -103,10 +177,7 @@ def export_onnx(
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    x = torch.rand(check_batch, chans, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = wrapper(x).numpy()
-    got = sess.run(["probabilities"], {"image": x.numpy()})[0]
+    got = sess.run(["probabilities"], inputs)[0]
     diff = float(np.abs(got - want).max())
     if diff > TOLERANCE:
         raise ValueError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {TOLERANCE}); export refused")

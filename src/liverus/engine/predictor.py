@@ -23,6 +23,7 @@ from liverus.data.preprocess import (
     model_pixels,
     preprocess,
 )
+from liverus.data.radiomics import feature_matrix
 from liverus.engine.attribution import image_channels, malignancy_log_odds, occlusion_maps, view_names
 from liverus.engine.contributions import (
     Contributions,
@@ -68,6 +69,7 @@ class Predictor:
     def __init__(self, *, card: ModelCard, model: torch.nn.Module | None = None, session=None, segmenter=None) -> None:
         self.model = model
         self.session = session
+        self.radiomics_input: dict | None = None  # set for an exported feature model (see from_path)
         self.card = card
         # (model, card) of a lesion segmenter: proposes the lesion where none is given, and the mask inside a box.
         self.segmenter = segmenter
@@ -122,9 +124,12 @@ class Predictor:
             props = session.get_modelmeta().custom_metadata_map
             if ONNX_METADATA_KEY not in props:
                 raise ValueError(f"{path} has no liverus metadata; export it with `liverus export`")
-            card = ModelCard.from_dict(json.loads(props[ONNX_METADATA_KEY]), source=path)
+            meta = json.loads(props[ONNX_METADATA_KEY])
+            card = ModelCard.from_dict(meta, source=path)
             card.require_preprocess(path)
-            return cls(card=card, session=session)
+            pred = cls(card=card, session=session)
+            pred.radiomics_input = meta.get("radiomics")  # an exported feature model: its radiomics are computed here
+            return pred
         model, card = load_model(path)
         card.require_preprocess(path)
         return cls(card=card, model=model)
@@ -239,11 +244,20 @@ class Predictor:
         pixels = self._pixels(expanded)
         with self._lock:
             if self.session is not None:
-                probs = self.session.run(["probabilities"], {"image": pixels.astype(np.float32) / 255.0})[0]
+                probs = self.session.run(["probabilities"], self._session_inputs(pixels))[0]
             else:
                 with torch.inference_mode():
                     probs = probabilities(self.model, torch.from_numpy(pixels), self.card, amp=self.amp).numpy()
         return _per_case(probs, owner, len(pre))
+
+    def _session_inputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """An ONNX export's inputs for uint8 model pixels: the image in [0, 1], and for an exported feature model the
+        radiomics of the lesion crop (its gray pixels and mask, channels 0 and 1), which the graph does not hold."""
+        inputs = {"image": pixels.astype(np.float32) / 255.0}
+        if self.radiomics_input is not None:
+            rad = feature_matrix(pixels[:, 0], pixels[:, 1] > 127, run_length=bool(self.radiomics_input["run_length"]))
+            inputs["radiomics"] = rad.astype(np.float32)
+        return inputs
 
     def member_range(self, pre: list[Preprocessed]) -> np.ndarray | None:
         """For an ensemble (the recommended model: its five fold models), the lowest and highest of the members'

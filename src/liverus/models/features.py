@@ -12,7 +12,6 @@ other model instead of as a pickled scikit-learn object.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -520,7 +519,11 @@ class LesionFeatureModel(nn.Module):
             return features @ self.coef + self.intercept
         if self.classifier == "boosting":
             return self._tree_sum(features) + self.intercept
-        dist = torch.cdist(features, self.support).pow(2)
+        if torch.compiler.is_exporting():  # cdist has no ONNX form; the expansion cdist itself uses for large inputs
+            sq = features.pow(2).sum(1, keepdim=True) + self.support.pow(2).sum(1) - 2 * features @ self.support.T
+            dist = sq.clamp_min(0)
+        else:
+            dist = torch.cdist(features, self.support).pow(2)
         f = torch.exp(-self.gamma * dist) @ self.dual_coef + self.intercept
         return self.platt[0] * f + self.platt[1]
 
@@ -591,14 +594,22 @@ def _turned(image: torch.Tensor, angle: float, scale: float) -> torch.Tensor:
                          align_corners=False)  # fmt: skip
 
 
-@functools.lru_cache(maxsize=64)
-def _turn_grid(angle: float, scale: float, height: int, width: int, dtype, device) -> torch.Tensor:
-    from torchvision.transforms.v2.functional._geometry import _affine_grid, _get_inverse_affine_matrix
+# Sampling grids by (angle, scale, height, width, dtype, device): a plain dict, so that a graph traced for export (after
+# one eager call) reads a grid as a constant instead of tracing how it was built.
+_TURN_GRIDS: dict[tuple, torch.Tensor] = {}
 
-    matrix = _get_inverse_affine_matrix([0.0, 0.0], angle, [0.0, 0.0], scale, [0.0, 0.0])
-    with torch.inference_mode(False):  # a grid made in inference mode could not be saved for Grad-CAM's backward
-        theta = torch.tensor(matrix, dtype=dtype, device=device).reshape(1, 2, 3)
-        return _affine_grid(theta, w=width, h=height, ow=width, oh=height)
+
+def _turn_grid(angle: float, scale: float, height: int, width: int, dtype, device) -> torch.Tensor:
+    key = (angle, scale, height, width, dtype, device)
+    grid = _TURN_GRIDS.get(key)
+    if grid is None:
+        from torchvision.transforms.v2.functional._geometry import _affine_grid, _get_inverse_affine_matrix
+
+        matrix = _get_inverse_affine_matrix([0.0, 0.0], angle, [0.0, 0.0], scale, [0.0, 0.0])
+        with torch.inference_mode(False):  # a grid made in inference mode could not be saved for Grad-CAM's backward
+            theta = torch.tensor(matrix, dtype=dtype, device=device).reshape(1, 2, 3)
+            grid = _TURN_GRIDS[key] = _affine_grid(theta, w=width, h=height, ow=width, oh=height)
+    return grid
 
 
 def _has_hooks(module: nn.Module) -> bool:
