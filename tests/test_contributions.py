@@ -194,3 +194,25 @@ def test_ensemble_quantiles_are_the_members_scaled_by_their_temperatures():
     torch.testing.assert_close(ensemble.contribution_quantiles(), expected)
     found = feature_contributions(ensemble, _lesion_input())
     np.testing.assert_allclose(found.baseline + found.values.sum(1), found.logit, atol=1e-6)
+
+
+def test_the_factorised_svm_coalitions_equal_scoring_every_mixed_row():
+    # The SVM's coalitions are computed without building the mixed rows (a product of kernel factors); the answer
+    # must be that of the classifier on each mixed row.
+    model = _fitted("radiomics_svm")
+    assert model.classifier == "svm" and model.support.shape[0] > 1
+    rng = np.random.default_rng(0)
+    z = torch.as_tensor(rng.normal(size=(3, model.support.shape[1])), dtype=torch.float32)
+    keep = torch.as_tensor(rng.random((10, len(model.feature_groups()))) > 0.5)
+    got = model.mixed_decisions(z, keep)
+    groups = list(model.feature_groups().values())
+    ref = model.reference
+    want = torch.empty_like(got)
+    for k in range(keep.shape[0]):
+        cols = torch.zeros(z.shape[1], dtype=torch.bool)
+        for g, c in enumerate(groups):
+            cols[c] = bool(keep[k, g])
+        for n in range(z.shape[0]):
+            want[k, n] = model.decision(torch.where(cols, z[n], ref))
+    assert want.std() > 1e-3  # decisions that differ, so the comparison can fail
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

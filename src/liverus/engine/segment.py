@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from liverus.data.cases import Case
-from liverus.data.dataset import CaseCache
 from liverus.data.preprocess import PreprocessConfig, preprocess
 from liverus.engine.forward import normalize_images
 from liverus.engine.heatmaps import heatmap_on_original
+
+if TYPE_CHECKING:  # the decoded-image cache pulls in augmentation, which predicting one image does not need
+    from liverus.data.dataset import CaseCache
 from liverus.models.card import ModelCard
 
 __all__ = ["LesionProposal", "segment_preprocessed", "propose_lesion", "largest_region", "segment_cases"]

@@ -12,6 +12,7 @@ other model instead of as a pickled scikit-learn object.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -488,8 +489,23 @@ class LesionFeatureModel(nn.Module):
         for g, cols in enumerate(groups):
             columns[:, cols] = keep[:, g : g + 1].to(z.device)
         ref = self.reference.to(z.device)
+        if self.classifier == "svm":
+            return self._mixed_rbf_decisions(z, ref, columns)
         mixed = torch.where(columns[:, None, None, :], z[None, :, None, :], ref[None, None, :, :])  # (K, N, R, F)
         return self.decision(mixed.reshape(-1, z.shape[1])).reshape(keep.shape[0], z.shape[0], ref.shape[0])
+
+    def _mixed_rbf_decisions(self, z: torch.Tensor, ref: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """:meth:`mixed_decisions` of the RBF SVM without building the K x N x R mixed rows: a squared distance is a
+        sum over columns, so each coalition's kernel splits into a factor of the case's kept columns and one of the
+        reference's others, exp(-g(A + B)) = exp(-gA) exp(-gB), and the sum over support vectors is a matrix product.
+        The same numbers (to float rounding) as scoring every mixed row; ~40x faster for the recipe's 64 coalitions
+        x 64 reference lesions x ~900 support vectors (0.5 s per image before)."""
+        keep = columns.to(z.dtype)  # (K, F)
+        case = (z[:, None, :] - self.support[None]).pow(2) @ keep.T  # (N, S, K): kept columns' distance
+        other = (ref[:, None, :] - self.support[None]).pow(2) @ (1 - keep).T  # (R, S, K)
+        kernel_case, kernel_other = torch.exp(-self.gamma * case), torch.exp(-self.gamma * other)
+        f = torch.einsum("nsk,s,rsk->knr", kernel_case, self.dual_coef, kernel_other)
+        return self.platt[0] * (f + self.intercept) + self.platt[1]
 
     def contribution_quantiles(self) -> torch.Tensor | None:
         """Each group's contribution quantiles over the training lesions of each class (2, G, Q), or None for a
@@ -600,15 +616,24 @@ _TURN_GRIDS: dict[tuple, torch.Tensor] = {}
 
 
 def _turn_grid(angle: float, scale: float, height: int, width: int, dtype, device) -> torch.Tensor:
+    """torchvision's inverse affine matrix and grid (``transforms.v2.functional._geometry``) for a turn by ``angle``
+    degrees and a zoom by ``scale`` about the centre, written out here: importing torchvision's transforms costs
+    1.3 s, most of a one-image ``liverus predict``'s wall time. A test checks the result equals ``TF.affine``."""
     key = (angle, scale, height, width, dtype, device)
     grid = _TURN_GRIDS.get(key)
     if grid is None:
-        from torchvision.transforms.v2.functional._geometry import _affine_grid, _get_inverse_affine_matrix
-
-        matrix = _get_inverse_affine_matrix([0.0, 0.0], angle, [0.0, 0.0], scale, [0.0, 0.0])
+        rot = math.radians(angle)
+        a, b, c, d = math.cos(rot), -math.sin(rot), math.sin(rot), math.cos(rot)
+        matrix = [d / scale, -b / scale, 0.0, -c / scale, a / scale, 0.0]
         with torch.inference_mode(False):  # a grid made in inference mode could not be saved for Grad-CAM's backward
             theta = torch.tensor(matrix, dtype=dtype, device=device).reshape(1, 2, 3)
-            grid = _TURN_GRIDS[key] = _affine_grid(theta, w=width, h=height, ow=width, oh=height)
+            base = torch.empty(1, height, width, 3, dtype=dtype, device=device)
+            base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=device))
+            ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=device)
+            base[..., 1].copy_(ys.unsqueeze_(-1))
+            base[..., 2].fill_(1)
+            rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=device))
+            grid = _TURN_GRIDS[key] = base.view(1, height * width, 3).bmm(rescaled).view(1, height, width, 2)
     return grid
 
 
