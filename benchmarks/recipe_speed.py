@@ -10,13 +10,16 @@ Parts (each prints its figures; ``--parts`` chooses):
 * ``answer``: image + box -> probability with the model's four-box averaging in a warm process (what the server does
   per request; ``Predictor.prepare`` + ``probabilities``), feature memos emptied before each call: the median over
   ``--reps`` images, with the stages (GrabCut and crops, radiomics, deep features) and the same with the previous
-  arithmetic; target <= 0.5 s.
+  arithmetic (and with ``--onnx X.onnx`` the features of the ONNX export); target <= 0.5 s.
 * ``predict``: ``liverus predict IMAGE --box ...`` as a new process, wall time including start-up and loading the
   model (median of ``--reps``); target <= 4 s. ``folder``: ``liverus predict`` on a manifest of 100 images with their
   boxes, wall time; target <= 60 s.
 * ``train``: ``liverus train --config configs/aul_final.yaml`` from scratch (new run folder, new cache), wall time;
   target <= 8 minutes. ``resume``: the same command into a second run folder that shares the first one's cache
-  (``data.cache_dir``): decoded images and features are found again.
+  (``data.cache_dir``): decoded images and features are found again. ``study``: the recipe's 3 x 5 nested study as
+  docs/results.md measures it (``liverus compare --config configs/aul_final.yaml --repeats 3 --set
+  data.box_jitter=0.2 --set data.test_lesion_from=box``: the five-member ensemble inside each fold, scored from
+  jittered boxes), from scratch; target <= 45 minutes. ``--keep DIR`` keeps the study's folder.
 
     python benchmarks/recipe_speed.py --model runs/aul_final/model.pt --data ../shared/data/aul
     python benchmarks/recipe_speed.py --model runs/aul_final/model.pt --parts train resume
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import subprocess
 import sys
@@ -45,7 +49,7 @@ from liverus.models.features import DEEP_FEATURE_MEMO, LesionFeatureModel  # noq
 from liverus.utils import STAGES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("features", "answer", "predict", "folder", "train", "resume")
+PARTS = ("features", "answer", "predict", "folder", "train", "resume", "study")
 
 
 class previous_arithmetic:  # noqa: N801 - used as a context manager
@@ -86,7 +90,7 @@ def _box(case) -> tuple[float, ...]:
 
 def part_features(pred: Predictor, cases: list, out: dict) -> None:
     pre = [pred.prepare(read_image(c.path), lesion=read_mask(c.mask)) for c in cases]  # masks: no GrabCut here
-    timings, probs = {}, {}
+    timings, probs, busy = {}, {}, {}
     for name in ("previous", "now"):
         _clear()
         if name == "previous":
@@ -94,16 +98,19 @@ def part_features(pred: Predictor, cases: list, out: dict) -> None:
         with previous_arithmetic() if name == "previous" else _nothing():
             pred.probabilities(pre[:2])  # warm-up (kernels)
             _clear()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             probs[name] = pred.probabilities(pre)
             timings[name] = time.perf_counter() - t0
+            busy[name] = (time.process_time() - c0) / timings[name]  # CPU seconds per second: cores kept busy
     n = len(cases)
     diff = float(np.abs(probs["now"] - probs["previous"]).max())
     out["features"] = {"images": n, "previous_ms": 1000 * timings["previous"] / n, "now_ms": 1000 * timings["now"] / n,
-                       "ratio": timings["previous"] / timings["now"], "max_probability_difference": diff}  # fmt: skip
+                       "ratio": timings["previous"] / timings["now"], "max_probability_difference": diff,
+                       "cores_busy_previous": busy["previous"], "cores_busy_now": busy["now"]}  # fmt: skip
     print(f"probability of {n} AUL images from masks (radiomics + 12 backbone passes each, 5 members): previous "
           f"{out['features']['previous_ms']:.0f} ms/image, now {out['features']['now_ms']:.0f} ms/image "
-          f"(x{out['features']['ratio']:.2f}); largest probability difference {diff:.1e}")  # fmt: skip
+          f"(x{out['features']['ratio']:.2f}); largest probability difference {diff:.1e}; cores busy "
+          f"{busy['previous']:.2f} / {busy['now']:.2f} of {torch.get_num_threads()}")  # fmt: skip
 
 
 class _nothing:
@@ -114,7 +121,7 @@ class _nothing:
         return None
 
 
-def part_answer(pred: Predictor, cases: list, reps: int, out: dict) -> None:
+def part_answer(pred: Predictor, cases: list, reps: int, out: dict, onnx: Path | None = None) -> None:
     results = {}
     for name in ("previous", "now"):
         if name == "previous":
@@ -139,8 +146,17 @@ def part_answer(pred: Predictor, cases: list, reps: int, out: dict) -> None:
         if name == "now":
             for stage in stages[0]:
                 print(f"  {stage}: median {1000 * statistics.median(s[stage] for s in stages):.0f} ms")
+    if onnx is not None:  # the ONNX export (liverus export) through ONNX Runtime, same images
+        ox, times = Predictor.from_path(onnx), []
+        for case in cases[1 : reps + 1]:
+            pre = ox.prepare(read_image(case.path), box=_box(case))
+            t0 = time.perf_counter()
+            ox.probabilities([pre])
+            times.append(time.perf_counter() - t0)
+        results["onnx_features"] = statistics.median(times)
+        print(f"  ONNX Runtime, features and classifier: median {1000 * results['onnx_features']:.0f} ms")
     out["answer"] = {"reps": reps, "previous_s": results["previous"], "now_s": results["now"],
-                     "ratio": results["previous"] / results["now"]}  # fmt: skip
+                     "ratio": results["previous"] / results["now"], **results}  # fmt: skip
     print(f"image + box -> probability, {pred.preprocess_cfg.box_average}-box averaging, warm process, median of "
           f"{reps} AUL images: previous {results['previous']:.2f} s, now {results['now']:.2f} s "
           f"(x{results['previous'] / results['now']:.2f}); target <= 0.5 s")  # fmt: skip
@@ -186,13 +202,25 @@ def part_train(data: Path, out: dict, tmp: Path, name: str, cache: Path) -> None
           + ("; target <= 8 min" if name == "train" else ""))  # fmt: skip
 
 
+def part_study(data: Path, out: dict, folder: Path) -> None:
+    wall = _cli("compare", "--config", str(ROOT / "configs" / "aul_final.yaml"), "--data", str(data), "--repeats", "3",
+                "--set", "data.box_jitter=0.2", "--set", "data.test_lesion_from=box", "--models",
+                "radiomics_svm_efficientnet_lite0", "--out", str(folder))  # fmt: skip
+    summary = json.loads((folder / "summary.json").read_text())
+    out["study"] = {"wall_s": wall, "summary": str(folder / "summary.json")}
+    print(f"3 x 5 nested study of the recipe (liverus compare, from scratch): {wall / 60:.1f} min; target <= 45 min")
+    print(f"  its result: {json.dumps(summary.get('models', summary), default=str)[:400]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="the recommended model (configs/aul_final.yaml)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "aul", help="AUL (with masks)")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=["features", "answer", "predict", "folder"])
+    ap.add_argument("--onnx", type=Path, help="the model's ONNX export (liverus export): its answer is timed too")
     ap.add_argument("--images", type=int, default=64, help="images for the features part (default 64)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--keep", type=Path, help="with the study part: the study folder to write and keep")
     args = ap.parse_args()
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{time.strftime('%Y-%m-%d')}")  # fmt: skip
@@ -204,7 +232,8 @@ def main() -> None:
             if "features" in args.parts:
                 part_features(pred, _cases(args.data, args.images), out)
             if "answer" in args.parts:
-                part_answer(Predictor.from_path(args.model), _cases(args.data, args.reps + 1), args.reps, out)
+                cases = _cases(args.data, args.reps + 1)
+                part_answer(Predictor.from_path(args.model), cases, args.reps, out, args.onnx)
         if "predict" in args.parts:
             part_predict(args.model, _cases(args.data, args.reps), args.reps, out, tmp)
         if "folder" in args.parts:
@@ -212,6 +241,8 @@ def main() -> None:
         for name in ("train", "resume"):
             if name in args.parts:
                 part_train(args.data, out, tmp, name, tmp / "shared_cache")
+        if "study" in args.parts:
+            part_study(args.data, out, args.keep or tmp / "study")
 
 
 if __name__ == "__main__":

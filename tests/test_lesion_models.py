@@ -1693,3 +1693,26 @@ def test_scan_view_run_fits_a_pca_per_view_and_predicts_explains_from_a_box(tmp_
                                                "halo and posterior acoustics", "deep: lesion crop",
                                                "deep: whole scan"}  # fmt: skip
     assert abs(explained["baseline_logit"] + sum(explained["contributions"].values()) - explained["logit"]) < 1e-3
+
+
+def test_feature_model_options_are_the_models_defaults_and_the_configs():
+    # One table (FEATURE_MODEL_OPTIONS) that the registry passes through and the trainer reads: its defaults must be
+    # the model's and the config's, and a model built from a default config records none of them.
+    import inspect
+
+    from liverus.models.features import FEATURE_MODEL_OPTIONS
+    from liverus.training.config import ModelConfig
+    from liverus.training.trainer import build_run_model
+
+    signature = inspect.signature(LesionFeatureModel.__init__).parameters
+    config = ModelConfig()
+    for name, default in FEATURE_MODEL_OPTIONS.items():
+        assert signature[name].default == default, name
+        assert getattr(config, name) == default, name
+    cfg = apply_overrides(load_config(), ["model.name=radiomics_svm_efficientnet_lite0", "data.lesion_channel=true",
+                                          "data.crop=roi", "model.flip_features=true", "model.pca_dim=8"])  # fmt: skip
+    model = build_run_model(cfg, 2)
+    assert model.flip_features and model.pca_components.shape[0] == 8
+    assert {k for k in FEATURE_MODEL_OPTIONS if k in model.build_kwargs} == {"flip_features", "pca_dim"}
+    with pytest.raises(ValueError, match="pca_dims"):
+        build_model("radiomics_svm", in_chans=2, pca_dims=8)  # a misspelt option is refused by the model

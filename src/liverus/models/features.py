@@ -31,6 +31,7 @@ from liverus.utils import DigestMemo
 __all__ = [
     "LesionFeatureModel",
     "FEATURE_CLASSIFIERS",
+    "FEATURE_MODEL_OPTIONS",
     "DEEP_FEATURE_MEMO",
     "MAX_FEATURE_ROTATION",
     "MAX_FEATURE_ZOOM",
@@ -41,6 +42,18 @@ __all__ = [
 ]
 
 FEATURE_CLASSIFIERS = ("logistic", "svm", "boosting")
+
+# The options of a feature model that a config's model section sets, with :class:`LesionFeatureModel`'s defaults:
+# the registry's builders pass them straight through to the model (which checks them) and the trainer takes from
+# the config those that differ from these, so a model file records only what was chosen.
+FEATURE_MODEL_OPTIONS: dict[str, object] = {
+    "pca_dim": 32,
+    "flip_features": False,
+    "rotate_features": 0.0,
+    "zoom_features": 0.0,
+    "run_length": False,
+    "lesion_size": None,
+}
 
 # The largest turn (degrees) and zoom (fraction) the lesion crop's deep features are averaged over
 # (rotate_features, zoom_features); the config checks against the same bounds.

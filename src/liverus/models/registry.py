@@ -104,27 +104,16 @@ def _make_baseline_builder(backbone: str) -> Callable[..., LesionClassifier]:
 
 def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[..., LesionFeatureModel]:
     def build(
-        *,
-        num_classes: int = 2,
-        weights=None,
-        in_chans: int = 2,
-        pca_dim: int = 32,
-        flip_features: bool = False,
-        rotate_features: float = 0.0,
-        zoom_features: float = 0.0,
-        run_length: bool = False,
-        views: int = 1,
-        lesion_size: int | None = None,
-        n_support: int = 1,
+        *, num_classes: int = 2, weights=None, in_chans: int = 2, views: int = 1, n_support: int = 1, **options
     ) -> LesionFeatureModel:
+        """``options``: :data:`~liverus.models.features.FEATURE_MODEL_OPTIONS`, passed to the model, which checks
+        them."""
         if backbone is None and weights not in (None, "imagenet"):
             raise ValueError("a radiomics-only model has no backbone to load weights into")
         bb = build_backbone(backbone, weights=weights, in_chans=1) if backbone else None
         return LesionFeatureModel(
-            classifier, bb, num_classes=num_classes, in_chans=in_chans, pca_dim=pca_dim,
-            flip_features=flip_features, rotate_features=rotate_features, zoom_features=zoom_features,
-            run_length=run_length, views=views, lesion_size=lesion_size, n_support=n_support,
-        )  # fmt: skip
+            classifier, bb, num_classes=num_classes, in_chans=in_chans, views=views, n_support=n_support, **options
+        )
 
     return build
 

@@ -22,7 +22,7 @@ from torch import nn
 from liverus import __version__
 from liverus.data import Case
 from liverus.models import LesionClassifier, LesionFeatureModel, ModelCard, build_model, is_feature_model
-from liverus.models.features import feature_store
+from liverus.models.features import FEATURE_MODEL_OPTIONS, feature_store
 from liverus.models.segmentation import SEGMENTERS
 from liverus.training.config import ConfigError, TrainConfig, config_to_dict
 from liverus.training.datasets import RunData, cache_dir, prepare_run_data
@@ -265,14 +265,10 @@ def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | Le
     """The model the config names, with its head options (and the lesion-mask channel when the data gives one)."""
     in_chans = cfg.model.in_chans + int(cfg.data.lesion_channel)
     if is_feature_model(cfg.model.name):
-        return build_model(
-            cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=in_chans,
-            pca_dim=cfg.model.pca_dim, flip_features=cfg.model.flip_features, run_length=cfg.model.run_length,
-            views=2 if cfg.data.scan_view else 1,
-            # Only when set: the build arguments of models from earlier versions stay what they were.
-            **({"lesion_size": cfg.model.lesion_size} if cfg.model.lesion_size is not None else {}),
-            **{k: getattr(cfg.model, k) for k in ("rotate_features", "zoom_features") if getattr(cfg.model, k)},
-        )  # fmt: skip
+        options = {k: getattr(cfg.model, k) for k, default in FEATURE_MODEL_OPTIONS.items()
+                   if getattr(cfg.model, k) != default}  # fmt: skip
+        return build_model(cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=in_chans,
+                           views=2 if cfg.data.scan_view else 1, **options)  # fmt: skip
     head_kwargs = {"drop_rate": cfg.model.drop_rate}
     if cfg.data.context_margin:
         head_kwargs["views"] = 2
