@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from liverus.data.preprocess import LESION_SOURCES
+
 __all__ = ["register"]
 
 
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument(
         "--lesion-from",
-        choices=["mask", "box"],
+        choices=LESION_SOURCES,
         help="lesion models: use the expert masks, or boxes around them as a user draws (default: as trained)",
     )
     p.add_argument("--box-jitter", type=float, help="with --lesion-from box: edge jitter, fraction of the box size")
