@@ -342,52 +342,6 @@ def test_stored_svm_reproduces_scikit_learns_decision():
                                atol=1e-5)  # fmt: skip
 
 
-@pytest.mark.parametrize("depth", [2, 3])
-def test_stored_boosted_trees_reproduce_scikit_learns_decision(depth):
-    from sklearn.ensemble import GradientBoostingClassifier
-
-    from liverus.models.features import BOOSTING_TREES
-    from liverus.training.feature_fit import _tree_arrays
-
-    rng = np.random.default_rng(depth)
-    n_feat = len(FEATURE_NAMES)
-    x = rng.normal(size=(120, n_feat))
-    y = (x[:, 0] + x[:, 1] ** 2 + rng.normal(scale=0.5, size=120) > 1).astype(int)  # not linear: splits matter
-    gb = GradientBoostingClassifier(n_estimators=BOOSTING_TREES, max_depth=depth, learning_rate=0.1, subsample=0.8,
-                                    random_state=0).fit(x, y)  # fmt: skip
-    model = build_model("radiomics_boosting", in_chans=2)
-    model.load_fitted(_tree_arrays(gb))
-    assert model.tree_threshold.dtype == torch.float64 and model.tree_feature.dtype == torch.long
-    fresh = rng.normal(size=(40, n_feat))  # rows the trees never saw as well as the training rows
-    for rows in (x, fresh):
-        got = model.decision(torch.as_tensor(rows, dtype=torch.float32)).double().numpy()
-        np.testing.assert_allclose(got, gb.decision_function(rows.astype(np.float32)), atol=1e-5)
-    # A file round trip keeps the integer and float64 buffers; there is no Grad-CAM of a step function.
-    copy = build_model("radiomics_boosting", in_chans=2)
-    copy.load_state_dict(model.state_dict())
-    torch.testing.assert_close(copy.decision(torch.as_tensor(fresh, dtype=torch.float32)),
-                               model.decision(torch.as_tensor(fresh, dtype=torch.float32)))  # fmt: skip
-    with pytest.raises(ValueError, match="boosted trees"):
-        build_model("radiomics_boosting_efficientnet_lite0", in_chans=2).gradcam_layers()
-
-
-@pytest.mark.slow
-def test_boosted_feature_model_is_tuned_inside_the_training_part_and_predicts(tmp_path):
-    from liverus.training import train
-
-    run = tmp_path / "boost"
-    train(apply_overrides(load_config(), [*RADIOMICS_TINY, "model.name=radiomics_boosting"]), run)
-    fitted = json.loads((run / "feature_fit.json").read_text())
-    assert fitted["learning_rate"] in (0.03, 0.1) and fitted["max_depth"] in (2, 3) and "C" not in fitted
-    model, card = load_model(run / "model.pt")
-    assert model.classifier == "boosting" and bool(model.fitted) and model.tree_value.abs().sum() > 0
-    image = sorted((run / "phantom" / "malignant").glob("*.png"))[0]
-    p = run_cli("predict", "--model", str(run / "model.pt"), str(image), "--box", "30,30,90,90",
-                "--out", str(tmp_path / "pred.csv"))  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    assert ",ok," in (tmp_path / "pred.csv").read_text()
-
-
 def _confounded(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features (scanner, lesion) of cases whose scanner predicts the class: scanner 1 holds 85% malignant cases,
     scanner 0 15%; the lesion feature carries the class the same way on both scanners."""
@@ -422,12 +376,10 @@ def test_balancing_weights_stop_a_fitted_classifier_riding_the_scanner():
             fit_classifier(x, y, groups, "logistic", sample_weight=bad)
 
 
-@pytest.mark.parametrize("classifier", ["svm", "boosting"])
-def test_weighted_svm_and_trees_equal_scikit_learns_weighted_fit(classifier):
-    from sklearn.ensemble import GradientBoostingClassifier
-
-    from liverus.models.features import BOOSTING_TREES
+def test_weighted_svm_equals_scikit_learns_weighted_fit():
     from liverus.training.feature_fit import fit_classifier
+
+    classifier = "svm"
 
     rng = np.random.default_rng(1)
     n_feat = len(FEATURE_NAMES)
@@ -437,21 +389,16 @@ def test_weighted_svm_and_trees_equal_scikit_learns_weighted_fit(classifier):
     groups = [str(i // 2) for i in range(160)]  # pairs of rows share a group
     params, chosen, _, _ = fit_classifier(x, y, groups, classifier, sample_weight=weights)
     model = build_model(f"radiomics_{classifier}", in_chans=2)
-    model.load_fitted({**params, **({"platt": np.array([1.0, 0.0])} if classifier == "svm" else {})})
+    model.load_fitted({**params, "platt": np.array([1.0, 0.0])})
     w = weights * (len(weights) / weights.sum())
-    if classifier == "svm":
-        ref = SVC(C=chosen["C"], gamma="scale").fit(x, y, sample_weight=w)
-        unweighted = SVC(C=chosen["C"], gamma="scale").fit(x, y)
-    else:
-        kw = dict(n_estimators=BOOSTING_TREES, subsample=0.8, random_state=0, **chosen)
-        ref = GradientBoostingClassifier(**kw).fit(x, y, sample_weight=w)
-        unweighted = GradientBoostingClassifier(**kw).fit(x, y)
+    ref = SVC(C=chosen["C"], gamma="scale").fit(x, y, sample_weight=w)
+    unweighted = SVC(C=chosen["C"], gamma="scale").fit(x, y)
     got = model.decision(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
     np.testing.assert_allclose(got, ref.decision_function(x.astype(np.float32)), atol=1e-4)
     assert np.abs(ref.decision_function(x) - unweighted.decision_function(x)).max() > 0.05  # the weights mattered
 
 
-@pytest.mark.parametrize("classifier", ["logistic", "svm", "boosting"])
+@pytest.mark.parametrize("classifier", ["logistic", "svm"])
 def test_inner_probabilities_are_out_of_fold_predictions_of_the_chosen_classifier(classifier):
     from sklearn.base import clone
     from sklearn.model_selection import cross_val_predict
@@ -471,18 +418,12 @@ def test_inner_probabilities_are_out_of_fold_predictions_of_the_chosen_classifie
         a, b = fit.params["platt"]
         expected = 1 / (1 + np.exp(-(a * dv + b)))
     else:
-        from sklearn.ensemble import GradientBoostingClassifier
-
-        from liverus.models.features import BOOSTING_TREES
-
-        est = base.get(classifier) or GradientBoostingClassifier(n_estimators=BOOSTING_TREES, subsample=0.8,
-                                                                 random_state=0)  # fmt: skip
-        expected = cross_val_predict(clone(est).set_params(**fit.chosen), x, y, groups=groups, cv=cv,
+        expected = cross_val_predict(clone(base[classifier]).set_params(**fit.chosen), x, y, groups=groups, cv=cv,
                                      method="predict_proba")[:, 1]  # fmt: skip
     np.testing.assert_allclose(fit.inner_probabilities, expected, atol=1e-6)
     # Out of fold: a model fitted on every case scores its own training cases differently.
     if classifier != "svm":
-        in_sample = clone(base.get(classifier) or est).set_params(**fit.chosen).fit(x, y).predict_proba(x)[:, 1]
+        in_sample = clone(base[classifier]).set_params(**fit.chosen).fit(x, y).predict_proba(x)[:, 1]
         assert np.abs(in_sample - fit.inner_probabilities).max() > 0.01
     # Too few groups for an inner cross-validation, or not asked for: no such probabilities, the same classifier.
     assert fit_classifier(x, y, ["one scan"] * 150, classifier).inner_probabilities is None

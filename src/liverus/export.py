@@ -59,8 +59,6 @@ class DeployableFeatureModel(nn.Module):
                 "this feature model resizes the lesion crop inside itself (model.lesion_size); its export is not "
                 "supported: deploy the model.pt itself (liverus predict / serve read it directly)"
             )
-        if first.classifier == "boosting":
-            raise ValueError("boosted-tree feature models are not exported to ONNX; deploy the model.pt itself")
         self.model = model
         self.members = members
         self.in_chans, self.views = card.in_chans, card.views

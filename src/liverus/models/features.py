@@ -41,7 +41,7 @@ __all__ = [
     "save_feature_store",
 ]
 
-FEATURE_CLASSIFIERS = ("logistic", "svm", "boosting")
+FEATURE_CLASSIFIERS = ("logistic", "svm")
 
 # The options of a feature model that a config's model section sets, with :class:`LesionFeatureModel`'s defaults:
 # the registry's builders pass them straight through to the model (which checks them) and the trainer takes from
@@ -59,13 +59,6 @@ FEATURE_MODEL_OPTIONS: dict[str, object] = {
 # (rotate_features, zoom_features); the config checks against the same bounds.
 MAX_FEATURE_ROTATION = 45.0
 MAX_FEATURE_ZOOM = 0.5
-
-# The shape of a gradient-boosted model (scikit-learn's GradientBoostingClassifier, fitted in
-# liverus.training.feature_fit): a fixed number of trees of at most this depth, so every fitted model, and every
-# member of an ensemble, has buffers of one shape whatever depth the inner cross-validation chose.
-BOOSTING_TREES = 200
-BOOSTING_MAX_DEPTH = 3
-BOOSTING_NODES = 2 ** (BOOSTING_MAX_DEPTH + 1) - 1  # a full binary tree of that depth
 
 # The training lesions a fitted model keeps as the reference its feature contributions are measured against (half of
 # each class, so the reference is "a typical lesion", not the training set's class mix), and the quantiles of each
@@ -113,11 +106,10 @@ def save_feature_store() -> None:
 
 
 class LesionFeatureModel(nn.Module):
-    """Radiomics (+ frozen deep features) -> standardisation -> logistic regression, RBF SVM or boosted trees.
+    """Radiomics (+ frozen deep features) -> standardisation -> logistic regression or RBF SVM.
 
     Args:
-        classifier: ``logistic``, ``svm`` or ``boosting`` (gradient-boosted trees, :data:`BOOSTING_TREES` of depth
-            at most :data:`BOOSTING_MAX_DEPTH`; piecewise constant in its inputs, so it has no Grad-CAM).
+        classifier: ``logistic`` or ``svm``.
         backbone: a frozen backbone whose pooled features join the radiomics, or ``None`` for radiomics only.
         num_classes: must be 2 (benign / malignant).
         in_chans: must be 2: the gray image and the lesion mask.
@@ -224,15 +216,6 @@ class LesionFeatureModel(nn.Module):
             self.register_buffer("pca_scale", torch.ones(pca_dim * views))
         if classifier == "logistic":
             self.register_buffer("coef", torch.zeros(width))
-        elif classifier == "boosting":
-            # Each tree as arrays, as scikit-learn's tree_ holds it, padded to a full tree of the maximal depth.
-            # Thresholds stay float64: scikit-learn compares float32 features with float64 thresholds.
-            shape = (BOOSTING_TREES, BOOSTING_NODES)
-            self.register_buffer("tree_feature", torch.zeros(shape, dtype=torch.long))
-            self.register_buffer("tree_threshold", torch.zeros(shape, dtype=torch.float64))
-            self.register_buffer("tree_left", torch.full(shape, -1, dtype=torch.long))
-            self.register_buffer("tree_right", torch.full(shape, -1, dtype=torch.long))
-            self.register_buffer("tree_value", torch.zeros(shape))  # learning rate folded in
         else:
             self.register_buffer("support", torch.zeros(n_support, width))
             self.register_buffer("dual_coef", torch.zeros(n_support))
@@ -271,15 +254,8 @@ class LesionFeatureModel(nn.Module):
         """The frozen backbone's last stage (Grad-CAM then shows where its features, not the radiomics, looked).
 
         Raises:
-            ValueError: for a radiomics-only model, which has no convolutional layer, and for boosted trees, whose
-                output is piecewise constant in the features, so every gradient Grad-CAM would weigh by is zero.
+            ValueError: for a radiomics-only model, which has no convolutional layer.
         """
-        if self.classifier == "boosting":
-            raise ValueError(
-                f"{self.model_name or 'this model'} decides with boosted trees, whose output does not change "
-                "smoothly with the image, so Grad-CAM has no gradient to show; for a heatmap use the _svm or "
-                "_logistic variant of the same features"
-            )
         if self.backbone is None:
             raise ValueError(
                 f"{self.model_name or 'this radiomics model'} has no convolutional layers, so it has no Grad-CAM "
@@ -546,8 +522,6 @@ class LesionFeatureModel(nn.Module):
         """The classifier's logit of malignancy for scaled features (N, F) -> (N,)."""
         if self.classifier == "logistic":
             return features @ self.coef + self.intercept
-        if self.classifier == "boosting":
-            return self._tree_sum(features) + self.intercept
         if torch.compiler.is_exporting():  # cdist has no ONNX form; the expansion cdist itself uses for large inputs
             sq = features.pow(2).sum(1, keepdim=True) + self.support.pow(2).sum(1) - 2 * features @ self.support.T
             dist = sq.clamp_min(0)
@@ -555,19 +529,6 @@ class LesionFeatureModel(nn.Module):
             dist = torch.cdist(features, self.support).pow(2)
         f = torch.exp(-self.gamma * dist) @ self.dual_coef + self.intercept
         return self.platt[0] * f + self.platt[1]
-
-    def _tree_sum(self, features: torch.Tensor) -> torch.Tensor:
-        """The sum of every tree's leaf value for each row of ``features`` (N, F): all trees descend together, one
-        level per step; a leaf (no left child) keeps its node."""
-        n, trees = features.shape[0], self.tree_feature.shape[0]
-        tree = torch.arange(trees, device=features.device).expand(n, trees)
-        node = torch.zeros(n, trees, dtype=torch.long, device=features.device)
-        x = features.to(torch.float32).to(torch.float64)  # scikit-learn's arithmetic: float32 X, float64 thresholds
-        for _ in range(BOOSTING_MAX_DEPTH):
-            left = self.tree_left[tree, node]
-            go_left = x.gather(1, self.tree_feature[tree, node]) <= self.tree_threshold[tree, node]
-            node = torch.where(left < 0, node, torch.where(go_left, left, self.tree_right[tree, node]))
-        return self.tree_value[tree, node].sum(dim=1)
 
     def classify(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
         """Logits (N, 2) from raw features (what :meth:`forward` does after :meth:`raw_features`)."""

@@ -118,7 +118,7 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
     return build
 
 
-_CLASSIFIER_NAMES = {"logistic": "logistic regression", "svm": "RBF SVM", "boosting": "gradient-boosted trees"}
+_CLASSIFIER_NAMES = {"logistic": "logistic regression", "svm": "RBF SVM"}
 # Every family that runs on a backbone: the seed's head and its ablations, the baseline, the frozen-feature models.
 FAMILIES = (*VARIANTS, "baseline", *(f"radiomics_{clf}" for clf in FEATURE_CLASSIFIERS))
 

@@ -2,13 +2,12 @@
 
 Everything fitted (standardisation, the PCA of the deep features, the classifier's hyperparameter, Platt scaling)
 sees the training part only: a cross-validation fold's held-out cases and a run's validation cases are scored by
-the finished model like any network's. The hyperparameters (C; for boosted trees the learning rate and
-depth) are chosen by an inner cross-validation that keeps each group (patient, or near-duplicate frames) on one
-side; Platt scaling of the SVM is fitted on that inner cross-validation's decision values, not on the training
-decisions (which an SVM separates too well). Boosted trees are fitted on log-loss, so their log-odds need no
-rescaling. The same inner cross-validation gives every training case an out-of-fold probability, from which a run
-without a validation split (``data.val_fraction: 0``) chooses its operating points: a feature model needs no
-validation split, so all the training cases can go into the fit.
+the finished model like any network's. The hyperparameter (C) is chosen by an inner cross-validation that keeps
+each group (patient, or near-duplicate frames) on one side; Platt scaling of the SVM is fitted on that inner
+cross-validation's decision values, not on the training decisions (which an SVM separates too well). The same inner
+cross-validation gives every training case an out-of-fold probability, from which a run without a validation split
+(``data.val_fraction: 0``) chooses its operating points: a feature model needs no validation split, so all the
+training cases can go into the fit.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 from sklearn.base import clone
 from sklearn.decomposition import PCA
-from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, cross_val_predict
 from sklearn.svm import SVC
@@ -33,9 +31,6 @@ from liverus.engine.contributions import shapley_weights
 from liverus.engine.forward import eval_batch_size, model_input
 from liverus.models import LesionFeatureModel, ModelCard
 from liverus.models.features import (
-    BOOSTING_MAX_DEPTH,
-    BOOSTING_NODES,
-    BOOSTING_TREES,
     REFERENCE_LESIONS,
     REFERENCE_QUANTILES,
     feature_store,
@@ -43,16 +38,12 @@ from liverus.models.features import (
 )
 from liverus.utils import STAGES
 
-__all__ = ["fit_feature_model", "fit_classifier", "extract_features", "FeatureFit", "ClassifierFit", "C_GRID",
-           "BOOSTING_GRID"]  # fmt: skip
+__all__ = ["fit_feature_model", "fit_classifier", "extract_features", "FeatureFit", "ClassifierFit", "C_GRID"]
 
 log = logging.getLogger("liverus.training")
 
 C_GRID = {"logistic": (0.01, 0.03, 0.1, 0.3, 1.0), "svm": (0.3, 1.0, 3.0, 10.0)}
-# Few samples (hundreds) and ~100 features: shallow trees, a small learning rate and row subsampling (stochastic
-# gradient boosting) against overfitting; the inner cross-validation picks among these.
-BOOSTING_GRID = {"learning_rate": (0.03, 0.1), "max_depth": (2, BOOSTING_MAX_DEPTH)}
-UNTUNED = {"logistic": {"C": 1.0}, "svm": {"C": 1.0}, "boosting": {"learning_rate": 0.1, "max_depth": 2}}
+UNTUNED = {"logistic": {"C": 1.0}, "svm": {"C": 1.0}}
 
 
 class ClassifierFit(NamedTuple):
@@ -148,9 +139,8 @@ def fit_feature_model(
             those of ``cache``'s samples.
 
     Returns:
-        The :class:`FeatureFit`; its ``info`` says what was chosen: ``{"C" (logistic, SVM) or "learning_rate" and
-        "max_depth" (boosting), "inner_auc", "n_features", "n_support" (SVM), "pca_variance" (deep),
-        "sample_weight_range" (weighted)}``.
+        The :class:`FeatureFit`; its ``info`` says what was chosen: ``{"C", "inner_auc", "n_features", "n_support"
+        (SVM), "pca_variance" (deep), "sample_weight_range" (weighted)}``.
 
     Raises:
         ValueError: when the training cases hold one class only.
@@ -254,7 +244,7 @@ def fit_classifier(
     sample_weight: list[float] | np.ndarray | None = None,
     inner_probabilities: bool = True,
 ) -> ClassifierFit:
-    """Fit the ``classifier`` (``logistic``, ``svm`` or ``boosting``) on scaled features ``x``, its hyperparameters
+    """Fit the ``classifier`` (``logistic`` or ``svm``) on scaled features ``x``, its hyperparameters
     chosen by the group-aware inner cross-validation.
 
     With ``sample_weight`` (rescaled to mean 1, so the C grid keeps its meaning) every fit weighs its loss by them;
@@ -263,8 +253,7 @@ def fit_classifier(
 
     With ``inner_probabilities`` the fit also returns each case's out-of-fold probability from the inner folds, at
     the chosen hyperparameters. The SVM has them anyway (its Platt scaling is fitted on them); logistic regression
-    and boosting refit every inner fold for them (boosting's fit time grows by about a quarter), so they are skipped
-    when not asked for.
+    refits every inner fold for them, so they are skipped when not asked for.
 
     Returns:
         The :class:`ClassifierFit` (``inner_probabilities`` None when not asked for or without inner folds).
@@ -279,12 +268,8 @@ def fit_classifier(
         fit_params["sample_weight"] = w
         info["sample_weight_range"] = [round(float(w.min()), 4), round(float(w.max()), 4)]
     cv = _inner_cv(y, groups, seed)
-    if classifier == "boosting":
-        base = GradientBoostingClassifier(n_estimators=BOOSTING_TREES, subsample=0.8, random_state=seed)
-        grid = {k: list(v) for k, v in BOOSTING_GRID.items()}
-    else:
-        base = LogisticRegression(max_iter=5000) if classifier == "logistic" else SVC(kernel="rbf", gamma="scale")
-        grid = {"C": list(C_GRID[classifier])}
+    base = LogisticRegression(max_iter=5000) if classifier == "logistic" else SVC(kernel="rbf", gamma="scale")
+    grid = {"C": list(C_GRID[classifier])}
     if cv is not None:
         search = GridSearchCV(base, grid, cv=cv, scoring="roc_auc")
         search.fit(x, y, groups=groups, **fit_params)
@@ -296,13 +281,11 @@ def fit_classifier(
     info.update(chosen)
     params: dict[str, np.ndarray] = {}
     inner = None
-    if inner_probabilities and classifier in ("boosting", "logistic") and cv is not None:
+    if inner_probabilities and classifier == "logistic" and cv is not None:
         inner = cross_val_predict(
             clone(base).set_params(**chosen), x, y, groups=groups, cv=cv, method="predict_proba", params=fit_params
         )[:, 1]
-    if classifier == "boosting":
-        params.update(_tree_arrays(best))
-    elif classifier == "logistic":
+    if classifier == "logistic":
         params["coef"], params["intercept"] = best.coef_[0], np.asarray(best.intercept_[0])
     else:
         params["support"] = best.support_vectors_
@@ -320,27 +303,3 @@ def fit_classifier(
         if inner_probabilities and cv is not None:
             inner = platt.predict_proba(dv[:, None])[:, 1]
     return ClassifierFit(params, chosen, info, inner)
-
-
-def _tree_arrays(gb: GradientBoostingClassifier) -> dict[str, np.ndarray]:
-    """A fitted binary GradientBoostingClassifier as the padded arrays :class:`LesionFeatureModel` stores: per tree
-    the split feature, threshold, children and leaf value (times the learning rate), and the prior log-odds as the
-    intercept; its decision function is then the intercept plus the sum of the leaves each row reaches."""
-    trees = [e[0].tree_ for e in gb.estimators_]
-    shape = (len(trees), BOOSTING_NODES)
-    out = {
-        "tree_feature": np.zeros(shape, np.int64),
-        "tree_threshold": np.zeros(shape),
-        "tree_left": np.full(shape, -1, np.int64),
-        "tree_right": np.full(shape, -1, np.int64),
-        "tree_value": np.zeros(shape),
-    }
-    for i, t in enumerate(trees):
-        n = t.node_count
-        out["tree_feature"][i, :n] = np.maximum(t.feature, 0)  # leaves hold -2: any valid column, never compared
-        out["tree_threshold"][i, :n] = t.threshold
-        out["tree_left"][i, :n], out["tree_right"][i, :n] = t.children_left, t.children_right
-        out["tree_value"][i, :n] = gb.learning_rate * t.value[:, 0, 0]
-    prior = float(gb.init_.class_prior_[1])
-    out["intercept"] = np.asarray(np.log(prior / (1 - prior)))
-    return out
