@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
 import platform
@@ -306,11 +307,10 @@ class DigestMemo:
         for w, ks in by_width.items():
             arrays[f"keys_{w}"] = np.frombuffer(b"".join(ks), dtype=np.uint8).reshape(len(ks), -1)
             arrays[f"values_{w}"] = np.stack([self._items[k].reshape(-1) for k in ks])
-        self.store.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
         path = self.store / f"{os.getpid()}-{os.urandom(6).hex()}.npz"
-        with tempfile.NamedTemporaryFile(dir=self.store, suffix=".tmp", delete=False) as tmp:
-            np.savez(tmp, **arrays)
-        os.replace(tmp.name, path)
+        atomic_write_bytes(path, buffer.getvalue())
         if compact:  # every result of the old shards is in the new one (they were loaded into memory)
             for shard in self._shards:
                 shard.unlink(missing_ok=True)
