@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,142 @@ def test_segment_train_refuses_a_classifier_name(tmp_path):
     p = run_cli("segment", "train", "--set", "model.name=custom_resnet50", "--out", str(tmp_path / "r"))
     assert p.returncode != 0 and "not a segmenter" in p.stderr
     assert not Path(tmp_path / "r" / "model.pt").exists()
+
+
+# --- the config keys the segmenter honours or refuses ------------------------------------------------------------
+
+# A non-default value of every key the segmenter does not use (each passes TrainConfig.validate).
+REFUSED = {
+    "loss.name": "focal",
+    "loss.focal_gamma": "1.0",
+    "loss.label_smoothing": "0.1",
+    "loss.balanced_sampler": "true",
+    "loss.attention_weight": "0.5",
+    "loss.segmentation_weight": "0.5",
+    "loss.debias_by": "size_group",
+    "loss.debias_weight": "0.5",
+    "data.balance_by": "size_group",
+    "data.splits": "splits.json",
+    "data.fold": "1",
+    "data.lesion_channel": "true",
+    "data.lesion_from": "box",
+    "data.test_lesion_from": "box",
+    "data.box_loosen": "0.1",
+    "data.box_jitter": "0.1",
+    "data.box_mask": "ellipse",
+    "data.box_average": "3",
+    "data.box_shift": "0.2",
+    "data.box_copy_jitter": "0.1",
+    "data.context_margin": "1.0",
+    "model.ensemble": "3",
+    "model.threshold": "0.4",
+    "model.in_chans": "3",
+    "model.drop_rate": "0.2",
+    "model.drop_path_rate": "0.1",
+    "model.se_reduction": "8",
+    "model.ca_reduction": "8",
+    "model.spatial_kernel": "3",
+    "model.pca_dim": "16",
+    "runtime.compile": "true",
+    "runtime.channels_last": "true",
+}
+
+
+def _segment_config(*overrides: str):
+    from liverus.training import apply_overrides, load_config
+
+    return apply_overrides(load_config(), ["model.name=unet_efficientnet_lite0", *overrides])
+
+
+def test_every_key_the_segmenter_refuses_is_tested():
+    from liverus.training.segmentation import _NOT_USED
+
+    assert set(REFUSED) == set(_NOT_USED)
+
+
+@pytest.mark.parametrize("key", sorted(REFUSED))
+def test_segment_train_refuses_a_key_it_does_not_use(key, tmp_path):
+    from liverus.training import ConfigError
+    from liverus.training.segmentation import train_segmenter
+
+    crop = ["data.crop=roi"] if key == "data.context_margin" else []  # two views need the lesion crop
+    cfg = _segment_config(*crop, f"{key}={REFUSED[key]}")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: set to .*, but the segmenter does not use it \(.+\); "
+                                          r"remove it from the config or set it to "):  # fmt: skip
+        train_segmenter(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_segment_train_accepts_the_defaults_and_what_it_does_anyway():
+    from liverus.training.segmentation import _check_config
+
+    _check_config(_segment_config())
+    _check_config(_segment_config("runtime.channels_last=false", "model.ensemble=1"))
+
+
+def test_segment_cv_refuses_a_key_it_does_not_use_before_writing_anything(tmp_path):
+    from liverus.training import ConfigError
+    from liverus.training.segmentation import segment_cross_validation
+
+    with pytest.raises(ConfigError, match=r"^loss\.name: .*the segmenter does not use it"):
+        segment_cross_validation(_segment_config("loss.name=focal"), tmp_path / "cv")
+    assert not (tmp_path / "cv").exists()
+
+
+def test_segment_train_cli_names_the_refused_key(tmp_path):
+    p = run_cli("segment", "train", "--set", "model.name=unet_efficientnet_lite0", "--set", "optim.grad_clip=0.5",
+                "--set", "loss.label_smoothing=0.1", "--out", str(tmp_path / "r"))  # fmt: skip
+    assert p.returncode != 0 and "loss.label_smoothing" in p.stderr and "segmenter does not use it" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_segment_train_honours_the_optimiser_loader_and_logging_keys(tmp_path):
+    from liverus.training import loop
+    from liverus.training import segmentation as seg
+
+    cfg = _segment_config(
+        "data.image_size=64", "data.phantom_patients=12", "data.phantom_size=96", "data.augment=none",
+        "optim.epochs=6", "optim.batch_size=4", "optim.warmup_epochs=0", "optim.grad_clip=0.5",
+        "optim.accum_steps=2", "optim.freeze_bn=true", "optim.early_stopping_patience=2", "data.num_workers=1",
+        "runtime.progress=true", "runtime.tensorboard=true",
+    )  # fmt: skip
+    clips, bars, workers = [], [], []
+    real_clip, real_loader = torch.nn.utils.clip_grad_norm_, seg.DataLoader
+
+    def clip(params, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    def loader(*args, **kwargs):
+        workers.append(kwargs.get("num_workers", 0))
+        return real_loader(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        mp.setattr(seg, "DataLoader", loader)
+        mp.setattr(loop, "_progress_bar", lambda total, enabled, desc: bars.append(enabled))
+        mp.setattr(seg, "dice", lambda p, t: 0.5)  # a validation Dice that never improves after the first epoch
+        result = seg.train_segmenter(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    # optim.early_stopping_patience: two epochs without a gain after the first, of six planned.
+    assert result["epochs_run"] == 3 and result["best_epoch"] == 1
+    # optim.accum_steps: one optimiser step per two batches; optim.grad_clip: each step clips at 0.5.
+    n_train = len(json.loads((run / "splits.json").read_text())["folds"][0]["train"])
+    steps = result["epochs_run"] * ((n_train // 4) // 2)
+    assert steps > 0
+    last = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert last["scheduler"]["last_epoch"] == steps
+    assert clips == [0.5] * steps
+    # optim.freeze_bn: the BatchNorm statistics stay those the segmenter was built with.
+    trained, _ = load_segmenter(run / "model.pt")
+    built = build_segmenter().state_dict()
+    stats = [k for k in built if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained.state_dict()[k], built[k]) for k in stats)
+    # data.num_workers, runtime.progress and runtime.tensorboard.
+    assert workers == [1]
+    assert bars == [True] * 3
+    assert list((run / "tb").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

@@ -188,6 +188,9 @@ def _error_row(path: str, problem: str) -> dict:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """``liverus predict``: check where everything goes, predict every input, write the results (and the per-lesion
+    and per-patient files) and print a summary. Returns: the exit code (1 when an input failed, unless
+    ``--skip-bad``)."""
     out = Path(args.out)
     if out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {out.name}")
@@ -195,23 +198,11 @@ def run_predict(args: argparse.Namespace) -> int:
     box = parse_box(args.box)
     input_errors: list[tuple[str, str]] = []
     items = input_items(args.inputs, mask=args.mask, box=box, errors=input_errors)
-    files = [it.path for it in items]
     predictor = Predictor.from_path(args.model, segmenter=args.segmenter, box_average=args.box_average)
     heatmaps = None
     method = getattr(args, "heatmap_method", "default")
     if args.heatmaps:
-        if predictor.model is None:
-            raise ValueError("--heatmaps needs the PyTorch model.pt (ONNX exports carry no maps)")
-        folder = Path(args.heatmaps)
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"--heatmaps {folder} is a file; give a folder")
-        method = predictor.check_method(method)
-        heatmaps = heatmap_names(files, folder, method)
-        charts = [_chart_name(p) for p in heatmaps.values()] if predictor.has_contributions else []
-        taken = [str(p) for p in [*heatmaps.values(), *charts] if p.exists()]
-        if taken:
-            raise ValueError(f"{len(taken)} heatmap file(s) already exist, first: {taken[0]}; choose another folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        heatmaps, method = _heatmap_files(args.heatmaps, predictor, [it.path for it in items], method)
     ids = any(it.lesion_id or it.patient_id for it in items)
     siblings = {level: out.with_name(f"{out.stem}_{level}s.csv") for level in LEVELS} if ids else {}
     if out.suffix.lower() == ".csv":
@@ -222,41 +213,89 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     grouped = aggregated_rows(rows, predictor) if ids else {}
     if out.suffix.lower() == ".json":
-        points = {
-            name: {"threshold": t, **predictor.card.operating_point_rates.get(name, {})}
-            for name, t in predictor.card.operating_points.items()
-        }
-        atomic_write_json(
-            out,
-            {
-                "model": predictor.name,
-                "backend": predictor.backend,
-                "operating_points": points,
-                "predictions": rows,
-                **{f"{level}s": v for level, v in grouped.items()},
-            },
-        )
+        _write_json(out, predictor, rows, grouped)
     else:
-        buf = io.StringIO()
         extra = ["lesion_id", "patient_id"] if ids else []
         extra += ["contributions"] if predictor.has_contributions else []
         extra += ["heatmap"] if heatmaps is not None else []
-        w = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
+        _write_csv(out, rows, extra, grouped, siblings)
+    _print_summary(out, rows, grouped, siblings, predictor)
+    bad = [r for r in rows if r["status"] == "error"]
+    return 1 if bad and not args.skip_bad else 0
+
+
+def _heatmap_files(
+    folder: str | Path, predictor: Predictor, files: list[str], method: str
+) -> tuple[dict[str, Path], str]:
+    """Each file's map destination in ``folder`` (made here), checked before any work: a PyTorch model, a folder
+    that is not a file, a map the model can draw, and no map or contributions chart already there.
+
+    Returns:
+        ``(the destinations, the map method the model draws for method)``.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if predictor.model is None:
+        raise ValueError("--heatmaps needs the PyTorch model.pt (ONNX exports carry no maps)")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--heatmaps {folder} is a file; give a folder")
+    method = predictor.check_method(method)
+    heatmaps = heatmap_names(files, folder, method)
+    charts = [_chart_name(p) for p in heatmaps.values()] if predictor.has_contributions else []
+    taken = [str(p) for p in [*heatmaps.values(), *charts] if p.exists()]
+    if taken:
+        raise ValueError(f"{len(taken)} heatmap file(s) already exist, first: {taken[0]}; choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return heatmaps, method
+
+
+def _write_json(out: Path, predictor: Predictor, rows: list[dict], grouped: dict[str, list[dict]]) -> None:
+    """One JSON file: the model, its operating points with their expected rates, every row and the grouped ones."""
+    points = {
+        name: {"threshold": t, **predictor.card.operating_point_rates.get(name, {})}
+        for name, t in predictor.card.operating_points.items()
+    }
+    atomic_write_json(
+        out,
+        {
+            "model": predictor.name,
+            "backend": predictor.backend,
+            "operating_points": points,
+            "predictions": rows,
+            **{f"{level}s": v for level, v in grouped.items()},
+        },
+    )
+
+
+def _write_csv(
+    out: Path, rows: list[dict], extra: list[str], grouped: dict[str, list[dict]], siblings: dict[str, Path]
+) -> None:
+    """The rows as CSV (:data:`COLUMNS` and the ``extra`` ones), and each level's grouped rows in its sibling file."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
+    w.writeheader()
+    # One cell per image: "group=+0.41;group=-0.12", largest magnitude first.
+    w.writerows(
+        {**r, "contributions": ";".join(f"{k}={v:+.4f}" for k, v in r["contributions"].items())}
+        if "contributions" in r
+        else r
+        for r in rows
+    )
+    atomic_write_text(out, buf.getvalue())
+    for level, answers in grouped.items():
+        sub = io.StringIO()
+        w = csv.DictWriter(sub, fieldnames=list(answers[0]))
         w.writeheader()
-        # One cell per image: "group=+0.41;group=-0.12", largest magnitude first.
-        w.writerows(
-            {**r, "contributions": ";".join(f"{k}={v:+.4f}" for k, v in r["contributions"].items())}
-            if "contributions" in r
-            else r
-            for r in rows
-        )
-        atomic_write_text(out, buf.getvalue())
-        for level, answers in grouped.items():
-            sub = io.StringIO()
-            w = csv.DictWriter(sub, fieldnames=list(answers[0]))
-            w.writeheader()
-            w.writerows(answers)
-            atomic_write_text(siblings[level], sub.getvalue())
+        w.writerows(answers)
+        atomic_write_text(siblings[level], sub.getvalue())
+
+
+def _print_summary(
+    out: Path, rows: list[dict], grouped: dict[str, list[dict]], siblings: dict[str, Path], predictor: Predictor
+) -> None:
+    """What was written where, each failed input (on stderr) and the spread of the probabilities."""
     for level, answers in grouped.items():
         print(f"{len(answers)} {level}(s): one answer each (mean log-odds of a lesion's images; a patient's highest "
               f"lesion){' -> ' + printable(siblings[level]) if out.suffix.lower() == '.csv' else ''}")  # fmt: skip
@@ -270,4 +309,3 @@ def run_predict(args: argparse.Namespace) -> int:
             f"  p(malignant): mean {np.mean(probs):.3f}, {sum(p >= predictor.threshold for p in probs)} above the "
             f"threshold {predictor.threshold:.3f}"
         )
-    return 1 if bad and not args.skip_bad else 0

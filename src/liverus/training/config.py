@@ -181,159 +181,200 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check value ranges and choices. Raises: ConfigError."""
-        choices = {
-            ("data", "task"): tuple(CLASS_SETS),
-            ("data", "crop"): CROP_MODES,
-            ("data", "augment"): AUGMENT_LEVELS,
-            ("data", "group_by"): GROUPINGS,
-            ("data", "lesion_from"): LESION_SOURCES,
-            ("data", "test_lesion_from"): ("", *LESION_SOURCES),
-            ("data", "box_mask"): BOX_MASKS,
-            ("optim", "optimizer"): OPTIMIZERS,
-            ("loss", "name"): LOSSES,
-            ("runtime", "precision"): PRECISIONS,
-            ("runtime", "channels_last"): CHANNELS_LAST_SETTINGS,
-        }
         self.runtime.channels_last = str(self.runtime.channels_last).lower()
-        for (sec, key), allowed in choices.items():
-            val = getattr(getattr(self, sec), key)
-            if val not in allowed:
-                raise ConfigError(f"{sec}.{key}: {val!r} is not one of {list(allowed)}")
-        positive = [
-            ("data", "image_size"),
-            ("optim", "lr"),
-            ("optim", "epochs"),
-            ("optim", "batch_size"),
-            ("optim", "accum_steps"),
-        ]
-        for sec, key in positive:
-            if getattr(getattr(self, sec), key) <= 0:
-                raise ConfigError(f"{sec}.{key}: must be positive, got {getattr(getattr(self, sec), key)}")
-        non_negative = [
-            ("optim", "weight_decay"),
-            ("optim", "warmup_epochs"),
-            ("optim", "grad_clip"),
-            ("optim", "freeze_backbone_epochs"),
-            ("optim", "early_stopping_patience"),
-            ("optim", "backbone_lr_mult"),
-            ("loss", "focal_gamma"),
-            ("loss", "attention_weight"),
-            ("loss", "segmentation_weight"),
-            ("data", "num_workers"),
-            ("data", "fold"),
-        ]
-        for sec, key in non_negative:
-            if getattr(getattr(self, sec), key) < 0:
-                raise ConfigError(f"{sec}.{key}: must not be negative, got {getattr(getattr(self, sec), key)}")
-        if not 0 <= self.loss.label_smoothing < 1:
-            raise ConfigError(f"loss.label_smoothing: must be in [0, 1), got {self.loss.label_smoothing}")
-        if not 0 <= self.data.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.data.val_fraction}")
-        if self.model.threshold is not None and not 0 < self.model.threshold < 1:
-            raise ConfigError(f"model.threshold: must be in (0, 1), got {self.model.threshold}")
-        if (
-            self.data.val_fraction == 0
-            and self.model.threshold is None
-            and not self.data.splits
-            and not self.model.ensemble
-            and not is_feature_model(self.model.name)  # its inner cross-validation chooses the threshold
-        ):
-            raise ConfigError(
-                "data.val_fraction: 0 trains on every case with no validation split, so the operating threshold "
-                "cannot be chosen; set model.threshold (e.g. the pooled out-of-fold threshold of a cv study)"
-            )
-        if not 0 <= self.model.drop_rate < 1:
-            raise ConfigError(f"model.drop_rate: must be in [0, 1), got {self.model.drop_rate}")
-        if self.model.ensemble < 0:
-            raise ConfigError(
-                f"model.ensemble: the number of fold members (>= 2), or 0 or 1 for one model; got {self.model.ensemble}"
-            )
-        if self.model.ensemble == 1:  # one member is one model: train it as such (no inner folds)
-            self.model.ensemble = 0
-        if self.model.in_chans not in (1, 3):
-            raise ConfigError(f"model.in_chans: must be 1 or 3, got {self.model.in_chans}")
-        if self.model.name not in SEGMENTERS and not is_known_model(self.model.name):
-            close = difflib.get_close_matches(self.model.name, list_models(), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"model.name: unknown model {self.model.name!r}{hint} (a family on any timm CNN: e.g. "
-                "custom_timm_convnext_tiny, radiomics_svm_timm_efficientnet_b3)"
-            )
+        # The checks run in this order so that a config with several problems always names the same one first.
+        _validate_choices(self)
+        _validate_ranges(self)
+        _validate_threshold(self)
+        _validate_model(self)
         if is_feature_model(self.model.name):
-            if not self.data.lesion_channel:
-                raise ConfigError(
-                    f"model.name: {self.model.name} computes features of the lesion and needs its mask: set "
-                    "data.lesion_channel: true (with crop: roi, so the crop is scaled to the lesion)"
-                )
-            if self.data.task != "binary":
-                raise ConfigError(f"model.name: {self.model.name} is binary; set data.task: binary")
-            if self.model.in_chans != 1:
-                raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
-            if self.data.context_margin:
-                raise ConfigError(
-                    "data.context_margin: a feature model's second view is the whole scan (data.scan_view: true), "
-                    "not a context crop; set it to 0"
-                )
-            auxiliary = {"attention_weight": "0", "segmentation_weight": "0", "debias_by": "''"}
-            for key, off in auxiliary.items():
-                if getattr(self.loss, key):
-                    raise ConfigError(
-                        f"loss.{key}: an auxiliary loss of gradient training; {self.model.name} is a fitted feature "
-                        f"model (set it to {off})"
-                    )
-        if self.model.run_length and not is_feature_model(self.model.name):
-            raise ConfigError(
-                f"model.run_length: adds run-length texture features to the radiomics of a radiomics_* model; "
-                f"{self.model.name} computes no radiomics (set it to false)"
-            )
-        if self.model.flip_features and not has_frozen_backbone(self.model.name):
-            raise ConfigError(
-                f"model.flip_features: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
-                f"model; {self.model.name} has no frozen backbone features (set it to false)"
-            )
-        for name, top in (("rotate_features", MAX_FEATURE_ROTATION), ("zoom_features", MAX_FEATURE_ZOOM)):
-            value = getattr(self.model, name)
-            if not 0 <= value <= top:
-                raise ConfigError(f"model.{name}: must be in [0, {top:g}], got {value} (0 turns it off)")
-            if value and not has_frozen_backbone(self.model.name):
-                raise ConfigError(
-                    f"model.{name}: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
-                    f"model's lesion crop; {self.model.name} has no frozen backbone features (set it to 0)"
-                )
-        if self.model.lesion_size is not None:
-            if not is_feature_model(self.model.name):
-                raise ConfigError(
-                    f"model.lesion_size: resizes the lesion crop inside a radiomics_* model; {self.model.name} is a "
-                    "CNN, whose input size is data.image_size (set lesion_size: null)"
-                )
-            if not 32 <= self.model.lesion_size <= self.data.image_size:
-                raise ConfigError(
-                    f"model.lesion_size: the lesion crop is area-resized from data.image_size "
-                    f"({self.data.image_size}) down to this size; it must be in [32, {self.data.image_size}], got "
-                    f"{self.model.lesion_size} (raise data.image_size to prepare the views at more pixels)"
-                )
-        if not 0 <= self.data.box_copies <= MAX_BOX_AVERAGE:
-            raise ConfigError(f"data.box_copies: must be in [0, {MAX_BOX_AVERAGE}], got {self.data.box_copies}")
-        if not 0 <= self.data.box_copy_jitter <= 0.5:
-            raise ConfigError(f"data.box_copy_jitter: must be in [0, 0.5], got {self.data.box_copy_jitter}")
-        if self.data.box_copies and not is_feature_model(self.model.name):
-            raise ConfigError(
-                f"data.box_copies: adds box-derived copies of the training cases to a fitted feature model's "
-                f"training features; {self.model.name} is a CNN (train it on boxes with data.lesion_from: box, "
-                "or set box_copies: 0)"
-            )
-        if self.data.scan_view and not has_frozen_backbone(self.model.name):
-            kind = "a radiomics-only model" if is_feature_model(self.model.name) else "a CNN"
-            raise ConfigError(
-                f"data.scan_view: adds the frozen backbone's features of the whole scan to a "
-                f"radiomics_<classifier>_<backbone> model; {self.model.name} is {kind} (for a CNN the two-view mode "
-                "is data.context_margin, whose views share a centre as its view fusion needs; set scan_view: false)"
-            )
+            _validate_feature_model(self)
+        _validate_feature_options(self)
+        _validate_box_copies_and_scan_view(self)
         try:  # one set of preprocessing checks, PreprocessConfig's; here they name the config key
             self.data.preprocess()
         except ValueError as e:
             raise ConfigError(f"data.{e}") from None
         return self
+
+
+_POSITIVE = (
+    ("data", "image_size"),
+    ("optim", "lr"),
+    ("optim", "epochs"),
+    ("optim", "batch_size"),
+    ("optim", "accum_steps"),
+)
+_NON_NEGATIVE = (
+    ("optim", "weight_decay"),
+    ("optim", "warmup_epochs"),
+    ("optim", "grad_clip"),
+    ("optim", "freeze_backbone_epochs"),
+    ("optim", "early_stopping_patience"),
+    ("optim", "backbone_lr_mult"),
+    ("loss", "focal_gamma"),
+    ("loss", "attention_weight"),
+    ("loss", "segmentation_weight"),
+    ("data", "num_workers"),
+    ("data", "fold"),
+)
+
+
+def _validate_choices(cfg: TrainConfig) -> None:
+    """Every key with a fixed set of values holds one of them."""
+    choices = {
+        ("data", "task"): tuple(CLASS_SETS),
+        ("data", "crop"): CROP_MODES,
+        ("data", "augment"): AUGMENT_LEVELS,
+        ("data", "group_by"): GROUPINGS,
+        ("data", "lesion_from"): LESION_SOURCES,
+        ("data", "test_lesion_from"): ("", *LESION_SOURCES),
+        ("data", "box_mask"): BOX_MASKS,
+        ("optim", "optimizer"): OPTIMIZERS,
+        ("loss", "name"): LOSSES,
+        ("runtime", "precision"): PRECISIONS,
+        ("runtime", "channels_last"): CHANNELS_LAST_SETTINGS,
+    }
+    for (sec, key), allowed in choices.items():
+        val = getattr(getattr(cfg, sec), key)
+        if val not in allowed:
+            raise ConfigError(f"{sec}.{key}: {val!r} is not one of {list(allowed)}")
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    """Sizes, rates and counts are in range: positive, non-negative, or a fraction below 1."""
+    for sec, key in _POSITIVE:
+        if (value := getattr(getattr(cfg, sec), key)) <= 0:
+            raise ConfigError(f"{sec}.{key}: must be positive, got {value}")
+    for sec, key in _NON_NEGATIVE:
+        if (value := getattr(getattr(cfg, sec), key)) < 0:
+            raise ConfigError(f"{sec}.{key}: must not be negative, got {value}")
+    if not 0 <= cfg.loss.label_smoothing < 1:
+        raise ConfigError(f"loss.label_smoothing: must be in [0, 1), got {cfg.loss.label_smoothing}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+
+
+def _validate_threshold(cfg: TrainConfig) -> None:
+    """A fixed threshold is a probability, and a run without validation has some way to choose its threshold."""
+    if cfg.model.threshold is not None and not 0 < cfg.model.threshold < 1:
+        raise ConfigError(f"model.threshold: must be in (0, 1), got {cfg.model.threshold}")
+    if (
+        cfg.data.val_fraction == 0
+        and cfg.model.threshold is None
+        and not cfg.data.splits
+        and not cfg.model.ensemble
+        and not is_feature_model(cfg.model.name)  # its inner cross-validation chooses the threshold
+    ):
+        raise ConfigError(
+            "data.val_fraction: 0 trains on every case with no validation split, so the operating threshold "
+            "cannot be chosen; set model.threshold (e.g. the pooled out-of-fold threshold of a cv study)"
+        )
+
+
+def _validate_model(cfg: TrainConfig) -> None:
+    """The model section's own values: dropout, ensemble size, input channels and a known model name."""
+    if not 0 <= cfg.model.drop_rate < 1:
+        raise ConfigError(f"model.drop_rate: must be in [0, 1), got {cfg.model.drop_rate}")
+    if cfg.model.ensemble < 0:
+        raise ConfigError(
+            f"model.ensemble: the number of fold members (>= 2), or 0 or 1 for one model; got {cfg.model.ensemble}"
+        )
+    if cfg.model.ensemble == 1:  # one member is one model: train it as such (no inner folds)
+        cfg.model.ensemble = 0
+    if cfg.model.in_chans not in (1, 3):
+        raise ConfigError(f"model.in_chans: must be 1 or 3, got {cfg.model.in_chans}")
+    if cfg.model.name not in SEGMENTERS and not is_known_model(cfg.model.name):
+        close = difflib.get_close_matches(cfg.model.name, list_models(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"model.name: unknown model {cfg.model.name!r}{hint} (a family on any timm CNN: e.g. "
+            "custom_timm_convnext_tiny, radiomics_svm_timm_efficientnet_b3)"
+        )
+
+
+def _validate_feature_model(cfg: TrainConfig) -> None:
+    """A fitted feature model (``radiomics_*``) gets what it computes its features from, and no gradient losses."""
+    name = cfg.model.name
+    if not cfg.data.lesion_channel:
+        raise ConfigError(
+            f"model.name: {name} computes features of the lesion and needs its mask: set "
+            "data.lesion_channel: true (with crop: roi, so the crop is scaled to the lesion)"
+        )
+    if cfg.data.task != "binary":
+        raise ConfigError(f"model.name: {name} is binary; set data.task: binary")
+    if cfg.model.in_chans != 1:
+        raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
+    if cfg.data.context_margin:
+        raise ConfigError(
+            "data.context_margin: a feature model's second view is the whole scan (data.scan_view: true), "
+            "not a context crop; set it to 0"
+        )
+    auxiliary = {"attention_weight": "0", "segmentation_weight": "0", "debias_by": "''"}
+    for key, off in auxiliary.items():
+        if getattr(cfg.loss, key):
+            raise ConfigError(
+                f"loss.{key}: an auxiliary loss of gradient training; {name} is a fitted feature "
+                f"model (set it to {off})"
+            )
+
+
+def _validate_feature_options(cfg: TrainConfig) -> None:
+    """The options of a feature model's features are set only on a model that has those features."""
+    name = cfg.model.name
+    if cfg.model.run_length and not is_feature_model(name):
+        raise ConfigError(
+            f"model.run_length: adds run-length texture features to the radiomics of a radiomics_* model; "
+            f"{name} computes no radiomics (set it to false)"
+        )
+    if cfg.model.flip_features and not has_frozen_backbone(name):
+        raise ConfigError(
+            f"model.flip_features: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
+            f"model; {name} has no frozen backbone features (set it to false)"
+        )
+    for key, top in (("rotate_features", MAX_FEATURE_ROTATION), ("zoom_features", MAX_FEATURE_ZOOM)):
+        value = getattr(cfg.model, key)
+        if not 0 <= value <= top:
+            raise ConfigError(f"model.{key}: must be in [0, {top:g}], got {value} (0 turns it off)")
+        if value and not has_frozen_backbone(name):
+            raise ConfigError(
+                f"model.{key}: averages the frozen backbone's features of a radiomics_<classifier>_<backbone> "
+                f"model's lesion crop; {name} has no frozen backbone features (set it to 0)"
+            )
+    if cfg.model.lesion_size is not None:
+        if not is_feature_model(name):
+            raise ConfigError(
+                f"model.lesion_size: resizes the lesion crop inside a radiomics_* model; {name} is a "
+                "CNN, whose input size is data.image_size (set lesion_size: null)"
+            )
+        if not 32 <= cfg.model.lesion_size <= cfg.data.image_size:
+            raise ConfigError(
+                f"model.lesion_size: the lesion crop is area-resized from data.image_size "
+                f"({cfg.data.image_size}) down to this size; it must be in [32, {cfg.data.image_size}], got "
+                f"{cfg.model.lesion_size} (raise data.image_size to prepare the views at more pixels)"
+            )
+
+
+def _validate_box_copies_and_scan_view(cfg: TrainConfig) -> None:
+    """The data options only a feature model uses: box-derived training copies and the whole-scan view."""
+    name = cfg.model.name
+    if not 0 <= cfg.data.box_copies <= MAX_BOX_AVERAGE:
+        raise ConfigError(f"data.box_copies: must be in [0, {MAX_BOX_AVERAGE}], got {cfg.data.box_copies}")
+    if not 0 <= cfg.data.box_copy_jitter <= 0.5:
+        raise ConfigError(f"data.box_copy_jitter: must be in [0, 0.5], got {cfg.data.box_copy_jitter}")
+    if cfg.data.box_copies and not is_feature_model(name):
+        raise ConfigError(
+            f"data.box_copies: adds box-derived copies of the training cases to a fitted feature model's "
+            f"training features; {name} is a CNN (train it on boxes with data.lesion_from: box, "
+            "or set box_copies: 0)"
+        )
+    if cfg.data.scan_view and not has_frozen_backbone(name):
+        kind = "a radiomics-only model" if is_feature_model(name) else "a CNN"
+        raise ConfigError(
+            f"data.scan_view: adds the frozen backbone's features of the whole scan to a "
+            f"radiomics_<classifier>_<backbone> model; {name} is {kind} (for a CNN the two-view mode "
+            "is data.context_margin, whose views share a centre as its view fusion needs; set scan_view: false)"
+        )
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

@@ -283,13 +283,49 @@ def prepare_run_data(
         cases = resolve_cases(cfg, folder.path, info)
     _, classes = select_task([], cfg.data.task)
     cache = CaseCache(cfg.data.preprocess(), cache_dir(cfg, folder.path))
+    cases = _decoded_cases(cfg, folder, info, cases, cache)
+    parts = _run_parts(cfg, folder, info, cases, split)
+    train = _training_loader(cfg, info, parts["train"], classes, cache, pin_memory)
+    return RunData(
+        classes,
+        cache,
+        parts,
+        train.loader,
+        train.sampler,
+        train.targets,
+        info,
+        cfg.data.num_workers,
+        pin_memory,
+        n_groups=train.n_groups,
+        train_weights=train.weights,
+        test_caches=held_out_caches(cfg, folder.path, parts.get("test", []), info),
+        train_box_caches=box_copy_caches(cfg, folder.path, parts["train"], info),
+    )
+
+
+def _decoded_cases(
+    cfg: TrainConfig, folder: RunFolder, info: DistInfo, cases: list[Case], cache: CaseCache
+) -> list[Case]:
+    """The usable cases, decoded into ``cache``; skipped files are listed once, by rank 0."""
     if info.is_main:
         cases, skipped = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
         if skipped:
             log_skipped(skipped, folder.write_skipped(skipped))
     barrier(info)
-    if not info.is_main:
+    if not info.is_main:  # after rank 0, so that the other ranks read the files it decoded
         cases, _ = prepare_cases(cases, cache, skip_bad=cfg.data.skip_bad)
+    return cases
+
+
+def _run_parts(
+    cfg: TrainConfig, folder: RunFolder, info: DistInfo, cases: list[Case], split: dict[str, list[str]] | None
+) -> dict[str, list[Case]]:
+    """The run's parts (``train``, ``val``, optional ``test``) as cases, checked group-disjoint and saved as
+    ``splits.json`` the first time.
+
+    Raises:
+        DataError: for a leaking split, or a part the run cannot do without.
+    """
     split = split or _choose_split(cfg, folder, cases)
     by_path = {c.path: c for c in cases}
     parts = {k: [by_path[p] for p in v if p in by_path] for k, v in split.items()}
@@ -300,14 +336,32 @@ def prepare_run_data(
         raise DataError(None, "no validation cases: set model.threshold to train without validation")
     if not parts["train"]:
         raise DataError(None, f"empty split: {len(parts['train'])} training and {len(parts['val'])} validation cases")
+    return parts
 
+
+@dataclass
+class _TrainingLoader:
+    """The training part's loader with its sampler and what else the run reads off the training cases."""
+
+    loader: DataLoader
+    sampler: ShardedBatchSampler
+    targets: list[int]
+    weights: list[float] | None
+    n_groups: int
+
+
+def _training_loader(
+    cfg: TrainConfig, info: DistInfo, train: list[Case], classes: tuple[str, ...], cache: CaseCache, pin_memory: bool
+) -> _TrainingLoader:
+    """Augmented, seeded batches of the training part, this rank's share of each global batch, drawn with the
+    balancing weights when ``data.balance_by`` or ``loss.balanced_sampler`` asks for them."""
     group_ids, n_groups = None, 0
     if cfg.loss.debias_by:
-        names = acquisition_groups(parts["train"], cfg.loss.debias_by)
+        names = acquisition_groups(train, cfg.loss.debias_by)
         index = {g: i for i, g in enumerate(sorted(set(names)))}
         group_ids, n_groups = [index[g] for g in names], len(index)
     train_ds = UltrasoundDataset(
-        parts["train"],
+        train,
         classes,
         cache,
         build_train_transform(cfg.data.augment),
@@ -316,9 +370,9 @@ def prepare_run_data(
         groups=group_ids,
     )
     targets = list(train_ds.targets)
-    weights = balancing_weights(cfg, parts["train"], targets, log_cells=info.is_main)
+    weights = balancing_weights(cfg, train, targets, log_cells=info.is_main)
     gbs = cfg.optim.batch_size
-    if len(train_ds) < gbs:
+    if len(train_ds) < gbs:  # a small training part still gives one batch that divides among the ranks
         gbs = max(info.world_size, (len(train_ds) // info.world_size) * info.world_size)
     sampler = ShardedBatchSampler(
         len(train_ds),
@@ -337,21 +391,7 @@ def prepare_run_data(
         pin_memory=pin_memory,
         persistent_workers=cfg.data.num_workers > 0,
     )
-    return RunData(
-        classes,
-        cache,
-        parts,
-        loader,
-        sampler,
-        targets,
-        info,
-        cfg.data.num_workers,
-        pin_memory,
-        n_groups=n_groups,
-        train_weights=weights,
-        test_caches=held_out_caches(cfg, folder.path, parts.get("test", []), info),
-        train_box_caches=box_copy_caches(cfg, folder.path, parts["train"], info),
-    )
+    return _TrainingLoader(loader, sampler, targets, weights, n_groups)
 
 
 def held_out_caches(

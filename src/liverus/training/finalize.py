@@ -39,6 +39,18 @@ class FinalModel:
     test_metrics: dict | None
 
 
+@dataclass
+class ChosenPoints:
+    """The operating threshold, the named points with their expected rates, the metrics on the predictions they were
+    chosen on, and how they were chosen (the model card's ``threshold_method``)."""
+
+    threshold: float
+    points: dict[str, float]
+    rates: dict[str, dict]
+    val_metrics: dict
+    method: str
+
+
 def chosen_points(targets: np.ndarray, probabilities: np.ndarray) -> tuple[dict[str, float], dict[str, dict]]:
     """The binary operating points (Youden, rule-out, rule-in) on these probabilities: their thresholds, and the
     rates each is expected to give on new cases with their intervals (the model card's ``operating_point_rates``)."""
@@ -84,6 +96,45 @@ def finalize(
     cases from its inner cross-validation. Every rank scores its shard; rank 0 writes and returns the result (None
     elsewhere).
     """
+    rt, val, gap = _validation_precision(model, data, card, rt)
+    test = None
+    if data.test:  # one pass per box the probabilities are averaged over (data.box_average), else one
+        scored = [evaluate_loader(model, loader, len(data.test), card, rt) for loader in data.test_loaders]
+        test = (average_probabilities([p for p, _ in scored]), scored[0][1]) if rt.is_main else None
+    if not rt.is_main:
+        return None
+    classes = data.classes
+    source = threshold_source(data, fixed_threshold)
+    chosen = _operating_points(data, source, val, fixed_threshold, inner)
+    if source == "validation":
+        write_predictions(folder / "predictions_val.csv", data.val, *val, classes, chosen.threshold)
+    test_metrics = None
+    if test is not None:
+        test_metrics = score(*test, classes, chosen.threshold)
+        write_predictions(folder / "predictions_test.csv", data.test, *test, classes, chosen.threshold)
+    card = card.replace(
+        threshold=float(chosen.threshold),
+        threshold_method=chosen.method,
+        operating_points=chosen.points,
+        operating_point_rates=chosen.rates,
+        val_auc=float(chosen.val_metrics["auc"]),
+        precision=precision_name(rt.amp),
+        precision_gap=gap,
+    )
+    core = unwrap_model(model).to("cpu").to(memory_format=torch.contiguous_format)
+    save_model(core, folder.model_file, card)
+    return FinalModel(card, to_plain(chosen.val_metrics), to_plain(test_metrics) if test_metrics else None)
+
+
+def _validation_precision(
+    model: torch.nn.Module, data: RunData, card: ModelCard, rt: Runtime
+) -> tuple[Runtime, tuple[np.ndarray, np.ndarray] | None, float | None]:
+    """Score the validation cases and decide the inference precision (see :func:`finalize`).
+
+    Returns:
+        ``(the runtime to score the rest with, its validation (probabilities, targets) or None, the largest
+        probability difference to fp32 or None)``.
+    """
     val = evaluate_loader(model, data.eval_loader(data.val), len(data.val), card, rt) if data.val else None
     gap = None
     if val is not None and rt.amp is not None:
@@ -99,50 +150,40 @@ def finalize(
                 gap,
                 rt.precision if keep else "fp32",
             )
-        if not broadcast_object(keep, rt.dist):
+        if not broadcast_object(keep, rt.dist):  # every rank takes the same decision, rank 0's
             rt, val = fp32, val32
-    test = None
-    if data.test:  # one pass per box the probabilities are averaged over (data.box_average), else one
-        scored = [evaluate_loader(model, loader, len(data.test), card, rt) for loader in data.test_loaders]
-        test = (average_probabilities([p for p, _ in scored]), scored[0][1]) if rt.is_main else None
-    if not rt.is_main:
-        return None
+    return rt, val, gap
+
+
+def _operating_points(
+    data: RunData,
+    source: str,
+    val: tuple[np.ndarray, np.ndarray] | None,
+    fixed_threshold: float | None,
+    inner: tuple[np.ndarray, np.ndarray] | None,
+) -> ChosenPoints:
+    """The operating points from ``source`` (:func:`threshold_source`): the validation predictions ``val``, the
+    fixed threshold, or a feature model's ``inner`` out-of-fold predictions.
+
+    Raises:
+        DataError: when none of the three can give a threshold.
+    """
     classes = data.classes
     points, rates = {}, {}
-    source = threshold_source(data, fixed_threshold)
     if source == "validation":
         if len(classes) == 2:
             points, rates = chosen_points(val[1], val[0][:, 1])
         threshold = points.get("youden", 0.5)
-        val_metrics = score(*val, classes, threshold)
-        write_predictions(folder / "predictions_val.csv", data.val, *val, classes, threshold)
-        method = "youden (validation)"
-    elif source == "fixed":
-        threshold, val_metrics, method = float(fixed_threshold), {"auc": math.nan}, "model.threshold (config)"
-    elif inner is not None and len(classes) == 2:
+        return ChosenPoints(threshold, points, rates, score(*val, classes, threshold), "youden (validation)")
+    if source == "fixed":
+        return ChosenPoints(float(fixed_threshold), points, rates, {"auc": math.nan}, "model.threshold (config)")
+    if inner is not None and len(classes) == 2:
         p_inner, y_inner = inner
         points, rates = chosen_points(y_inner, p_inner)
-        threshold, val_metrics = points["youden"], {"auc": math.nan}
         method = f"youden (inner cross-validation: out-of-fold probabilities of the {len(y_inner)} training cases)"
-    else:
-        raise DataError(
-            None,
-            "no validation cases and no threshold: set model.threshold, keep a validation split "
-            "(data.val_fraction > 0), or give the inner cross-validation at least two groups per class",
-        )
-    test_metrics = None
-    if test is not None:
-        test_metrics = score(*test, classes, threshold)
-        write_predictions(folder / "predictions_test.csv", data.test, *test, classes, threshold)
-    card = card.replace(
-        threshold=float(threshold),
-        threshold_method=method,
-        operating_points=points,
-        operating_point_rates=rates,
-        val_auc=float(val_metrics["auc"]),
-        precision=precision_name(rt.amp),
-        precision_gap=gap,
+        return ChosenPoints(points["youden"], points, rates, {"auc": math.nan}, method)
+    raise DataError(
+        None,
+        "no validation cases and no threshold: set model.threshold, keep a validation split "
+        "(data.val_fraction > 0), or give the inner cross-validation at least two groups per class",
     )
-    core = unwrap_model(model).to("cpu").to(memory_format=torch.contiguous_format)
-    save_model(core, folder.model_file, card)
-    return FinalModel(card, to_plain(val_metrics), to_plain(test_metrics) if test_metrics else None)
