@@ -181,16 +181,21 @@ def part_predict(model: Path, cases: list, reps: int, out: dict, tmp: Path) -> N
           f"{max(times):.2f} s over {len(times)} images; target <= 4 s")  # fmt: skip
 
 
-def part_folder(model: Path, cases: list, out: dict, tmp: Path) -> None:
+def part_folder(model: Path, cases: list, out: dict, tmp: Path, onnx: Path | None = None) -> None:
     manifest = tmp / "hundred.csv"
     with open(manifest, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "box"])
         for case in cases:
             writer.writerow([case.path, ",".join(f"{v:g}" for v in _box(case))])
-    wall = _cli("predict", str(manifest), "--model", str(model), "--out", str(tmp / "hundred_out.csv"))
-    out["folder"] = {"images": len(cases), "wall_s": wall}
-    print(f"liverus predict on a manifest of {len(cases)} images with boxes: {wall:.1f} s wall; target <= 60 s")
+    out["folder"] = {"images": len(cases)}
+    for name, path in (("pytorch", model), ("onnx", onnx)):
+        if path is None:
+            continue
+        wall = _cli("predict", str(manifest), "--model", str(path), "--out", str(tmp / f"hundred_{name}.csv"))
+        out["folder"][f"{name}_wall_s"] = wall
+        print(f"liverus predict on a manifest of {len(cases)} images with boxes ({name}): {wall:.1f} s wall; target "
+              "<= 60 s")  # fmt: skip
 
 
 def part_train(data: Path, out: dict, tmp: Path, name: str, cache: Path) -> None:
@@ -237,7 +242,7 @@ def main() -> None:
         if "predict" in args.parts:
             part_predict(args.model, _cases(args.data, args.reps), args.reps, out, tmp)
         if "folder" in args.parts:
-            part_folder(args.model, _cases(args.data, 100), out, tmp)
+            part_folder(args.model, _cases(args.data, 100), out, tmp, args.onnx)
         for name in ("train", "resume"):
             if name in args.parts:
                 part_train(args.data, out, tmp, name, tmp / "shared_cache")

@@ -81,7 +81,7 @@ class DeployableFeatureModel(nn.Module):
         return torch.stack(probs).mean(0)
 
 
-def _check_inputs(card: ModelCard, chans: int, size: int, n: int, run_length: bool) -> dict[str, np.ndarray]:
+def _check_inputs(card: ModelCard, chans: int, size: int, n: int, run_length: bool | None) -> dict[str, np.ndarray]:
     """Inputs for the export check: random images (and, for feature models, a lesion disc in the mask channel and
     the radiomics of each image's lesion)."""
     rng = np.random.default_rng(0)
@@ -123,9 +123,6 @@ def export_onnx(
         ValueError: if ``out`` exists, ONNX Runtime differs from PyTorch by more than 1e-4, or int8 moves the
             held-out AUC by more than ``max_auc_change``.
     """
-    import onnx
-    import onnxruntime as ort
-
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose another --out (exports are never overwritten)")
@@ -143,17 +140,42 @@ def export_onnx(
     wrapper = (DeployableFeatureModel if features else DeployableModel)(model, card).eval()
     run_length = bool(wrapper.members[0].run_length) if features else None
     inputs = _check_inputs(card, chans, size, max(check_batch, 2), run_length)
-    # The card travels in the graph's metadata; "input" tells non-liverus consumers what to feed.
+    meta = _metadata(card, per_view, chans, run_length)
+    data, diff = _export_checked(wrapper, inputs, meta, opset)
+    if diff > TOLERANCE:
+        raise ValueError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {TOLERANCE}); export refused")
+    summary = {"onnx": str(out), "image_size": size, "max_abs_diff_vs_pytorch": diff, "opset": opset}
+    if quantize == "int8":
+        data, q = quantize_int8(data, checkpoint, card, calibration=calibration, holdout=holdout,
+                                max_auc_change=max_auc_change)  # fmt: skip
+        summary["int8"] = q
+    elif quantize is not None:
+        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+    atomic_write_bytes(out, data)
+    return {**summary, **meta}
+
+
+def _metadata(card: ModelCard, per_view: int, chans: int, run_length: bool | None) -> dict:
+    """The card, which travels in the graph's metadata, and what a non-liverus consumer feeds the inputs."""
     what = "gray image and lesion mask" if per_view == 2 else "gray image"
     if card.views > 1:
         what = f"{what} of the lesion crop, then of the context crop,"
     meta = {**card.to_dict(), "input": f"{what} in [0, 1] after liverus preprocessing, shape (N, {chans}, S, S)"}
-    if features:
+    if run_length is not None:
         meta["radiomics"] = {
             "run_length": run_length,
             "input": "liverus.data.radiomics.feature_matrix of the lesion crop's uint8 gray pixels and mask "
             "(channels 0 and 1 of image), float32 (N, R)",
         }
+    return meta
+
+
+def _export_checked(wrapper: nn.Module, inputs: dict[str, np.ndarray], meta: dict, opset: int) -> tuple[bytes, float]:
+    """The ONNX graph of ``wrapper`` with ``meta`` (bytes), and the largest difference of ONNX Runtime's
+    probabilities from PyTorch's on ``inputs``."""
+    import onnx
+    import onnxruntime as ort
+
     with torch.no_grad():  # an eager pass first: the turn grids are then constants of the traced graph
         want = wrapper(*(torch.from_numpy(v) for v in inputs.values())).numpy()
     batch = torch.export.Dim("batch")
@@ -176,18 +198,7 @@ def export_onnx(
     data = proto.SerializeToString()
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = sess.run(["probabilities"], inputs)[0]
-    diff = float(np.abs(got - want).max())
-    if diff > TOLERANCE:
-        raise ValueError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {TOLERANCE}); export refused")
-    summary = {"onnx": str(out), "image_size": size, "max_abs_diff_vs_pytorch": diff, "opset": opset}
-    if quantize == "int8":
-        data, q = quantize_int8(data, checkpoint, card, calibration=calibration, holdout=holdout,
-                                max_auc_change=max_auc_change)  # fmt: skip
-        summary["int8"] = q
-    elif quantize is not None:
-        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
-    atomic_write_bytes(out, data)
-    return {**summary, **meta}
+    return data, float(np.abs(got - want).max())
 
 
 class _Reader:

@@ -159,37 +159,8 @@ class LesionFeatureModel(nn.Module):
         n_support: int = 1,
     ) -> None:
         super().__init__()
-        if classifier not in FEATURE_CLASSIFIERS:
-            raise ValueError(f"classifier must be one of {FEATURE_CLASSIFIERS}, got {classifier!r}")
-        if num_classes != 2:
-            raise ValueError(f"feature models are binary (benign / malignant); got num_classes={num_classes}")
-        if in_chans != 2:
-            raise ValueError(
-                f"feature models read the lesion mask: they need in_chans=2 (gray image + mask), got {in_chans}; "
-                "set data.lesion_channel: true in the config"
-            )
-        if not 1 <= pca_dim <= 512:
-            raise ValueError(f"pca_dim must be in [1, 512], got {pca_dim}")
-        if n_support < 1:
-            raise ValueError(f"n_support must be at least 1, got {n_support}")
-        if flip_features and backbone is None:
-            raise ValueError("flip_features averages the backbone's features; a radiomics-only model has none")
-        if not 0 <= rotate_features <= MAX_FEATURE_ROTATION:
-            raise ValueError(f"rotate_features must be in [0, {MAX_FEATURE_ROTATION:g}] degrees, got {rotate_features}")
-        if not 0 <= zoom_features <= MAX_FEATURE_ZOOM:
-            raise ValueError(f"zoom_features must be in [0, {MAX_FEATURE_ZOOM:g}], got {zoom_features}")
-        if (rotate_features or zoom_features) and backbone is None:
-            raise ValueError(
-                "rotate_features and zoom_features average the backbone's features; a radiomics-only model has none"
-            )
-        if views not in (1, 2):
-            raise ValueError(f"views must be 1 or 2, got {views}")
-        if views == 2 and backbone is None:
-            raise ValueError(
-                "a second view adds the backbone's features of the whole scan; a radiomics-only model has none"
-            )
-        if lesion_size is not None and not 32 <= lesion_size <= 1024:
-            raise ValueError(f"lesion_size must be in [32, 1024] pixels (or None), got {lesion_size}")
+        _check_options(classifier, backbone, num_classes, in_chans, pca_dim, n_support, flip_features,
+                       rotate_features, zoom_features, views, lesion_size)  # fmt: skip
         self.classifier = classifier
         self.backbone = backbone
         self.lesion_size = lesion_size
@@ -572,6 +543,53 @@ class LesionFeatureModel(nn.Module):
         self.support = torch.cat([self.support, self.support.new_zeros(extra, self.support.shape[1])])
         self.dual_coef = torch.cat([self.dual_coef, self.dual_coef.new_zeros(extra)])
         self.build_kwargs["n_support"] = n
+
+
+def _check_options(
+    classifier: str,
+    backbone: Backbone | None,
+    num_classes: int,
+    in_chans: int,
+    pca_dim: int,
+    n_support: int,
+    flip_features: bool,
+    rotate_features: float,
+    zoom_features: float,
+    views: int,
+    lesion_size: int | None,
+) -> None:
+    """:class:`LesionFeatureModel`'s argument checks (its ``Raises``)."""
+    if classifier not in FEATURE_CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {FEATURE_CLASSIFIERS}, got {classifier!r}")
+    if num_classes != 2:
+        raise ValueError(f"feature models are binary (benign / malignant); got num_classes={num_classes}")
+    if in_chans != 2:
+        raise ValueError(
+            f"feature models read the lesion mask: they need in_chans=2 (gray image + mask), got {in_chans}; "
+            "set data.lesion_channel: true in the config"
+        )
+    if not 1 <= pca_dim <= 512:
+        raise ValueError(f"pca_dim must be in [1, 512], got {pca_dim}")
+    if n_support < 1:
+        raise ValueError(f"n_support must be at least 1, got {n_support}")
+    if flip_features and backbone is None:
+        raise ValueError("flip_features averages the backbone's features; a radiomics-only model has none")
+    if not 0 <= rotate_features <= MAX_FEATURE_ROTATION:
+        raise ValueError(f"rotate_features must be in [0, {MAX_FEATURE_ROTATION:g}] degrees, got {rotate_features}")
+    if not 0 <= zoom_features <= MAX_FEATURE_ZOOM:
+        raise ValueError(f"zoom_features must be in [0, {MAX_FEATURE_ZOOM:g}], got {zoom_features}")
+    if (rotate_features or zoom_features) and backbone is None:
+        raise ValueError(
+            "rotate_features and zoom_features average the backbone's features; a radiomics-only model has none"
+        )
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 or 2, got {views}")
+    if views == 2 and backbone is None:
+        raise ValueError(
+            "a second view adds the backbone's features of the whole scan; a radiomics-only model has none"
+        )
+    if lesion_size is not None and not 32 <= lesion_size <= 1024:
+        raise ValueError(f"lesion_size must be in [32, 1024] pixels (or None), got {lesion_size}")
 
 
 def _turned(image: torch.Tensor, angle: float, scale: float) -> torch.Tensor:

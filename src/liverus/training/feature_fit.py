@@ -161,28 +161,9 @@ def fit_feature_model(
     blocks = [(rad - params["radiomics_mean"]) / params["radiomics_scale"]]
     info: dict = {}
     if deep is not None:
-        d_mean, d_scale = _scale(deep)
-        ds = (deep - d_mean) / d_scale
-        # One PCA per view (the lesion crop, the whole scan), so neither view's variance crowds out the other's;
-        # stored as one block-diagonal projection.
-        k = model.pca_components.shape[0] // model.views
-        width = ds.shape[1] // model.views
-        comps = np.zeros((k * model.views, ds.shape[1]))
-        centre = np.zeros(ds.shape[1])
-        variance = []
-        for v in range(model.views):
-            cols = slice(v * width, (v + 1) * width)
-            n_comp = min(k, ds.shape[0] - 1, width)
-            pca = PCA(n_comp, random_state=seed).fit(ds[:, cols])
-            comps[v * k : v * k + n_comp, cols] = pca.components_
-            centre[cols] = pca.mean_
-            variance.append(round(float(pca.explained_variance_ratio_.sum()), 4))
-        # The PCA's own centring folds into the standardisation: (d - m)/s - c = (d - (m + c*s))/s.
-        params["deep_mean"], params["deep_scale"] = d_mean + centre * d_scale, d_scale
-        proj = (ds - centre) @ comps.T
-        _, params["pca_scale"] = _scale(proj)
-        params["pca_components"] = comps
-        blocks.append(proj / params["pca_scale"])
+        projected, variance = _fit_deep_projection(deep, model.pca_components.shape[0] // model.views, model.views,
+                                                   seed, params)  # fmt: skip
+        blocks.append(projected)
         info["pca_variance"] = variance[0] if model.views == 1 else variance
     x = np.hstack(blocks)
     fit = fit_classifier(
@@ -203,6 +184,34 @@ def fit_feature_model(
     )  # fmt: skip
     inner = None if fit.inner_probabilities is None else fit.inner_probabilities[:n]
     return FeatureFit(info, y[:n], inner)
+
+
+def _fit_deep_projection(
+    deep: np.ndarray, k: int, views: int, seed: int, params: dict[str, np.ndarray]
+) -> tuple[np.ndarray, list[float]]:
+    """Standardise the deep features and reduce each view's by its own PCA to ``k`` components (so neither view's
+    variance crowds out the other's), stored as one block-diagonal projection: ``deep_mean``, ``deep_scale``,
+    ``pca_components`` and ``pca_scale`` go into ``params``. Returns: the scaled projection and each view's explained
+    variance."""
+    d_mean, d_scale = _scale(deep)
+    ds = (deep - d_mean) / d_scale
+    width = ds.shape[1] // views
+    comps = np.zeros((k * views, ds.shape[1]))
+    centre = np.zeros(ds.shape[1])
+    variance = []
+    for v in range(views):
+        cols = slice(v * width, (v + 1) * width)
+        n_comp = min(k, ds.shape[0] - 1, width)
+        pca = PCA(n_comp, random_state=seed).fit(ds[:, cols])
+        comps[v * k : v * k + n_comp, cols] = pca.components_
+        centre[cols] = pca.mean_
+        variance.append(round(float(pca.explained_variance_ratio_.sum()), 4))
+    # The PCA's own centring folds into the standardisation: (d - m)/s - c = (d - (m + c*s))/s.
+    params["deep_mean"], params["deep_scale"] = d_mean + centre * d_scale, d_scale
+    proj = (ds - centre) @ comps.T
+    _, params["pca_scale"] = _scale(proj)
+    params["pca_components"] = comps
+    return proj / params["pca_scale"], variance
 
 
 @torch.inference_mode()

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -134,22 +135,7 @@ def _train_one(
     )
     inner = None
     if isinstance(model, LesionFeatureModel):
-        # Nothing to descend: the classifier is fitted on the training part's features in one go.
-        fitted = fit_feature_model(
-            model,
-            data.train,
-            data.classes,
-            data.cache,
-            card,
-            seed=cfg.runtime.seed,
-            sample_weight=data.train_weights,
-            inner_probabilities=threshold_source(data, cfg.model.threshold) == "inner",
-            copies=data.train_box_caches or (),
-        )
-        if rt.is_main:
-            atomic_write_json(folder / "feature_fit.json", fitted.info)
-        if fitted.inner_probabilities is not None:
-            inner = (fitted.inner_probabilities, fitted.targets)
+        inner = _fit_features(cfg, model, data, card, rt, folder)
         state = TrainState()
     else:
         state = _train_epochs(cfg, model, data, card, rt, folder, resumed=resumed, max_steps=max_steps)
@@ -179,6 +165,27 @@ def _train_one(
         )
         folder.write_result(asdict(result))
     return broadcast_object(result, rt.dist)
+
+
+def _fit_features(
+    cfg: TrainConfig, model: LesionFeatureModel, data: RunData, card: ModelCard, rt: Runtime, folder: RunFolder
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A feature model's training: nothing to descend, the classifier is fitted on the training part's features in
+    one go. Returns: the inner cross-validation's (probabilities, targets) when the threshold comes from them."""
+    fitted = fit_feature_model(
+        model,
+        data.train,
+        data.classes,
+        data.cache,
+        card,
+        seed=cfg.runtime.seed,
+        sample_weight=data.train_weights,
+        inner_probabilities=threshold_source(data, cfg.model.threshold) == "inner",
+        copies=data.train_box_caches or (),
+    )
+    if rt.is_main:
+        atomic_write_json(folder / "feature_fit.json", fitted.info)
+    return None if fitted.inner_probabilities is None else (fitted.inner_probabilities, fitted.targets)
 
 
 def _train_epochs(
