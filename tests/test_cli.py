@@ -274,7 +274,7 @@ def test_demo_command_is_wired(tmp_path):
 
 
 @pytest.mark.slow
-def test_repeated_cv_draws_new_group_disjoint_folds_and_compares_validly(tmp_path):
+def test_repeated_cv_draws_new_group_disjoint_folds_and_compares_validly(tmp_path, monkeypatch):
     from liverus.data import check_disjoint, load_cases, load_splits
     from liverus.training import apply_overrides, load_config
     from liverus.training.experiments import run_study
@@ -282,7 +282,10 @@ def test_repeated_cv_draws_new_group_disjoint_folds_and_compares_validly(tmp_pat
     cfg = apply_overrides(load_config(), [*FAST, "data.phantom_patients=36", "data.phantom_size=96"])
     models = ["baseline_efficientnet_lite0", "custom_efficientnet_lite0"]
     study = tmp_path / "rep"
+    monkeypatch.delenv("LIVERUS_CACHE", raising=False)  # the default: the study's own cache
     summary = run_study(cfg, study, models=models, k=2, repeats=2, n_boot=50)
+    # Every repeat uses the study's one cache (decoded images and features), not a second one per model folder.
+    assert [p.relative_to(study) for p in study.rglob("cache") if p.is_dir()] == [Path("cache")]
     cases = load_cases(study / "phantom")
     a = load_splits(study / "splits.json", cases)["folds"]
     b = load_splits(study / "splits_repeat1.json", cases)["folds"]

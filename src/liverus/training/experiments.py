@@ -76,7 +76,7 @@ def run_holdout_comparison(
         save_splits(split_file, {"folds": [split], "seed": cfg.runtime.seed})
     labels = [parse_model_spec(spec)[2] for spec in models]
     for spec in models:
-        _train_model(cfg, spec, out / parse_model_spec(spec)[2] / "fold0", cases, split)
+        _train_model(cfg, spec, out, out / parse_model_spec(spec)[2] / "fold0", cases, split)
     return summarize_study(out, labels, baseline=labels[0], subgroup=[], n_boot=n_boot)
 
 
@@ -105,14 +105,14 @@ def check_models(cfg: TrainConfig, models: list[str]) -> None:
             raise ConfigError(f"model {spec!r} of this study: {exc}") from None
 
 
-def _train_model(cfg: TrainConfig, spec: str, run_dir: Path, cases: list, split: dict) -> None:
+def _train_model(cfg: TrainConfig, spec: str, study: Path, run_dir: Path, cases: list, split: dict) -> None:
     """Train one model spec into ``run_dir`` (skipped when finished, resumed when interrupted)."""
     if (run_dir / "result.json").is_file():
         return
     label = parse_model_spec(spec)[2]
     mcfg = _model_config(cfg, spec)
-    if not mcfg.data.cache_dir:  # one cache for the whole study, inside it
-        mcfg.data.cache_dir = str(default_cache_dir(run_dir.parents[1]))
+    if not mcfg.data.cache_dir:  # one cache (decoded images, features) for the whole study and all its repeats
+        mcfg.data.cache_dir = str(default_cache_dir(study))
     log.info("== %s: %s", label, run_dir.name)
     train(mcfg, run_dir, resume=run_dir.exists(), cases=cases, split=split)
 
@@ -191,7 +191,7 @@ def run_study(
                 fold_cases = [by_path[p] for p in fold["train"]]
                 inner = train_val_test_split(fold_cases, cfg.data.val_fraction, 0.0, seed=rcfg.runtime.seed + i)
                 split = {"train": inner["train"], "val": inner["val"], "test": fold["val"]}
-                _train_model(rcfg, spec, repeat_dir(out, label, r) / f"fold{i}", cases, split)
+                _train_model(rcfg, spec, out, repeat_dir(out, label, r) / f"fold{i}", cases, split)
     if cfg.data.task != "binary":
         return summarize_multiclass_study(out, labels)
     return summarize_study(out, labels, baseline=baseline or labels[0], subgroup=subgroup or [], n_boot=n_boot)
