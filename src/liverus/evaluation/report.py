@@ -51,12 +51,8 @@ __all__ = [
     "report_for_run",
     "cases_of_run",
     "default_subgroups",
-    "data_html",
-    "img_html",
     "table_html",
-    "subgroup_html",
     "faithfulness_html",
-    "deletion_insertion_html",
     "figures_html",
     "report_figures",
     "evaluate_checkpoint",
@@ -65,11 +61,6 @@ __all__ = [
     "fmt",
     "metrics_table_html",
 ]
-
-
-def img_html(path: Path) -> str:
-    """The PNG at ``path`` as an ``<img>`` with the image embedded (the reports are self-contained)."""
-    return html_macro("img")(path)
 
 
 def table_html(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -82,29 +73,9 @@ def metrics_table_html(evals: dict[str, dict]) -> str:
     return html_macro("metrics_table")(evals)
 
 
-def subgroup_html(evals: dict[str, dict]) -> str:
-    """One table per model and subgroup column: AUC, sensitivity and specificity inside each subgroup."""
-    return html_macro("subgroups")(evals)
-
-
 def faithfulness_html(faith: dict[str, dict]) -> str:
     """Table of heatmap faithfulness per model (pointing game, energy inside the lesion, chance level)."""
     return html_macro("faithfulness")(faith)
-
-
-def deletion_insertion_html(summary: dict[str, dict]) -> str:
-    """Table of :func:`~liverus.evaluation.faithfulness.summarize_deletion_insertion`: each map against random maps."""
-    return html_macro("deletion_insertion")(summary)
-
-
-def data_html(summary: dict | None) -> str:
-    """Counts per class and the shortcut check of :func:`data_summary` (nothing for ``None``)."""
-    return html_macro("data")(summary)
-
-
-def multiclass_html(ev: dict, classes: Sequence[str]) -> str:
-    """Per-class and macro metrics and the confusion matrix of :func:`multiclass_evaluation`."""
-    return html_macro("multiclass")(ev, classes)
 
 
 def data_summary(cases) -> dict:
