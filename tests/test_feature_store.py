@@ -217,3 +217,18 @@ def test_turns_and_zooms_equal_torchvisions_affine(angle, scale):
     want = TF.affine(image, angle=angle, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
                      interpolation=TF.InterpolationMode.BILINEAR)  # fmt: skip
     assert torch.equal(_turned(image, angle, scale), want)
+
+
+def test_a_store_larger_than_memory_is_not_compacted_into_what_memory_still_holds(tmp_path):
+    # Rewriting the shards as one file must not drop results that the LRU bound pushed out of memory.
+    store = tmp_path / "features" / "deep"
+    memo = DigestMemo(max_items=3)
+    memo.MAX_SHARDS = 2
+    memo.attach(store)
+    for i in range(6):  # six results, memory keeps three, one shard per save
+        memo.put(bytes([i]) * 16, np.full(2, i, dtype=np.float32))
+        memo.save()
+    reread = DigestMemo()  # no bound: sees every stored result
+    reread.attach(store)
+    assert len(reread) == 6
+    np.testing.assert_array_equal(reread.get(bytes([0]) * 16), np.zeros(2, dtype=np.float32))

@@ -267,6 +267,7 @@ class DigestMemo:
         self.store: Path | None = None
         self._unsaved: set[bytes] = set()
         self._shards: list[Path] = []
+        self._dropped = False  # a stored result left memory (LRU): the shards may hold what memory does not
 
     def attach(self, directory: str | os.PathLike | None) -> None:
         """Also keep results on disk in ``directory`` (a content-keyed store): results already there are loaded, and
@@ -277,7 +278,7 @@ class DigestMemo:
         if directory == self.store:
             return
         self.save()
-        self.store, self._unsaved, self._shards = directory, set(), []
+        self.store, self._unsaved, self._shards, self._dropped = directory, set(), [], False
         if directory is None or not directory.is_dir():
             return
         for shard in sorted(directory.glob("*.npz")):
@@ -292,13 +293,15 @@ class DigestMemo:
             self._shards.append(shard)
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
+            self._dropped = True
 
     def save(self) -> Path | None:
         """Write the results computed since the last save to the attached store (one new shard file, atomically);
-        a store of more than :data:`MAX_SHARDS` files is rewritten as one. Returns: the file written, or None."""
+        a store of more than :data:`MAX_SHARDS` files is rewritten as one while memory still holds every result of
+        its shards. Returns: the file written, or None."""
         if self.store is None or not self._unsaved:
             return None
-        compact = len(self._shards) >= self.MAX_SHARDS
+        compact = len(self._shards) >= self.MAX_SHARDS and not self._dropped
         keys = list(self._items) if compact else [k for k in self._unsaved if k in self._items]
         by_width: dict[int, list[bytes]] = {}
         for k in keys:
@@ -347,12 +350,13 @@ class DigestMemo:
             self._unsaved.add(key)
         if len(self._items) > self.max_items:
             self._unsaved.discard(self._items.popitem(last=False)[0])
+            self._dropped = True
 
     def clear(self) -> None:
         """Forget every result in memory (and detach from a store, without saving)."""
         self._items.clear()
         self.hits = self.misses = 0
-        self.store, self._unsaved, self._shards = None, set(), []
+        self.store, self._unsaved, self._shards, self._dropped = None, set(), [], False
 
     def __len__(self) -> int:
         return len(self._items)

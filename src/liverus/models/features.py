@@ -329,7 +329,11 @@ class LesionFeatureModel(nn.Module):
         keys = [DEEP_FEATURE_MEMO.key(row, salt=salt) for row in rows]
         found = [DEEP_FEATURE_MEMO.get(k) for k in keys]
         # Each unseen image once: a case's averaged boxes share one whole-scan view.
-        missing = list({keys[i]: i for i, f in reversed(list(enumerate(found))) if f is None}.values())
+        first_of: dict[bytes, int] = {}
+        for i, (key, value) in enumerate(zip(keys, found, strict=True)):
+            if value is None:
+                first_of.setdefault(key, i)
+        missing = list(first_of.values())
         if missing:
             values = self._batched_mean(image[missing], transforms).cpu().numpy()
             computed = dict(zip([keys[i] for i in missing], values, strict=True))
