@@ -126,3 +126,12 @@ def test_the_recommended_architecture_exports_and_answers_alike_on_aul_images(tm
     assert p.returncode == 0, p.stderr
     row = next(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
     assert abs(float(row["p_malignant"]) - want[0]) < 1e-4 and "averaged over 4 boxes" in row["lesion_source"]
+
+
+def test_a_feature_model_that_resizes_its_lesion_crop_is_refused_with_what_to_do_instead():
+    from liverus.export import DeployableFeatureModel
+    from liverus.models import build_model, default_card
+
+    model = build_model("radiomics_svm_efficientnet_lite0", in_chans=2, lesion_size=32).eval()
+    with pytest.raises(ValueError, match=r"model\.lesion_size.*deploy the model\.pt itself"):
+        DeployableFeatureModel(model, default_card(model))
