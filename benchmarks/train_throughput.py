@@ -127,7 +127,7 @@ def liverus_step_fn(model, opt, amp, channels_last):
 
     def step(x_u8, y):
         x = model_input(x_u8, card, channels_last=channels_last)
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -139,14 +139,18 @@ def liverus_step_fn(model, opt, amp, channels_last):
     return step
 
 
-def measure(step, batch: int, size: int, steps: int, warmup: int) -> float:
-    x = torch.randint(0, 255, (batch, 1, size, size), dtype=torch.uint8)
-    y = torch.randint(0, 2, (batch,))
+def measure(step, batch: int, size: int, steps: int, warmup: int, device: str = "cpu") -> float:
+    """Images per second of ``step`` on one fixed batch (already on ``device``: the data loader is not timed)."""
+    x = torch.randint(0, 255, (batch, 1, size, size), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 2, (batch,), device=device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # CUDA runs asynchronously: wait before timing
     for _ in range(warmup):
         step(x, y)
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         step(x, y)
+    sync()
     return batch * steps / (time.perf_counter() - t)
 
 

@@ -10,10 +10,15 @@ seeds both per sample and epoch, so augmentation is reproducible and independent
 
 from __future__ import annotations
 
+import os
 import random
 
-import albumentations as A
-import numpy as np
+# albumentations asks PyPI for its latest version on import: a network call from a clinical machine, and a wait for
+# DNS to fail where there is no network (seen on a GPU machine without internet). liverus never wants it.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
 
 __all__ = ["build_train_transform", "apply_transform", "AUGMENT_LEVELS"]
 

@@ -232,12 +232,14 @@ def set_contribution_reference(model: LesionFeatureModel, z: np.ndarray, y: np.n
     model.set_reference(z[rows], quantiles)  # the reference first: the contributions below are measured against it
     keep, weights = shapley_weights(len(model.feature_groups()))
     keep_t = torch.from_numpy(keep)
+    device = model.reference_lesions.device
     for k, idx in enumerate(by_class):
         sample = rng.choice(idx, min(64, len(idx)), replace=False)
         values = []
         for chunk in np.array_split(sample, max(1, len(sample) // 16)):
-            decisions = model.mixed_decisions(torch.from_numpy(z[chunk]).float(), keep_t)  # (K, n, R)
-            v = torch.logit(torch.sigmoid(decisions.double()).mean(-1), eps=1e-12).numpy()  # (K, n)
+            rows_t = torch.from_numpy(z[chunk]).float().to(device)  # the model may sit on a GPU
+            decisions = model.mixed_decisions(rows_t, keep_t)  # (K, n, R)
+            v = torch.logit(torch.sigmoid(decisions.double()).mean(-1), eps=1e-12).cpu().numpy()  # (K, n)
             values.append((weights @ v).T)
         quantiles[k] = np.quantile(np.concatenate(values), REFERENCE_QUANTILES, axis=0).T
     model.set_reference(z[rows], quantiles)
