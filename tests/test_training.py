@@ -381,7 +381,7 @@ def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     if path.stem.startswith("aul_"):
         assert cfg.data.source == "../shared/data/aul"
-        assert cfg.data.task == ("three_class" if path.stem == "aul_three_class" else "binary")
+        assert cfg.data.task == ("three_class" if path.stem.startswith("aul_three_class") else "binary")
     if path.stem == "aul_final":
         # The final recipe is the cross-validated procedure itself: the study's config with the recommended model.
         from liverus.training.config import config_to_dict

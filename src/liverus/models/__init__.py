@@ -16,13 +16,16 @@ from liverus.models.registry import (
     default_card,
     has_frozen_backbone,
     is_feature_model,
+    is_fitted_model,
     is_known_model,
+    is_scan_model,
     list_models,
     load_card,
     load_model,
     register_model,
     save_model,
 )
+from liverus.models.scan_features import ScanFeatureModel
 
 __all__ = [
     "BACKBONES",
@@ -36,6 +39,7 @@ __all__ = [
     "LinearHead",
     "ModelCard",
     "ParallelAttentionHead",
+    "ScanFeatureModel",
     "SEBlock",
     "SpatialAttention",
     "WeightsInfo",
@@ -49,6 +53,8 @@ __all__ = [
     "default_card",
     "has_frozen_backbone",
     "is_feature_model",
+    "is_fitted_model",
+    "is_scan_model",
     "list_models",
     "load_card",
     "load_model",

@@ -203,8 +203,11 @@ _chosen_chunk: dict[tuple, int] = {}
 
 
 @torch.no_grad()
-def pooled_features(backbone: Backbone, images: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
-    """Global-average-pooled features (N, C) in fp32 of a frozen backbone, without gradients.
+def pooled_features(
+    backbone: Backbone, images: torch.Tensor, *, chunk: int | None = None, pool: str = "mean"
+) -> torch.Tensor:
+    """Globally pooled features (N, C) in fp32 of a frozen backbone, without gradients: the average over the last
+    feature map (``pool="mean"``), or its largest value (``"max"``: the strongest response anywhere in the image).
 
     The backbone is put in channels-last memory format (oneDNN's and cuDNN's fast path; the weights' values do not
     change) and fed ``chunk`` images at a time; ``None`` picks the size: :data:`GPU_FEATURE_CHUNK` on a GPU, on a CPU
@@ -214,6 +217,8 @@ def pooled_features(backbone: Backbone, images: torch.Tensor, *, chunk: int | No
     """
     if images.ndim != 4:
         raise ValueError(f"expected images (N, C, H, W), got {tuple(images.shape)}")
+    if pool not in POOLINGS:
+        raise ValueError(f"pool must be one of {POOLINGS}, got {pool!r}")
     if not getattr(backbone, "_channels_last", False):
         # Outside inference mode: weights made inside it could never take part in autograd again (Grad-CAM).
         with torch.inference_mode(False):
@@ -222,7 +227,7 @@ def pooled_features(backbone: Backbone, images: torch.Tensor, *, chunk: int | No
     images = images.contiguous(memory_format=torch.channels_last)
 
     def run(part: torch.Tensor) -> torch.Tensor:
-        return backbone(part).float().mean(dim=(2, 3))
+        return global_pool(backbone(part).float(), pool)
 
     if chunk is None and images.device.type != "cpu":
         chunk = GPU_FEATURE_CHUNK
@@ -239,6 +244,14 @@ def pooled_features(backbone: Backbone, images: torch.Tensor, *, chunk: int | No
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     return torch.cat([run(images[i : i + chunk]) for i in range(0, images.shape[0], chunk)])
+
+
+POOLINGS = ("mean", "max")
+
+
+def global_pool(feature_map: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C): the mean or the largest value over each channel's map."""
+    return feature_map.mean(dim=(2, 3)) if pool == "mean" else feature_map.amax(dim=(2, 3))
 
 
 def _time_chunks(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -322,7 +322,7 @@ class LesionFeatureModel(nn.Module):
         return turns + zooms
 
     def _view_features(self, image: torch.Tensor, transforms: tuple[tuple[float, float], ...]) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.training or _has_hooks(self.backbone) or torch.compiler.is_exporting():
+        if torch.is_grad_enabled() or self.training or has_hooks(self.backbone) or torch.compiler.is_exporting():
             return self._transformed_mean(image, transforms)
         salt = self._arithmetic_salt(image) + (f"|{transforms}".encode() if transforms else b"")
         rows = image.detach().cpu().contiguous().reshape(image.shape[0], -1).view(torch.uint8).numpy()
@@ -381,17 +381,7 @@ class LesionFeatureModel(nn.Module):
         return pooled
 
     def _arithmetic_salt(self, image: torch.Tensor) -> bytes:
-        """What the features depend on besides the pixels: the weights (a digest, recomputed only when a tensor of
-        the backbone changed in place, e.g. by ``load_state_dict``), device, input dtype and autocast."""
-        tensors = list(self.backbone.state_dict(keep_vars=True).values())
-        versions = tuple((t.data_ptr(), t._version) for t in tensors)
-        if getattr(self, "_weights_versions", None) != versions:
-            arrays = [t.detach().float().cpu().numpy() for t in tensors]
-            self._weights_digest = DigestMemo.key(*arrays)
-            self._weights_versions = versions
-        device = image.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return self._weights_digest + f"{image.device}|{image.dtype}|{autocast}|flip={self.flip_features}".encode()
+        return arithmetic_salt(self, image) + f"|flip={self.flip_features}".encode()
 
     def scaled_features(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
         """The classifier's input: standardised radiomics and (standardised, projected) deep features."""
@@ -633,7 +623,22 @@ def _turn_grid(angle: float, scale: float, height: int, width: int, dtype, devic
     return grid
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def arithmetic_salt(model: nn.Module, image: torch.Tensor) -> bytes:
+    """What a frozen backbone's features of ``image`` depend on besides its pixels (the memo's salt): the weights of
+    ``model.backbone`` (a digest, kept on ``model`` and recomputed only when a tensor changed in place, e.g. by
+    ``load_state_dict``), the device, the input dtype and autocast."""
+    tensors = list(model.backbone.state_dict(keep_vars=True).values())
+    versions = tuple((t.data_ptr(), t._version) for t in tensors)
+    if getattr(model, "_weights_versions", None) != versions:
+        arrays = [t.detach().float().cpu().numpy() for t in tensors]
+        model._weights_digest = DigestMemo.key(*arrays)
+        model._weights_versions = versions
+    device = image.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return model._weights_digest + f"{image.device}|{image.dtype}|{autocast}".encode()
+
+
+def has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
 
 

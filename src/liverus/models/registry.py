@@ -25,6 +25,7 @@ from liverus.models.card import DEFAULT_CLASSES, ModelCard
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier
 from liverus.models.ensemble import EnsembleClassifier
 from liverus.models.features import FEATURE_CLASSIFIERS, LesionFeatureModel
+from liverus.models.scan_features import ScanFeatureModel
 
 __all__ = [
     "ModelEntry",
@@ -40,6 +41,8 @@ __all__ = [
     "count_flops",
     "load_state_dict_file",
     "is_feature_model",
+    "is_scan_model",
+    "is_fitted_model",
     "has_frozen_backbone",
     "canonical_model_name",
     "is_known_model",
@@ -118,9 +121,20 @@ def _make_feature_builder(classifier: str, backbone: str | None) -> Callable[...
     return build
 
 
+def _make_scan_builder(backbone: str) -> Callable[..., ScanFeatureModel]:
+    def build(*, num_classes: int = 3, weights=None, in_chans: int = 1, n_support: int = 1, **options):
+        """``options``: ``pca_dim``, ``pooling`` (:class:`~liverus.models.scan_features.ScanFeatureModel` checks
+        them)."""
+        bb = build_backbone(backbone, weights=weights, in_chans=1)
+        return ScanFeatureModel(bb, num_classes=num_classes, in_chans=in_chans, n_support=n_support, **options)
+
+    return build
+
+
 _CLASSIFIER_NAMES = {"logistic": "logistic regression", "svm": "RBF SVM"}
+SCAN_FAMILY = "scan_svm"
 # Every family that runs on a backbone: the seed's head and its ablations, the baseline, the frozen-feature models.
-FAMILIES = (*VARIANTS, "baseline", *(f"radiomics_{clf}" for clf in FEATURE_CLASSIFIERS))
+FAMILIES = (*VARIANTS, "baseline", *(f"radiomics_{clf}" for clf in FEATURE_CLASSIFIERS), SCAN_FAMILY)
 
 
 def _family_entry(family: str, backbone: str) -> ModelEntry | None:
@@ -140,6 +154,9 @@ def _family_entry(family: str, backbone: str) -> ModelEntry | None:
             "(needs data.lesion_channel)"
         )
         return ModelEntry(name, desc, _make_feature_builder(clf, backbone))
+    if family == SCAN_FAMILY:
+        desc = f"frozen {backbone} features of the whole scan -> one RBF SVM per class (no lesion input)"
+        return ModelEntry(name, desc, _make_scan_builder(backbone))
     return None
 
 
@@ -196,6 +213,16 @@ def is_known_model(name: str) -> bool:
 def is_feature_model(name: str) -> bool:
     """Whether the model ``name`` is a fitted feature model (no gradient training)."""
     return canonical_model_name(name).startswith("radiomics_")
+
+
+def is_scan_model(name: str) -> bool:
+    """Whether the model ``name`` is a whole-scan feature model (``scan_svm_<backbone>``: fitted, image only)."""
+    return canonical_model_name(name).startswith(SCAN_FAMILY + "_")
+
+
+def is_fitted_model(name: str) -> bool:
+    """Whether the model ``name`` is fitted on frozen features rather than trained by gradient descent."""
+    return is_feature_model(name) or is_scan_model(name)
 
 
 def has_frozen_backbone(name: str) -> bool:

@@ -38,7 +38,15 @@ from liverus.models.features import (
 )
 from liverus.utils import STAGES
 
-__all__ = ["fit_feature_model", "fit_classifier", "extract_features", "FeatureFit", "ClassifierFit", "C_GRID"]
+__all__ = [
+    "fit_feature_model",
+    "fit_classifier",
+    "extract_features",
+    "column_scale",
+    "FeatureFit",
+    "ClassifierFit",
+    "C_GRID",
+]
 
 log = logging.getLogger("liverus.training")
 
@@ -98,7 +106,7 @@ def extract_features(
     return np.concatenate(rad), (np.concatenate(deep) if deep else None), np.concatenate(targets)
 
 
-def _scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def column_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Column means and standard deviations; a column that does not vary (below a millionth of the most varying
     column's deviation, e.g. a principal component beyond the rank of a small training set) is left unscaled, so
     rounding noise is not blown up into the largest feature (it made an RBF SVM's answer constant on new images)."""
@@ -157,7 +165,7 @@ def fit_feature_model(
     if sample_weight is not None:
         sample_weight = np.tile(np.asarray(sample_weight, dtype=float), len(parts))
     params: dict[str, np.ndarray] = {}
-    params["radiomics_mean"], params["radiomics_scale"] = _scale(rad)
+    params["radiomics_mean"], params["radiomics_scale"] = column_scale(rad)
     blocks = [(rad - params["radiomics_mean"]) / params["radiomics_scale"]]
     info: dict = {}
     if deep is not None:
@@ -193,7 +201,7 @@ def _fit_deep_projection(
     variance crowds out the other's), stored as one block-diagonal projection: ``deep_mean``, ``deep_scale``,
     ``pca_components`` and ``pca_scale`` go into ``params``. Returns: the scaled projection and each view's explained
     variance."""
-    d_mean, d_scale = _scale(deep)
+    d_mean, d_scale = column_scale(deep)
     ds = (deep - d_mean) / d_scale
     width = ds.shape[1] // views
     comps = np.zeros((k * views, ds.shape[1]))
@@ -209,7 +217,7 @@ def _fit_deep_projection(
     # The PCA's own centring folds into the standardisation: (d - m)/s - c = (d - (m + c*s))/s.
     params["deep_mean"], params["deep_scale"] = d_mean + centre * d_scale, d_scale
     proj = (ds - centre) @ comps.T
-    _, params["pca_scale"] = _scale(proj)
+    _, params["pca_scale"] = column_scale(proj)
     params["pca_components"] = comps
     return proj / params["pca_scale"], variance
 

@@ -22,7 +22,16 @@ from torch import nn
 
 from liverus import __version__
 from liverus.data import Case
-from liverus.models import LesionClassifier, LesionFeatureModel, ModelCard, build_model, is_feature_model
+from liverus.models import (
+    LesionClassifier,
+    LesionFeatureModel,
+    ModelCard,
+    ScanFeatureModel,
+    build_model,
+    is_feature_model,
+    is_fitted_model,
+    is_scan_model,
+)
 from liverus.models.features import FEATURE_MODEL_OPTIONS, feature_store
 from liverus.models.segmentation import SEGMENTERS
 from liverus.training.config import ConfigError, TrainConfig, config_to_dict
@@ -44,6 +53,7 @@ from liverus.training.losses import (
 from liverus.training.optim import build_optimizer, build_scheduler, set_train_mode
 from liverus.training.run_folder import RunExistsError, RunFolder, TrainResult
 from liverus.training.runtime import Runtime
+from liverus.training.scan_fit import fit_scan_feature_model
 from liverus.training.state import CheckpointSaver, TrainObjects, TrainState
 from liverus.utils import atomic_write_json, seed_everything
 
@@ -85,7 +95,7 @@ def train(
     if cfg.model.name in SEGMENTERS:
         raise ConfigError(f"model.name: {cfg.model.name} is a lesion segmenter; train it with `liverus segment train`")
     # A feature model's features are kept beside the decoded images, for its members, folds and a resumed run.
-    with feature_store(cache_dir(cfg, run_dir) if is_feature_model(cfg.model.name) else None):
+    with feature_store(cache_dir(cfg, run_dir) if is_fitted_model(cfg.model.name) else None):
         if cfg.model.ensemble:
             return train_ensemble(
                 cfg, run_dir, resume=resume, overwrite=overwrite, cases=cases, split=split, train_member=train
@@ -107,7 +117,7 @@ def _train_one(
     """:func:`train` of one model (not an ensemble), after the config's checks."""
     t_start = time.time()
     rt = Runtime.from_config(cfg.runtime)
-    if is_feature_model(cfg.model.name):
+    if is_fitted_model(cfg.model.name):
         # A feature model's classifier is fitted on fp32 features, so it is scored on fp32 features too: scoring in
         # bf16 would feed it numbers it was not fitted on (and would cost a second, fp32 scoring to measure the gap).
         rt = replace(rt, amp=None, channels_last=False)
@@ -136,6 +146,11 @@ def _train_one(
     inner = None
     if isinstance(model, LesionFeatureModel):
         inner = _fit_features(cfg, model, data, card, rt, folder)
+        state = TrainState()
+    elif isinstance(model, ScanFeatureModel):
+        info = fit_scan_feature_model(model, data.train, data.classes, data.cache, card, seed=cfg.runtime.seed)
+        if rt.is_main:
+            atomic_write_json(folder / "feature_fit.json", info)
         state = TrainState()
     else:
         state = _train_epochs(cfg, model, data, card, rt, folder, resumed=resumed, max_steps=max_steps)
@@ -268,9 +283,12 @@ def _train_epochs(
     return state
 
 
-def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | LesionFeatureModel:
+def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | LesionFeatureModel | ScanFeatureModel:
     """The model the config names, with its head options (and the lesion-mask channel when the data gives one)."""
     in_chans = cfg.model.in_chans + int(cfg.data.lesion_channel)
+    if is_scan_model(cfg.model.name):
+        return build_model(cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=in_chans,
+                           pca_dim=cfg.model.pca_dim)  # fmt: skip
     if is_feature_model(cfg.model.name):
         options = {k: getattr(cfg.model, k) for k, default in FEATURE_MODEL_OPTIONS.items()
                    if getattr(cfg.model, k) != default}  # fmt: skip
