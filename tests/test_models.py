@@ -14,7 +14,7 @@ from liverus.models import (
     build_model,
     count_parameters,
     default_card,
-    is_feature_model,
+    is_fitted_model,
     list_models,
     load_card,
     load_model,
@@ -34,8 +34,8 @@ def custom():
     return build_model("custom_resnet50").eval()
 
 
-# Feature models (radiomics_*) take the lesion-mask channel and must be fitted first: tests/test_lesion_models.py.
-@pytest.mark.parametrize("name", [n for n in list_models() if not is_feature_model(n)])
+# Feature models (radiomics_*, scan_svm_*) must be fitted first: tests/test_lesion_models.py, tests/test_scan_model.py.
+@pytest.mark.parametrize("name", [n for n in list_models() if not is_fitted_model(n)])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_every_model_output_shape(name, batch):
     model = build_model(name).eval()

@@ -10,12 +10,20 @@ __all__ = ["register"]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from liverus.models import MODELS, build_model, count_flops, count_parameters, is_feature_model, list_models
+    from liverus.models import (
+        MODELS,
+        build_model,
+        count_flops,
+        count_parameters,
+        is_feature_model,
+        is_fitted_model,
+        list_models,
+    )
 
     print(f"{'name':32s} {'params':>12s} {'GMACs@' + str(args.size):>10s}  description")
     for name in list_models():
         model = build_model(name, in_chans=2) if is_feature_model(name) else build_model(name)
-        if is_feature_model(name):  # fitted, not trained: count the frozen backbone (radiomics run on the CPU)
+        if is_fitted_model(name):  # fitted, not trained: count the frozen backbone (radiomics run on the CPU)
             net = model.backbone
             macs = f"{count_flops(net, args.size):10.2f}" if net is not None else f"{'-':>10s}"
         else:
