@@ -54,6 +54,9 @@ MAX_BOX_AVERAGE = 16
 class PreprocessConfig:
     """Settings that decide what the model sees (and key the cache).
 
+    Every field but ``frame`` and ``box_variant`` (set per call) is also a key of a training config's ``data``
+    section (``data.image_size``, ``data.crop``, ...), which takes them from here: this docstring documents them.
+
     Args:
         image_size: side of the square output in pixels.
         crop: ``fan`` (detect the scan area, blank what is outside it, crop to it), ``roi`` (crop around the lesion
@@ -61,7 +64,8 @@ class PreprocessConfig:
         roi_margin: context around the lesion box, as a fraction of the box's longer side, on every side.
         letterbox: keep the aspect ratio and pad to a square (true) or stretch (false).
         frame: DICOM cine frame (``None``: the middle frame).
-        lesion_channel: give the model the lesion mask as a second input channel (and feature models their mask).
+        lesion_channel: give the model the lesion mask as a second input channel (and feature models their mask:
+            ``radiomics_*`` models need it).
         lesion_from: where a case's lesion comes from when it has an expert mask: the ``mask`` itself, or a ``box``
             around it (what a radiologist draws), loosened by ``box_loosen`` and moved by ``box_jitter``.
         box_loosen: the derived box grows by this fraction of its size on every side.
@@ -82,7 +86,8 @@ class PreprocessConfig:
             model's probability is the average over this many boxes: the box itself and ``box_average - 1`` copies
             with each edge moved by up to ``box_shift`` of the box size (seeded by the box, so one input always gives
             one answer). Log-odds are averaged. 1: the box alone. How a user draws the box moves a lesion model's
-            probability; averaging over nearby boxes takes part of that out.
+            probability; averaging over nearby boxes takes part of that out. A training run averages where it scores
+            boxes: its held-out test part; the model card carries it to ``evaluate``, ``predict`` and ``serve``.
         box_shift: how far (fraction of the box size) each edge of an averaged box moves.
         box_variant: which of those boxes this preprocessing uses (0: the box itself); set by :func:`box_variants`.
     """

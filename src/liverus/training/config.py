@@ -32,6 +32,7 @@ from liverus.training.optim import OPTIMIZERS
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "PreprocessSettings",
     "ModelConfig",
     "OptimConfig",
     "LossConfig",
@@ -48,27 +49,41 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key and the problem."""
 
 
+# PreprocessConfig's fields that are set per call, not chosen in a config: the DICOM frame (the middle one unless a
+# caller asks for another) and which of the averaged boxes one pass preprocesses (set by box_variants).
+_PER_CALL_PREPROCESSING = ("frame", "box_variant")
+
+
+def _preprocess_settings() -> type:
+    """A dataclass of :class:`PreprocessConfig`'s fields, less the per-call ones, with its types and defaults: the
+    base of :class:`DataConfig`, so each preprocessing setting is declared (and documented) once, in
+    PreprocessConfig, and still reads as a flat key of the ``data`` section (``data.image_size``, ``data.crop``)."""
+    hints = typing.get_type_hints(PreprocessConfig)
+    settings = [
+        (f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory))
+        for f in dataclasses.fields(PreprocessConfig)
+        if f.name not in _PER_CALL_PREPROCESSING
+    ]
+    doc = "The preprocessing settings of :class:`PreprocessConfig` (documented there) as config keys."
+    return dataclasses.make_dataclass(
+        "PreprocessSettings", settings, namespace={"__module__": __name__, "__doc__": doc}
+    )
+
+
+PreprocessSettings = _preprocess_settings()
+
+
 @dataclass
-class DataConfig:
+class DataConfig(PreprocessSettings):
+    """The ``data`` section: the preprocessing settings, inherited from :class:`PreprocessConfig`'s fields (all but
+    the per-call ``frame`` and ``box_variant``; documented in its docstring), and the data and training options below.
+    """
+
     source: str = ""  # folder, manifest CSV or AUL folder; empty: the built-in phantom
     task: str = "binary"  # binary | three_class
-    image_size: int = 224
-    crop: str = "fan"  # fan | roi | none
-    roi_margin: float = 0.3
-    letterbox: bool = True
-    lesion_channel: bool = False  # the lesion mask as a second input channel (needed by radiomics_* models)
-    lesion_from: str = "mask"  # mask | box: use the expert mask, or a box around it as a user would draw
     test_lesion_from: str = ""  # mask | box for the held-out test part (a study's folds); empty: as lesion_from
-    box_loosen: float = 0.0  # the derived box grows by this fraction of its size on every side
-    box_jitter: float = 0.0  # each edge of the derived box moves by up to this fraction of its size (seeded)
-    box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
-    box_average: int = 1  # from a box: average the probability over this many boxes (test part, evaluate, predict)
-    box_shift: float = 0.1  # how far each edge of an averaged box moves, fraction of the box size
     box_copies: int = 0  # feature models: also fit on each training case from this many boxes around its mask
     box_copy_jitter: float = 0.2  # each edge of a copy's box moves by up to this fraction of its size (seeded)
-    context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
-    intensity: str = "raw"  # raw | liver: per-image standardisation to the liver background (gain cancels)
-    scan_view: bool = False  # two views: the lesion crop and the whole scan area (crop: roi; feature models)
     balance_by: str = ""  # weigh every class x acquisition group evenly: size_group (any dataset), image_size, a column
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
@@ -87,22 +102,7 @@ class DataConfig:
         Raises:
             ValueError: for values :class:`PreprocessConfig` refuses (``TrainConfig.validate`` names the key).
         """
-        return PreprocessConfig(
-            image_size=self.image_size,
-            crop=self.crop,
-            roi_margin=self.roi_margin,
-            letterbox=self.letterbox,
-            lesion_channel=self.lesion_channel,
-            lesion_from=self.lesion_from,
-            box_loosen=self.box_loosen,
-            box_jitter=self.box_jitter,
-            box_mask=self.box_mask,
-            box_average=self.box_average,
-            box_shift=self.box_shift,
-            context_margin=self.context_margin,
-            intensity=self.intensity,
-            scan_view=self.scan_view,
-        )
+        return PreprocessConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PreprocessSettings)})
 
     def test_preprocess(self) -> PreprocessConfig:
         """What the held-out test part is scored on: :meth:`preprocess` with the lesion from ``test_lesion_from``
