@@ -42,11 +42,38 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
+    "REMOVED_KEYS",
+    "is_removed_and_off",
 ]
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key and the problem."""
+
+
+# Options liverus no longer has: {"section.key": (the value that turned the option off, why it went and what to use
+# instead)}. Run folders written while an option existed hold its key at that value: such configs still load (the
+# key is dropped, the run is what it was) and still resume; any other value is an error that names the key.
+REMOVED_KEYS: dict[str, tuple[object, str]] = {
+    "data.context_margin": (
+        0.0,
+        "the CNN's two-view input (a wide context crop beside the lesion crop) did not beat one view on AUL "
+        "(docs/results.md); for a second view, use a radiomics_<classifier>_<backbone> model with data.scan_view: "
+        "true",
+    ),
+}
+
+
+def is_removed_and_off(dotted: str, value: object) -> bool:
+    """Whether ``dotted`` (``section.key``) is a removed option (:data:`REMOVED_KEYS`) and ``value`` its off value,
+    which a config may still hold."""
+    if dotted not in REMOVED_KEYS:
+        return False
+    off = REMOVED_KEYS[dotted][0]
+    try:
+        return _coerce(value, type(off), dotted) == off
+    except ConfigError:
+        return False
 
 
 # PreprocessConfig's fields that are set per call, not chosen in a config: the DICOM frame (the middle one unless a
@@ -305,11 +332,6 @@ def _validate_feature_model(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.name: {name} is binary; set data.task: binary")
     if cfg.model.in_chans != 1:
         raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
-    if cfg.data.context_margin:
-        raise ConfigError(
-            "data.context_margin: a feature model's second view is the whole scan (data.scan_view: true), "
-            "not a context crop; set it to 0"
-        )
     auxiliary = {"attention_weight": "0", "segmentation_weight": "0", "debias_by": "''"}
     for key, off in auxiliary.items():
         if getattr(cfg.loss, key):
@@ -372,8 +394,7 @@ def _validate_box_copies_and_scan_view(cfg: TrainConfig) -> None:
         kind = "a radiomics-only model" if is_feature_model(name) else "a CNN"
         raise ConfigError(
             f"data.scan_view: adds the frozen backbone's features of the whole scan to a "
-            f"radiomics_<classifier>_<backbone> model; {name} is {kind} (for a CNN the two-view mode "
-            "is data.context_margin, whose views share a centre as its view fusion needs; set scan_view: false)"
+            f"radiomics_<classifier>_<backbone> model; {name} is {kind} (set scan_view: false)"
         )
 
 
@@ -445,6 +466,13 @@ def config_from_dict(data: dict, source: str) -> TrainConfig:
         section = getattr(cfg, sec)
         types_ = _section_types(type(section))
         for key, val in values.items():
+            if f"{sec}.{key}" in REMOVED_KEYS:
+                if not is_removed_and_off(f"{sec}.{key}", val):
+                    off, why = REMOVED_KEYS[f"{sec}.{key}"]
+                    raise ConfigError(
+                        f"{source}: {sec}.{key} was removed from liverus: {why}. Delete the key (or set it to {off})"
+                    )
+                continue
             if key not in types_:
                 close = difflib.get_close_matches(str(key), types_, n=1)
                 hint = f"; did you mean {sec}.{close[0]}?" if close else ""
