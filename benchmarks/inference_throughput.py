@@ -66,7 +66,7 @@ def measure(model_file: Path, onnx_files: dict[str, Path], reps: int) -> dict[st
     size = card.preprocess.image_size
     chans = 2 if card.preprocess.lesion_channel else 1
     rng = np.random.default_rng(0)
-    # Every view (lesion crop, and the context crop or whole scan of two-view models) as the predictor stacks them.
+    # Every view (lesion crop, and the whole scan of two-view models) as the predictor stacks them.
     pixels = rng.integers(0, 256, (32, chans * card.views, size, size), dtype=np.uint8)
     if chans == 2:  # a lesion in the middle of every view
         pixels[:, 1::2] = 0

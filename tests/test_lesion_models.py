@@ -1268,126 +1268,6 @@ def test_a_study_checks_every_models_config_before_the_first_trains(tmp_path):
     assert not (tmp_path / "s").exists()  # nothing trained, no folder left behind
 
 
-# --- two views: lesion crop and context crop through one backbone --------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["custom_efficientnet_lite0", "baseline_efficientnet_lite0"])
-@pytest.mark.parametrize("in_chans", [1, 2])
-def test_two_view_model_shapes_gradients_and_starts_as_the_single_view_model(name, in_chans):
-    torch.manual_seed(0)
-    single = build_model(name, in_chans=in_chans).eval()
-    torch.manual_seed(0)
-    two = build_model(name, in_chans=in_chans, views=2).eval()
-    assert two.views == 2 and two.in_chans == in_chans and two.build_kwargs["views"] == 2
-    tight = torch.randn(2, in_chans, 64, 64)
-    context = torch.randn(2, in_chans, 64, 64)
-    with torch.no_grad():
-        # The fusion starts as the identity on the lesion crop: the pretrained single-view model, whatever the context.
-        torch.testing.assert_close(two(torch.cat([tight, context], 1)), single(tight), rtol=1e-4, atol=1e-4)
-    two.train()
-    out = two(torch.cat([tight, context], 1))
-    assert out.shape == (2, 2)
-    out.sum().backward()
-    fusion = two.fusion.conv.weight.grad[:, :, 0, 0]
-    channels = fusion.shape[0]
-    assert fusion[:, channels:].abs().sum() > 0  # the context view's features get a gradient, so it can learn
-    assert two.gradcam_layers() == [two.fusion]
-    with pytest.raises(ValueError, match="multiple of 2 channels"):
-        two(torch.randn(1, 2 * in_chans + 1, 64, 64))
-
-
-def test_view_fusion_and_two_view_settings_reject_bad_arguments():
-    from liverus.models.blocks import ViewFusion
-
-    with pytest.raises(ValueError, match="at least two views"):
-        ViewFusion(8, views=1)
-    with pytest.raises(ValueError, match="channels must be positive"):
-        ViewFusion(0)
-    with pytest.raises(ValueError, match="views must be at least 1"):
-        build_model("baseline_efficientnet_lite0", views=0)
-    with pytest.raises(ValueError, match="context_margin: two views are crops around the lesion; set crop to 'roi'"):
-        PreprocessConfig(crop="fan", context_margin=1.5)
-    with pytest.raises(ValueError, match="wider than roi_margin"):
-        PreprocessConfig(crop="roi", roi_margin=0.5, context_margin=0.4)
-    with pytest.raises(ConfigError, match="data.context_margin"):
-        apply_overrides(load_config(), ["data.context_margin=1.5"])  # default crop is fan
-    with pytest.raises(ConfigError, match="second view is the whole scan"):
-        apply_overrides(load_config(), [*RADIOMICS_TINY, "data.context_margin=1.5"])
-
-
-def test_context_crop_shares_the_centre_and_shows_more_around_the_lesion():
-    from liverus.data import preprocess
-
-    img = np.full((200, 300), 0.5, np.float32)
-    lesion = np.zeros((200, 300), np.uint8)
-    lesion[80:120, 130:170] = 1  # a 40 px square lesion, centred at (150, 100)
-    img[lesion > 0] = 0.1
-    cfg = PreprocessConfig(image_size=64, crop="roi", roi_margin=0.25, context_margin=2.0)
-    pre = preprocess(img, cfg, lesion=lesion)
-    assert pre.stacked().shape == (6, 64, 64)
-    tight_lesion, context_lesion = pre.lesion, pre.context[2]
-    # Same centre; the lesion fills (1 / 1.5)^2 of the tight crop and (1 / 5)^2 of the context crop.
-    for m in (tight_lesion, context_lesion):
-        ys, xs = np.nonzero(m)
-        assert abs((ys.min() + ys.max()) / 2 - 31.5) <= 1 and abs((xs.min() + xs.max()) / 2 - 31.5) <= 1
-    assert tight_lesion.mean() == pytest.approx((1 / 1.5) ** 2, abs=0.03)
-    assert context_lesion.mean() == pytest.approx((1 / 5) ** 2, abs=0.01)
-    # Model pixels: the views follow each other, each with its mask channel when asked.
-    px = model_pixels(pre.stacked()[None], True)
-    assert px.shape == (1, 4, 64, 64)
-    np.testing.assert_array_equal(px[0, 2], pre.context[0])
-    assert set(np.unique(px[0, 3])) == {0, 255}
-    x = normalize_images(torch.from_numpy(px), 0.5, 0.25, 2, views=2)
-    assert x.shape == (1, 4, 64, 64) and set(x[0, 3].unique().tolist()) == {0.0, 1.0}
-    torch.testing.assert_close(x[0, 2], (torch.from_numpy(pre.context[0]).float() / 255 - 0.5) / 0.25)
-    # A one-view config keeps its cache key (caches of earlier runs stay valid).
-    assert PreprocessConfig(crop="roi").key() != cfg.key()
-
-
-def test_two_view_augmentation_draws_the_same_transform_for_both_views(phantom_dir):
-    from liverus.data import UltrasoundDataset, build_train_transform, load_cases
-
-    cases = [c for c in load_cases(phantom_dir) if c.mask][:2]
-    cache = CaseCache(PreprocessConfig(image_size=64, crop="roi", roi_margin=0.3, context_margin=0.3 + 1e-6))
-    ds = UltrasoundDataset(cases, ("benign", "malignant"), cache, transform=build_train_transform("strong"), seed=3)
-    x, _ = ds[0]
-    assert x.shape == (2, 64, 64)
-    # A context crop (almost) equal to the lesion crop must be augmented (almost) identically.
-    assert (x[0].float() - x[1].float()).abs().mean() < 3
-
-
-@pytest.mark.slow
-def test_two_view_run_trains_predicts_explains_and_exports(tmp_path):
-    from liverus.training import train
-
-    run = tmp_path / "two"
-    cfg = apply_overrides(
-        load_config(),
-        [
-            "data.image_size=64", "data.crop=roi", "data.context_margin=1.5", "data.lesion_channel=true",
-            "data.phantom_patients=24", "data.phantom_size=96", "optim.epochs=1", "optim.batch_size=8",
-            "model.name=custom_efficientnet_lite0", "runtime.progress=false", "runtime.tensorboard=false",
-        ],
-    )  # fmt: skip
-    train(cfg, run)
-    model, card = load_model(run / "model.pt")
-    assert card.views == 2 and card.in_chans == 2 and card.preprocess.context_margin == 1.5 and model.views == 2
-    image = sorted((run / "phantom" / "malignant").glob("*.png"))[0]
-    p = run_cli("predict", "--model", str(run / "model.pt"), str(image), "--box", "30,30,60,60",
-                "--out", str(tmp_path / "pred.csv"))  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    assert ",ok," in (tmp_path / "pred.csv").read_text()
-    p = run_cli("explain", "--model", str(run / "model.pt"), str(image), "--box", "30,30,60,60",
-                "--out", str(tmp_path / "heat"))  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    p = run_cli("export", str(run / "model.pt"), "--out", str(tmp_path / "m.onnx"))
-    assert p.returncode == 0, p.stderr + p.stdout
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    assert sess.get_inputs()[0].shape[1] == 4  # (image, mask) of the lesion crop, then of the context crop
-
-
 def test_radiomics_are_measured_once_per_image_and_answer_the_same(monkeypatch):
     from liverus.data import radiomics
 
@@ -1494,7 +1374,7 @@ def test_intensity_setting_is_checked_keys_the_cache_and_travels_with_the_model(
     # Raw keeps the cache key of earlier versions; standardised crops are cached apart.
     assert PreprocessConfig(crop="roi").key() != PreprocessConfig(crop="roi", intensity="liver").key()
     legacy = dataclasses.asdict(PreprocessConfig(crop="roi"))
-    for later in ("intensity", "context_margin", "scan_view", "box_average", "box_shift", "box_variant"):
+    for later in ("intensity", "scan_view", "box_average", "box_shift", "box_variant"):
         legacy.pop(later)
     assert (
         PreprocessConfig(crop="roi").key()
@@ -1526,8 +1406,14 @@ def test_scan_view_is_the_fan_crop_of_the_whole_image_beside_the_lesion_crop():
     assert PreprocessConfig(crop="roi").key() != cfg.key()
     with pytest.raises(ValueError, match="scan_view: the whole scan is the second view beside a lesion crop"):
         PreprocessConfig(crop="fan", scan_view=True)
-    with pytest.raises(ValueError, match="set one of them"):
-        PreprocessConfig(crop="roi", scan_view=True, context_margin=1.5)
+    # Model pixels: the views follow each other, each with its mask channel when asked; each normalised alike.
+    px = model_pixels(pre.stacked()[None], True)
+    assert px.shape == (1, 4, 64, 64)
+    np.testing.assert_array_equal(px[0, 2], pre.context[0])
+    assert set(np.unique(px[0, 3])) == {0, 255}
+    x = normalize_images(torch.from_numpy(px), 0.5, 0.25, 2, views=2)
+    assert x.shape == (1, 4, 64, 64) and set(x[0, 3].unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(x[0, 2], (torch.from_numpy(pre.context[0]).float() / 255 - 0.5) / 0.25)
 
 
 def test_scan_view_needs_a_frozen_backbone():

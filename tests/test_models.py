@@ -151,6 +151,29 @@ def test_model_card_round_trip_and_files_of_earlier_versions(tmp_path, custom):
         ModelCard.from_dict({"model_name": "x", "in_chans": 1, "normalization": [0.5, 0.5]}, source="x.pt")
 
 
+def test_a_model_of_a_removed_input_mode_is_refused_by_name_and_cards_written_without_it_still_load(tmp_path):
+    from liverus.data import PreprocessConfig
+    from liverus.utils import atomic_torch_save
+
+    model = build_model("baseline_efficientnet_lite0")
+    pre = PreprocessConfig(image_size=64, crop="roi")
+    card = default_card(model).replace(preprocess=pre, version="0.1.0", provenance={"git_commit": "abc1234"})
+    save_model(model, tmp_path / "m.pt", card)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    # Cards written while the two-view CNN mode existed hold data.context_margin; off, the file loads as before.
+    payload["card"]["preprocess"]["context_margin"] = 0.0
+    atomic_torch_save(payload, tmp_path / "off.pt")
+    assert load_model(tmp_path / "off.pt")[1] == card and load_card(tmp_path / "off.pt") == card
+    # On: the model is refused by name, with the liverus that trained it, before its rebuild fails on views=2.
+    payload["card"]["preprocess"]["context_margin"] = 1.5
+    payload["card"]["views"] = payload["build_kwargs"]["views"] = 2
+    atomic_torch_save(payload, tmp_path / "two_view.pt")
+    match = r"two_view\.pt: .* data\.context_margin: 1\.5 .* removed .* \(version 0\.1\.0, git commit abc1234\)"
+    for read in (load_model, load_card):
+        with pytest.raises(ValueError, match=match):
+            read(tmp_path / "two_view.pt")
+
+
 def test_onnx_export_matches_eager(tmp_path, custom):
     ort = pytest.importorskip("onnxruntime")
     x = torch.randn(2, 1, FAST, FAST)

@@ -222,7 +222,6 @@ REFUSED = {
     "data.box_average": "3",
     "data.box_shift": "0.2",
     "data.box_copy_jitter": "0.1",
-    "data.context_margin": "1.0",
     "model.ensemble": "3",
     "model.threshold": "0.4",
     "model.in_chans": "3",
@@ -254,8 +253,7 @@ def test_segment_train_refuses_a_key_it_does_not_use(key, tmp_path):
     from liverus.training import ConfigError
     from liverus.training.segmentation import train_segmenter
 
-    crop = ["data.crop=roi"] if key == "data.context_margin" else []  # two views need the lesion crop
-    cfg = _segment_config(*crop, f"{key}={REFUSED[key]}")
+    cfg = _segment_config(f"{key}={REFUSED[key]}")
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: set to .*, but the segmenter does not use it \(.+\); "
                                           r"remove it from the config or set it to "):  # fmt: skip
         train_segmenter(cfg, tmp_path / "run")

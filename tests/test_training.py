@@ -132,8 +132,9 @@ def test_config_file_and_overrides(tmp_path):
         ("", ["data.box_jitter=0.7"], r"data\.box_jitter must be in \[0, 0\.5\], got 0\.7"),
         ("", ["data.roi_margin=6"], r"data\.roi_margin must be in \[0, 5\]"),
         ("", ["data.image_size=16"], r"data\.image_size must be in \[32, 2048\]"),
-        ("", ["data.context_margin=1.5"], r"data\.context_margin: two views are crops around the lesion; set crop"),
-        ("", ["data.crop=roi", "data.context_margin=0.2"], r"data\.context_margin must be wider than roi_margin"),
+        # a removed option is named, with why it went and what to use instead
+        ("", ["data.context_margin=1.5"], r"data\.context_margin was removed from liverus: .* data\.scan_view"),
+        ("data:\n  context_margin: wide\n", [], r"data\.context_margin was removed from liverus"),
         ("", ["loss.segmentation_weight=-1"], r"loss\.segmentation_weight: must not be negative"),
         ("", ["loss.attention_weight=-0.5"], r"loss\.attention_weight: must not be negative"),
         (
@@ -823,3 +824,20 @@ def test_resume_check_compares_paths_by_where_they_point_and_new_keys_by_default
     # Only path keys are resolved: a string elsewhere compares as written, and 'imagenet' is never a path.
     assert changed_keys({"model": {"weights": "imagenet"}}, {"model": {"weights": "./imagenet"}})
     assert changed_keys({"loss": {"name": "ce"}}, {"loss": {"name": "./ce"}})
+
+
+def test_a_removed_option_left_off_in_a_saved_run_config_still_loads_and_resumes(tmp_path):
+    import yaml
+
+    from liverus.training.config import config_to_dict
+    from liverus.training.run_folder import changed_keys
+
+    # Run folders written while data.context_margin existed hold it at its off value.
+    saved = config_to_dict(load_config())
+    saved["data"]["context_margin"] = 0.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(cfg) == config_to_dict(load_config())
+    assert changed_keys(saved, config_to_dict(cfg)) == []
+    on = {**saved, "data": {**saved["data"], "context_margin": 1.5}}
+    assert changed_keys(on, config_to_dict(cfg)) == ["data.context_margin (1.5 -> absent)"]

@@ -24,20 +24,19 @@ MAX_AUC_CHANGE = 0.005
 
 
 class DeployableModel(nn.Module):
-    """Input: preprocessed gray images in [0, 1], (N, 1, S, S) (with the lesion mask and the context view, more
-    channels: see the card). Output: class probabilities (N, k)."""
+    """Input: preprocessed gray images in [0, 1], (N, 1, S, S) (with the lesion mask, (N, 2, S, S): see the card).
+    Output: class probabilities (N, k)."""
 
     def __init__(self, model: nn.Module, card: ModelCard) -> None:
         super().__init__()
         self.model = model
         self.in_chans = card.in_chans
-        self.views = card.views
         mean, std = card.normalization
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(normalize_images(image, self.mean, self.std, self.in_chans, self.views)), dim=1)
+        return torch.softmax(self.model(normalize_images(image, self.mean, self.std, self.in_chans)), dim=1)
 
 
 class DeployableFeatureModel(nn.Module):
@@ -159,7 +158,7 @@ def _metadata(card: ModelCard, per_view: int, chans: int, run_length: bool | Non
     """The card, which travels in the graph's metadata, and what a non-liverus consumer feeds the inputs."""
     what = "gray image and lesion mask" if per_view == 2 else "gray image"
     if card.views > 1:
-        what = f"{what} of the lesion crop, then of the context crop,"
+        what = f"{what} of the lesion crop, then of the whole scan,"
     meta = {**card.to_dict(), "input": f"{what} in [0, 1] after liverus preprocessing, shape (N, {chans}, S, S)"}
     if run_length is not None:
         meta["radiomics"] = {

@@ -243,7 +243,8 @@ def prepare_cases(
 
 class UltrasoundDataset(Dataset):
     """Preprocessed ultrasound images as ``uint8`` tensors (1, S, S), or (2, S, S) with the lesion-mask channel when
-    the cache's preprocessing says ``lesion_channel`` (twice the channels with two views), with integer labels.
+    the cache's preprocessing says ``lesion_channel`` (twice the channels with ``scan_view``'s second view), with
+    integer labels.
 
     Normalisation to the backbone's statistics happens on the device in the training step (cheaper than in the
     loader, and the loader ships a quarter of the bytes).
@@ -295,8 +296,8 @@ class UltrasoundDataset(Dataset):
         if self.transform is not None:
             seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
             planes = []
-            # Every view draws the same augmentation (one seed): the views share a centre, so a flip or rotation
-            # about it, and an intensity change, stay consistent between the lesion crop and its context.
+            # Every view (the whole scan too, with scan_view) draws the same augmentation (one seed), so an
+            # intensity change is the same on both.
             for v in range(0, len(arr), VIEW_PLANES):
                 image, lesion = apply_transform(self.transform, arr[v], arr[v + 1], seed, lesion=arr[v + 2])
                 planes += [image, arr[v + 1], lesion]

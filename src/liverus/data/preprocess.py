@@ -54,6 +54,9 @@ MAX_BOX_AVERAGE = 16
 class PreprocessConfig:
     """Settings that decide what the model sees (and key the cache).
 
+    Every field but ``frame`` and ``box_variant`` (set per call) is also a key of a training config's ``data``
+    section (``data.image_size``, ``data.crop``, ...), which takes them from here: this docstring documents them.
+
     Args:
         image_size: side of the square output in pixels.
         crop: ``fan`` (detect the scan area, blank what is outside it, crop to it), ``roi`` (crop around the lesion
@@ -61,19 +64,17 @@ class PreprocessConfig:
         roi_margin: context around the lesion box, as a fraction of the box's longer side, on every side.
         letterbox: keep the aspect ratio and pad to a square (true) or stretch (false).
         frame: DICOM cine frame (``None``: the middle frame).
-        lesion_channel: give the model the lesion mask as a second input channel (and feature models their mask).
+        lesion_channel: give the model the lesion mask as a second input channel (and feature models their mask:
+            ``radiomics_*`` models need it).
         lesion_from: where a case's lesion comes from when it has an expert mask: the ``mask`` itself, or a ``box``
             around it (what a radiologist draws), loosened by ``box_loosen`` and moved by ``box_jitter``.
         box_loosen: the derived box grows by this fraction of its size on every side.
         box_jitter: each edge of the derived box moves by up to this fraction of the box size (seeded per image).
         box_mask: how a box becomes the lesion mask of the mask channel: the filled ``box``, the inscribed
             ``ellipse``, or OpenCV's ``grabcut`` segmentation inside the box.
-        context_margin: two-view input (``crop="roi"`` only): besides the tight lesion crop (``roi_margin``), a wide
-            context crop around the same centre with this margin (say 1.5: the lesion and the liver around it), both
-            at ``image_size``; the model runs both through one backbone. 0: one view.
-        scan_view: two-view input (``crop="roi"`` only, not with ``context_margin``): besides the lesion crop, the
-            whole scan area as ``crop="fan"`` gives it (the rest of the liver, other lesions, the depth of the scan),
-            at ``image_size``. Unlike the context crop it is not centred on the lesion.
+        scan_view: two-view input (``crop="roi"`` only; feature models with a frozen backbone): besides the lesion
+            crop, the whole scan area as ``crop="fan"`` gives it (the rest of the liver, other lesions, the depth of
+            the scan), at ``image_size``. It is not centred on the lesion.
         intensity: ``raw`` (gray levels as scanned) or ``liver``: per-image intensity standardisation, each view's
             gray levels mapped linearly so that its liver background (the scan area outside the lesion) has a fixed
             mean and spread; the scanner's gain and dynamic-range settings cancel, the lesion's echogenicity relative
@@ -82,7 +83,8 @@ class PreprocessConfig:
             model's probability is the average over this many boxes: the box itself and ``box_average - 1`` copies
             with each edge moved by up to ``box_shift`` of the box size (seeded by the box, so one input always gives
             one answer). Log-odds are averaged. 1: the box alone. How a user draws the box moves a lesion model's
-            probability; averaging over nearby boxes takes part of that out.
+            probability; averaging over nearby boxes takes part of that out. A training run averages where it scores
+            boxes: its held-out test part; the model card carries it to ``evaluate``, ``predict`` and ``serve``.
         box_shift: how far (fraction of the box size) each edge of an averaged box moves.
         box_variant: which of those boxes this preprocessing uses (0: the box itself); set by :func:`box_variants`.
     """
@@ -97,7 +99,6 @@ class PreprocessConfig:
     box_loosen: float = 0.0
     box_jitter: float = 0.0
     box_mask: str = "grabcut"
-    context_margin: float = 0.0
     intensity: str = "raw"
     scan_view: bool = False
     box_average: int = 1
@@ -127,31 +128,16 @@ class PreprocessConfig:
             raise ValueError(f"image_size must be in [32, 2048], got {self.image_size}")
         if not 0 <= self.roi_margin <= 5:
             raise ValueError(f"roi_margin must be in [0, 5], got {self.roi_margin}")
-        if self.context_margin:
-            if self.crop != "roi":
-                raise ValueError(
-                    f"context_margin: two views are crops around the lesion; set crop to 'roi' (got {self.crop!r})"
-                )
-            if not self.roi_margin < self.context_margin <= 10:
-                raise ValueError(
-                    f"context_margin must be wider than roi_margin ({self.roi_margin}) and at most 10, "
-                    f"got {self.context_margin}"
-                )
-        if self.scan_view:
-            if self.crop != "roi":
-                raise ValueError(
-                    f"scan_view: the whole scan is the second view beside a lesion crop; set crop to 'roi' (got "
-                    f"{self.crop!r}; crop 'fan' alone already shows the whole scan)"
-                )
-            if self.context_margin:
-                raise ValueError("scan_view and context_margin each make the second view; set one of them")
+        if self.scan_view and self.crop != "roi":
+            raise ValueError(
+                f"scan_view: the whole scan is the second view beside a lesion crop; set crop to 'roi' (got "
+                f"{self.crop!r}; crop 'fan' alone already shows the whole scan)"
+            )
 
     def key(self) -> str:
         """A short hash of the settings (part of the cache key)."""
         d = asdict(self)
         # Settings of earlier versions keep their cache key.
-        if not self.context_margin:
-            d.pop("context_margin")
         if self.intensity == "raw":
             d.pop("intensity")
         if not self.scan_view:
@@ -167,7 +153,7 @@ class PreprocessConfig:
 @dataclass
 class Preprocessed:
     """A preprocessed case: ``image``, ``scan`` and ``lesion`` are ``uint8`` arrays of shape (S, S); with two-view
-    input, ``context`` holds the same three planes of the second view (the wide context crop, or the whole scan)."""
+    input (``scan_view``), ``context`` holds the same three planes of the second view, the whole scan."""
 
     image: np.ndarray
     scan: np.ndarray
@@ -182,7 +168,7 @@ class Preprocessed:
     variants: tuple[Preprocessed, ...] = ()
 
     def stacked(self) -> np.ndarray:
-        """Returns: ``(3 * views, S, S)``: image, scan, lesion of the (tight) crop, then those of the context crop."""
+        """Returns: ``(3 * views, S, S)``: image, scan, lesion of the crop, then those of the second view."""
         return np.stack([self.image, self.scan, self.lesion, *(self.context or ())])
 
 
@@ -465,10 +451,7 @@ def preprocess(
         crop_box = (0, 0, u8.shape[1], u8.shape[0])
     image, scan_o, les_o, scale = _view(u8, scan, les, exclude, crop_box, cfg)
     context = None
-    if cfg.context_margin:
-        # Same centre, wider margin: the lesion's surroundings (liver, capsule, vessels) at the same output size.
-        context = _view(u8, scan, les, exclude, roi_box(lesion, box, cfg.context_margin, u8.shape), cfg)[:3]
-    elif cfg.scan_view:
+    if cfg.scan_view:
         context = _view(u8 * scan, scan, les, exclude, _bounding_box(scan), cfg)[:3]
     if shrink < 1.0:  # report the crop in the original image's pixels
         crop_box = tuple(int(round(v / shrink)) for v in crop_box)

@@ -67,11 +67,10 @@ class OcclusionGrid:
         return out
 
 
-def view_names(crop: str, scan_view: bool, context_margin: float) -> list[str]:
-    """What each view of a model's input shows, in order, from its preprocessing (``crop``, ``scan_view``,
-    ``context_margin``)."""
+def view_names(crop: str, scan_view: bool) -> list[str]:
+    """What each view of a model's input shows, in order, from its preprocessing (``crop``, ``scan_view``)."""
     first = "lesion crop" if crop == "roi" else "image"
-    return [first] + (["whole scan"] if scan_view else ["context crop"] if context_margin else [])
+    return [first] + (["whole scan"] if scan_view else [])
 
 
 def image_channels(in_chans_per_view: int, views: int) -> list[int]:

@@ -339,7 +339,7 @@ class Predictor:
     def view_names(self) -> list[str]:
         """What each view of the input shows, in order."""
         cfg = self.preprocess_cfg
-        return view_names(cfg.crop, cfg.scan_view, cfg.context_margin)
+        return view_names(cfg.crop, cfg.scan_view)
 
     def attribution(self, pre: list[Preprocessed], *, cells: int = 8, views: int | None = None) -> np.ndarray:
         """Occlusion maps (:func:`~liverus.engine.attribution.occlusion_maps`) of the first ``views`` views (None:

@@ -178,7 +178,7 @@ def deletion_insertion_for_model(
     first = ["occlusion"] + ["gradcam"] * has_cam + ["attention"] * bool(has_cam and model.has_spatial_attention)
     views = {"first": first}
     if all_views and len(channels) > 1:
-        views[view_names(cfg.crop, cfg.scan_view, cfg.context_margin)[1]] = ["occlusion"]
+        views[view_names(cfg.crop, cfg.scan_view)[1]] = ["occlusion"]
     rows = []
     for case in usable:
         pixels = torch.from_numpy(np.ascontiguousarray(model_pixels(cache.get(case)[None], cfg.lesion_channel)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SEBlock", "ChannelAttention", "SpatialAttention", "ViewFusion"]
+__all__ = ["SEBlock", "ChannelAttention", "SpatialAttention"]
 
 
 def _reduced_channels(channels: int, reduction: int) -> int:
@@ -133,38 +133,3 @@ class SpatialAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x of shape (N, C, H, W). Returns: a tensor of the same shape."""
         return x * self.attention_map(x)
-
-
-class ViewFusion(nn.Module):
-    """Fuses the feature maps of several co-centred views of one lesion (a tight crop and a wide context crop, as the
-    AUL authors' LM-Net stacks a lesion and a liver crop) into one map of the backbone's width, so that any head
-    (``CustomModel``'s parallel attention or a linear classifier) works unchanged.
-
-    A 1x1 convolution over the views' channels, concatenated. It starts as the identity on the first view and zero on
-    the others: the two-view model begins as the pretrained single-view model on the lesion crop, and learns from the
-    context only what helps.
-
-    Args:
-        channels: channels of each view's feature map.
-        views: number of views (at least 2).
-
-    Raises:
-        ValueError: for fewer than two views or non-positive channels.
-    """
-
-    def __init__(self, channels: int, views: int = 2) -> None:
-        super().__init__()
-        if views < 2:
-            raise ValueError(f"ViewFusion needs at least two views, got {views}")
-        if channels <= 0:
-            raise ValueError(f"channels must be positive, got {channels}")
-        self.views = views
-        self.conv = nn.Conv2d(channels * views, channels, 1)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[:, :channels, 0, 0] = torch.eye(channels)
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x, (N, views * C, H, W), the views' maps one after the other. Returns: (N, C, H, W)."""
-        return self.conv(x)

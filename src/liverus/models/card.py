@@ -15,9 +15,16 @@ from typing import Any
 
 from liverus.data.preprocess import PreprocessConfig
 
-__all__ = ["ModelCard", "DEFAULT_CLASSES"]
+__all__ = ["ModelCard", "DEFAULT_CLASSES", "REMOVED_PREPROCESSING", "check_removed_modes"]
 
 DEFAULT_CLASSES = {2: ("benign", "malignant"), 3: ("normal", "benign", "malignant")}
+
+# Preprocessing settings of input modes that liverus no longer has: {key: (the value that means "off", what the mode
+# did)}. Every card written while the mode existed holds the key; off, it is dropped on reading, since the model
+# saw exactly what it sees now; on, the model cannot run here and is refused by name.
+REMOVED_PREPROCESSING: dict[str, tuple[object, str]] = {
+    "context_margin": (0.0, "a wide context crop beside the lesion crop, a second view through the same backbone"),
+}
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,8 @@ class ModelCard:
         model_name: registry name the weights belong to.
         classes: class names in logit order.
         in_chans: input channels the network takes per view (gray images are repeated to 3 when this is 3).
-        views: 1, or 2 for two-view input (lesion crop then context crop, ``2 * in_chans`` channels in all).
+        views: 1, or 2 for two-view input (a feature model's lesion crop then whole scan, ``2 * in_chans`` channels
+            in all).
         normalization: ``(mean, std)`` applied to images scaled to [0, 1].
         preprocess: the preprocessing the model was trained with; ``None`` for a model saved outside a training run.
         threshold: operating threshold on p(malignant) (binary models).
@@ -106,8 +114,10 @@ class ModelCard:
         """Build a card from :meth:`to_dict` output (also reads the untyped ``extra`` dict of earlier versions).
 
         Raises:
-            ValueError: naming ``source`` when a required entry is missing or malformed.
+            ValueError: naming ``source`` when a required entry is missing or malformed, or when the model uses an
+                input mode liverus no longer has (:func:`check_removed_modes`).
         """
+        check_removed_modes(d, source=source)
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         for key in ("model_name", "classes", "in_chans", "normalization"):
@@ -116,11 +126,37 @@ class ModelCard:
         try:
             kw["classes"] = tuple(kw["classes"])
             kw["normalization"] = tuple(float(v) for v in kw["normalization"])
-            if kw.get("preprocess") is not None:
-                kw["preprocess"] = PreprocessConfig(**kw["preprocess"])
+            if isinstance(pre := kw.get("preprocess"), dict):  # a removed mode left here was off: drop its key
+                pre = {k: v for k, v in pre.items() if k not in REMOVED_PREPROCESSING}
+            if pre is not None:
+                kw["preprocess"] = PreprocessConfig(**pre)
             return cls(**kw)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: malformed model card ({exc})") from exc
 
     def replace(self, **changes: Any) -> ModelCard:
         return replace(self, **changes)
+
+
+def check_removed_modes(card: dict[str, Any], *, source: object = "model card") -> None:
+    """Refuse a model (its card as a dict, :meth:`ModelCard.to_dict`) trained with an input mode liverus no longer
+    has (:data:`REMOVED_PREPROCESSING`), naming the mode and the liverus that trained it. Called before the model
+    is rebuilt, so such a file gets this message rather than a failure of its layers.
+
+    Raises:
+        ValueError: naming ``source``, the setting and the version (and git commit) to run the model with.
+    """
+    preprocess = card.get("preprocess")
+    if not isinstance(preprocess, dict):
+        return
+    for key, (off, what) in REMOVED_PREPROCESSING.items():
+        value = preprocess.get(key, off)
+        if value == off:
+            continue
+        commit = (card.get("provenance") or {}).get("git_commit")
+        trained_by = f"version {card.get('version') or 'unknown'}" + (f", git commit {commit}" if commit else "")
+        raise ValueError(
+            f"{source}: this model was trained with data.{key}: {value} ({what}); liverus has removed that mode, so "
+            f"this version cannot run the model. Use the liverus that trained it ({trained_by}), or retrain without "
+            f"data.{key}"
+        )

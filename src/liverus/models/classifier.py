@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from liverus.models.backbones import Backbone
-from liverus.models.blocks import ViewFusion
 from liverus.models.heads import ParallelAttentionHead
 
 __all__ = ["LesionClassifier", "CustomModel", "BaselineModel", "LinearHead"]
@@ -47,39 +46,18 @@ class LinearHead(nn.Module):
 class LesionClassifier(nn.Module):
     """A backbone and a head; ``forward`` maps (N, in_chans, H, W) images to (N, num_classes) logits.
 
-    With ``views > 1`` (two-view input: lesion crop and context crop) the input is (N, views * in_chans, H, W), the
-    views one after the other; every view goes through the same backbone (one batch of N * views), and a
-    :class:`~liverus.models.blocks.ViewFusion` merges their feature maps before the head.
-
-    Raises:
-        ValueError: for ``views < 1``.
-
     Attributes:
         model_name: the registry name it was built under.
         build_kwargs: the keyword arguments of :func:`~liverus.models.build_model` (for rebuilding from a file).
         weights_info: which pretrained weights the backbone got.
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, *, views: int = 1) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
         super().__init__()
-        if views < 1:
-            raise ValueError(f"views must be at least 1, got {views}")
         self.backbone = backbone
-        self.fusion = ViewFusion(backbone.spec.out_channels, views) if views > 1 else None
         self.head = head
-        self.views = views
         self.model_name = ""
         self.build_kwargs: dict = {}
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's feature map, the views fused."""
-        if self.fusion is None:
-            return self.backbone(x)
-        n, c, h, w = x.shape
-        if c % self.views:
-            raise ValueError(f"{self.views}-view input needs a multiple of {self.views} channels, got {c}")
-        f = self.backbone(x.reshape(n * self.views, c // self.views, h, w))
-        return self.fusion(f.reshape(n, -1, *f.shape[2:]))
 
     @property
     def weights_info(self):
@@ -98,9 +76,8 @@ class LesionClassifier(nn.Module):
         return getattr(self.head, "spatial", None) is not None
 
     def gradcam_layers(self) -> list[nn.Module]:
-        """The layers Grad-CAM looks at: the backbone's last convolutional stage (with two views, the fused map, which
-        lies on the lesion crop's grid since the views share a centre)."""
-        return [self.fusion] if self.fusion is not None else [self.backbone.gradcam_layer()]
+        """The layers Grad-CAM looks at: the backbone's last convolutional stage."""
+        return [self.backbone.gradcam_layer()]
 
     def gradcam_context(self) -> AbstractContextManager[None]:
         """What Grad-CAM runs the model in (see :meth:`LesionFeatureModel.gradcam_context`): nothing to change for a
@@ -119,10 +96,10 @@ class LesionClassifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Returns: the feature map the classifier pools (after attention for :class:`CustomModel`)."""
-        return self.head.forward_features(self._features(x))
+        return self.head.forward_features(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self._features(x))
+        return self.head(self.backbone(x))
 
     @torch.no_grad()
     def spatial_attention_map(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -146,16 +123,12 @@ class CustomModel(LesionClassifier):
     Use :func:`~liverus.models.build_model` (``"custom_resnet50"`` and its ablations) rather than this constructor.
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int = 2, *, views: int = 1, **head_kwargs) -> None:
-        super().__init__(
-            backbone, ParallelAttentionHead(backbone.spec.out_channels, num_classes, **head_kwargs), views=views
-        )
+    def __init__(self, backbone: Backbone, num_classes: int = 2, **head_kwargs) -> None:
+        super().__init__(backbone, ParallelAttentionHead(backbone.spec.out_channels, num_classes, **head_kwargs))
 
 
 class BaselineModel(LesionClassifier):
     """A plain backbone with a new linear classifier (the ResNet-50 baseline)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int = 2, *, drop_rate: float = 0.0, views: int = 1) -> None:
-        super().__init__(
-            backbone, LinearHead(backbone.spec.out_channels, num_classes, drop_rate=drop_rate), views=views
-        )
+    def __init__(self, backbone: Backbone, num_classes: int = 2, *, drop_rate: float = 0.0) -> None:
+        super().__init__(backbone, LinearHead(backbone.spec.out_channels, num_classes, drop_rate=drop_rate))

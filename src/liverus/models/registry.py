@@ -21,7 +21,7 @@ from liverus.models.backbones import (
     is_backbone_name,
     load_state_dict_file,
 )
-from liverus.models.card import DEFAULT_CLASSES, ModelCard
+from liverus.models.card import DEFAULT_CLASSES, ModelCard, check_removed_modes
 from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier
 from liverus.models.ensemble import EnsembleClassifier
 from liverus.models.features import FEATURE_CLASSIFIERS, LesionFeatureModel
@@ -95,11 +95,9 @@ def _make_custom_builder(backbone: str, fixed: dict) -> Callable[..., LesionClas
 
 
 def _make_baseline_builder(backbone: str) -> Callable[..., LesionClassifier]:
-    def build(
-        *, num_classes: int = 2, weights=None, in_chans: int = 1, drop_rate: float = 0.0, views: int = 1
-    ) -> LesionClassifier:
+    def build(*, num_classes: int = 2, weights=None, in_chans: int = 1, drop_rate: float = 0.0) -> LesionClassifier:
         return BaselineModel(
-            build_backbone(backbone, weights=weights, in_chans=in_chans), num_classes, drop_rate=drop_rate, views=views
+            build_backbone(backbone, weights=weights, in_chans=in_chans), num_classes, drop_rate=drop_rate
         )
 
     return build
@@ -254,10 +252,9 @@ def build_model(
         weights: ``None`` (random init), ``"imagenet"`` (timm: its pretrained weights, downloaded) or a path to a
             backbone state dict (timm: ``.safetensors`` or ``.pth`` with timm's key names).
         in_chans: 1 for grayscale ultrasound, or 3; 2 or 4 with a lesion-mask channel (feature models: 2).
-            Per view: with ``views=2`` the network takes ``2 * in_chans`` channels.
-        **kwargs: head arguments, e.g. ``se_reduction``, ``ca_reduction``, ``spatial_kernel``, ``drop_rate``; and
-            ``views`` (2: lesion crop + context crop through one shared backbone; for a feature model with a
-            backbone, lesion crop + whole scan).
+            Per view: a feature model with ``views=2`` takes ``2 * in_chans`` channels.
+        **kwargs: head arguments, e.g. ``se_reduction``, ``ca_reduction``, ``spatial_kernel``, ``drop_rate``; for a
+            feature model with a backbone its options and ``views`` (2: the lesion crop and the whole scan).
 
     Returns:
         The model, with ``model_name``, ``build_kwargs`` and ``weights_info`` set.
@@ -347,6 +344,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """
     p = Path(path)
     obj = _read_model_file(p, map_location)
+    # Files of liverus 0.1 carry an untyped "extra" dict instead of a card; defaults come from the weights.
+    stored = obj.get("card") or obj.get("extra") or {}
+    check_removed_modes(stored, source=p)  # before the rebuild, which would fail on the removed mode's arguments
     n_members = int(obj.get("ensemble_members", 0) or 0)
     members = [
         build_model(obj["model_name"], weights=None, **obj.get("build_kwargs", {})) for _ in range(n_members or 1)
@@ -362,8 +362,6 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             m.backbone.weights_info = WeightsInfo(**wi)
             _check_backbone_stats(m.backbone, wi.get("pretrained_cfg") or {}, p)
     model.eval()
-    # Files of liverus 0.1 carry an untyped "extra" dict instead of a card; defaults come from the weights.
-    stored = obj.get("card") or obj.get("extra") or {}
     card = ModelCard.from_dict({**default_card(model).to_dict(), **stored}, source=p)
     return model, card
 

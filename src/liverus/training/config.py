@@ -32,6 +32,7 @@ from liverus.training.optim import OPTIMIZERS
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "PreprocessSettings",
     "ModelConfig",
     "OptimConfig",
     "LossConfig",
@@ -41,6 +42,8 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
+    "REMOVED_KEYS",
+    "is_removed_and_off",
 ]
 
 
@@ -48,27 +51,66 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key and the problem."""
 
 
+# Options liverus no longer has: {"section.key": (the value that turned the option off, why it went and what to use
+# instead)}. Run folders written while an option existed hold its key at that value: such configs still load (the
+# key is dropped, the run is what it was) and still resume; any other value is an error that names the key.
+REMOVED_KEYS: dict[str, tuple[object, str]] = {
+    "data.context_margin": (
+        0.0,
+        "the CNN's two-view input (a wide context crop beside the lesion crop) did not beat one view on AUL "
+        "(docs/results.md); for a second view, use a radiomics_<classifier>_<backbone> model with data.scan_view: "
+        "true",
+    ),
+}
+
+
+def is_removed_and_off(dotted: str, value: object) -> bool:
+    """Whether ``dotted`` (``section.key``) is a removed option (:data:`REMOVED_KEYS`) and ``value`` its off value,
+    which a config may still hold."""
+    if dotted not in REMOVED_KEYS:
+        return False
+    off = REMOVED_KEYS[dotted][0]
+    try:
+        return _coerce(value, type(off), dotted) == off
+    except ConfigError:
+        return False
+
+
+# PreprocessConfig's fields that are set per call, not chosen in a config: the DICOM frame (the middle one unless a
+# caller asks for another) and which of the averaged boxes one pass preprocesses (set by box_variants).
+_PER_CALL_PREPROCESSING = ("frame", "box_variant")
+
+
+def _preprocess_settings() -> type:
+    """A dataclass of :class:`PreprocessConfig`'s fields, less the per-call ones, with its types and defaults: the
+    base of :class:`DataConfig`, so each preprocessing setting is declared (and documented) once, in
+    PreprocessConfig, and still reads as a flat key of the ``data`` section (``data.image_size``, ``data.crop``)."""
+    hints = typing.get_type_hints(PreprocessConfig)
+    settings = [
+        (f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory))
+        for f in dataclasses.fields(PreprocessConfig)
+        if f.name not in _PER_CALL_PREPROCESSING
+    ]
+    doc = "The preprocessing settings of :class:`PreprocessConfig` (documented there) as config keys."
+    return dataclasses.make_dataclass(
+        "PreprocessSettings", settings, namespace={"__module__": __name__, "__doc__": doc}
+    )
+
+
+PreprocessSettings = _preprocess_settings()
+
+
 @dataclass
-class DataConfig:
+class DataConfig(PreprocessSettings):
+    """The ``data`` section: the preprocessing settings, inherited from :class:`PreprocessConfig`'s fields (all but
+    the per-call ``frame`` and ``box_variant``; documented in its docstring), and the data and training options below.
+    """
+
     source: str = ""  # folder, manifest CSV or AUL folder; empty: the built-in phantom
     task: str = "binary"  # binary | three_class
-    image_size: int = 224
-    crop: str = "fan"  # fan | roi | none
-    roi_margin: float = 0.3
-    letterbox: bool = True
-    lesion_channel: bool = False  # the lesion mask as a second input channel (needed by radiomics_* models)
-    lesion_from: str = "mask"  # mask | box: use the expert mask, or a box around it as a user would draw
     test_lesion_from: str = ""  # mask | box for the held-out test part (a study's folds); empty: as lesion_from
-    box_loosen: float = 0.0  # the derived box grows by this fraction of its size on every side
-    box_jitter: float = 0.0  # each edge of the derived box moves by up to this fraction of its size (seeded)
-    box_mask: str = "grabcut"  # box | ellipse | grabcut: how a box becomes the mask channel
-    box_average: int = 1  # from a box: average the probability over this many boxes (test part, evaluate, predict)
-    box_shift: float = 0.1  # how far each edge of an averaged box moves, fraction of the box size
     box_copies: int = 0  # feature models: also fit on each training case from this many boxes around its mask
     box_copy_jitter: float = 0.2  # each edge of a copy's box moves by up to this fraction of its size (seeded)
-    context_margin: float = 0.0  # > 0: two views, the lesion crop and a context crop this wide (crop: roi)
-    intensity: str = "raw"  # raw | liver: per-image standardisation to the liver background (gain cancels)
-    scan_view: bool = False  # two views: the lesion crop and the whole scan area (crop: roi; feature models)
     balance_by: str = ""  # weigh every class x acquisition group evenly: size_group (any dataset), image_size, a column
     augment: str = "strong"  # none | light | strong
     splits: str = ""  # splits JSON to reuse; empty: make one in the run folder
@@ -87,22 +129,7 @@ class DataConfig:
         Raises:
             ValueError: for values :class:`PreprocessConfig` refuses (``TrainConfig.validate`` names the key).
         """
-        return PreprocessConfig(
-            image_size=self.image_size,
-            crop=self.crop,
-            roi_margin=self.roi_margin,
-            letterbox=self.letterbox,
-            lesion_channel=self.lesion_channel,
-            lesion_from=self.lesion_from,
-            box_loosen=self.box_loosen,
-            box_jitter=self.box_jitter,
-            box_mask=self.box_mask,
-            box_average=self.box_average,
-            box_shift=self.box_shift,
-            context_margin=self.context_margin,
-            intensity=self.intensity,
-            scan_view=self.scan_view,
-        )
+        return PreprocessConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PreprocessSettings)})
 
     def test_preprocess(self) -> PreprocessConfig:
         """What the held-out test part is scored on: :meth:`preprocess` with the lesion from ``test_lesion_from``
@@ -305,11 +332,6 @@ def _validate_feature_model(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.name: {name} is binary; set data.task: binary")
     if cfg.model.in_chans != 1:
         raise ConfigError("model.in_chans: feature models read the gray image; set it to 1")
-    if cfg.data.context_margin:
-        raise ConfigError(
-            "data.context_margin: a feature model's second view is the whole scan (data.scan_view: true), "
-            "not a context crop; set it to 0"
-        )
     auxiliary = {"attention_weight": "0", "segmentation_weight": "0", "debias_by": "''"}
     for key, off in auxiliary.items():
         if getattr(cfg.loss, key):
@@ -372,8 +394,7 @@ def _validate_box_copies_and_scan_view(cfg: TrainConfig) -> None:
         kind = "a radiomics-only model" if is_feature_model(name) else "a CNN"
         raise ConfigError(
             f"data.scan_view: adds the frozen backbone's features of the whole scan to a "
-            f"radiomics_<classifier>_<backbone> model; {name} is {kind} (for a CNN the two-view mode "
-            "is data.context_margin, whose views share a centre as its view fusion needs; set scan_view: false)"
+            f"radiomics_<classifier>_<backbone> model; {name} is {kind} (set scan_view: false)"
         )
 
 
@@ -445,6 +466,13 @@ def config_from_dict(data: dict, source: str) -> TrainConfig:
         section = getattr(cfg, sec)
         types_ = _section_types(type(section))
         for key, val in values.items():
+            if f"{sec}.{key}" in REMOVED_KEYS:
+                if not is_removed_and_off(f"{sec}.{key}", val):
+                    off, why = REMOVED_KEYS[f"{sec}.{key}"]
+                    raise ConfigError(
+                        f"{source}: {sec}.{key} was removed from liverus: {why}. Delete the key (or set it to {off})"
+                    )
+                continue
             if key not in types_:
                 close = difflib.get_close_matches(str(key), types_, n=1)
                 hint = f"; did you mean {sec}.{close[0]}?" if close else ""

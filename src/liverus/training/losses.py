@@ -242,7 +242,7 @@ class AuxiliarySegmentation(_MeanLossTracker):
         self._maps: list[torch.Tensor] = []
 
         def keep(mod: nn.Module, inputs: tuple) -> None:
-            if mod.training:  # the head's input: the fused feature map, on the lesion crop's grid with two views
+            if mod.training:  # the head's input: the backbone's feature map
                 self._maps.append(inputs[0])
 
         self._handle = head.register_forward_pre_hook(keep)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from liverus.training.config import TrainConfig, config_to_dict
+from liverus.training.config import TrainConfig, config_to_dict, is_removed_and_off
 from liverus.utils import atomic_write_json, atomic_write_text, provenance
 
 __all__ = ["RunFolder", "RunExistsError", "TrainResult", "changed_keys", "move_aside"]
@@ -148,7 +148,8 @@ def changed_keys(old: dict, new: dict, prefix: str = "", defaults: dict | None =
     Path-valued keys (``PATH_KEYS``) compare by the path they resolve to from the working directory, so a run
     started with a relative data path resumes with the absolute one and vice versa. A key the old config lacks (it
     was written before the key existed) is unchanged when the new value is the key's default (``defaults``: a
-    nested dict of defaults, :class:`TrainConfig`'s when None), so adding an option does not strand earlier runs.
+    nested dict of defaults, :class:`TrainConfig`'s when None), so adding an option does not strand earlier runs;
+    likewise a key the new config lacks because its option was removed, when the old value turned it off.
     """
     if defaults is None:
         defaults = config_to_dict(TrainConfig())
@@ -158,7 +159,7 @@ def changed_keys(old: dict, new: dict, prefix: str = "", defaults: dict | None =
         default = defaults.get(k, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += changed_keys(a, b, f"{prefix}{k}.", default if isinstance(default, dict) else {})
-        elif a is _ABSENT and b == default:
+        elif (a is _ABSENT and b == default) or (b is _ABSENT and is_removed_and_off(f"{prefix}{k}", a)):
             continue
         elif a != b and not (f"{prefix}{k}" in PATH_KEYS and _same_path(a, b)):
             keys.append(f"{prefix}{k} ({a!r} -> {b!r})")

@@ -99,7 +99,6 @@ _NOT_USED: dict[str, str] = {
         f"data.{k}": _BOXES
         for k in ("box_loosen", "box_jitter", "box_mask", "box_average", "box_shift", "box_copy_jitter")
     },
-    "data.context_margin": "it reads one view of the image",
     "model.ensemble": "it trains one segmenter; `segment cv` trains one per fold",
     "model.threshold": "its masks are its probabilities thresholded at 0.5",
     "model.in_chans": "its encoder reads the gray image, one channel",

@@ -295,8 +295,6 @@ def build_run_model(cfg: TrainConfig, num_classes: int) -> LesionClassifier | Le
         return build_model(cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, in_chans=in_chans,
                            views=2 if cfg.data.scan_view else 1, **options)  # fmt: skip
     head_kwargs = {"drop_rate": cfg.model.drop_rate}
-    if cfg.data.context_margin:
-        head_kwargs["views"] = 2
     if cfg.model.drop_path_rate is not None:
         head_kwargs["drop_path_rate"] = cfg.model.drop_path_rate
     if not cfg.model.name.startswith("baseline"):
