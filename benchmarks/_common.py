@@ -44,6 +44,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def liverus_cli(*args: str) -> float:
+    """Run ``liverus ARGS`` (quiet) as a new process; returns its wall time in seconds.
+
+    Raises:
+        SystemExit: with the command's error output when it fails.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "liverus.cli", "--quiet", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"liverus {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
 @contextmanager
 def serving(model: Path, *extra: str):
     """``liverus serve`` (with ``extra`` options) on a free loopback port for a ``with`` block; yields its URL."""

@@ -23,7 +23,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import liverus_cli  # noqa: E402
 from liverus.engine.runtime import resolve_channels_last, resolve_precision  # noqa: E402
 from liverus.models import build_model  # noqa: E402
 from train_throughput import liverus_step_fn, measure, plain_step_fn  # noqa: E402
@@ -39,14 +39,6 @@ from train_throughput import liverus_step_fn, measure, plain_step_fn  # noqa: E4
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("step", "epoch", "recipe")
 STEP_MODELS = ("custom_resnet50", "baseline_resnet50", "custom_efficientnet_lite0")
-
-
-def _cli(*args: str) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "liverus.cli", "--quiet", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"liverus {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    return time.perf_counter() - t0
 
 
 def part_step(size: int, batch: int, steps: int, out: dict) -> None:
@@ -81,7 +73,7 @@ def part_step(size: int, batch: int, steps: int, out: dict) -> None:
 
 def part_epoch(data: Path, tmp: Path, epochs: int, workers: int, out: dict, size: int = 224) -> None:
     run = tmp / "cnn_epoch"
-    wall = _cli("train", "--data", str(data), "--out", str(run), "--set", "model.name=custom_resnet50",
+    wall = liverus_cli("train", "--data", str(data), "--out", str(run), "--set", "model.name=custom_resnet50",
                 "--set", "data.crop=fan", "--set", f"data.image_size={size}", "--set", "data.augment=strong",
                 "--set", "data.group_by=near_duplicates", "--set", f"optim.epochs={epochs}",
                 "--set", "optim.batch_size=32", "--set", f"data.num_workers={workers}",
@@ -101,7 +93,7 @@ def part_epoch(data: Path, tmp: Path, epochs: int, workers: int, out: dict, size
 def part_recipe(data: Path, tmp: Path, out: dict) -> None:
     cache = tmp / "recipe_cache"
     for name in ("recipe", "recipe_again"):
-        wall = _cli("train", "--config", str(ROOT / "configs" / "aul_final.yaml"), "--data", str(data), "--out",
+        wall = liverus_cli("train", "--config", str(ROOT / "configs" / "aul_final.yaml"), "--data", str(data), "--out",
                     str(tmp / name), "--set", f"data.cache_dir={cache}")  # fmt: skip
         metrics = json.loads((tmp / name / "metrics.json").read_text())
         out[name] = {"wall_s": round(wall, 1), "val_auc": metrics["val"]["metrics"].get("auc")}

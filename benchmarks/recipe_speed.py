@@ -31,7 +31,6 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, liverus_cli  # noqa: E402
 from liverus.data import load_cases, read_image, read_mask, select_task  # noqa: E402
 from liverus.data.radiomics import FEATURE_MEMO  # noqa: E402
 from liverus.engine.predictor import Predictor  # noqa: E402
@@ -162,19 +161,13 @@ def part_answer(pred: Predictor, cases: list, reps: int, out: dict, onnx: Path |
           f"(x{results['previous'] / results['now']:.2f}); target <= 0.5 s")  # fmt: skip
 
 
-def _cli(*args: str) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "liverus.cli", "--quiet", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"liverus {' '.join(args)} failed:\n{proc.stderr}")
-    return time.perf_counter() - t0
-
-
 def part_predict(model: Path, cases: list, reps: int, out: dict, tmp: Path) -> None:
     times = []
     for i, case in enumerate(cases[:reps]):
         box = ",".join(f"{v:g}" for v in _box(case))
-        times.append(_cli("predict", case.path, "--model", str(model), "--box", box, "--out", str(tmp / f"p{i}.csv")))
+        times.append(
+            liverus_cli("predict", case.path, "--model", str(model), "--box", box, "--out", str(tmp / f"p{i}.csv"))
+        )
     out["predict"] = {"reps": len(times), "median_s": statistics.median(times), "max_s": max(times)}
     median = statistics.median(times)
     print(f"liverus predict IMAGE --box (new process: start-up, loading, 4 boxes): median {median:.2f} s, slowest "
@@ -192,14 +185,14 @@ def part_folder(model: Path, cases: list, out: dict, tmp: Path, onnx: Path | Non
     for name, path in (("pytorch", model), ("onnx", onnx)):
         if path is None:
             continue
-        wall = _cli("predict", str(manifest), "--model", str(path), "--out", str(tmp / f"hundred_{name}.csv"))
+        wall = liverus_cli("predict", str(manifest), "--model", str(path), "--out", str(tmp / f"hundred_{name}.csv"))
         out["folder"][f"{name}_wall_s"] = wall
         print(f"liverus predict on a manifest of {len(cases)} images with boxes ({name}): {wall:.1f} s wall; target "
               "<= 60 s")  # fmt: skip
 
 
 def part_train(data: Path, out: dict, tmp: Path, name: str, cache: Path) -> None:
-    wall = _cli("train", "--config", str(ROOT / "configs" / "aul_final.yaml"), "--data", str(data), "--out",
+    wall = liverus_cli("train", "--config", str(ROOT / "configs" / "aul_final.yaml"), "--data", str(data), "--out",
                 str(tmp / name), "--set", f"data.cache_dir={cache}")  # fmt: skip
     out[name] = {"wall_s": wall}
     what = "from scratch (new cache)" if name == "train" else "again, into a new run folder sharing that cache"
@@ -208,9 +201,10 @@ def part_train(data: Path, out: dict, tmp: Path, name: str, cache: Path) -> None
 
 
 def part_study(data: Path, out: dict, folder: Path) -> None:
-    wall = _cli("compare", "--config", str(ROOT / "configs" / "aul_final.yaml"), "--data", str(data), "--repeats", "3",
-                "--set", "data.box_jitter=0.2", "--set", "data.test_lesion_from=box", "--models",
-                "radiomics_svm_efficientnet_lite0", "--out", str(folder))  # fmt: skip
+    config = str(ROOT / "configs" / "aul_final.yaml")
+    wall = liverus_cli("compare", "--config", config, "--data", str(data), "--repeats", "3",
+                       "--set", "data.box_jitter=0.2", "--set", "data.test_lesion_from=box", "--models",
+                       "radiomics_svm_efficientnet_lite0", "--out", str(folder))  # fmt: skip
     summary = json.loads((folder / "summary.json").read_text())
     out["study"] = {"wall_s": wall, "summary": str(folder / "summary.json")}
     print(f"3 x 5 nested study of the recipe (liverus compare, from scratch): {wall / 60:.1f} min; target <= 45 min")
