@@ -38,11 +38,14 @@ lint: venv
 docs: venv
 	@site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$site && rm -rf $$site
 
-# Regenerate the lock file from pyproject.toml (needs the package index).
+# Regenerate the lock file from pyproject.toml (needs the package index), then the ONNX deployment's (no PyTorch:
+# docs/deployment.md) from requirements-onnx.in, pinned to the same versions (it reads requirements.lock).
 lock: venv
 	$(BIN)/python -m pip install --quiet "pip-tools>=7.4,<8"
 	$(BIN)/pip-compile --quiet --extra test --strip-extras --no-emit-index-url --no-emit-find-links \
 	  --output-file $(LOCK) pyproject.toml
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements-onnx.lock requirements-onnx.in
 
 # Browser tests drive Debian's Chromium through Playwright; install it when missing (needs root or sudo).
 browser:

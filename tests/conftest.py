@@ -120,6 +120,8 @@ SLOW_FIXTURES = {
     "radiomics_run",
     "images",
     "onnx_file",
+    "cnn_onnx",
+    "feature_onnx",
     "tiny_run",
     "trained",
     "client",

@@ -364,7 +364,7 @@ def test_box_plus_segmenter_gives_a_mask_inside_the_box(radiomics_run_for_segmen
     spill = np.zeros((h, w), np.uint8)
     spill[10 : h - 10, 10 : w - 10] = 1
     proposal = LesionProposal(spill, (10, 10, w - 10, h - 10), 1.0)
-    monkeypatch.setattr(predictor_module, "propose_lesion", lambda *a: proposal)
+    monkeypatch.setattr(pred, "propose_lesion", lambda image: proposal)
     seen = {}
     real = predictor_module.preprocess
 

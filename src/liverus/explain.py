@@ -29,7 +29,7 @@ def run_explain(args: argparse.Namespace) -> int:
     predictor = Predictor.from_path(
         args.model, segmenter=getattr(args, "segmenter", None), box_average=getattr(args, "box_average", None)
     )
-    if predictor.model is None:
+    if not predictor.methods:
         raise ValueError("liverus explain needs the PyTorch model.pt (ONNX exports carry no maps)")
     features = predictor.has_contributions
     method = getattr(args, "method", "default")

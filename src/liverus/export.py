@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from liverus.engine.forward import normalize_images
-from liverus.engine.predictor import ONNX_METADATA_KEY
+from liverus.engine.onnx_runner import ONNX_METADATA_KEY
 from liverus.models import ModelCard, is_feature_model, load_model
 from liverus.utils import atomic_write_bytes
 

@@ -236,7 +236,7 @@ def _heatmap_files(
     Raises:
         ValueError: naming what is wrong.
     """
-    if predictor.model is None:
+    if not predictor.methods:
         raise ValueError("--heatmaps needs the PyTorch model.pt (ONNX exports carry no maps)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, run provenance, seeding."""
+"""Small shared helpers: atomic writes, run provenance, seeding, lazy exports, and the check for PyTorch."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ __all__ = [
     "seed_everything",
     "check_new_file",
     "to_plain",
+    "TORCH_PACKAGES",
+    "PyTorchMissingError",
+    "pytorch_missing_message",
+    "require_torch",
 ]
 
 
@@ -68,6 +72,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+# What only the PyTorch side of liverus imports: training, model.pt files, maps, the lesion segmenter, export. The
+# install for ONNX deployment (requirements-onnx.lock) has none of them, and `predict` / `serve` of an .onnx export
+# never import them.
+TORCH_PACKAGES = frozenset({"torch", "torchvision", "timm", "captum", "pytorch_grad_cam", "albumentations"})
+
+
+class PyTorchMissingError(ModuleNotFoundError):
+    """A feature that needs PyTorch was asked of an install without it (the ONNX-only deployment). The message says
+    what needed it and how to install the full liverus; the command line prints it without a traceback."""
+
+
+def pytorch_missing_message(feature: str, package: str = "torch") -> str:
+    """Why ``feature`` cannot run here (``package`` cannot be imported) and what to install."""
+    return (
+        f"{feature} needs PyTorch, and {package} cannot be imported here (the ONNX-only install of liverus leaves it "
+        "out). Install the full liverus: `pip install -r requirements.lock` in the liverus source folder (what "
+        "`make venv` does). ONNX exports run without it: `liverus export MODEL.pt --out MODEL.onnx` where PyTorch "
+        "is installed, then `liverus predict` or `liverus serve` with `--model MODEL.onnx`"
+    )
+
+
+def require_torch(feature: str) -> None:
+    """Import torch, or raise :class:`PyTorchMissingError` saying that ``feature`` needs it and how to install it."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise PyTorchMissingError(pytorch_missing_message(feature), name="torch") from exc
 
 
 def _git_commit() -> str:

@@ -24,6 +24,7 @@ from liverus.cli import (
     segment_commands,
     train_commands,
 )
+from liverus.utils import TORCH_PACKAGES, PyTorchMissingError, pytorch_missing_message
 
 __all__ = ["main", "build_parser"]
 
@@ -90,4 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     # output that exists (RunExistsError, check_new_file) is a FileExistsError that does too.
     except (ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # In the ONNX-only install (no PyTorch), a command or option that needs PyTorch says so and how to install it,
+    # rather than ending in a traceback.
+    except PyTorchMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TORCH_PACKAGES:
+            raise
+        print(f"error: {pytorch_missing_message(f'liverus {args.command}', exc.name)}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from liverus.data.preprocess import (
     lesion_box,
     model_pixels,
     preprocess,
+    view_names,
 )
 from liverus.utils import lazy_exports
 
@@ -105,5 +106,6 @@ __all__ = [
     "select_task",
     "shortcut_check",
     "train_val_test_split",
+    "view_names",
     "write_manifest",
 ]

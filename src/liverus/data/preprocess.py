@@ -28,6 +28,7 @@ __all__ = [
     "box_variants",
     "box_to_mask",
     "model_pixels",
+    "view_names",
     "VIEW_PLANES",
     "INTENSITY_MODES",
     "standardize_to_background",
@@ -173,6 +174,12 @@ class Preprocessed:
 
 
 VIEW_PLANES = 3  # image, scan area, lesion: the planes of one view in a stacked array
+
+
+def view_names(crop: str, scan_view: bool) -> list[str]:
+    """What each view of a model's input shows, in order, from its preprocessing (``crop``, ``scan_view``)."""
+    first = "lesion crop" if crop == "roi" else "image"
+    return [first] + (["whole scan"] if scan_view else [])
 
 
 def model_pixels(stacked: np.ndarray, lesion_channel: bool) -> np.ndarray:

@@ -2,10 +2,13 @@
 
 * :mod:`~liverus.engine.runtime`: device, autocast dtype and memory format from ``auto`` settings;
 * :mod:`~liverus.engine.forward`: pixels -> normalised input -> probabilities, over a batch or a loader;
+* :mod:`~liverus.engine.averaging`: one case's probabilities from several inputs of it (numpy only);
 * :mod:`~liverus.engine.predictions`: the per-case predictions CSV (writer and reader);
 * :mod:`~liverus.engine.heatmaps`: Grad-CAM, attention maps and overlays;
 * :mod:`~liverus.engine.contributions`: a feature model's decision split between its feature groups (Shapley);
-* :mod:`~liverus.engine.predictor`: :class:`Predictor`, a loaded model (or ONNX export) with its card.
+* :mod:`~liverus.engine.predictor`: :class:`Predictor`, a loaded model (or ONNX export) with its card, which runs
+  it through :mod:`~liverus.engine.torch_runner` (``model.pt``) or :mod:`~liverus.engine.onnx_runner` (an ONNX
+  export; no PyTorch imported).
 """
 
 from liverus.utils import lazy_exports

@@ -28,7 +28,6 @@ from liverus.engine.forward import model_input
 __all__ = [
     "OcclusionGrid",
     "image_channels",
-    "view_names",
     "hidden_images",
     "occlusion_maps",
     "malignancy_log_odds",
@@ -65,12 +64,6 @@ class OcclusionGrid:
             for c, x in enumerate(self.starts):
                 out[r * self.cells + c, y : y + self.window, x : x + self.window] = True
         return out
-
-
-def view_names(crop: str, scan_view: bool) -> list[str]:
-    """What each view of a model's input shows, in order, from its preprocessing (``crop``, ``scan_view``)."""
-    first = "lesion crop" if crop == "roi" else "image"
-    return [first] + (["whole scan"] if scan_view else [])
 
 
 def image_channels(in_chans_per_view: int, views: int) -> list[int]:

@@ -7,14 +7,13 @@ the same way everywhere it is used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from liverus.engine.averaging import average_probabilities  # its home before engine.averaging; still importable
 from liverus.models.card import ModelCard
 from liverus.utils import STAGES
 
@@ -101,25 +100,6 @@ def predict_probs(
         probs.append(p.cpu())
         targets.append(torch.as_tensor(y))
     return torch.cat(probs).numpy(), torch.cat(targets).numpy()
-
-
-def average_probabilities(probs: Sequence[np.ndarray]) -> np.ndarray:
-    """One case's probabilities from several inputs of it (the boxes of ``box_average``): the softmax of the mean
-    log-probability, which for two classes is the mean log-odds. Averaging log-odds rather than probabilities keeps
-    a feature model's contributions exact (they are additive in log-odds).
-
-    Args:
-        probs: K arrays (N, C) of the same N cases.
-
-    Returns:
-        (N, C) float32; ``probs[0]`` itself when K is 1.
-    """
-    if len(probs) == 1:
-        return probs[0]
-    log_p = np.log(np.clip(np.stack(probs).astype(np.float64), 1e-12, None)).mean(0)
-    log_p -= log_p.max(1, keepdims=True)
-    p = np.exp(log_p)
-    return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
 def eval_batch_size(world: int) -> int:

@@ -1,17 +1,23 @@
 """Heatmaps: Grad-CAM (pytorch-grad-cam) on the layer each backbone names, the model's own spatial-attention map,
-and colour overlays for people to look at."""
+and colour overlays for people to look at.
+
+Drawing (overlays, figures, saving) needs only numpy, OpenCV and matplotlib: ``predict`` and ``serve`` of an ONNX
+export import this module in an install without PyTorch. Computing a map imports torch where it runs.
+"""
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from liverus.data.io import write_png
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "has_gradcam_layers",
@@ -118,6 +124,7 @@ def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int =
     Returns:
         (N, H, W) heatmaps in [0, 1].
     """
+    import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -139,6 +146,8 @@ def attention_heatmap(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     Raises:
         ValueError: if the model has no spatial attention (baseline, ``no_spatial`` ablation).
     """
+    import torch.nn.functional as F
+
     model.eval()
     amap = model.spatial_attention_map(x)
     if amap is None:

@@ -1,19 +1,25 @@
 """One predictor for ``predict``, ``serve`` and ``explain``: a trained model (``model.pt``) or its ONNX export, with
 the :class:`~liverus.models.ModelCard` stored beside the weights, so deployment applies exactly what training
-validated."""
+validated.
+
+The predictor prepares the pixels (preprocessing, the lesion, the boxes averaged) and hands them to a runner: an
+:class:`~liverus.engine.onnx_runner.OnnxRunner` for an ``.onnx`` export, a
+:class:`~liverus.engine.torch_runner.TorchRunner` for a ``model.pt``. This module imports no PyTorch, nor does the
+ONNX runner: ``liverus predict`` and ``liverus serve`` of an export run in an install without it (docs/deployment.md,
+"Without PyTorch"). What needs the PyTorch model (maps, contributions, the segmenter) imports it where it runs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from liverus.data.preprocess import (
     PreprocessConfig,
@@ -22,30 +28,22 @@ from liverus.data.preprocess import (
     box_variants,
     model_pixels,
     preprocess,
+    view_names,
 )
-from liverus.data.radiomics import feature_matrix
-from liverus.engine.attribution import image_channels, malignancy_log_odds, occlusion_maps, view_names
-from liverus.engine.contributions import (
-    Contributions,
-    contributions_figure,
-    feature_contributions,
-    has_feature_groups,
-)
-from liverus.engine.forward import average_probabilities, model_input, probabilities
-from liverus.engine.heatmaps import (
-    attention_heatmap,
-    attribution_figure,
-    gradcam_heatmap,
-    has_gradcam_layers,
-    heatmap_figure,
-)
-from liverus.engine.runtime import inference_amp
-from liverus.engine.segment import propose_lesion
-from liverus.models import ModelCard, load_model
+from liverus.engine.averaging import average_probabilities
+from liverus.engine.heatmaps import attribution_figure, heatmap_figure
+from liverus.engine.onnx_runner import ONNX_METADATA_KEY, OnnxRunner
+from liverus.models.card import ModelCard
+from liverus.utils import require_torch
+
+if TYPE_CHECKING:
+    import torch
+
+    from liverus.engine.contributions import Contributions
+    from liverus.engine.segment import LesionProposal
+    from liverus.engine.torch_runner import TorchRunner
 
 __all__ = ["Predictor", "Prediction", "ONNX_METADATA_KEY"]
-
-ONNX_METADATA_KEY = "liverus"
 
 
 @dataclass
@@ -62,20 +60,28 @@ class Predictor:
     Use :meth:`from_path` with a ``model.pt`` written by the trainer or an ``.onnx`` file written by
     ``liverus export``. Calls are serialised with a lock, so one predictor can serve concurrent requests.
 
+    Args:
+        card: the model card.
+        runner: what computes the class probabilities of prepared pixels (:class:`~.onnx_runner.OnnxRunner` or
+            :class:`~.torch_runner.TorchRunner`).
+        segmenter: ``(model, card)`` of a lesion segmenter, or None.
+
     Raises:
         ValueError: for a model that is not binary or carries no preprocessing settings.
     """
 
-    def __init__(self, *, card: ModelCard, model: torch.nn.Module | None = None, session=None, segmenter=None) -> None:
-        self.model = model
-        self.session = session
-        self.radiomics_input: dict | None = None  # set for an exported feature model (see from_path)
+    def __init__(
+        self,
+        *,
+        card: ModelCard,
+        runner: OnnxRunner | TorchRunner,
+        segmenter: tuple[torch.nn.Module, ModelCard] | None = None,
+    ) -> None:
+        self.runner = runner
         self.card = card
         # (model, card) of a lesion segmenter: proposes the lesion where none is given, and the mask inside a box.
         self.segmenter = segmenter
         self.preprocess_cfg: PreprocessConfig = card.require_preprocess(card.model_name)
-        # The precision the card validated (bf16 only where it moved no validation probability by 0.005).
-        self.amp = inference_amp(card.precision, torch.device("cpu"))
         self._lock = threading.Lock()
         if not card.is_binary:
             raise ValueError("prediction supports binary (benign / malignant) models")
@@ -90,7 +96,8 @@ class Predictor:
     def from_path(
         cls, path: str | Path, *, segmenter: str | Path | None = None, box_average: int | None = None
     ) -> Predictor:
-        """Load ``model.pt`` or an exported ``.onnx`` (and optionally a lesion segmenter's ``model.pt``).
+        """Load ``model.pt`` or an exported ``.onnx`` (and optionally a lesion segmenter's ``model.pt``). An ``.onnx``
+        export never imports PyTorch; a ``model.pt`` and a segmenter do.
 
         Args:
             path: the model.
@@ -101,42 +108,61 @@ class Predictor:
         Raises:
             ValueError: if a file is not a liverus model, ONNX export or segmenter, or ``box_average`` is out of
                 range.
+            liverus.utils.PyTorchMissingError: for a ``model.pt`` or a segmenter where PyTorch is not installed,
+                saying how to install it.
         """
         path = Path(path)
-        if segmenter is not None or box_average is not None:
-            pred = cls.from_path(path)
-            if segmenter is not None:
-                from liverus.models.segmentation import load_segmenter
-
-                pred.segmenter = load_segmenter(segmenter)
-            if box_average is not None:
-                pred.preprocess_cfg = dataclasses.replace(pred.preprocess_cfg, box_average=box_average)
-            return pred
         if path.suffix.lower() == ".onnx":
-            import onnxruntime as ort
+            runner, card = OnnxRunner.load(path)
+        else:
+            require_torch(f"the PyTorch model {path}")
+            from liverus.engine.torch_runner import TorchRunner
 
-            if not path.is_file():
-                raise ValueError(f"ONNX file {path} does not exist")
-            try:
-                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            except Exception as exc:
-                raise ValueError(f"{path} could not be loaded by ONNX Runtime: {exc}") from exc
-            props = session.get_modelmeta().custom_metadata_map
-            if ONNX_METADATA_KEY not in props:
-                raise ValueError(f"{path} has no liverus metadata; export it with `liverus export`")
-            meta = json.loads(props[ONNX_METADATA_KEY])
-            card = ModelCard.from_dict(meta, source=path)
-            card.require_preprocess(path)
-            pred = cls(card=card, session=session)
-            pred.radiomics_input = meta.get("radiomics")  # an exported feature model: its radiomics are computed here
-            return pred
-        model, card = load_model(path)
+            runner, card = TorchRunner.load(path)
         card.require_preprocess(path)
-        return cls(card=card, model=model)
+        pred = cls(card=card, runner=runner)
+        if segmenter is not None:
+            require_torch(f"the lesion segmenter {segmenter} (--segmenter)")
+            from liverus.models.segmentation import load_segmenter
+
+            pred.segmenter = load_segmenter(segmenter)
+        if box_average is not None:
+            pred.preprocess_cfg = dataclasses.replace(pred.preprocess_cfg, box_average=box_average)
+        return pred
 
     @property
     def backend(self) -> str:
-        return "onnxruntime" if self.session is not None else "pytorch"
+        """``pytorch`` or ``onnxruntime``."""
+        return self.runner.backend
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The PyTorch model; None for an ONNX export."""
+        return getattr(self.runner, "model", None)
+
+    @property
+    def session(self) -> Any:
+        """The ONNX Runtime session of an export; None for a PyTorch model."""
+        return getattr(self.runner, "session", None)
+
+    def _torch(self, what: str) -> TorchRunner:
+        """The PyTorch runner, for ``what`` needs the model's weights.
+
+        Raises:
+            ValueError: for an ONNX export, saying to use model.pt.
+        """
+        if self.runner.backend != "pytorch":
+            raise ValueError(f"{what} need the PyTorch model (model.pt), not the ONNX export")
+        return self.runner
+
+    def propose_lesion(self, image: np.ndarray) -> LesionProposal:
+        """The lesion the loaded segmenter finds in a gray float image (see :attr:`segmenter`)."""
+        # The segmenter is a PyTorch model: its code is imported only where one was loaded.
+        from liverus.engine.segment import propose_lesion
+
+        if self.segmenter is None:
+            raise ValueError("no lesion segmenter is loaded; give --segmenter SEG.pt")
+        return propose_lesion(*self.segmenter, image)
 
     def prepare(
         self, image: np.ndarray, *, lesion: np.ndarray | None = None, box: tuple[float, ...] | None = None
@@ -152,7 +178,7 @@ class Predictor:
         source = "user mask" if given else "user box" if box is not None else ""
         # The segmenter runs only where its answer is used: no lesion given, or a box whose mask the model reads.
         if self.needs_lesion and not given and self.segmenter is not None and (box is None or cfg.lesion_channel):
-            proposal = propose_lesion(*self.segmenter, image)
+            proposal = self.propose_lesion(image)
             if box is None:
                 if proposal.box is None:
                     raise ValueError(f"the segmenter found no lesion; {self.lesion_hint}")
@@ -182,12 +208,12 @@ class Predictor:
     def has_heatmaps(self) -> bool:
         """Whether Grad-CAM heatmaps exist: a PyTorch model with a convolutional layer to look at (not an ONNX
         export, not a radiomics-only model)."""
-        return self.model is not None and has_gradcam_layers(self.model)
+        return self.backend == "pytorch" and self.runner.has_gradcam
 
     @property
     def has_contributions(self) -> bool:
         """Whether the decision splits into lesion-feature groups: the PyTorch model of a feature model."""
-        return self.model is not None and has_feature_groups(self.model)
+        return self.backend == "pytorch" and self.runner.has_feature_groups
 
     def contributions(self, pre: list[Preprocessed]) -> Contributions:
         """Each feature group's Shapley contribution to the log-odds of malignancy (:mod:`..contributions`).
@@ -195,26 +221,28 @@ class Predictor:
         Raises:
             ValueError: for ONNX exports and for CNNs, saying what to use instead.
         """
-        if self.model is None:
-            raise ValueError("feature contributions need the PyTorch model (model.pt), not the ONNX export")
+        runner = self._torch("feature contributions")
         expanded, owner = _with_variants(pre)
-        x = model_input(torch.from_numpy(self._pixels(expanded)), self.card)
+        pixels = self._pixels(expanded)
         with self._lock:
-            per_input = feature_contributions(self.model, x)
+            per_input = runner.contributions(pixels)
 
         # Shapley values are linear in the game: those of the mean log-odds over a case's boxes are their mean.
         def per_case(a: np.ndarray) -> np.ndarray:
             return np.stack([a[owner == i].mean(0) for i in range(len(pre))])
 
-        return Contributions(
-            per_input.groups, per_case(per_input.values), per_case(per_input.baseline), per_case(per_input.logit),
-            per_input.quantiles,
+        return dataclasses.replace(
+            per_input, values=per_case(per_input.values), baseline=per_case(per_input.baseline),
+            logit=per_case(per_input.logit),
         )  # fmt: skip
 
     def contributions_chart(self, pre: Preprocessed, probability: float) -> tuple[Contributions, np.ndarray]:
         """One image's :meth:`contributions` and their chart (with where the training lesions of each class put
         each group, when the model keeps them), as ``predict``, ``explain`` and the page show it."""
         found = self.contributions([pre])
+        # Imported once contributions() has found the PyTorch model: the module imports torch.
+        from liverus.engine.contributions import contributions_figure
+
         chart = contributions_figure(
             found.as_dicts()[0], probability=probability, baseline_probability=float(found.baseline_probability[0]),
             context=found.training_context(),
@@ -243,33 +271,22 @@ class Predictor:
         expanded, owner = _with_variants(pre)
         pixels = self._pixels(expanded)
         with self._lock:
-            if self.session is not None:
-                probs = self.session.run(["probabilities"], self._session_inputs(pixels))[0]
-            else:
-                with torch.inference_mode():
-                    probs = probabilities(self.model, torch.from_numpy(pixels), self.card, amp=self.amp).numpy()
+            probs = self.runner.class_probabilities(pixels)
         return _per_case(probs, owner, len(pre))
-
-    def _session_inputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """An ONNX export's inputs for uint8 model pixels: the image in [0, 1], and for an exported feature model the
-        radiomics of the lesion crop (its gray pixels and mask, channels 0 and 1), which the graph does not hold."""
-        inputs = {"image": pixels.astype(np.float32) / 255.0}
-        if self.radiomics_input is not None:
-            rad = feature_matrix(pixels[:, 0], pixels[:, 1] > 127, run_length=bool(self.radiomics_input["run_length"]))
-            inputs["radiomics"] = rad.astype(np.float32)
-        return inputs
 
     def member_range(self, pre: list[Preprocessed]) -> np.ndarray | None:
         """For an ensemble (the recommended model: its five fold models), the lowest and highest of the members'
         probabilities of malignancy for each image (each averaged over the image's boxes as the ensemble's is):
         how much the answer depends on which training lesions a member saw. Returns: (N, 2), or None for a single
         model or an ONNX export."""
-        if self.model is None or not hasattr(self.model, "member_probabilities"):
+        if self.backend != "pytorch":
             return None
         expanded, owner = _with_variants(pre)
-        x = model_input(torch.from_numpy(self._pixels(expanded)), self.card)
-        with self._lock, torch.inference_mode():
-            probs = self.model.member_probabilities(x).numpy()  # (M, inputs, 2)
+        pixels = self._pixels(expanded)
+        with self._lock:
+            probs = self.runner.member_probabilities(pixels)  # (M, inputs, 2)
+        if probs is None:
+            return None
         per_case = np.stack([_per_case(m, owner, len(pre)) for m in probs])  # (M, N)
         return np.stack([per_case.min(0), per_case.max(0)], axis=1)
 
@@ -286,13 +303,13 @@ class Predictor:
         """The maps this model has: ``occlusion`` of the first view (any PyTorch model), ``occlusion_views`` of every
         view (two-view models: the lesion crop and the whole scan), ``gradcam`` (a convolutional layer to look at),
         ``attention`` (a spatial-attention module). None for an ONNX export."""
-        if self.model is None:
+        if self.backend != "pytorch":
             return ()
         return (
             ("occlusion",)
             + ("occlusion_views",) * (self.card.views > 1)
             + ("gradcam",) * self.has_heatmaps
-            + ("attention",) * bool(self.has_heatmaps and self.model.has_spatial_attention)
+            + ("attention",) * bool(self.has_heatmaps and self.runner.has_spatial_attention)
         )
 
     @property
@@ -302,7 +319,7 @@ class Predictor:
         (their decision is mostly the radiomics, which Grad-CAM of the frozen backbone cannot see); for CNNs no map
         did, so none is shown by default and each is drawn on request with that said. None also for an ONNX
         export."""
-        if self.model is None or not self.has_contributions and self.has_heatmaps:
+        if self.backend != "pytorch" or not self.has_contributions and self.has_heatmaps:
             return None
         return "occlusion"
 
@@ -345,16 +362,10 @@ class Predictor:
         """Occlusion maps (:func:`~liverus.engine.attribution.occlusion_maps`) of the first ``views`` views (None:
         every view) of each image (the box as given, not its averaged variants). Returns: (N, views, S, S) in
         log-odds of malignancy."""
-        if self.model is None:
-            raise ValueError("occlusion maps need the PyTorch model (model.pt), not the ONNX export")
-        pixels = torch.from_numpy(self._pixels(pre)).float() / 255.0
-        per_view = 2 if self.preprocess_cfg.lesion_channel else 1
+        runner = self._torch("occlusion maps")
+        pixels = self._pixels(pre)
         with self._lock:
-            self.model.eval()
-            return occlusion_maps(
-                malignancy_log_odds(self.model, self.card), pixels,
-                image_channels(per_view, self.card.views)[:views], cells=cells,
-            )  # fmt: skip
+            return runner.occlusion(pixels, views=views, cells=cells)
 
     def heatmap(self, pre: Preprocessed, method: str = "gradcam") -> np.ndarray:
         """A [0, 1] heatmap (S, S) on the preprocessed image: Grad-CAM for the malignant class, or the model's own
@@ -389,13 +400,10 @@ class Predictor:
 
     def heatmaps(self, pre: list[Preprocessed], method: str = "gradcam") -> np.ndarray:
         """:meth:`heatmap` for several images in one pass. Returns: (N, S, S)."""
-        if self.model is None:
-            raise ValueError("heatmaps need the PyTorch model (model.pt), not the ONNX export")
-        x = model_input(torch.from_numpy(self._pixels(pre)), self.card)
+        runner = self._torch("heatmaps")
+        pixels = self._pixels(pre)
         with self._lock:
-            if method == "attention":
-                return attention_heatmap(self.model, x)
-            return gradcam_heatmap(self.model, x)
+            return runner.heatmaps(pixels, method)
 
 
 def _per_case(probs: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liverus.data import CaseCache, model_pixels
+from liverus.data import CaseCache, model_pixels, view_names
 from liverus.engine.attribution import (
     OcclusionGrid,
     cell_order,
@@ -22,7 +22,6 @@ from liverus.engine.attribution import (
     image_channels,
     malignancy_log_odds,
     occlusion_maps,
-    view_names,
 )
 from liverus.engine.forward import model_input
 from liverus.engine.heatmaps import attention_heatmap, gradcam_heatmap, has_gradcam_layers

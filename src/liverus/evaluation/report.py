@@ -32,7 +32,8 @@ from liverus.data import (
     prepare_cases,
     select_task,
 )
-from liverus.engine.forward import average_probabilities, eval_batch_size, predict_probs
+from liverus.engine.averaging import average_probabilities
+from liverus.engine.forward import eval_batch_size, predict_probs
 from liverus.engine.predictions import Predictions, read_predictions, write_predictions
 from liverus.engine.runtime import inference_amp
 from liverus.evaluation.aggregate import LEVELS, aggregate_predictions

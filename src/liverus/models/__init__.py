@@ -1,31 +1,39 @@
 """Models: attention blocks, the parallel-attention ``CustomModel``, the baseline and the registry."""
 
-from liverus.models.backbones import BACKBONES, WeightsInfo, adapt_input_conv, build_backbone
-from liverus.models.blocks import ChannelAttention, SEBlock, SpatialAttention
+# The card is light (dataclasses); it is what an ONNX export carries, read without PyTorch.
 from liverus.models.card import ModelCard
-from liverus.models.classifier import BaselineModel, CustomModel, LesionClassifier, LinearHead
-from liverus.models.ensemble import EnsembleClassifier
-from liverus.models.features import LesionFeatureModel
-from liverus.models.heads import ParallelAttentionHead
-from liverus.models.registry import (
-    MODELS,
-    build_model,
-    canonical_model_name,
-    count_flops,
-    count_parameters,
-    default_card,
-    has_frozen_backbone,
-    is_feature_model,
-    is_fitted_model,
-    is_known_model,
-    is_scan_model,
-    list_models,
-    load_card,
-    load_model,
-    register_model,
-    save_model,
-)
-from liverus.models.scan_features import ScanFeatureModel
+from liverus.utils import lazy_exports
+
+# The networks import torch: loaded when first used (see lazy_exports), so that `predict` and `serve` of an ONNX
+# export, which read only the card, run in an install without PyTorch.
+_EXPORTS = {
+    "backbones": ("BACKBONES", "WeightsInfo", "adapt_input_conv", "build_backbone"),
+    "blocks": ("ChannelAttention", "SEBlock", "SpatialAttention"),
+    "classifier": ("BaselineModel", "CustomModel", "LesionClassifier", "LinearHead"),
+    "ensemble": ("EnsembleClassifier",),
+    "features": ("LesionFeatureModel",),
+    "heads": ("ParallelAttentionHead",),
+    "scan_features": ("ScanFeatureModel",),
+    "registry": (
+        "MODELS",
+        "build_model",
+        "canonical_model_name",
+        "count_flops",
+        "count_parameters",
+        "default_card",
+        "has_frozen_backbone",
+        "is_feature_model",
+        "is_fitted_model",
+        "is_known_model",
+        "is_scan_model",
+        "list_models",
+        "load_card",
+        "load_model",
+        "register_model",
+        "save_model",
+    ),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "BACKBONES",

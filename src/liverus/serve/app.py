@@ -45,7 +45,6 @@ from liverus.data.io import DataError
 from liverus.data.uploads import ALLOWED_KINDS, decode_upload, sniff_kind
 from liverus.engine.heatmaps import overlay
 from liverus.engine.predictor import Predictor
-from liverus.engine.segment import propose_lesion
 from liverus.evaluation.aggregate import mean_log_odds
 from liverus.serve.batching import DynamicBatcher
 from liverus.serve.forms import Form, FormError, read_form
@@ -187,7 +186,7 @@ class _Service:
         out = {"image": _png_b64(u8), "width": int(img.shape[1]), "height": int(img.shape[0]), "file_type": kind}
         if self.proposes_box:
             # The radiologist sees the proposed lesion box drawn and accepts it or draws another.
-            proposal = await run_in_threadpool(propose_lesion, *self.predictor.segmenter, img)
+            proposal = await run_in_threadpool(self.predictor.propose_lesion, img)
             out["proposed_box"] = [round(v, 1) for v in proposal.box] if proposal.box else None
         return out
 

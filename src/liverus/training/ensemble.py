@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from liverus import __version__
 from liverus.data import Case, CaseCache, UltrasoundDataset, kfold_splits
-from liverus.engine.forward import average_probabilities, eval_batch_size, predict_probs
+from liverus.engine.averaging import average_probabilities
+from liverus.engine.forward import eval_batch_size, predict_probs
 from liverus.engine.predictions import read_predictions, write_predictions
 from liverus.engine.runtime import inference_amp
 from liverus.evaluation.stats import apply_temperature, fit_temperature

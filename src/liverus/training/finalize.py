@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from liverus.data import DataError
-from liverus.engine.forward import average_probabilities
+from liverus.engine.averaging import average_probabilities
 from liverus.engine.predictions import write_predictions
 from liverus.engine.runtime import precision_name
 from liverus.evaluation.metrics import operating_points
