@@ -3,6 +3,7 @@ changing them, it survives saving and ONNX export, and it trains and evaluates f
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -150,3 +151,39 @@ def test_three_class_recipe_trains_and_evaluates_from_the_command_line(tmp_path)
     metrics = json.loads((ev / "metrics.json").read_text())["evaluation"]
     assert set(metrics["per_class"]) == {"normal", "benign", "malignant"}
     assert metrics["macro"]["pr_auc"] > 0.5  # the phantom's classes differ visibly: far above chance (~0.33)
+
+    # Bare images in, three probabilities out: from model.pt and from its ONNX export, the same answers.
+    images = sorted((run / "phantom").glob("*/*.png"))[:2] + sorted((run / "phantom" / "normal").glob("*.png"))[:2]
+    p = subprocess.run([*cli, "export", str(run / "model.pt"), "--out", str(tmp_path / "m.onnx")], capture_output=True,
+                       text=True, timeout=900)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    answers = {}
+    for name in ("model.pt", "m.onnx"):
+        model = run / name if name == "model.pt" else tmp_path / name
+        out = tmp_path / f"{name}.csv"
+        p = subprocess.run([*cli, "predict", *map(str, images), "--model", str(model), "--out", str(out)],
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert p.returncode == 0, p.stdout + p.stderr
+        with open(out) as fh:
+            rows = list(csv.DictReader(fh))
+        assert list(rows[0])[:6] == ["path", "status", "p_normal", "p_benign", "p_malignant", "label"]
+        probs = np.array([[float(r[f"p_{c}"]) for c in ("normal", "benign", "malignant")] for r in rows])
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+        assert [r["label"] for r in rows] == [("normal", "benign", "malignant")[i] for i in probs.argmax(1)]
+        assert {r["lesion_source"] for r in rows} == {"not used (whole image)"}
+        answers[name] = probs
+    np.testing.assert_allclose(answers["m.onnx"], answers["model.pt"], atol=1e-4)
+
+    # The web API answers the same for an uploaded image, with no box.
+    from fastapi.testclient import TestClient
+
+    from liverus.engine.predictor import Predictor
+    from liverus.serve.app import create_app
+
+    with TestClient(create_app(Predictor.from_path(run / "model.pt"), max_upload_bytes=2_000_000)) as client:
+        assert client.get("/api/health").json()["classes"] == ["normal", "benign", "malignant"]
+        answer = client.post("/api/predict?heatmap=false", files={"file": images[-1].read_bytes()}).json()
+    assert answer["threshold"] is None and answer["operating_points"] == {}
+    served = [answer["class_probabilities"][c] for c in ("normal", "benign", "malignant")]
+    np.testing.assert_allclose(served, answers["model.pt"][-1], atol=1e-6)
+    assert answer["label"] == max(answer["class_probabilities"], key=answer["class_probabilities"].get)

@@ -25,9 +25,27 @@ from liverus.engine.predictor import Predictor
 from liverus.evaluation.aggregate import LEVELS, aggregate_predictions
 from liverus.utils import atomic_write_json, atomic_write_text, check_new_file
 
-__all__ = ["predict_files", "heatmap_names", "run_predict", "COLUMNS"]
+__all__ = ["predict_files", "heatmap_names", "run_predict", "COLUMNS", "THREE_CLASS_COLUMNS", "columns"]
 
 COLUMNS = ["path", "status", "p_malignant", "label", "threshold", "operating_points", "lesion_source", "model", "error"]
+# A three-class model's rows: every class's probability and the most probable class (no threshold, no operating
+# points: they are the binary model's).
+THREE_CLASS_COLUMNS = [
+    "path",
+    "status",
+    "p_normal",
+    "p_benign",
+    "p_malignant",
+    "label",
+    "lesion_source",
+    "model",
+    "error",
+]
+
+
+def columns(predictor: Predictor) -> list[str]:
+    """The CSV columns of ``predictor``'s rows (before the optional ones)."""
+    return THREE_CLASS_COLUMNS if predictor.is_three_class else COLUMNS
 
 
 def heatmap_names(files: list[str], folder: str | Path, method: str = "gradcam") -> dict[str, Path]:
@@ -100,26 +118,17 @@ def predict_files(
                 rows[i] = _error_row(item.path, exc.problem if isinstance(exc, DataError) else str(exc))
         if pre:
             scored = _score(predictor, pre)
-            for i, (pp, img, (p, share, problem)) in zip(good, zip(pre, originals, scored, strict=True), strict=True):
+            for i, (pp, img, (probs, share, problem)) in zip(good, zip(pre, originals, scored, strict=True),
+                                                             strict=True):  # fmt: skip
                 if problem is not None:
                     rows[i] = _error_row(items[i].path, problem)
                     continue
                 item = items[i]
+                p = float(probs[-1])
                 source = pp.lesion_source if predictor.needs_lesion else "not used (whole image)"
-                row = {
-                    "path": printable(item.path),
-                    "status": "ok",
-                    "p_malignant": round(float(p), 6),
-                    "label": predictor.card.label(p),
-                    "threshold": round(predictor.threshold, 6),
-                    # The named operating points this probability reaches (rule_out, youden, rule_in).
-                    "operating_points": ";".join(predictor.card.crossed(p)),
-                    "lesion_source": source,
-                    "model": predictor.name,
-                    "error": "",
-                    "lesion_id": item.lesion_id,
-                    "patient_id": item.patient_id,
-                }
+                row = {"path": printable(item.path), "status": "ok", **_answer(predictor, probs),
+                       "lesion_source": source, "model": predictor.name, "error": "", "lesion_id": item.lesion_id,
+                       "patient_id": item.patient_id}  # fmt: skip
                 if share is not None:
                     row["contributions"] = share
                 if heatmaps is not None:
@@ -135,15 +144,32 @@ def predict_files(
     return [rows[i] for i in range(len(items))]
 
 
-def _score(predictor: Predictor, pre: list) -> list[tuple[float | None, dict | None, str | None]]:
-    """``(probability, contributions, problem)`` per prepared image. A batch is scored at once; when the model
-    refuses one of its images (a lesion too small for radiomics, say), each is scored alone, so that only that image
-    gets the error and the others their answers."""
+def _answer(predictor: Predictor, probs: np.ndarray) -> dict:
+    """A row's answer from one image's class probabilities: the probability of malignancy, the label at the stored
+    threshold and the operating points it reaches; for a three-class model every class's probability and the most
+    probable class."""
+    p = float(probs[-1])
+    if predictor.is_three_class:
+        answer = {f"p_{name}": round(float(q), 6) for name, q in zip(predictor.classes, probs, strict=True)}
+        return {**answer, "label": predictor.label_of(probs)}
+    return {
+        "p_malignant": round(p, 6),
+        "label": predictor.card.label(p),
+        "threshold": round(predictor.threshold, 6),
+        # The named operating points this probability reaches (rule_out, youden, rule_in).
+        "operating_points": ";".join(predictor.card.crossed(p)),
+    }
 
-    def batch(part: list) -> list[tuple[float, dict | None, None]]:
-        probs = predictor.probabilities(part)
+
+def _score(predictor: Predictor, pre: list) -> list[tuple[np.ndarray | None, dict | None, str | None]]:
+    """``(class probabilities, contributions, problem)`` per prepared image. A batch is scored at once; when the
+    model refuses one of its images (a lesion too small for radiomics, say), each is scored alone, so that only that
+    image gets the error and the others their answers."""
+
+    def batch(part: list) -> list[tuple[np.ndarray, dict | None, None]]:
+        probs = predictor.class_probabilities(part)
         shares = predictor.contributions(part).as_dicts() if predictor.has_contributions else [None] * len(part)
-        return [(float(p), s, None) for p, s in zip(probs, shares, strict=True)]
+        return [(p, s, None) for p, s in zip(probs, shares, strict=True)]
 
     try:
         return batch(pre)
@@ -158,7 +184,7 @@ def aggregated_rows(rows: list[dict], predictor: Predictor) -> dict[str, list[di
     log-odds of its images, a patient's the highest of their lesions'), from the images answered; empty where the
     inputs name no lesions (patients)."""
     ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
+    if not ok or predictor.is_three_class:  # a lesion's or patient's answer is a probability of malignancy
         return {}
     p = np.array([r["p_malignant"] for r in ok])
     meta = [{"lesion_id": r.get("lesion_id", ""), "patient_id": r.get("patient_id", "")} for r in ok]
@@ -203,7 +229,7 @@ def run_predict(args: argparse.Namespace) -> int:
     method = getattr(args, "heatmap_method", "default")
     if args.heatmaps:
         heatmaps, method = _heatmap_files(args.heatmaps, predictor, [it.path for it in items], method)
-    ids = any(it.lesion_id or it.patient_id for it in items)
+    ids = any(it.lesion_id or it.patient_id for it in items) and not predictor.is_three_class
     siblings = {level: out.with_name(f"{out.stem}_{level}s.csv") for level in LEVELS} if ids else {}
     if out.suffix.lower() == ".csv":
         for level, path in siblings.items():
@@ -218,7 +244,7 @@ def run_predict(args: argparse.Namespace) -> int:
         extra = ["lesion_id", "patient_id"] if ids else []
         extra += ["contributions"] if predictor.has_contributions else []
         extra += ["heatmap"] if heatmaps is not None else []
-        _write_csv(out, rows, extra, grouped, siblings)
+        _write_csv(out, rows, columns(predictor) + extra, grouped, siblings)
     _print_summary(out, rows, grouped, siblings, predictor)
     bad = [r for r in rows if r["status"] == "error"]
     return 1 if bad and not args.skip_bad else 0
@@ -262,6 +288,7 @@ def _write_json(out: Path, predictor: Predictor, rows: list[dict], grouped: dict
         {
             "model": predictor.name,
             "backend": predictor.backend,
+            "classes": list(predictor.classes),
             "operating_points": points,
             "predictions": rows,
             **{f"{level}s": v for level, v in grouped.items()},
@@ -270,11 +297,11 @@ def _write_json(out: Path, predictor: Predictor, rows: list[dict], grouped: dict
 
 
 def _write_csv(
-    out: Path, rows: list[dict], extra: list[str], grouped: dict[str, list[dict]], siblings: dict[str, Path]
+    out: Path, rows: list[dict], fields: list[str], grouped: dict[str, list[dict]], siblings: dict[str, Path]
 ) -> None:
-    """The rows as CSV (:data:`COLUMNS` and the ``extra`` ones), and each level's grouped rows in its sibling file."""
+    """The rows as CSV (the columns ``fields``), and each level's grouped rows in its sibling file."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     # One cell per image: "group=+0.41;group=-0.12", largest magnitude first.
     w.writerows(
@@ -304,7 +331,10 @@ def _print_summary(
     for r in bad:
         print(f"  failed: {r['path']}: {r['error']}", file=sys.stderr)
     probs = [r["p_malignant"] for r in rows if r["status"] == "ok"]
-    if probs:
+    if probs and predictor.is_three_class:
+        labels = [r["label"] for r in rows if r["status"] == "ok"]
+        print("  most probable class: " + ", ".join(f"{c} {labels.count(c)}" for c in predictor.classes))
+    elif probs:
         print(
             f"  p(malignant): mean {np.mean(probs):.3f}, {sum(p >= predictor.threshold for p in probs)} above the "
             f"threshold {predictor.threshold:.3f}"

@@ -86,12 +86,17 @@ def hidden_images(images: torch.Tensor, window: int) -> torch.Tensor:
 def malignancy_log_odds(model: torch.nn.Module, card) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function of model pixels (N, C, S, S), float in [0, 1], giving the model's log-odds of malignancy (N,).
 
-    ``model`` returns class logits or (ensembles) log-probabilities; their difference is the log-odds either way.
+    ``model`` returns class logits or (ensembles) log-probabilities; for two classes their difference is the
+    log-odds either way. With more classes (normal / benign / malignant) it is the log-odds of the last class,
+    malignant, against all the others.
     """
 
     def score(pixels: torch.Tensor) -> torch.Tensor:
         out = model(model_input(pixels, card)).float()
-        return out[:, 1] - out[:, 0]
+        if out.shape[1] == 2:
+            return out[:, 1] - out[:, 0]
+        log_p = torch.log_softmax(out, dim=1)
+        return log_p[:, -1] - torch.logsumexp(log_p[:, :-1], dim=1)
 
     return score
 

@@ -33,7 +33,7 @@ from liverus.data.preprocess import (
 from liverus.engine.averaging import average_probabilities
 from liverus.engine.heatmaps import attribution_figure, heatmap_figure
 from liverus.engine.onnx_runner import ONNX_METADATA_KEY, OnnxRunner
-from liverus.models.card import ModelCard
+from liverus.models.card import DEFAULT_CLASSES, ModelCard
 from liverus.utils import require_torch
 
 if TYPE_CHECKING:
@@ -50,8 +50,9 @@ __all__ = ["Predictor", "Prediction", "ONNX_METADATA_KEY"]
 class Prediction:
     probability: float  # of malignancy
     label: str
-    threshold: float
+    threshold: float  # nan for a three-class model (its label is the most probable class)
     preprocessed: Preprocessed
+    class_probabilities: dict[str, float] | None = None  # every class's, for a three-class model
 
 
 class Predictor:
@@ -83,8 +84,11 @@ class Predictor:
         self.segmenter = segmenter
         self.preprocess_cfg: PreprocessConfig = card.require_preprocess(card.model_name)
         self._lock = threading.Lock()
-        if not card.is_binary:
-            raise ValueError("prediction supports binary (benign / malignant) models")
+        if not card.is_binary and tuple(card.classes) != DEFAULT_CLASSES[3]:
+            raise ValueError(
+                f"prediction supports binary (benign / malignant) and three-class {DEFAULT_CLASSES[3]} models; "
+                f"{card.model_name} has the classes {tuple(card.classes)}"
+            )
 
     # The card's fields under the names the applications print.
     threshold = property(lambda self: self.card.threshold)
@@ -265,14 +269,31 @@ class Predictor:
     def _pixels(self, pre: list[Preprocessed]) -> np.ndarray:
         return model_pixels(np.stack([p.stacked() for p in pre]), self.preprocess_cfg.lesion_channel)
 
+    @property
+    def is_three_class(self) -> bool:
+        """Whether the model answers normal / benign / malignant (its label is then the most probable class)."""
+        return not self.card.is_binary
+
     def probabilities(self, pre: list[Preprocessed]) -> np.ndarray:
         """Returns: malignancy probabilities for preprocessed images, each averaged over its boxes
         (:attr:`Preprocessed.variants`) where it has them."""
+        return self.class_probabilities(pre)[:, -1]
+
+    def class_probabilities(self, pre: list[Preprocessed]) -> np.ndarray:
+        """Returns: (N, classes) probabilities of every class (the card's order; malignant last) for preprocessed
+        images, each averaged over its boxes where it has them (their mean log-probability)."""
         expanded, owner = _with_variants(pre)
         pixels = self._pixels(expanded)
         with self._lock:
             probs = self.runner.class_probabilities(pixels)
-        return _per_case(probs, owner, len(pre))
+        return _per_case_classes(probs, owner, len(pre))
+
+    def label_of(self, class_probabilities: np.ndarray) -> str:
+        """The label of one case's class probabilities: at the stored threshold for a binary model, the most
+        probable class for a three-class one."""
+        if self.is_three_class:
+            return self.card.classes[int(np.argmax(class_probabilities))]
+        return self.card.label(float(class_probabilities[-1]))
 
     def member_range(self, pre: list[Preprocessed]) -> np.ndarray | None:
         """For an ensemble (the recommended model: its five fold models), the lowest and highest of the members'
@@ -295,8 +316,17 @@ class Predictor:
             self.prepare(img, lesion=(lesions or [None] * len(images))[i], box=(boxes or [None] * len(images))[i])
             for i, img in enumerate(images)
         ]
-        probs = self.probabilities(pre)
-        return [Prediction(float(p), self.card.label(p), self.threshold, pp) for p, pp in zip(probs, pre, strict=True)]
+        probs = self.class_probabilities(pre)
+        return [
+            Prediction(
+                float(p[-1]),
+                self.label_of(p),
+                float("nan") if self.is_three_class else self.threshold,
+                pp,
+                dict(zip(self.card.classes, map(float, p), strict=True)) if self.is_three_class else None,
+            )
+            for p, pp in zip(probs, pre, strict=True)
+        ]
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -406,10 +436,15 @@ class Predictor:
             return runner.heatmaps(pixels, method)
 
 
+def _per_case_classes(probs: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Each case's class probabilities (n, C) from those of its inputs (its boxes, :func:`_with_variants`): the
+    softmax of their mean log-probability."""
+    return np.stack([average_probabilities(list(probs[owner == i, None]))[0] for i in range(n)])
+
+
 def _per_case(probs: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """Each case's probability of malignancy from the class probabilities (inputs, 2) of its inputs (its boxes,
-    :func:`_with_variants`): their mean log-odds."""
-    return np.array([average_probabilities(list(probs[owner == i, None]))[0, 1] for i in range(n)])
+    """Each case's probability of malignancy (the last class) from the class probabilities of its inputs."""
+    return _per_case_classes(probs, owner, n)[:, -1]
 
 
 def _with_variants(pre: list[Preprocessed]) -> tuple[list[Preprocessed], np.ndarray]:

@@ -90,7 +90,9 @@ class TorchRunner:
         return occlusion_maps(malignancy_log_odds(self.model, self.card), scaled, channels, cells=cells)
 
     def heatmaps(self, pixels: np.ndarray, method: str) -> np.ndarray:
-        """Grad-CAM for the malignant class, or (``attention``) the model's own spatial-attention map.
+        """Grad-CAM for the malignant class (the last), or (``attention``) the model's own spatial-attention map.
         Returns: (N, S, S) in [0, 1]."""
         x = self._input(pixels)
-        return attention_heatmap(self.model, x) if method == "attention" else gradcam_heatmap(self.model, x)
+        if method == "attention":
+            return attention_heatmap(self.model, x)
+        return gradcam_heatmap(self.model, x, target_class=len(self.card.classes) - 1)

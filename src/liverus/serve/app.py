@@ -170,6 +170,7 @@ class _Service:
             "model": p.name,
             "version": p.version,
             "backend": p.backend,
+            "classes": list(p.classes),
             "needs_box": self.needs_box,
             "proposes_box": self.proposes_box,
             "default_map": p.default_method,
@@ -190,9 +191,25 @@ class _Service:
             out["proposed_box"] = [round(v, 1) for v in proposal.box] if proposal.box else None
         return out
 
-    def verdict(self, prob: float) -> dict:
-        """What every answer says of a probability: label, threshold, operating points and the model."""
+    def verdict(self, prob: float, class_probabilities: np.ndarray | None = None) -> dict:
+        """What every answer says of a probability: label, threshold, operating points and the model. A three-class
+        model's answer gives every class's probability and the most probable class instead (``threshold`` null, no
+        operating points: they are a binary model's)."""
         p = self.predictor
+        if p.is_three_class:
+            return {
+                "probability_malignant": round(prob, 6),
+                "class_probabilities": {c: round(float(q), 6) for c, q in zip(p.classes, class_probabilities,
+                                                                             strict=True)},
+                "label": p.label_of(class_probabilities),
+                "threshold": None,
+                "operating_points": {},
+                "operating_point_rates": {},
+                "crossed": [],
+                "model": p.name,
+                "version": p.version,
+                "backend": p.backend,
+            }  # fmt: skip
         return {
             "probability_malignant": round(prob, 6),
             "label": p.card.label(prob),
@@ -219,8 +236,10 @@ class _Service:
         # Grad-CAM is batched with the other requests; occlusion scores its own hidden copies of this image.
         result = self.batcher.submit(pre, heatmap=method == "gradcam").result()
         prob = result.probability
+        # A three-class model's other classes (its whole-scan features are remembered, so this pass is cheap).
+        classes = p.class_probabilities([pre])[0] if p.is_three_class else None
         out = {
-            **self.verdict(prob),
+            **self.verdict(prob, classes),
             "file_type": kind,
             "box": list(box) if box else None,
             "lesion_source": pre.lesion_source,
@@ -248,6 +267,8 @@ class _Service:
     def analyse_lesion(self, form: Form) -> dict:
         """Several images of one lesion: each image's answer, and the lesion's (the mean log-odds of its images')."""
         files, boxes = form.lists.get("file", []), form.lists.get("box", [])
+        if self.predictor.is_three_class:
+            raise HTTPException(400, "a three-class model answers per image: send each image to /api/predict")
         if not files:
             raise HTTPException(400, "no file: send the lesion's images in repeated multipart fields 'file'")
         if len(files) > MAX_LESION_IMAGES:
