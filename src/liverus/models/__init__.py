@@ -35,37 +35,4 @@ _EXPORTS = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-__all__ = [
-    "BACKBONES",
-    "MODELS",
-    "BaselineModel",
-    "ChannelAttention",
-    "CustomModel",
-    "EnsembleClassifier",
-    "LesionClassifier",
-    "LesionFeatureModel",
-    "LinearHead",
-    "ModelCard",
-    "ParallelAttentionHead",
-    "ScanFeatureModel",
-    "SEBlock",
-    "SpatialAttention",
-    "WeightsInfo",
-    "adapt_input_conv",
-    "build_backbone",
-    "build_model",
-    "canonical_model_name",
-    "is_known_model",
-    "count_flops",
-    "count_parameters",
-    "default_card",
-    "has_frozen_backbone",
-    "is_feature_model",
-    "is_fitted_model",
-    "is_scan_model",
-    "list_models",
-    "load_card",
-    "load_model",
-    "register_model",
-    "save_model",
-]
+__all__ = ["ModelCard", *(name for names in _EXPORTS.values() for name in names)]
