@@ -1,8 +1,9 @@
 """Heatmaps: Grad-CAM (pytorch-grad-cam) on the layer each backbone names, the model's own spatial-attention map,
 and colour overlays for people to look at.
 
-Drawing (overlays, figures, saving) needs only numpy, OpenCV and matplotlib: ``predict`` and ``serve`` of an ONNX
-export import this module in an install without PyTorch. Computing a map imports torch where it runs.
+``predict`` and ``serve`` of an ONNX export import this module in an install without PyTorch: torch (and
+pytorch-grad-cam, whose colour overlay ``overlay`` uses) are imported only inside the functions that compute or draw
+a map, which an ONNX export never asks for.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ def _gradcam_context(model: torch.nn.Module) -> AbstractContextManager[None]:
     return context() if context is not None else nullcontext()
 
 
-def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int = 1) -> np.ndarray:
-    """Grad-CAM of ``target_class`` (1 = malignant) for normalised model inputs ``x`` (N, C, H, W). For a model
-    that runs a target layer more than once per image, each layer's first call is the one mapped.
+def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int | None = None) -> np.ndarray:
+    """Grad-CAM of ``target_class`` (None: the last class, malignant) for normalised model inputs ``x`` (N, C, H, W).
+    For a model that runs a target layer more than once per image, each layer's first call is the one mapped.
 
     Returns:
         (N, H, W) heatmaps in [0, 1].
@@ -128,6 +129,8 @@ def gradcam_heatmap(model: torch.nn.Module, x: torch.Tensor, target_class: int =
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    if target_class is None:
+        target_class = int(getattr(model, "num_classes", 2)) - 1
     was_training = model.training
     # Gradients reach the target layer through the input too, so a frozen backbone (feature models) has a map.
     x = x.detach().requires_grad_(True)

@@ -62,7 +62,7 @@ class OnnxRunner:
         return cls(session, meta.get("radiomics")), ModelCard.from_dict(meta, source=path)
 
     def class_probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, 2) for uint8 model pixels (N, C, S, S)."""
+        """Class probabilities (N, classes) for uint8 model pixels (N, C, S, S)."""
         return self.session.run(["probabilities"], self.session_inputs(pixels))[0]
 
     def session_inputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:

@@ -68,7 +68,8 @@ class Predictor:
         segmenter: ``(model, card)`` of a lesion segmenter, or None.
 
     Raises:
-        ValueError: for a model that is not binary or carries no preprocessing settings.
+        ValueError: for a model that is neither binary nor three-class (normal / benign / malignant), or carries no
+            preprocessing settings.
     """
 
     def __init__(
@@ -305,7 +306,7 @@ class Predictor:
         expanded, owner = _with_variants(pre)
         pixels = self._pixels(expanded)
         with self._lock:
-            probs = self.runner.member_probabilities(pixels)  # (M, inputs, 2)
+            probs = self.runner.member_probabilities(pixels)  # (M, inputs, classes)
         if probs is None:
             return None
         per_case = np.stack([_per_case(m, owner, len(pre)) for m in probs])  # (M, N)

@@ -50,7 +50,7 @@ class TorchRunner:
         return model_input(torch.from_numpy(pixels), self.card)
 
     def class_probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, 2) for uint8 model pixels (N, C, S, S)."""
+        """Class probabilities (N, classes) for uint8 model pixels (N, C, S, S)."""
         with torch.inference_mode():
             return probabilities(self.model, torch.from_numpy(pixels), self.card, amp=self.amp).numpy()
 
@@ -69,7 +69,7 @@ class TorchRunner:
         return bool(getattr(self.model, "has_spatial_attention", False))
 
     def member_probabilities(self, pixels: np.ndarray) -> np.ndarray | None:
-        """Each ensemble member's class probabilities (M, N, 2); None for a single model."""
+        """Each ensemble member's class probabilities (M, N, classes); None for a single model."""
         if not hasattr(self.model, "member_probabilities"):
             return None
         with torch.inference_mode():
@@ -95,4 +95,4 @@ class TorchRunner:
         x = self._input(pixels)
         if method == "attention":
             return attention_heatmap(self.model, x)
-        return gradcam_heatmap(self.model, x, target_class=len(self.card.classes) - 1)
+        return gradcam_heatmap(self.model, x)

@@ -21,10 +21,7 @@ from torch import nn
 from liverus.models.backbones import POOLINGS, Backbone, WeightsInfo, global_pool, pooled_features
 from liverus.models.features import DEEP_FEATURE_MEMO, arithmetic_salt, has_hooks
 
-__all__ = ["ScanFeatureModel", "SCAN_MODEL_OPTIONS"]
-
-# Options a config's model section passes to the model (name -> default); the trainer records the chosen ones.
-SCAN_MODEL_OPTIONS = {"pca_dim": 128, "pooling": "max"}
+__all__ = ["ScanFeatureModel"]
 
 
 class ScanFeatureModel(nn.Module):

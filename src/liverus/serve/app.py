@@ -236,10 +236,8 @@ class _Service:
         # Grad-CAM is batched with the other requests; occlusion scores its own hidden copies of this image.
         result = self.batcher.submit(pre, heatmap=method == "gradcam").result()
         prob = result.probability
-        # A three-class model's other classes (its whole-scan features are remembered, so this pass is cheap).
-        classes = p.class_probabilities([pre])[0] if p.is_three_class else None
         out = {
-            **self.verdict(prob, classes),
+            **self.verdict(prob, result.class_probabilities),
             "file_type": kind,
             "box": list(box) if box else None,
             "lesion_source": pre.lesion_source,

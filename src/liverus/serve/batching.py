@@ -25,9 +25,10 @@ __all__ = ["DynamicBatcher", "BatchResult"]
 
 @dataclass
 class BatchResult:
-    probability: float
+    probability: float  # of malignancy
     heatmap: np.ndarray | None
     batch_size: int  # how many requests shared the forward pass
+    class_probabilities: np.ndarray | None = None  # every class's (the card's order), from the same pass
 
 
 class DynamicBatcher:
@@ -71,12 +72,12 @@ class DynamicBatcher:
         while True:
             batch = self._next_batch()
             try:
-                probs = self.predictor.probabilities([pre for pre, _, _ in batch])
+                probs = self.predictor.class_probabilities([pre for pre, _, _ in batch])
                 want = [i for i, (_, h, _) in enumerate(batch) if h]
                 heats = self.predictor.heatmaps([batch[i][0] for i in want]) if want else []
                 maps = dict(zip(want, heats, strict=True))
                 for i, (_, _, fut) in enumerate(batch):
-                    fut.set_result(BatchResult(float(probs[i]), maps.get(i), len(batch)))
+                    fut.set_result(BatchResult(float(probs[i, -1]), maps.get(i), len(batch), probs[i]))
             except Exception as exc:  # the callers get the error; the worker keeps serving
                 for _, _, fut in batch:
                     if not fut.done():

@@ -22,7 +22,7 @@ from liverus.data.augment import AUGMENT_LEVELS
 from liverus.data.cases import CLASS_SETS
 from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES, MAX_BOX_AVERAGE, PreprocessConfig
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
-from liverus.models import has_frozen_backbone, is_feature_model, list_models
+from liverus.models import has_frozen_backbone, is_feature_model, is_scan_model, list_models
 from liverus.models.features import MAX_FEATURE_ROTATION, MAX_FEATURE_ZOOM
 from liverus.models.registry import is_known_model
 from liverus.models.segmentation import SEGMENTERS
@@ -216,6 +216,13 @@ class TrainConfig:
         _validate_model(self)
         if is_feature_model(self.model.name):
             _validate_feature_model(self)
+        if is_scan_model(self.model.name):
+            _validate_scan_model(self)
+        if self.model.ensemble >= 2 and self.data.task != "binary":
+            raise ConfigError(
+                "model.ensemble: an ensemble's members are calibrated and its operating points chosen on a binary "
+                f"malignancy score; task {self.data.task} trains one model (set model.ensemble: 0)"
+            )
         _validate_feature_options(self)
         _validate_box_copies_and_scan_view(self)
         try:  # one set of preprocessing checks, PreprocessConfig's; here they name the config key
@@ -282,6 +289,21 @@ def _validate_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
 
 
+def _validate_scan_model(cfg: TrainConfig) -> None:
+    """A whole-scan feature model sees the gray scan alone and fits each one-vs-rest side with equal weight."""
+    name = cfg.model.name
+    if cfg.data.lesion_channel or cfg.model.in_chans != 1:
+        raise ConfigError(
+            f"data.lesion_channel / model.in_chans: {name} reads the gray scan alone (no lesion input); set "
+            "data.lesion_channel: false and model.in_chans: 1"
+        )
+    if cfg.data.balance_by:
+        raise ConfigError(
+            f"data.balance_by: {name} weighs the two sides of each class's one-vs-rest fit equally and takes no "
+            "other sample weights; set data.balance_by: ''"
+        )
+
+
 def _validate_threshold(cfg: TrainConfig) -> None:
     """A fixed threshold is a probability, and a run without validation has some way to choose its threshold."""
     if cfg.model.threshold is not None and not 0 < cfg.model.threshold < 1:
@@ -292,6 +314,7 @@ def _validate_threshold(cfg: TrainConfig) -> None:
         and not cfg.data.splits
         and not cfg.model.ensemble
         and not is_feature_model(cfg.model.name)  # its inner cross-validation chooses the threshold
+        and cfg.data.task == "binary"  # three classes: the label is the most probable class, no threshold
     ):
         raise ConfigError(
             "data.val_fraction: 0 trains on every case with no validation split, so the operating threshold "
@@ -391,7 +414,8 @@ def _validate_box_copies_and_scan_view(cfg: TrainConfig) -> None:
             "or set box_copies: 0)"
         )
     if cfg.data.scan_view and not has_frozen_backbone(name):
-        kind = "a radiomics-only model" if is_feature_model(name) else "a CNN"
+        kind = ("a radiomics-only model" if is_feature_model(name)
+                else "a whole-scan feature model" if is_scan_model(name) else "a CNN")  # fmt: skip
         raise ConfigError(
             f"data.scan_view: adds the frozen backbone's features of the whole scan to a "
             f"radiomics_<classifier>_<backbone> model; {name} is {kind} (set scan_view: false)"

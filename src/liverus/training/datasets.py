@@ -332,7 +332,12 @@ def _run_parts(
     check_disjoint(cases, {k: [c.path for c in v] for k, v in parts.items()})
     if info.is_main and not folder.splits_file.is_file():
         save_splits(folder.splits_file, {"folds": [{k: [c.path for c in v] for k, v in parts.items()}]})
-    if not parts["val"] and cfg.model.threshold is None and not is_feature_model(cfg.model.name):
+    if (
+        not parts["val"]
+        and cfg.model.threshold is None
+        and not is_feature_model(cfg.model.name)
+        and cfg.data.task == "binary"
+    ):
         raise DataError(None, "no validation cases: set model.threshold to train without validation")
     if not parts["train"]:
         raise DataError(None, f"empty split: {len(parts['train'])} training and {len(parts['val'])} validation cases")

@@ -182,6 +182,8 @@ def _operating_points(
         points, rates = chosen_points(y_inner, p_inner)
         method = f"youden (inner cross-validation: out-of-fold probabilities of the {len(y_inner)} training cases)"
         return ChosenPoints(points["youden"], points, rates, {"auc": math.nan}, method)
+    if len(classes) > 2:  # a three-class model's label is its most probable class: no threshold to choose
+        return ChosenPoints(0.5, points, rates, {"auc": math.nan}, "none (three classes: the most probable class)")
     raise DataError(
         None,
         "no validation cases and no threshold: set model.threshold, keep a validation split "
