@@ -137,7 +137,7 @@ def test_onnx_export_gives_the_same_probabilities(fitted, tmp_path):
 def test_three_class_recipe_trains_and_evaluates_from_the_command_line(tmp_path):
     run = tmp_path / "scan"
     sets = ["data.task=three_class", "data.phantom_patients=40", "data.phantom_size=96", f"data.image_size={SIZE}",
-            "data.val_fraction=0", "model.threshold=0.5", "model.pca_dim=8", "model.weights=null"]  # fmt: skip
+            "data.val_fraction=0", "model.pca_dim=8", "model.weights=null"]  # fmt: skip
     cli = [sys.executable, "-m", "liverus.cli"]
     args = [*cli, "train", "--out", str(run), "--model", "scan_svm_efficientnet_lite0"]
     p = subprocess.run([*args, *(a for s in sets for a in ("--set", s))], capture_output=True, text=True, timeout=900)
@@ -187,3 +187,17 @@ def test_three_class_recipe_trains_and_evaluates_from_the_command_line(tmp_path)
     served = [answer["class_probabilities"][c] for c in ("normal", "benign", "malignant")]
     np.testing.assert_allclose(served, answers["model.pt"][-1], atol=1e-6)
     assert answer["label"] == max(answer["class_probabilities"], key=answer["class_probabilities"].get)
+
+
+def test_three_class_configs_refuse_what_they_cannot_honour():
+    from liverus.training import apply_overrides, load_config
+    from liverus.training.config import ConfigError
+
+    recipe = load_config("configs/aul_three_class.yaml")
+    assert recipe.model.threshold is None and recipe.data.val_fraction == 0  # no threshold needed for three classes
+    with pytest.raises(ConfigError, match="model.ensemble"):
+        apply_overrides(recipe, ["model.ensemble=5"])
+    with pytest.raises(ConfigError, match="lesion_channel"):
+        apply_overrides(recipe, ["data.lesion_channel=true"])
+    with pytest.raises(ConfigError, match="balance_by"):
+        apply_overrides(recipe, ["data.balance_by=size_group"])
