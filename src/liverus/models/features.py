@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
@@ -325,22 +325,7 @@ class LesionFeatureModel(nn.Module):
         if torch.is_grad_enabled() or self.training or has_hooks(self.backbone) or torch.compiler.is_exporting():
             return self._transformed_mean(image, transforms)
         salt = self._arithmetic_salt(image) + (f"|{transforms}".encode() if transforms else b"")
-        rows = image.detach().cpu().contiguous().reshape(image.shape[0], -1).view(torch.uint8).numpy()
-        keys = [DEEP_FEATURE_MEMO.key(row, salt=salt) for row in rows]
-        found = [DEEP_FEATURE_MEMO.get(k) for k in keys]
-        # Each unseen image once: a case's averaged boxes share one whole-scan view.
-        first_of: dict[bytes, int] = {}
-        for i, (key, value) in enumerate(zip(keys, found, strict=True)):
-            if value is None:
-                first_of.setdefault(key, i)
-        missing = list(first_of.values())
-        if missing:
-            values = self._batched_mean(image[missing], transforms).cpu().numpy()
-            computed = dict(zip([keys[i] for i in missing], values, strict=True))
-            for key, value in computed.items():
-                DEEP_FEATURE_MEMO.put(key, value)
-            found = [f if f is not None else computed[k] for f, k in zip(found, keys, strict=True)]
-        return torch.from_numpy(np.stack(found)).to(image.device)
+        return remembered_features(image, salt, lambda unseen: self._batched_mean(unseen, transforms))
 
     def _transformed_mean(self, image: torch.Tensor, transforms: tuple[tuple[float, float], ...]) -> torch.Tensor:
         """Mean pooled features of ``image`` and of its ``transforms``; the untransformed pass first (Grad-CAM)."""
@@ -621,6 +606,29 @@ def _turn_grid(angle: float, scale: float, height: int, width: int, dtype, devic
             rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=device))
             grid = _TURN_GRIDS[key] = base.view(1, height * width, 3).bmm(rescaled).view(1, height, width, 2)
     return grid
+
+
+def remembered_features(
+    images: torch.Tensor, salt: bytes, compute: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``compute(images)`` (one feature row per image) through :data:`DEEP_FEATURE_MEMO`: each image is looked up by
+    its bytes and ``salt`` (what else its features depend on, :func:`arithmetic_salt`), and only the unseen images go
+    to ``compute``, each once however often it appears (a case's averaged boxes share one whole-scan view)."""
+    rows = images.detach().cpu().contiguous().reshape(images.shape[0], -1).view(torch.uint8).numpy()
+    keys = [DEEP_FEATURE_MEMO.key(row, salt=salt) for row in rows]
+    found = [DEEP_FEATURE_MEMO.get(k) for k in keys]
+    first_of: dict[bytes, int] = {}
+    for i, (key, value) in enumerate(zip(keys, found, strict=True)):
+        if value is None:
+            first_of.setdefault(key, i)
+    missing = list(first_of.values())
+    if missing:
+        values = compute(images[missing]).cpu().numpy()
+        computed = dict(zip([keys[i] for i in missing], values, strict=True))
+        for key, value in computed.items():
+            DEEP_FEATURE_MEMO.put(key, value)
+        found = [f if f is not None else computed[k] for f, k in zip(found, keys, strict=True)]
+    return torch.from_numpy(np.stack(found)).to(images.device)
 
 
 def arithmetic_salt(model: nn.Module, image: torch.Tensor) -> bytes:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from liverus.models.backbones import POOLINGS, Backbone, WeightsInfo, global_pool, pooled_features
-from liverus.models.features import DEEP_FEATURE_MEMO, arithmetic_salt, has_hooks
+from liverus.models.features import arithmetic_salt, has_hooks, remembered_features
 
 __all__ = ["ScanFeatureModel"]
 
@@ -119,18 +119,12 @@ class ScanFeatureModel(nn.Module):
             fmap = self.backbone(x).float()
             return (global_pool(fmap, self.pooling) + global_pool(self.backbone(x.flip(3)).float(), self.pooling)) / 2
         salt = arithmetic_salt(self, x) + f"|scan|pool={self.pooling}|flip".encode()
-        rows = x.detach().cpu().contiguous().reshape(x.shape[0], -1).view(torch.uint8).numpy()
-        keys = [DEEP_FEATURE_MEMO.key(row, salt=salt) for row in rows]
-        found = [DEEP_FEATURE_MEMO.get(k) for k in keys]
-        missing = [i for i, value in enumerate(found) if value is None]
-        if missing:
-            part = x[missing]
-            pooled = pooled_features(self.backbone, torch.cat([part, part.flip(3)]), pool=self.pooling)
-            values = ((pooled[: len(missing)] + pooled[len(missing) :]) / 2).cpu().numpy()
-            for i, value in zip(missing, values, strict=True):
-                DEEP_FEATURE_MEMO.put(keys[i], value)
-                found[i] = value
-        return torch.from_numpy(np.stack(found)).to(x.device)
+        return remembered_features(x, salt, self._mirror_pooled)
+
+    def _mirror_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` without gradients: the scans and their mirrors through the backbone in one list."""
+        pooled = pooled_features(self.backbone, torch.cat([x, x.flip(3)]), pool=self.pooling)
+        return (pooled[: len(x)] + pooled[len(x) :]) / 2
 
     def scaled(self, features: torch.Tensor) -> torch.Tensor:
         """The SVMs' input: standardised features projected on the principal components (N, pca_dim)."""
