@@ -13,7 +13,7 @@ training cases can go into the fit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -42,6 +42,7 @@ __all__ = [
     "fit_feature_model",
     "fit_classifier",
     "extract_features",
+    "model_batches",
     "column_scale",
     "FeatureFit",
     "ClassifierFit",
@@ -82,6 +83,21 @@ class FeatureFit:
     inner_probabilities: np.ndarray | None = field(default=None, repr=False)
 
 
+def model_batches(
+    model: torch.nn.Module, cases: list[Case], classes: tuple[str, ...], cache: CaseCache, card: ModelCard
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """The model inputs (normalised, unaugmented, on the model's device) and targets of ``cases``, batch by batch,
+    with ``model`` in eval mode; the run's feature store is saved every four batches, so that an interrupted fit
+    resumes from there."""
+    model.eval()
+    device = next(iter(model.buffers())).device
+    loader = DataLoader(UltrasoundDataset(cases, classes, cache), batch_size=eval_batch_size(1))
+    for i, (x, y) in enumerate(loader, 1):
+        yield model_input(x.to(device), card), np.asarray(y)
+        if i % 4 == 0:
+            save_feature_store()
+
+
 @torch.inference_mode()
 def extract_features(
     model: LesionFeatureModel, cases: list[Case], classes: tuple[str, ...], cache: CaseCache, card: ModelCard
@@ -91,18 +107,13 @@ def extract_features(
     Returns:
         ``(radiomics (n, R), deep features (n, D) or None, targets (n,))``.
     """
-    model.eval()
-    device = next(iter(model.buffers())).device
-    loader = DataLoader(UltrasoundDataset(cases, classes, cache), batch_size=eval_batch_size(1))
     rad, deep, targets = [], [], []
-    for i, (x, y) in enumerate(loader, 1):
-        r, d = model.raw_features(model_input(x.to(device), card))
+    for x, y in model_batches(model, cases, classes, cache, card):
+        r, d = model.raw_features(x)
         rad.append(r.cpu().numpy())
         if d is not None:
             deep.append(d.float().cpu().numpy())
-        targets.append(np.asarray(y))
-        if i % 4 == 0:
-            save_feature_store()  # an interrupted run resumes from here
+        targets.append(y)
     return np.concatenate(rad), (np.concatenate(deep) if deep else None), np.concatenate(targets)
 
 

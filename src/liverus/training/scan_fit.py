@@ -14,13 +14,10 @@ import logging
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
-from torch.utils.data import DataLoader
 
-from liverus.data import Case, CaseCache, UltrasoundDataset
-from liverus.engine.forward import eval_batch_size, model_input
+from liverus.data import Case, CaseCache
 from liverus.models import ModelCard, ScanFeatureModel
-from liverus.models.features import save_feature_store
-from liverus.training.feature_fit import column_scale, fit_classifier
+from liverus.training.feature_fit import column_scale, fit_classifier, model_batches
 from liverus.utils import STAGES
 
 __all__ = ["fit_scan_feature_model", "extract_scan_features"]
@@ -33,15 +30,10 @@ def extract_scan_features(
     model: ScanFeatureModel, cases: list[Case], classes: tuple[str, ...], cache: CaseCache, card: ModelCard
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled whole-scan features (n, D) of ``cases`` (unaugmented) and their targets (n,)."""
-    model.eval()
-    device = model.feature_mean.device
-    loader = DataLoader(UltrasoundDataset(cases, classes, cache), batch_size=eval_batch_size(1))
     features, targets = [], []
-    for i, (x, y) in enumerate(loader, 1):
-        features.append(model.features(model_input(x.to(device), card)).cpu().numpy())
-        targets.append(np.asarray(y))
-        if i % 4 == 0:
-            save_feature_store()  # an interrupted run resumes from here
+    for x, y in model_batches(model, cases, classes, cache, card):
+        features.append(model.features(x).cpu().numpy())
+        targets.append(y)
     return np.concatenate(features), np.concatenate(targets)
 
 
