@@ -196,6 +196,7 @@ class _Service:
         model's answer gives every class's probability and the most probable class instead (``threshold`` null, no
         operating points: they are a binary model's)."""
         p = self.predictor
+        model = {"model": p.name, "version": p.version, "backend": p.backend}
         if p.is_three_class:
             return {
                 "probability_malignant": round(prob, 6),
@@ -206,9 +207,7 @@ class _Service:
                 "operating_points": {},
                 "operating_point_rates": {},
                 "crossed": [],
-                "model": p.name,
-                "version": p.version,
-                "backend": p.backend,
+                **model,
             }  # fmt: skip
         return {
             "probability_malignant": round(prob, 6),
@@ -217,9 +216,7 @@ class _Service:
             "operating_points": {k: round(v, 6) for k, v in p.card.operating_points.items()},
             "operating_point_rates": p.card.operating_point_rates,
             "crossed": p.card.crossed(prob),
-            "model": p.name,
-            "version": p.version,
-            "backend": p.backend,
+            **model,
         }
 
     def analyse(self, form: Form, heatmap: bool | str) -> dict:
