@@ -201,3 +201,15 @@ def test_three_class_configs_refuse_what_they_cannot_honour():
         apply_overrides(recipe, ["data.lesion_channel=true"])
     with pytest.raises(ConfigError, match="balance_by"):
         apply_overrides(recipe, ["data.balance_by=size_group"])
+
+
+def test_predictor_refuses_a_class_set_it_cannot_label():
+    from liverus.engine.predictor import Predictor
+    from liverus.models import ModelCard
+
+    card = ModelCard(model_name="m", classes=("cyst", "hemangioma", "hcc"), in_chans=1, normalization=(0.5, 0.5),
+                     preprocess=PreprocessConfig())  # fmt: skip
+    with pytest.raises(ValueError, match=r"three-class \('normal', 'benign', 'malignant'\).*'cyst'"):
+        Predictor(card=card, runner=None)
+    ok = card.replace(classes=("normal", "benign", "malignant"))
+    assert Predictor(card=ok, runner=None).is_three_class
