@@ -321,6 +321,17 @@ def test_three_class_model_is_evaluated_end_to_end(tmp_path):
         *_sets([*FAST, "data.task=three_class", "data.phantom_patients=60", "data.phantom_size=96"]),
     )  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
+    # The run's own report: its validation images, per class and macro (no malignancy threshold).
+    printed = json.loads(p.stdout[: p.stdout.index("}") + 1], parse_constant=pytest.fail)
+    assert "threshold" not in printed and 0 <= printed["val_macro_average_precision"] <= 1
+    val = json.loads((run / "metrics.json").read_text())["val"]
+    assert set(val["per_class"]) == {"normal", "benign", "malignant"}
+    assert round(val["macro"]["pr_auc"], 4) == printed["val_macro_average_precision"]
+    rows = (run / "predictions_val.csv").read_text().splitlines()
+    assert sum(map(sum, val["confusion_matrix"])) == val["n"] == len(rows) - 1
+    html = (run / "report.html").read_text()
+    assert f"Validation ({val['n']} images)" in html and "average precision" in html and "task: three_class" in html
+    assert f"report: {run / 'report.html'}" in p.stdout
     p = liverus("evaluate", str(run / "model.pt"), "--data", str(run / "phantom"), "--out", str(tmp_path / "ev"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "macro AUC" in p.stdout and "macro average precision" in p.stdout

@@ -215,6 +215,17 @@ def test_three_class_reports_render(tmp_path, figure):
         figure_paths=[figure],
     ).read_text()
     assert "<td>0.800 [0.700, 0.900]</td>" in one and "<th>true \\ predicted</th>" in one
+    run = write_page(
+        tmp_path / "run.html",
+        "run_multiclass.html.j2",
+        title="t",
+        evals={"val": {**ev, "n": 26}, "test": {**ev, "n": 9}},
+        classes=classes,
+        figure_paths=[figure],
+        config={"model": {"name": EVIL}},
+    ).read_text()
+    assert "<h2>Validation (26 images)</h2>" in run and "<h2>Test (9 images)</h2>" in run
+    assert run.count("<td>0.800 [0.700, 0.900]</td>") == 2 and ESCAPED in run and EVIL not in run
     row = {
         "macro_auc": 0.8,
         "macro_average_precision": 0.7,
@@ -264,6 +275,7 @@ def test_every_template_is_rendered_here_and_ships_as_package_data():
             "run.html.j2",
             "evaluation.html.j2",
             "evaluation_multiclass.html.j2",
+            "run_multiclass.html.j2",
             "study.html.j2",
             "multiclass_study.html.j2",
             "model_report.md.j2",

@@ -142,6 +142,10 @@ def test_three_class_recipe_trains_and_evaluates_from_the_command_line(tmp_path)
     args = [*cli, "train", "--out", str(run), "--model", "scan_svm_efficientnet_lite0"]
     p = subprocess.run([*args, *(a for s in sets for a in ("--set", s))], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
+    # No validation images: strict JSON with null figures, and no report, saying why and what estimates the model.
+    printed = json.loads(p.stdout[: p.stdout.index("}") + 1], parse_constant=pytest.fail)
+    assert printed["val_macro_average_precision"] is None and printed["val_macro_auc"] is None
+    assert "no report: the run held out no images" in p.stdout and not (run / "report.html").exists()
     fit = json.loads((run / "feature_fit.json").read_text())
     assert set(fit["classes"]) == {"normal", "benign", "malignant"}
     ev = tmp_path / "ev"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 __all__ = ["register", "add_config_args", "config_from_args"]
@@ -53,21 +54,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     from liverus.training import train
     from liverus.training.distributed import is_main_process
 
-    result = train(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
+    cfg = config_from_args(args)
+    result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if not is_main_process():  # under torchrun every rank gets the result; rank 0 alone reports
         return 0
-    summary = {
-        "run": result.run_dir,
-        "model": result.model_path,
-        "best_epoch": result.best_epoch,
-        "val_auc": round(result.val_auc, 4),
-        "threshold": round(result.threshold, 4),
-    }
-    print(json.dumps(summary, indent=2))
+    summary = {"run": result.run_dir, "model": result.model_path, "best_epoch": result.best_epoch}
+    if cfg.data.task == "binary":
+        summary |= {"val_auc": _rounded(result.val_auc), "threshold": _rounded(result.threshold)}
+    else:  # one malignancy threshold means nothing for class probabilities: the macro figures instead
+        macro = (result.val_metrics or {}).get("macro", {})
+        summary |= {
+            "val_macro_auc": _rounded(macro.get("auc")),
+            "val_macro_average_precision": _rounded(macro.get("pr_auc")),
+        }
+    # Strict JSON: a figure without validation images is null, not NaN.
+    print(json.dumps(summary, indent=2, allow_nan=False))
     path = report_for_run(Path(result.run_dir))
     if path:
         print(f"report: {path}")
+    else:
+        print(
+            "no report: the run held out no images (data.val_fraction: 0). Estimate the model with `liverus cv` or "
+            "`liverus compare`, or score labelled images with `liverus evaluate`"
+        )
     return 0
+
+
+def _rounded(value: float | None) -> float | None:
+    """``value`` to 4 decimals; None where it is missing or not a number (no validation images)."""
+    return round(value, 4) if value is not None and math.isfinite(value) else None
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -160,11 +160,12 @@ def cases_of_run(config: dict, folder: str | Path) -> list:
 @STAGES.timed("reports and figures")
 def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequence[str] = ()) -> Path | None:
     """Evaluate a finished training run (validation, and test when present) and write ``report.html`` and
-    ``metrics.json`` into it. Returns the report path (None for three-class runs, which keep ``result.json``)."""
+    ``metrics.json`` into it. Returns the report path, or None for a run that scored no held-out images
+    (``data.val_fraction: 0`` and no test split: there is nothing to report on)."""
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     if cfg["data"]["task"] != "binary":
-        return None
+        return _multiclass_run_report(run_dir, cfg, n_boot=n_boot)
     result = json.loads((run_dir / "result.json").read_text())
     threshold = result["threshold"]
     preds, evals = {}, {}
@@ -198,6 +199,38 @@ def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequen
         temperature_scaling=temperature,
         faith={k: v for k, v in faith.items() if k != "error"},
         data_summary=summary,
+        config=cfg,
+    )
+
+
+def _multiclass_run_report(run_dir: Path, cfg: dict, *, n_boot: int) -> Path | None:
+    """:func:`report_for_run` of a three-class run: per class and macro metrics of its validation (and test)
+    predictions, with the confusion matrices."""
+    from liverus.engine.predictions import read_class_probabilities
+    from liverus.evaluation import plots
+
+    parts = {part: run_dir / f"predictions_{part}.csv" for part in ("val", "test")}
+    parts = {part: f for part, f in parts.items() if f.is_file()}
+    if not parts:
+        return None
+    evals, figure_paths, classes = {}, [], ()
+    for part, f in parts.items():
+        _, targets, probs, classes = read_class_probabilities([f])
+        evals[part] = multiclass_evaluation(probs, targets, classes, n_boot=n_boot)
+        figure_paths.append(
+            plots.confusion_plot(
+                evals[part]["confusion_matrix"], classes, run_dir / "figures" / f"confusion_{part}.png", title=part
+            )
+        )
+    atomic_write_json(run_dir / "metrics.json", {"classes": list(classes), **evals})
+    return write_page(
+        run_dir / "report.html",
+        "run_multiclass.html.j2",
+        title=f"liverus run: {cfg['model']['name']}",
+        subtitle=str(run_dir),
+        evals=evals,
+        classes=classes,
+        figure_paths=figure_paths,
         config=cfg,
     )
 
