@@ -189,17 +189,27 @@ def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequen
     atomic_write_json(run_dir / "metrics.json", metrics)
     summary = data_summary(list(all_cases.values())) if all_cases else None
     write_model_report(run_dir, metrics, list(all_cases.values()), summary)
-    return write_page(
-        run_dir / "report.html",
+    return _write_run_page(
+        run_dir,
+        cfg,
         "run.html.j2",
-        title=f"liverus run: {cfg['model']['name']}",
-        subtitle=str(run_dir),
         evals=evals,
         figure_paths=report_figures(preds, evals, run_dir / "figures", {"run": run_dir / "metrics.csv"}),
         temperature_scaling=temperature,
         faith={k: v for k, v in faith.items() if k != "error"},
         data_summary=summary,
+    )
+
+
+def _write_run_page(run_dir: Path, cfg: dict, template: str, **context) -> Path:
+    """A run's ``report.html``: the model's name as its title, the run folder below it, the config at the end."""
+    return write_page(
+        run_dir / "report.html",
+        template,
+        title=f"liverus run: {cfg['model']['name']}",
+        subtitle=str(run_dir),
         config=cfg,
+        **context,
     )
 
 
@@ -223,15 +233,8 @@ def _multiclass_run_report(run_dir: Path, cfg: dict, *, n_boot: int) -> Path | N
             )
         )
     atomic_write_json(run_dir / "metrics.json", {"classes": list(classes), **evals})
-    return write_page(
-        run_dir / "report.html",
-        "run_multiclass.html.j2",
-        title=f"liverus run: {cfg['model']['name']}",
-        subtitle=str(run_dir),
-        evals=evals,
-        classes=classes,
-        figure_paths=figure_paths,
-        config=cfg,
+    return _write_run_page(
+        run_dir, cfg, "run_multiclass.html.j2", evals=evals, classes=classes, figure_paths=figure_paths
     )
 
 
