@@ -11,6 +11,7 @@ terminal (INFO and above on stderr, ``--quiet`` for warnings only).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import re
@@ -105,10 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").partition(".")[0]
+        # Only a package that is really absent is an install problem; a missing part of an installed package (a
+        # moved submodule), or a module liverus does not declare, is a fault, shown in full.
+        if missing not in FULL_INSTALL_ONLY or _installed(missing):
+            raise
         if missing in TORCH_PACKAGES:
             print(f"error: {pytorch_missing_message(f'liverus {args.command}', exc.name)}", file=sys.stderr)
-        elif missing in FULL_INSTALL_ONLY:
+        else:
             print(f"error: {full_install_message(f'liverus {args.command}', exc.name)}", file=sys.stderr)
-        else:  # not a package the ONNX-only install leaves out: a real fault, shown in full
-            raise
         return 2
+
+
+def _installed(package: str) -> bool:
+    """Whether the top-level ``package`` can be found (without importing it)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from liverus.utils import require_torch
+
 __all__ = ["register", "add_config_args", "config_from_args"]
 
 
@@ -50,6 +52,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    require_torch("liverus train")  # before the imports below, which would first miss lesser packages
     from liverus.evaluation.report import report_for_run
     from liverus.training import train
     from liverus.training.distributed import is_main_process
@@ -86,6 +89,7 @@ def _rounded(value: float | None) -> float | None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    require_torch(f"liverus {args.command}")
     from liverus.training.experiments import run_study
 
     cfg = config_from_args(args)

@@ -160,8 +160,9 @@ def cases_of_run(config: dict, folder: str | Path) -> list:
 @STAGES.timed("reports and figures")
 def report_for_run(run_dir: str | Path, *, n_boot: int = 2000, subgroups: Sequence[str] = ()) -> Path | None:
     """Evaluate a finished training run (validation, and test when present) and write ``report.html`` and
-    ``metrics.json`` into it. Returns the report path, or None for a run that scored no held-out images
-    (``data.val_fraction: 0`` and no test split: there is nothing to report on)."""
+    ``metrics.json`` into it (and, for a binary run, ``MODEL_REPORT.md`` and ``model_card.json``). Returns the
+    report path, or None for a three-class run that scored no held-out images (``data.val_fraction: 0`` and no test
+    split: there is nothing to report on)."""
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     if cfg["data"]["task"] != "binary":
