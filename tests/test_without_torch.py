@@ -47,18 +47,15 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from liverus.data import read_image, read_mask
 from liverus.engine.predictor import Predictor
 from liverus.serve.app import create_app
 
+sys.path.insert(0, sys.argv[3])  # this test file, for the preparation both interpreters share
+from test_without_torch import prepared
+
 model, cases = sys.argv[1], json.loads(sys.argv[2])
 pred = Predictor.from_path(model)
-pre = []
-for case in cases:
-    image = read_image(case["path"])
-    lesion = read_mask(case["mask"], image.shape) if case.get("mask") else None
-    pre.append(pred.prepare(image, lesion=lesion, box=tuple(case["box"]) if case.get("box") else None))
-out = {"backend": pred.backend, "p": pred.probabilities(pre).tolist()}
+out = {"backend": pred.backend, "p": pred.probabilities(prepared(pred, cases)).tolist()}
 one = next(c for c in cases if not c.get("mask"))
 form = {"box": ",".join(str(v) for v in one["box"])} if one.get("box") else {}
 with TestClient(create_app(pred)) as client:
@@ -247,6 +244,19 @@ def _cases(phantom: Path, n: int, *, lesions: bool) -> list[dict]:
     return cases
 
 
+def prepared(pred, cases: list[dict]) -> list:
+    """``cases`` prepared for ``pred`` (image, and the mask or box a case gives). Also run in the interpreter without
+    PyTorch (PREDICTOR_AND_SERVICE imports it from this file), so that both sides prepare alike."""
+    from liverus.data import read_image, read_mask
+
+    pre = []
+    for case in cases:
+        image = read_image(case["path"])
+        lesion = read_mask(case["mask"], image.shape) if case.get("mask") else None
+        pre.append(pred.prepare(image, lesion=lesion, box=tuple(case["box"]) if case.get("box") else None))
+    return pre
+
+
 def _manifest(cases: list[dict], path: Path) -> Path:
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["path", "mask", "box"])
@@ -258,7 +268,6 @@ def _manifest(cases: list[dict], path: Path) -> Path:
 @pytest.mark.parametrize("kind", ["cnn", "feature"])
 def test_predict_and_serve_an_onnx_export_without_pytorch_answer_as_with_it(kind, phantom_dir, request, tmp_path):
     from liverus.cli import main
-    from liverus.data import read_image, read_mask
     from liverus.engine.predictor import Predictor
 
     model = request.getfixturevalue(f"{kind}_onnx")
@@ -282,16 +291,11 @@ def test_predict_and_serve_an_onnx_export_without_pytorch_answer_as_with_it(kind
         assert {r["lesion_source"] for r in without} == {"user mask", "user box, averaged over 2 boxes"}
 
     # The predictor's own probabilities and the web service's answer.
-    p = without_pytorch(PREDICTOR_AND_SERVICE, model, json.dumps(cases))
+    p = without_pytorch(PREDICTOR_AND_SERVICE, model, json.dumps(cases), Path(__file__).parent)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout.strip().splitlines()[-1])
     pred = Predictor.from_path(model)
-    pre = []
-    for c in cases:
-        image = read_image(c["path"])
-        lesion = read_mask(c["mask"], image.shape) if c.get("mask") else None
-        pre.append(pred.prepare(image, lesion=lesion, box=tuple(c["box"]) if c.get("box") else None))
-    want = pred.probabilities(pre)
+    want = pred.probabilities(prepared(pred, cases))
     assert want.std() > 1e-4  # answers that differ between images, so the comparison can fail
     np.testing.assert_allclose(got["p"], want, rtol=0, atol=1e-6)
     assert got["backend"] == "onnxruntime" and got["health"]["backend"] == "onnxruntime"
