@@ -472,13 +472,7 @@ class LesionFeatureModel(nn.Module):
         """The classifier's logit of malignancy for scaled features (N, F) -> (N,)."""
         if self.classifier == "logistic":
             return features @ self.coef + self.intercept
-        if torch.compiler.is_exporting():  # cdist has no ONNX form; the expansion cdist itself uses for large inputs
-            sq = features.pow(2).sum(1, keepdim=True) + self.support.pow(2).sum(1) - 2 * features @ self.support.T
-            dist = sq.clamp_min(0)
-        else:
-            dist = torch.cdist(features, self.support).pow(2)
-        f = torch.exp(-self.gamma * dist) @ self.dual_coef + self.intercept
-        return self.platt[0] * f + self.platt[1]
+        return rbf_svm_decision(features, self.support, self.dual_coef, self.intercept, self.gamma, self.platt)
 
     def classify(self, rad: torch.Tensor, deep: torch.Tensor | None) -> torch.Tensor:
         """Logits (N, 2) from raw features (what :meth:`forward` does after :meth:`raw_features`)."""
@@ -500,15 +494,7 @@ class LesionFeatureModel(nn.Module):
         Raises:
             ValueError: for an unknown name or a shape that does not fit.
         """
-        for name, value in params.items():
-            current = getattr(self, name, None)
-            if not isinstance(current, torch.Tensor) or name == "fitted":
-                raise ValueError(f"{name!r} is not a fitted parameter of {type(self).__name__}")
-            tensor = torch.as_tensor(np.asarray(value), dtype=current.dtype)
-            resizable = name in ("support", "dual_coef")
-            if tensor.shape != current.shape and not (resizable and tensor.shape[1:] == current.shape[1:]):
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(current.shape)}")
-            setattr(self, name, tensor.to(current.device))
+        store_fitted(self, params, resizable={"support": 0, "dual_coef": 0})
         if self.classifier == "svm":
             self.build_kwargs["n_support"] = int(self.support.shape[0])
         self.fitted.fill_(True)
@@ -606,6 +592,47 @@ def _turn_grid(angle: float, scale: float, height: int, width: int, dtype, devic
             rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=device))
             grid = _TURN_GRIDS[key] = base.view(1, height * width, 3).bmm(rescaled).view(1, height, width, 2)
     return grid
+
+
+def rbf_svm_decision(
+    z: torch.Tensor,
+    support: torch.Tensor,
+    dual_coef: torch.Tensor,
+    intercept: torch.Tensor,
+    gamma: torch.Tensor,
+    platt: torch.Tensor,
+) -> torch.Tensor:
+    """A fitted RBF SVM's Platt-scaled decision value (N,) for inputs ``z`` (N, F): scikit-learn's decision function
+    (``support`` vectors, ``dual_coef``, ``intercept``, ``gamma``) through the affine part of its Platt sigmoid
+    (``platt``: slope, offset), so that its sigmoid is the probability."""
+    if torch.compiler.is_exporting():  # cdist has no ONNX form; the expansion cdist itself uses for large inputs
+        sq = z.pow(2).sum(1, keepdim=True) + support.pow(2).sum(1) - 2 * z @ support.T
+        dist = sq.clamp_min(0)
+    else:
+        dist = torch.cdist(z, support).pow(2)
+    f = torch.exp(-gamma * dist) @ dual_coef + intercept
+    return platt[0] * f + platt[1]
+
+
+def store_fitted(model: nn.Module, params: dict[str, np.ndarray], *, resizable: dict[str, int]) -> None:
+    """Store fitted parameters (numpy arrays under ``model``'s buffer names) in their buffers' dtype and device; the
+    buffers named in ``resizable`` take the fitted size along the axis given (an SVM's number of support vectors).
+
+    Raises:
+        ValueError: for a name that is not a fitted buffer, or a shape that does not fit.
+    """
+    for name, value in params.items():
+        current = getattr(model, name, None)
+        if not isinstance(current, torch.Tensor) or name == "fitted":
+            raise ValueError(f"{name!r} is not a fitted parameter of {type(model).__name__}")
+        tensor = torch.as_tensor(np.asarray(value), dtype=current.dtype)
+        free = resizable.get(name)
+        fits = tensor.ndim == current.ndim and all(
+            a == b or axis == free for axis, (a, b) in enumerate(zip(tensor.shape, current.shape, strict=True))
+        )
+        if not fits:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(current.shape)}")
+        setattr(model, name, tensor.to(current.device))
 
 
 def remembered_features(

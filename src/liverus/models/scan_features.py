@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from liverus.models.backbones import POOLINGS, Backbone, WeightsInfo, global_pool, pooled_features
-from liverus.models.features import arithmetic_salt, has_hooks, remembered_features
+from liverus.models.features import (
+    arithmetic_salt,
+    has_hooks,
+    rbf_svm_decision,
+    remembered_features,
+    store_fitted,
+)
 
 __all__ = ["ScanFeatureModel"]
 
@@ -133,17 +139,13 @@ class ScanFeatureModel(nn.Module):
 
     def decisions(self, z: torch.Tensor) -> torch.Tensor:
         """Each class's Platt-scaled decision value (N, K) (its log-odds against the other classes)."""
-        columns = []
-        for k in range(self._num_classes):
-            support = self.support[k]
-            if torch.compiler.is_exporting():  # cdist has no ONNX form; the expansion cdist uses for large inputs
-                sq = z.pow(2).sum(1, keepdim=True) + support.pow(2).sum(1) - 2 * z @ support.T
-                dist = sq.clamp_min(0)
-            else:
-                dist = torch.cdist(z, support).pow(2)
-            f = torch.exp(-self.gamma[k] * dist) @ self.dual_coef[k] + self.intercept[k]
-            columns.append(self.platt[k, 0] * f + self.platt[k, 1])
-        return torch.stack(columns, dim=1)
+        return torch.stack(
+            [
+                rbf_svm_decision(z, self.support[k], self.dual_coef[k], self.intercept[k], self.gamma[k], self.platt[k])
+                for k in range(self._num_classes)
+            ],
+            dim=1,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, K) whose softmax is the normalised one-vs-rest probabilities."""
@@ -163,18 +165,7 @@ class ScanFeatureModel(nn.Module):
         Raises:
             ValueError: for an unknown name or a shape that does not fit.
         """
-        resizable = {"support": 1, "dual_coef": 1}  # the axis that may change
-        for name, value in params.items():
-            current = getattr(self, name, None)
-            if not isinstance(current, torch.Tensor) or name == "fitted":
-                raise ValueError(f"{name!r} is not a fitted parameter of {type(self).__name__}")
-            tensor = torch.as_tensor(np.asarray(value), dtype=current.dtype)
-            same = [a == b for a, b in zip(tensor.shape, current.shape, strict=False)]
-            if name in resizable and tensor.ndim == current.ndim:
-                same[resizable[name]] = True
-            if tensor.ndim != current.ndim or not all(same):
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(current.shape)}")
-            setattr(self, name, tensor.to(current.device))
+        store_fitted(self, params, resizable={"support": 1, "dual_coef": 1})  # per class: its support vectors
         self.build_kwargs["n_support"] = int(self.support.shape[1])
         self.fitted.fill_(True)
 
