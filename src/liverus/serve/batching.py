@@ -25,10 +25,14 @@ __all__ = ["DynamicBatcher", "BatchResult"]
 
 @dataclass
 class BatchResult:
-    probability: float  # of malignancy
+    class_probabilities: np.ndarray  # every class's (the card's order; malignant last)
     heatmap: np.ndarray | None
     batch_size: int  # how many requests shared the forward pass
-    class_probabilities: np.ndarray | None = None  # every class's (the card's order), from the same pass
+
+    @property
+    def probability(self) -> float:
+        """Of malignancy (the last class)."""
+        return float(self.class_probabilities[-1])
 
 
 class DynamicBatcher:
@@ -77,7 +81,7 @@ class DynamicBatcher:
                 heats = self.predictor.heatmaps([batch[i][0] for i in want]) if want else []
                 maps = dict(zip(want, heats, strict=True))
                 for i, (_, _, fut) in enumerate(batch):
-                    fut.set_result(BatchResult(float(probs[i, -1]), maps.get(i), len(batch), probs[i]))
+                    fut.set_result(BatchResult(probs[i], maps.get(i), len(batch)))
             except Exception as exc:  # the callers get the error; the worker keeps serving
                 for _, _, fut in batch:
                     if not fut.done():
