@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
+from sklearn.utils.class_weight import compute_sample_weight
 
 from liverus.data import Case, CaseCache
 from liverus.models import ModelCard, ScanFeatureModel
@@ -35,13 +36,6 @@ def extract_scan_features(
         features.append(model.features(x).cpu().numpy())
         targets.append(y)
     return np.concatenate(features), np.concatenate(targets)
-
-
-def _balanced_weights(target: np.ndarray) -> np.ndarray:
-    """Weights under which both sides of a one-vs-rest problem count the same."""
-    positives = max(int(target.sum()), 1)
-    negatives = max(len(target) - positives, 1)
-    return np.where(target == 1, len(target) / (2 * positives), len(target) / (2 * negatives))
 
 
 @STAGES.timed("training steps")
@@ -88,7 +82,7 @@ def fit_scan_feature_model(
                 groups,
                 "svm",
                 seed=seed,
-                sample_weight=_balanced_weights(target),
+                sample_weight=compute_sample_weight("balanced", target),  # both sides count the same
                 inner_probabilities=False,
             )  # fmt: skip
         )
