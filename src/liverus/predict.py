@@ -132,11 +132,11 @@ def predict_files(
                 if share is not None:
                     row["contributions"] = share
                 if heatmaps is not None:
-                    fig = predictor.heatmap_figure(pp, img, float(p), method, lesion_source=source)
+                    fig = predictor.heatmap_figure(pp, img, p, method, lesion_source=source)
                     dest = heatmaps[item.path]
                     row["heatmap"] = str(save_overlay(dest, fig))
                     if share is not None:
-                        chart = predictor.contributions_chart(pp, float(p))[1]
+                        chart = predictor.contributions_chart(pp, p)[1]
                         save_overlay(_chart_name(dest), chart)
                 rows[i] = row
         bar.update(min(batch_size, len(items) - start))
