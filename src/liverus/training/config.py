@@ -23,6 +23,7 @@ from liverus.data.cases import CLASS_SETS
 from liverus.data.preprocess import BOX_MASKS, CROP_MODES, LESION_SOURCES, MAX_BOX_AVERAGE, PreprocessConfig
 from liverus.engine.runtime import CHANNELS_LAST_SETTINGS, PRECISIONS
 from liverus.models import has_frozen_backbone, is_feature_model, is_scan_model, list_models
+from liverus.models.card import REMOVED_PREPROCESSING
 from liverus.models.features import MAX_FEATURE_ROTATION, MAX_FEATURE_ZOOM
 from liverus.models.registry import is_known_model
 from liverus.models.segmentation import SEGMENTERS
@@ -56,7 +57,7 @@ class ConfigError(ValueError):
 # key is dropped, the run is what it was) and still resume; any other value is an error that names the key.
 REMOVED_KEYS: dict[str, tuple[object, str]] = {
     "data.context_margin": (
-        0.0,
+        REMOVED_PREPROCESSING["context_margin"][0],  # the model card's record of the mode: one off value
         "the CNN's two-view input (a wide context crop beside the lesion crop) did not beat one view on AUL "
         "(docs/results.md); for a second view, use a radiomics_<classifier>_<backbone> model with data.scan_view: "
         "true",
